@@ -1,0 +1,30 @@
+# Two entry points for a fresh clone: `make demo` (the main job on built-in data) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: install test lint demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(PIP) -e '.[test]'
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+demo: install
+	$(BIN)/ewc demo --out runs/demo
+
+bench: install
+	$(BIN)/python benchmarks/fisher_speed.py
+	$(BIN)/python benchmarks/penalty_overhead.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

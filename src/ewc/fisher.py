@@ -1,0 +1,557 @@
+"""The diagonal Fisher information of any PyTorch model, from per-sample gradients.
+
+``diagonal_fisher(model, data, mode)`` returns, for every parameter that requires grad, the
+mean over samples of the squared per-sample gradient of the log-likelihood:
+
+* ``exact``:     F = 1/N Σ_n Σ_c p_c(x_n) (∇ log p(c|x_n))²   (expectation over the model's classes)
+* ``sample``:    F = 1/N Σ_n (∇ log p(ŷ_n|x_n))²,  ŷ_n ~ p(·|x_n)  (one Monte-Carlo label per sample)
+* ``empirical``: F = 1/N Σ_n (∇ log p(y_n|x_n))²  (the true labels)
+* ``batched``:   F = 1/N Σ_b B_b (∇ 1/B_b Σ_{n∈b} log p(y_n|x_n))²  (squared mini-batch gradients, what
+  many libraries compute; biased towards zero by roughly the batch size, kept for comparison only)
+
+How: one forward pass records what each layer saw (module hooks); one backward pass per
+backpropagated vector computes gradients with respect to the layer *outputs* only (autograd then
+skips the weight gradients), and per-layer rules (:mod:`ewc.fisher_rules`) turn inputs and output
+gradients into summed squared per-sample gradients. For ``exact`` the softmax structure is used:
+with s_c = √p_c (e_c − p), Σ_c s_c s_cᵀ = diag(p) − ppᵀ, so the C vectors s_c are backpropagated
+together (a batched backward) and their squares summed, instead of C independent Fisher passes.
+
+Assumption: samples are processed independently (true for ordinary models in eval mode; the
+Fisher is always computed in eval mode, BatchNorm then uses its running statistics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ewc.fisher_rules import Call, FuncRule, Rule, _chunks, rule_for
+
+FISHER_MODES = ("exact", "sample", "empirical", "batched")
+LIKELIHOODS = ("categorical", "gaussian")
+# Bytes of output gradients held at once in the exact mode's batched backward.
+GRAD_BUDGET = 256 * 2**20
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    data: Any,
+    mode: str = "exact",
+    max_samples: int | None = None,
+    *,
+    likelihood: str = "categorical",
+    sigma: float = 1.0,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    distributed: bool | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher of ``model`` on ``data`` (mean over samples), one tensor per parameter.
+
+    Args:
+        model: any ``nn.Module`` returning logits ``[N, C]`` (categorical) or means ``[N, D]``
+            (gaussian). Evaluated in eval mode; training flags, parameters, buffers and ``.grad``
+            are left as they were.
+        data: a DataLoader or any iterable of ``(x, y)`` batches (``x`` alone is enough for
+            ``exact`` and ``sample``), a pair ``(X, y)`` of tensors, or a tensor ``X``.
+        mode: one of ``FISHER_MODES`` (see the module docstring).
+        max_samples: use only the first ``max_samples`` samples in data order.
+        likelihood: ``"categorical"`` (softmax over logits) or ``"gaussian"`` (unit-free mean
+            output with noise std ``sigma``).
+        batch_size: batch size used when ``data`` is a tensor or a pair of tensors.
+        generator: random generator for ``mode="sample"`` (labels drawn batch by batch with
+            ``torch.multinomial``; gaussian noise with ``torch.randn``).
+        distributed: sum the Fisher and the sample count over all ranks; default: whenever
+            ``torch.distributed`` is initialised.
+
+    Returns:
+        ``{name: F}`` with the names and shapes of ``model.named_parameters()`` that require grad.
+    """
+    if mode not in FISHER_MODES:
+        raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {FISHER_MODES}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
+        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+    prefix = ""
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model, prefix = model.module, "module."
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no parameters that require grad")
+
+    engine = _FisherEngine(model, named, mode, likelihood, float(sigma), generator)
+    needs_labels = mode in ("empirical", "batched")
+    with _eval_mode(model), torch.enable_grad():
+        try:
+            for x, y in _batches(data, batch_size, max_samples, needs_labels):
+                engine.add(x, y)
+        finally:
+            engine.close()
+
+    sums, count = engine.sums, float(engine.count)
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        sums, count = _all_reduce(sums, count)
+    if count == 0:
+        raise ValueError("empty data: no samples to compute the Fisher on")
+    return {prefix + n: sums[n] / count for n, _ in named}
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def _batches(
+    data: Any, batch_size: int, max_samples: int | None, needs_labels: bool
+) -> Iterator[tuple[Any, Tensor | None]]:
+    """Yield ``(x, y)`` batches from any supported data form, truncated to ``max_samples``."""
+    if isinstance(data, Tensor):
+        source: Iterable = ((data[i : i + batch_size], None) for i in range(0, len(data), batch_size))
+    elif isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        X, Y = data
+        if X.dim() == 0 or Y.dim() == 0 or len(X) != len(Y):
+            raise ValueError(f"(X, y) pair with mismatched shapes {tuple(X.shape)} and {tuple(Y.shape)}")
+        source = ((X[i : i + batch_size], Y[i : i + batch_size]) for i in range(0, len(X), batch_size))
+    elif isinstance(data, Iterable):
+        source = (_split(b) for b in data)
+    else:
+        raise ValueError(
+            f"data must be a DataLoader, an iterable of batches or tensors, got {type(data).__name__}"
+        )
+
+    seen = 0
+    for x, y in source:
+        n = _batch_len(x)
+        if n == 0:
+            continue
+        if max_samples is not None:
+            if seen >= max_samples:
+                return
+            if seen + n > max_samples:
+                keep = max_samples - seen
+                x = _take(x, keep)
+                y = None if y is None else y[:keep]
+                n = keep
+        if needs_labels and y is None:
+            raise ValueError("this Fisher mode needs labels: give (x, y) batches")
+        seen += n
+        yield x, y
+
+
+def _split(batch: Any) -> tuple[Any, Tensor | None]:
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, tuple | list) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise ValueError(f"a batch must be a tensor or an (x, y) tuple, got {type(batch).__name__}")
+
+
+def _batch_len(x: Any) -> int:
+    t = x if isinstance(x, Tensor) else (x[0] if isinstance(x, tuple | list) and x else None)
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        raise ValueError("inputs must be tensors with a leading batch dimension")
+    return t.shape[0]
+
+
+def _take(x: Any, k: int) -> Any:
+    return x[:k] if isinstance(x, Tensor) else type(x)(t[:k] for t in x)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then every module's own training flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _all_reduce(sums: dict[str, Tensor], count: float) -> tuple[dict[str, Tensor], float]:
+    names = list(sums)
+    flat = torch.cat(
+        [sums[n].reshape(-1).double() for n in names]
+        + [torch.tensor([count], dtype=torch.float64, device=next(iter(sums.values())).device)]
+    )
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, i = {}, 0
+    for n in names:
+        k = sums[n].numel()
+        out[n] = flat[i : i + k].reshape(sums[n].shape).to(sums[n].dtype)
+        i += k
+    return out, float(flat[-1].item())
+
+
+# ------------------------------------------------------------------------------------- engine
+
+
+class _Handler:
+    """A rule bound to a module, with its parameters' local → global names."""
+
+    def __init__(self, module: nn.Module, rule: Rule, names: dict[str, str]):
+        self.module, self.rule, self.names = module, rule, names
+
+
+class _FisherEngine:
+    """Accumulates Σ_n (per-sample gradient)² batch by batch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        named: list[tuple[str, nn.Parameter]],
+        mode: str,
+        likelihood: str,
+        sigma: float,
+        generator: torch.Generator | None,
+    ):
+        self.model, self.mode, self.likelihood, self.sigma = model, mode, likelihood, sigma
+        self.generator = generator
+        self.named = named
+        self.global_name = {id(p): n for n, p in named}
+        self.sums = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in named}
+        self.count = 0
+        self.device = named[0][1].device
+        self.handlers: list[_Handler] | None = None
+        self.hooks: list[Any] = []
+        self.calls: dict[int, list[Call]] = {}
+        self.capturing = False
+        self.clone = False  # clone layer inputs/outputs when the model modifies them in place
+
+    # ---- public steps
+
+    def add(self, x: Any, y: Tensor | None) -> None:
+        x = _to(x, self.device)
+        if isinstance(y, Tensor):
+            y = y.to(self.device)
+        _check_finite(x, "inputs")
+        n = _batch_len(x)
+        if self.mode == "batched":
+            self._add_batched(x, y, n)
+            self.count += n
+            return
+        if self.handlers is None:
+            self._plan(x)
+        logits = self._capture_forward(x)
+        vectors = self._backprop_vectors(logits, y, n)  # [K, N, *out]
+        try:
+            self._accumulate(logits, vectors)
+        finally:
+            self.calls = {}
+        self.count += n
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    # ---- planning: which rule covers which parameter
+
+    def _plan(self, x: Any) -> None:
+        """Find the called modules and the parameters the forward uses (first batch only)."""
+        called: set[int] = set()
+        temp = [
+            m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))) for m in self.model.modules()
+        ]
+        try:
+            out = _call(self.model, x)
+            if not isinstance(out, Tensor):
+                raise ValueError(f"the model must return a tensor of outputs, got {type(out).__name__}")
+            params = [p for _, p in self.named]
+            used = (
+                torch.autograd.grad(out.sum(), params, allow_unused=True)
+                if out.requires_grad
+                else [None] * len(params)
+            )
+        finally:
+            for h in temp:
+                h.remove()
+        used_ids = {id(p) for p, g in zip(params, used, strict=True) if g is not None}
+
+        _check_batchnorm(self.model, called)
+
+        handlers: list[_Handler] = []
+        covered: set[int] = set()
+        for m in self.model.modules():
+            own = {ln: p for ln, p in m.named_parameters(recurse=False) if p.requires_grad}
+            if not own or id(m) not in called:
+                continue
+            names = {ln: self.global_name[id(p)] for ln, p in own.items()}
+            handlers.append(_Handler(m, rule_for(m, list(names)), names))
+            covered |= {id(p) for p in own.values()}
+
+        # Parameters the forward uses without calling their module (e.g. MultiheadAttention's
+        # out_proj): the nearest called ancestor's functional vjp covers them.
+        extra: dict[int, tuple[nn.Module, dict[str, str]]] = {}
+        modules = dict(self.model.named_modules())
+        for gname, p in self.named:
+            if id(p) not in used_ids or id(p) in covered:
+                continue
+            parts = gname.split(".")
+            for cut in range(len(parts) - 1, -1, -1):
+                anc = modules[".".join(parts[:cut])]
+                if id(anc) in called:
+                    extra.setdefault(id(anc), (anc, {}))[1][".".join(parts[cut:])] = gname
+                    break
+        for anc, names in extra.values():
+            handlers.append(_Handler(anc, FuncRule(list(names)), names))
+
+        self.handlers = handlers
+        for mod in {id(h.module): h.module for h in handlers}.values():
+            self.hooks.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self.hooks.append(mod.register_forward_hook(self._hook, with_kwargs=True))
+
+    # ---- forward with capture
+
+    def _pre_hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not (self.capturing and self.clone):
+            return None
+        clone = lambda t: t.clone() if isinstance(t, Tensor) else t  # noqa: E731
+        leaves, spec = tree_flatten((args, kwargs))
+        return tree_unflatten([clone(t) for t in leaves], spec)
+
+    def _hook(self, mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self.capturing:
+            return None
+        leaves, spec = tree_flatten(output)
+        outs = [t for t in leaves if isinstance(t, Tensor) and t.is_floating_point()]
+        call = Call(args, kwargs, outs, spec)
+        in_leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        call.versions = [t._version for t in in_leaves + outs]  # type: ignore[attr-defined]
+        call.watched = in_leaves + outs  # type: ignore[attr-defined]
+        self.calls.setdefault(id(mod), []).append(call)
+        if self.clone:  # hand a copy downstream so later in-place ops cannot touch what we hold
+            return tree_unflatten(
+                [t.clone() if isinstance(t, Tensor) and t.is_floating_point() else t for t in leaves], spec
+            )
+        return None
+
+    def _capture_forward(self, x: Any) -> Tensor:
+        for attempt in range(2):
+            self.calls = {}
+            self.capturing = True
+            try:
+                out = _call(self.model, x)
+            finally:
+                self.capturing = False
+            modified = any(
+                t._version != v
+                for calls in self.calls.values()
+                for c in calls
+                for t, v in zip(c.watched, c.versions, strict=True)  # type: ignore[attr-defined]
+            )
+            if not modified or attempt == 1:
+                break
+            self.clone = True  # an in-place op changed a held tensor: redo with copies
+        if not isinstance(out, Tensor):
+            raise ValueError(f"the model must return a tensor of outputs, got {type(out).__name__}")
+        _check_finite(out, "model outputs")
+        return out
+
+    # ---- what is backpropagated
+
+    def _backprop_vectors(self, out: Tensor, y: Tensor | None, n: int) -> Tensor:
+        """Vectors v (gradients of log p w.r.t. the outputs, up to sign), shape [K, N, *out]."""
+        out = out.detach()
+        if out.shape[0] != n:
+            raise ValueError(f"model output has batch size {out.shape[0]}, inputs have {n}")
+        if self.likelihood == "categorical":
+            if out.dim() != 2:
+                raise ValueError(
+                    f"categorical likelihood needs logits of shape [N, C], got {tuple(out.shape)}"
+                )
+            p = torch.softmax(out, dim=-1)
+            if self.mode == "exact":
+                eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+                # s_c = sqrt(p_c) (e_c - p): Σ_c s_c s_cᵀ = diag(p) - p pᵀ
+                return p.t().sqrt().unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
+            if self.mode == "sample":
+                y = torch.multinomial(p, 1, generator=self.generator).squeeze(1)
+            else:
+                y = _check_labels(y, n, p.shape[1])
+            return (torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype) - p).unsqueeze(0)
+        # gaussian
+        if out.dim() == 1:
+            raise ValueError(f"gaussian likelihood needs outputs of shape [N, D], got {tuple(out.shape)}")
+        if self.mode == "exact":
+            d = out[0].numel()
+            eye = torch.eye(d, dtype=out.dtype, device=out.device).reshape(d, 1, *out.shape[1:])
+            return (eye / self.sigma).expand(d, *out.shape)
+        if self.mode == "sample":
+            where = out.device if self.generator is None else self.generator.device
+            eps = torch.randn(out.shape, generator=self.generator, dtype=out.dtype, device=where)
+            eps = eps.to(out.device)
+            return (eps / self.sigma).unsqueeze(0)
+        y = _check_targets(y, out)
+        return ((y - out) / self.sigma**2).unsqueeze(0)
+
+    # ---- backward to layer outputs and per-layer rules
+
+    def _accumulate(self, out: Tensor, vectors: Tensor) -> None:
+        targets: list[tuple[Call, int, Tensor]] = [
+            (c, i, t)
+            for calls in self.calls.values()
+            for c in calls
+            for i, t in enumerate(c.outputs)
+            if t.requires_grad
+        ]
+        for calls in self.calls.values():
+            for c in calls:
+                c.grads = [None] * len(c.outputs)
+                c.batch = out.shape[0]
+        if not targets or not out.requires_grad:
+            return
+        inputs = [t for _, _, t in targets]
+        k = vectors.shape[0]
+        per_k = sum(t.numel() * t.element_size() for t in inputs)
+        step = max(1, GRAD_BUDGET // max(1, per_k))
+        for k0 in range(0, k, step):
+            v = vectors[k0 : k0 + step]
+            if v.shape[0] == 1:
+                grads = torch.autograd.grad(
+                    out, inputs, grad_outputs=v[0], retain_graph=True, allow_unused=True
+                )
+                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+            else:
+                grads = torch.autograd.grad(
+                    out, inputs, grad_outputs=v, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+            for (c, i, _), g in zip(targets, grads, strict=True):
+                c.grads[i] = g
+            with torch.no_grad():  # the Fisher is a constant: no graph through activations
+                self._apply_rules()
+
+    def _apply_rules(self) -> None:
+        assert self.handlers is not None
+        contributions: dict[str, int] = {}
+        for h in self.handlers:
+            for c in self.calls.get(id(h.module), []):
+                if any(g is not None for g in c.grads):
+                    for gname in h.names.values():
+                        contributions[gname] = contributions.get(gname, 0) + 1
+        shared: dict[str, list[tuple[_Handler, Call, str]]] = {}
+        for h in self.handlers:
+            for c in self.calls.get(id(h.module), []):
+                if not any(g is not None for g in c.grads):
+                    continue
+                if _first(c) is None:  # rules read the first output's gradient
+                    c.grads[0] = torch.zeros(
+                        (_kdim(c), *c.outputs[0].shape), dtype=c.outputs[0].dtype, device=c.outputs[0].device
+                    )
+                if all(contributions[g] == 1 for g in h.names.values()):
+                    for local, sq in h.rule.sum_sq(h.module, c).items():
+                        self.sums[h.names[local]] += sq
+                else:
+                    for local, gname in h.names.items():
+                        shared.setdefault(gname, []).append((h, c, local))
+        for gname, parts in shared.items():
+            self._add_shared(gname, parts)
+
+    def _add_shared(self, gname: str, parts: list[tuple[_Handler, Call, str]]) -> None:
+        """Several contributions to one parameter per sample: sum per-sample gradients, then square."""
+        g = _first(parts[0][1])
+        k, n = g.shape[0], g.shape[1]
+        numel = self.sums[gname].numel()
+        for sl in _chunks(n, k * numel * g.element_size() * 2):
+            total = None
+            for h, c, local in parts:
+                ps = h.rule.per_sample(h.module, c, sl)[local]
+                total = ps if total is None else total + ps
+            self.sums[gname] += total.square().sum(dim=(0, 1))
+
+    # ---- batched (mini-batch) mode
+
+    def _add_batched(self, x: Any, y: Tensor | None, n: int) -> None:
+        if self.count == 0:
+            _check_batchnorm(self.model)
+        out = _call(self.model, x)
+        if not isinstance(out, Tensor):
+            raise ValueError(f"the model must return a tensor of outputs, got {type(out).__name__}")
+        _check_finite(out, "model outputs")
+        v = self._backprop_vectors(out, y, n)[0] / n  # gradient of the batch-mean log-likelihood
+        params = [p for _, p in self.named]
+        grads = torch.autograd.grad(out, params, grad_outputs=v, allow_unused=True)
+        for (name, _), g in zip(self.named, grads, strict=True):
+            if g is not None:
+                self.sums[name] += n * g.square()
+
+
+def _check_batchnorm(model: nn.Module, called: set[int] | None = None) -> None:
+    """BatchNorm without running statistics mixes the samples of a batch even in eval mode."""
+    for m in model.modules():
+        if (
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.running_mean is None
+            and (called is None or id(m) in called)
+        ):
+            raise ValueError(
+                f"{type(m).__name__} without running statistics (track_running_stats=False) mixes "
+                "samples even in eval mode: the per-sample Fisher is undefined"
+            )
+
+
+def _first(c: Call) -> Tensor | None:
+    return c.grads[0] if c.grads else None
+
+
+def _kdim(c: Call) -> int:
+    return next(g.shape[0] for g in c.grads if g is not None)
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    return model(*x) if isinstance(x, tuple | list) else model(x)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device)
+    return type(x)(t.to(device) if isinstance(t, Tensor) else t for t in x)
+
+
+def _check_finite(x: Any, what: str) -> None:
+    for t in x if isinstance(x, tuple | list) else (x,):
+        if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{what} contain NaN or Inf values")
+
+
+def _check_labels(y: Tensor | None, n: int, classes: int) -> Tensor:
+    if y is None:
+        raise ValueError("this Fisher mode needs labels: give (x, y) batches")
+    if not isinstance(y, Tensor):
+        raise ValueError(f"labels must be a tensor, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"categorical labels must be an integer tensor (class indices), got dtype {y.dtype}")
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape [N] = [{n}], got {tuple(y.shape)}")
+    y = y.to(torch.long)
+    if n and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(
+            f"labels out of range: expected 0 <= y < {classes}, got [{int(y.min())}, {int(y.max())}]"
+        )
+    return y
+
+
+def _check_targets(y: Tensor | None, out: Tensor) -> Tensor:
+    if y is None:
+        raise ValueError("this Fisher mode needs targets: give (x, y) batches")
+    if not isinstance(y, Tensor) or not y.is_floating_point():
+        raise ValueError("gaussian targets must be a floating-point tensor")
+    if y.shape != out.shape:
+        raise ValueError(
+            f"targets shape {tuple(y.shape)} does not match model output shape {tuple(out.shape)}"
+        )
+    _check_finite(y, "targets")
+    return y.to(device=out.device, dtype=out.dtype)

@@ -1,0 +1,402 @@
+"""Per-layer rules for per-sample squared gradients (BackPACK-style extensions).
+
+A rule turns what a module saw in one call (its inputs) and the per-sample gradients of the
+objective with respect to its outputs into per-sample gradients of the module's own parameters.
+Rules receive output gradients with a leading ``K`` axis: ``K`` backpropagated vectors per sample
+(``K = 1`` for the empirical / sampled Fisher, ``K = C`` classes for the exact Fisher), so ``G``
+has shape ``[K, N, *out]``. Two entry points:
+
+* ``sum_sq``: Σ_k Σ_n (per-sample gradient)², without materialising per-sample gradients where
+  the layer's structure allows it (``nn.Linear`` on 2-D inputs: one matmul (G∘G)ᵀ(A∘A));
+* ``per_sample``: the per-sample gradients themselves, ``[K, N, *param.shape]``, needed when a
+  parameter receives several contributions per sample (a module called twice, tied weights).
+
+Modules without a dedicated rule use :class:`FuncRule`, a ``torch.func`` vmap of the module's
+own vector-Jacobian product, so every model works.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+# Per-sample gradient chunks are bounded to this many bytes so that big batches do not turn into
+# page-fault storms (see shared/README.md: fresh large allocations dominate vmap timings).
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class Call:
+    """One call of a module during the forward pass: its inputs and tensor outputs."""
+
+    args: tuple
+    kwargs: dict
+    outputs: list[Tensor]  # floating tensor leaves of the module's output, in pytree order
+    out_spec: Any = None
+    grads: list[Tensor | None] = field(default_factory=list)  # [K, *out] per output
+    batch: int = 0  # N, the number of samples in the call
+
+
+def _chunks(n: int, per_sample_bytes: int) -> list[slice]:
+    size = max(1, CHUNK_BYTES // max(1, per_sample_bytes))
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _first_grad(call: Call) -> Tensor | None:
+    return call.grads[0] if call.grads else None
+
+
+class Rule:
+    """Base rule: ``sum_sq`` defaults to squaring ``per_sample`` chunk by chunk."""
+
+    def __init__(self, names: list[str]):
+        self.names = names  # parameter names relative to the module
+
+    def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def sum_sq(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
+        g = _first_grad(call)
+        k, n_samples = g.shape[0], g.shape[1]
+        n_params = sum(module.get_parameter(nm).numel() for nm in self.names)
+        out: dict[str, Tensor] = {}
+        for sl in _chunks(n_samples, k * n_params * g.element_size()):
+            for name, ps in self.per_sample(module, call, sl).items():
+                sq = ps.square().sum(dim=(0, 1))
+                out[name] = out[name] + sq if name in out else sq
+        return out
+
+
+def _slice_n(t: Tensor, sl: slice | None, dim: int = 0) -> Tensor:
+    if sl is None:
+        return t
+    return t.narrow(dim, sl.start, sl.stop - sl.start)
+
+
+class LinearRule(Rule):
+    """``nn.Linear``: per-sample weight gradient g aᵀ; on 2-D inputs Σ_n (g∘g)(a∘a)ᵀ is one matmul."""
+
+    def sum_sq(self, module: nn.Linear, call: Call) -> dict[str, Tensor]:
+        a, g = call.args[0], _first_grad(call)
+        if a.dim() != 2:
+            return super().sum_sq(module, call)
+        g2 = g.square().sum(0)  # Σ_k G_k², [N, out]
+        out = {}
+        if "weight" in self.names:
+            out["weight"] = g2.t() @ a.square()
+        if "bias" in self.names:
+            out["bias"] = g2.sum(0)
+        return out
+
+    def per_sample(self, module: nn.Linear, call: Call, n: slice | None = None) -> dict[str, Tensor]:
+        a, g = _slice_n(call.args[0], n), _slice_n(_first_grad(call), n, 1)
+        k, nb = g.shape[0], g.shape[1]
+        a3 = a.reshape(nb, -1, a.shape[-1])  # [N, T, in]
+        g4 = g.reshape(k, nb, -1, g.shape[-1])  # [K, N, T, out]
+        out = {}
+        if "weight" in self.names:
+            out["weight"] = torch.einsum("knto,nti->knoi", g4, a3)
+        if "bias" in self.names:
+            out["bias"] = g4.sum(2)
+        return out
+
+
+class ConvRule(Rule):
+    """``nn.Conv1d/2d/3d``: per-sample weight gradients from one grouped ``convolution_backward``.
+
+    Treating the batch (and the K backpropagated vectors) as extra convolution groups gives every
+    sample's weight gradient in one call, for any stride, padding, dilation and groups.
+    """
+
+    def _geometry(self, module: nn.modules.conv._ConvNd, a: Tensor) -> tuple[Tensor, list[int]]:
+        d = len(module.kernel_size)
+        if module.padding_mode != "zeros":
+            return F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), [0] * d
+        if isinstance(module.padding, str):
+            if module.padding == "valid":
+                return a, [0] * d
+            pads: list[int] = []  # "same": F.pad order is last dim first
+            for k, dil in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
+                total = dil * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return F.pad(a, pads), [0] * d
+        return a, list(module.padding)
+
+    def per_sample(
+        self, module: nn.modules.conv._ConvNd, call: Call, n: slice | None = None
+    ) -> dict[str, Tensor]:
+        a, g = _slice_n(call.args[0], n), _slice_n(_first_grad(call), n, 1)
+        unbatched = a.dim() == len(module.kernel_size) + 1
+        if unbatched:  # conv called on one unbatched sample
+            raise ValueError("unbatched convolution input is not supported by the per-sample Fisher")
+        k, nb = g.shape[0], g.shape[1]
+        out = {}
+        if "weight" in self.names:
+            a, padding = self._geometry(module, a)
+            w = module.weight
+            cin, cout = a.shape[1], w.shape[0]
+            groups = module.groups * k * nb
+            inp = a.unsqueeze(0).expand(k, *a.shape).reshape(1, k * nb * cin, *a.shape[2:])
+            go = g.reshape(1, k * nb * cout, *g.shape[3:])
+            wshape = (k * nb * cout, *w.shape[1:])
+            _, gw, _ = torch.ops.aten.convolution_backward(
+                go,
+                inp,
+                w.new_empty(wshape),
+                None,
+                list(module.stride),
+                padding,
+                list(module.dilation),
+                False,
+                [0] * len(padding),
+                groups,
+                [False, True, False],
+            )
+            out["weight"] = gw.reshape(k, nb, *w.shape)
+        if "bias" in self.names:
+            out["bias"] = g.sum(dim=tuple(range(3, g.dim())))
+        return out
+
+
+class EmbeddingRule(Rule):
+    """``nn.Embedding``: a sample's gradient for row v sums the output gradients where it used v."""
+
+    def sum_sq(self, module: nn.Embedding, call: Call) -> dict[str, Tensor]:
+        idx, g = call.args[0], _first_grad(call)
+        k, nb, dim = g.shape[0], g.shape[1], g.shape[-1]
+        vocab = module.num_embeddings
+        idx = idx.reshape(nb, -1)
+        g = g.reshape(k, nb, -1, dim)
+        if module.padding_idx is not None:
+            g = g * (idx != module.padding_idx).unsqueeze(-1).to(g.dtype)
+        # one key per (k, sample, row): sum within the key, square, then add into the rows
+        sample = torch.arange(k * nb, device=idx.device).reshape(k, nb, 1)
+        keys = (sample * vocab + idx.unsqueeze(0)).reshape(-1)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        sums = g.new_zeros(uniq.numel(), dim).index_add_(0, inv, g.reshape(-1, dim))
+        out = g.new_zeros(vocab, dim).index_add_(0, uniq % vocab, sums.square())
+        return {"weight": out}
+
+    def per_sample(self, module: nn.Embedding, call: Call, n: slice | None = None) -> dict[str, Tensor]:
+        idx, g = _slice_n(call.args[0], n), _slice_n(_first_grad(call), n, 1)
+        k, nb, dim = g.shape[0], g.shape[1], g.shape[-1]
+        idx = idx.reshape(nb, -1)
+        g = g.reshape(k, nb, -1, dim)
+        if module.padding_idx is not None:
+            g = g * (idx != module.padding_idx).unsqueeze(-1).to(g.dtype)
+        out = g.new_zeros(k, nb, module.num_embeddings, dim)
+        index = idx.unsqueeze(0).unsqueeze(-1).expand(k, nb, idx.shape[1], dim)
+        return {"weight": out.scatter_add_(2, index, g)}
+
+
+def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return t.sum(dim=dims) if dims else t  # an empty dim tuple would reduce everything
+
+
+class _AffineNormRule(Rule):
+    """Affine normalisation layers: y = x̂·w + b, so a sample's gradients are Σ g·x̂ and Σ g."""
+
+    channel_dim: int = 1
+
+    def normalized(self, module: nn.Module, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reduce_dims(self, module: nn.Module, g: Tensor) -> tuple[int, ...]:
+        return (2,) + tuple(range(4, g.dim()))  # [K, N, C, *spatial] → sum all but K, N, C
+
+    def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
+        a, g = _slice_n(call.args[0], n), _slice_n(_first_grad(call), n, 1)
+        dims = self.reduce_dims(module, g)
+        out = {}
+        if "weight" in self.names:
+            out["weight"] = _sum(g * self.normalized(module, a).unsqueeze(0), dims)
+        if "bias" in self.names:
+            out["bias"] = _sum(g, dims)
+        return out
+
+
+class LayerNormRule(_AffineNormRule):
+    def normalized(self, module: nn.LayerNorm, a: Tensor) -> Tensor:
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+
+    def reduce_dims(self, module: nn.LayerNorm, g: Tensor) -> tuple[int, ...]:
+        return tuple(range(2, g.dim() - len(module.normalized_shape)))
+
+
+class GroupNormRule(_AffineNormRule):
+    def normalized(self, module: nn.GroupNorm, a: Tensor) -> Tensor:
+        return F.group_norm(a, module.num_groups, None, None, module.eps)
+
+    def reduce_dims(self, module: nn.Module, g: Tensor) -> tuple[int, ...]:
+        return tuple(range(3, g.dim()))
+
+
+class BatchNormRule(_AffineNormRule):
+    """BatchNorm in eval mode normalises with the running statistics, so samples are independent."""
+
+    def normalized(self, module: nn.modules.batchnorm._BatchNorm, a: Tensor) -> Tensor:
+        shape = [1, -1] + [1] * (a.dim() - 2)
+        mean = module.running_mean.reshape(shape)
+        return (a - mean) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+
+    def reduce_dims(self, module: nn.Module, g: Tensor) -> tuple[int, ...]:
+        return tuple(range(3, g.dim()))
+
+
+class FuncRule(Rule):
+    """Fallback for any module: vmap over samples of the module's own vector-Jacobian product.
+
+    Calls the module functionally on each sample (with a batch axis of one) and pulls the output
+    gradient back to the named parameters (which may live in submodules that the forward uses
+    without calling them, e.g. ``MultiheadAttention.out_proj``). If the module cannot be vmapped
+    (data-dependent control flow, ``.item()``), a per-sample autograd loop gives the same answer.
+    """
+
+    def __init__(self, names: list[str]):
+        super().__init__(names)
+        self._warned = False
+
+    def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
+        n_all = call.batch
+        k = next(g for g in call.grads if g is not None).shape[0]
+        sl = n if n is not None else slice(0, n_all)
+        nb = sl.stop - sl.start
+        leaves, spec = tree_flatten((call.args, call.kwargs))
+        in_dims = [_batch_dim(t, n_all) for t in leaves]
+        params = {nm: module.get_parameter(nm).detach() for nm in self.names}
+
+        def fn(p: dict[str, Tensor], sample_leaves: list[Tensor]) -> tuple[Tensor, ...]:
+            it = iter(sample_leaves)
+            full = [t if d is None else next(it).unsqueeze(d) for t, d in zip(leaves, in_dims, strict=True)]
+            args, kwargs = tree_unflatten(full, spec)
+            out = torch.func.functional_call(module, p, tuple(args), kwargs)
+            return tuple(t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point())
+
+        b_dims = [d for d in in_dims if d is not None]
+        b_leaves = [
+            t.detach().narrow(d, sl.start, nb) for t, d in zip(leaves, in_dims, strict=True) if d is not None
+        ]
+        out_dims = self._out_dims(
+            call, fn, params, [t.select(d, 0) for t, d in zip(b_leaves, b_dims, strict=True)]
+        )
+        gs = []
+        for g, o, od in zip(call.grads, call.outputs, out_dims, strict=True):
+            g = torch.zeros((k, *o.shape), dtype=o.dtype, device=o.device) if g is None else g
+            gs.append(g.narrow(od + 1, sl.start, nb))
+
+        def one(sample_leaves: list[Tensor], sample_grads: list[Tensor]) -> dict[str, Tensor]:
+            _, vjp_fn = torch.func.vjp(lambda p: fn(p, sample_leaves), params)
+            return vjp_fn(tuple(g.unsqueeze(od) for g, od in zip(sample_grads, out_dims, strict=True)))[0]
+
+        try:
+            per_k = [
+                torch.func.vmap(one, in_dims=(b_dims, out_dims))(b_leaves, [g[kk] for g in gs])
+                for kk in range(k)
+            ]
+        except Exception as err:  # noqa: BLE001 - any vmap limitation → exact per-sample loop
+            if not self._warned:
+                warnings.warn(
+                    f"{type(module).__name__}: torch.func.vmap failed ({err.__class__.__name__}: {err}); "
+                    "using a per-sample loop for this module (correct, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned = True
+            with torch.enable_grad():
+                per_k = [
+                    self._loop(params, fn, b_leaves, b_dims, [g[kk] for g in gs], out_dims, nb)
+                    for kk in range(k)
+                ]
+        return {nm: torch.stack([pk[nm] for pk in per_k]) for nm in self.names}
+
+    @staticmethod
+    def _out_dims(call: Call, fn: Callable, params: dict[str, Tensor], first: list[Tensor]) -> list[int]:
+        """Batch axis of each output: where the full call has N and a one-sample call has 1."""
+        n = call.batch
+        cands = [[d for d, size in enumerate(o.shape) if size == n] for o in call.outputs]
+        if all(len(c) == 1 for c in cands):
+            return [c[0] for c in cands]
+        with torch.no_grad():
+            probe = fn(params, first)
+        dims = []
+        for o, q in zip(call.outputs, probe, strict=True):
+            found = [d for d in range(o.dim()) if o.shape[d] == n and q.shape[d] == 1]
+            if not found:
+                raise ValueError(f"cannot find the batch axis of an output of shape {tuple(o.shape)}")
+            dims.append(found[0])
+        return dims
+
+    @staticmethod
+    def _loop(
+        params: dict[str, Tensor],
+        fn: Callable,
+        b_leaves: list[Tensor],
+        b_dims: list[int],
+        grads: list[Tensor],
+        out_dims: list[int],
+        nb: int,
+    ) -> dict[str, Tensor]:
+        names = list(params)
+        rows: dict[str, list[Tensor]] = {nm: [] for nm in names}
+        for i in range(nb):
+            p = {nm: t.clone().requires_grad_(True) for nm, t in params.items()}
+            outs = fn(p, [t.select(d, i) for t, d in zip(b_leaves, b_dims, strict=True)])
+            total = sum(
+                (o * g.select(od, i).unsqueeze(od)).sum()
+                for o, g, od in zip(outs, grads, out_dims, strict=True)
+            )
+            gr = torch.autograd.grad(total, [p[nm] for nm in names], allow_unused=True)
+            for nm, gi in zip(names, gr, strict=True):
+                rows[nm].append(torch.zeros_like(params[nm]) if gi is None else gi)
+        return {nm: torch.stack(v) for nm, v in rows.items()}
+
+
+def _batch_dim(t: Any, n: int) -> int | None:
+    """Batch axis of an input: 0, or 1 for RNN-style hidden states [layers, N, H]."""
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return None
+    if t.shape[0] == n:
+        return 0
+    if t.dim() >= 3 and t.shape[1] == n:
+        return 1
+    return None
+
+
+def _plain(module: nn.Module, base: type, *methods: str) -> bool:
+    """True if ``module`` is a ``base`` whose forward (and named helpers) are not overridden."""
+    if not isinstance(module, base):
+        return False
+    return all(getattr(type(module), m) is getattr(base, m) for m in ("forward", *methods))
+
+
+def rule_for(module: nn.Module, names: list[str]) -> Rule:
+    """Choose the fast rule for a module's own parameters, or the torch.func fallback."""
+    from torch.nn.utils import parametrize
+
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    if parametrize.is_parametrized(module) or not set(names) <= own:
+        return FuncRule(names)
+    if _plain(module, nn.Linear):
+        return LinearRule(names)
+    if _plain(module, nn.modules.conv._ConvNd, "_conv_forward") and not isinstance(
+        module, nn.modules.conv._ConvTransposeNd
+    ):
+        return ConvRule(names)
+    if _plain(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+        return EmbeddingRule(names)
+    if _plain(module, nn.LayerNorm):
+        return LayerNormRule(names)
+    if _plain(module, nn.GroupNorm):
+        return GroupNormRule(names)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and _plain(
+        module, nn.modules.batchnorm._BatchNorm
+    ):
+        return BatchNormRule(names)
+    return FuncRule(names)
