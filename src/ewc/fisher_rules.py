@@ -42,6 +42,7 @@ class Call:
     out_spec: Any = None
     grads: list[Tensor | None] = field(default_factory=list)  # [K, *out] per output
     batch: int = 0  # N, the number of samples in the call
+    squared: bool = False  # grads[0] already holds Σ_k G_k² (see Rule.presquare)
 
 
 def _chunks(n: int, per_sample_bytes: int) -> list[slice]:
@@ -61,6 +62,10 @@ class Rule:
 
     def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def presquare(self, module: nn.Module, call: Call) -> bool:
+        """True if ``sum_sq`` only needs Σ_k G_k² (then set ``call.squared``), not each G_k."""
+        return False
 
     def sum_sq(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
         g = _first_grad(call)
@@ -83,14 +88,17 @@ def _slice_n(t: Tensor, sl: slice | None, dim: int = 0) -> Tensor:
 class LinearRule(Rule):
     """``nn.Linear``: per-sample weight gradient g aᵀ; on 2-D inputs Σ_n (g∘g)(a∘a)ᵀ is one matmul."""
 
+    def presquare(self, module: nn.Module, call: Call) -> bool:
+        return call.args[0].dim() == 2
+
     def sum_sq(self, module: nn.Linear, call: Call) -> dict[str, Tensor]:
         a, g = call.args[0], _first_grad(call)
         if a.dim() != 2:
             return super().sum_sq(module, call)
-        g2 = g.square().sum(0)  # Σ_k G_k², [N, out]
+        g2 = (g if call.squared else g * g).sum(0)  # Σ_k G_k², [N, out]
         out = {}
         if "weight" in self.names:
-            out["weight"] = g2.t() @ a.square()
+            out["weight"] = g2.t() @ (a * a)
         if "bias" in self.names:
             out["bias"] = g2.sum(0)
         return out
