@@ -243,9 +243,7 @@ class _FisherEngine:
             self._add_batched(x, y, n)
             self.count += n
             return
-        if self.handlers is None:
-            self._plan(x)
-        logits = self._capture_forward(x)
+        logits = self._plan(x) if self.handlers is None else self._capture_forward(x)
         vectors = self._backprop_vectors(logits, y, n)  # [K, N, *out]
         try:
             self._accumulate(logits, vectors)
@@ -260,20 +258,28 @@ class _FisherEngine:
 
     # ---- planning: which rule covers which parameter
 
-    def _plan(self, x: Any) -> None:
-        """Find the called modules and the parameters the forward uses (first batch only)."""
+    def _plan(self, x: Any) -> Tensor:
+        """First batch: find the called modules and the parameters the forward uses, bind rules.
+
+        The forward is captured for every module, so that it also serves as the first batch's
+        capture once the rules are bound (no extra pass).
+        """
         called: set[int] = set()
-        temp = [
-            m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))) for m in self.model.modules()
-        ]
+        temp = []
+        for m in self.model.modules():
+            temp.append(m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))))
+            temp.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        self.calls = {}
+        self.capturing = True
         try:
             out = _call(self.model, x)
-            if not isinstance(out, Tensor):
-                raise ValueError(f"the model must return a tensor of outputs, got {type(out).__name__}")
-            used_ids = _graph_leaves(out)
         finally:
+            self.capturing = False
             for h in temp:
                 h.remove()
+        if not isinstance(out, Tensor):
+            raise ValueError(f"the model must return a tensor of outputs, got {type(out).__name__}")
+        used_ids = _graph_leaves(out)
 
         _check_batchnorm(self.model, called)
 
@@ -304,9 +310,15 @@ class _FisherEngine:
             handlers.append(_Handler(anc, FuncRule(list(names)), names))
 
         self.handlers = handlers
-        for mod in {id(h.module): h.module for h in handlers}.values():
+        bound = {id(h.module): h.module for h in handlers}
+        for mod in bound.values():
             self.hooks.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self.hooks.append(mod.register_forward_hook(self._hook, with_kwargs=True))
+        self.calls = {k: v for k, v in self.calls.items() if k in bound}
+        if self._modified():
+            return self._capture_forward(x)
+        _check_finite(out, "model outputs")
+        return out
 
     # ---- forward with capture
 
@@ -341,19 +353,23 @@ class _FisherEngine:
                 out = _call(self.model, x)
             finally:
                 self.capturing = False
-            modified = any(
-                t._version != v
-                for calls in self.calls.values()
-                for c in calls
-                for t, v in zip(c.watched, c.versions, strict=True)  # type: ignore[attr-defined]
-            )
-            if not modified or attempt == 1:
+            if not self._modified() or attempt == 1:
                 break
-            self.clone = True  # an in-place op changed a held tensor: redo with copies
         if not isinstance(out, Tensor):
             raise ValueError(f"the model must return a tensor of outputs, got {type(out).__name__}")
         _check_finite(out, "model outputs")
         return out
+
+    def _modified(self) -> bool:
+        """True (and copies from now on) if an in-place op changed a tensor a rule will read."""
+        modified = any(
+            t._version != v
+            for calls in self.calls.values()
+            for c in calls
+            for t, v in zip(c.watched, c.versions, strict=True)  # type: ignore[attr-defined]
+        )
+        self.clone = self.clone or modified
+        return modified
 
     # ---- what is backpropagated
 

@@ -1,0 +1,279 @@
+"""Diagonal-Fisher speed: ewc's four modes against a per-sample loop, torch.func and BackPACK.
+
+For an MLP 784-400-400-10 and a small CNN (conv 1→32, pool, conv 32→64, pool, linear) on
+``--samples`` MNIST-shaped inputs (fixed random data: timing does not depend on the values), it
+prints the median wall time of
+
+* the floor: one forward + backward pass (cross-entropy, ``loss.backward()``) over the same data;
+* ``diagonal_fisher`` in the modes exact / sample / empirical / batched;
+* a per-sample loop (batch size 1, ``torch.autograd.grad``; run on ``--loop-samples`` samples and
+  scaled linearly to the full data, as marked);
+* ``torch.func`` ``vmap(grad)`` per-sample gradients, squared and summed (empirical Fisher);
+* BackPACK ``SumGradSquared`` (empirical) and ``DiagGGNExact`` (exact Fisher: for the softmax
+  cross-entropy the generalised Gauss-Newton is the Fisher), if ``backpack`` is installed;
+
+each as a ratio to the floor, all measured side by side in one run, in rounds (every method once
+per round, order shuffled each round). Peak extra memory (resident set above the floor's peak) is
+measured per method in a fresh subprocess. Before timing, the per-sample methods are checked to
+agree with each other (relative error printed), so the table never times a wrong answer.
+
+Run (from the repository root)::
+
+    .venv/bin/python benchmarks/fisher_speed.py --threads 2
+    .venv/bin/python benchmarks/fisher_speed.py --threads 1 --models mlp --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import multiprocessing as mp
+import platform
+import random
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ewc import diagonal_fisher
+
+Fisher = dict[str, Tensor]
+
+
+def make_model(name: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    if name == "mlp":
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10)
+        )
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 10),
+    )  # fmt: skip
+
+
+def make_data(n: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def batches(x: Tensor, y: Tensor, bs: int) -> list[tuple[Tensor, Tensor]]:
+    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)]
+
+
+# ------------------------------------------------------------------------------------ methods
+
+
+def floor(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> None:
+    """One forward and backward pass over the data (what one training epoch costs)."""
+    for x, y in data:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+
+def per_sample_loop(model: nn.Module, data: list[tuple[Tensor, Tensor]], limit: int) -> Fisher:
+    """Empirical Fisher, one sample at a time (the textbook implementation)."""
+    params = dict(model.named_parameters())
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    seen = 0
+    for x, y in data:
+        for i in range(len(x)):
+            if seen == limit:
+                return {n: a / seen for n, a in acc.items()}
+            loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+            for (n, _), g in zip(
+                params.items(), torch.autograd.grad(loss, list(params.values())), strict=True
+            ):
+                acc[n] += g * g
+            seen += 1
+    return {n: a / seen for n, a in acc.items()}
+
+
+def vmap_fisher(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> Fisher:
+    """Empirical Fisher from torch.func per-sample gradients (materialised per batch)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, p, (x.unsqueeze(0),))
+        return F.cross_entropy(out, y.unsqueeze(0))
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    for x, y in data:
+        for n, g in per_sample(params, x, y).items():
+            acc[n] += (g * g).sum(0)
+        count += len(x)
+    return {n: a / count for n, a in acc.items()}
+
+
+def backpack_fisher(model: nn.Module, data: list[tuple[Tensor, Tensor]], kind: str) -> Fisher:
+    """BackPACK's SumGradSquared (empirical) or DiagGGNExact (exact) over the data."""
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact, SumGradSquared
+
+    ext_model = extend(model)
+    lossfunc = extend(nn.CrossEntropyLoss(reduction="sum"))
+    ext, attr = (
+        (SumGradSquared(), "sum_grad_squared") if kind == "empirical" else (DiagGGNExact(), "diag_ggn_exact")
+    )
+    acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    count = 0
+    for x, y in data:
+        model.zero_grad(set_to_none=True)
+        with backpack(ext):
+            lossfunc(ext_model(x), y).backward()
+        for n, p in model.named_parameters():
+            acc[n] += getattr(p, attr)
+        count += len(x)
+    model.zero_grad(set_to_none=True)
+    return {n: a / count for n, a in acc.items()}
+
+
+def have_backpack() -> bool:
+    try:
+        import backpack  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def methods(model: nn.Module, data: list, loop_samples: int, use_backpack: bool) -> dict[str, Callable]:
+    """name -> zero-argument callable over the whole data."""
+    out: dict[str, Callable] = {"floor (fwd+bwd)": lambda: floor(model, data)}
+    for mode in ("empirical", "sample", "exact", "batched"):
+        out[f"ewc {mode}"] = lambda mode=mode: diagonal_fisher(model, data, mode=mode)
+    out[f"per-sample loop (x{loop_samples} samples, scaled)"] = lambda: per_sample_loop(
+        model, data, loop_samples
+    )
+    out["torch.func vmap (empirical)"] = lambda: vmap_fisher(model, data)
+    if use_backpack:  # BackPACK's extend() adds module hooks for good: give it its own copy
+        twin = copy.deepcopy(model)
+        out["BackPACK SumGradSquared (empirical)"] = lambda: backpack_fisher(twin, data, "empirical")
+        out["BackPACK DiagGGNExact (exact)"] = lambda: backpack_fisher(twin, data, "exact")
+    return out
+
+
+# ------------------------------------------------------------------------------- measurement
+
+
+def rel_err(a: Fisher, b: Fisher) -> float:
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)).item() for n in b)
+
+
+def check_agreement(model: nn.Module, data: list, use_backpack: bool) -> dict[str, float]:
+    """Relative differences between independent per-sample implementations on a few batches."""
+    sub = data[:2]
+    n = sum(len(x) for x, _ in sub)
+    loop = per_sample_loop(model, sub, n)
+    ours_e = diagonal_fisher(model, sub, mode="empirical")
+    ours_x = diagonal_fisher(model, sub, mode="exact")
+    out = {
+        "ewc empirical vs loop": rel_err(ours_e, loop),
+        "vmap vs loop": rel_err(vmap_fisher(model, sub), loop),
+    }
+    if use_backpack:
+        twin = copy.deepcopy(model)
+        out["BackPACK SumGradSquared vs loop"] = rel_err(backpack_fisher(twin, sub, "empirical"), loop)
+        out["ewc exact vs BackPACK DiagGGNExact"] = rel_err(ours_x, backpack_fisher(twin, sub, "exact"))
+    return out
+
+
+def _memory_worker(args: tuple) -> int:
+    name, model_name, samples, bs, threads, loop_samples, use_backpack = args
+    torch.set_num_threads(threads)
+    model = make_model(model_name)
+    data = batches(*make_data(samples), bs)
+    table = methods(model, data, loop_samples, use_backpack)
+    table["floor (fwd+bwd)"]()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    table[name]()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB → bytes (Linux)
+
+
+def peak_extra_memory(
+    names: list[str], model_name: str, args: argparse.Namespace, use_backpack: bool
+) -> dict:
+    ctx = mp.get_context("spawn")
+    out = {}
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        for name in names:
+            job = (
+                name,
+                model_name,
+                args.samples,
+                args.batch_size,
+                args.threads,
+                args.loop_samples,
+                use_backpack,
+            )
+            out[name] = pool.apply(_memory_worker, (job,))
+    return out
+
+
+def run_model(model_name: str, args: argparse.Namespace, use_backpack: bool) -> None:
+    model = make_model(model_name)
+    data = batches(*make_data(args.samples), args.batch_size)
+    table = methods(model, data, args.loop_samples, use_backpack)
+    agree = check_agreement(model, data, use_backpack)
+    for fn in table.values():  # warm-up: allocator, kernels, BackPACK's extension
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in table}
+    order = list(table)
+    rng = random.Random(0)
+    for _ in range(args.repeats):
+        rng.shuffle(order)
+        for name in order:
+            t = time.perf_counter()
+            table[name]()
+            times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    loop_name = next(n for n in table if n.startswith("per-sample loop"))
+    med[loop_name] *= args.samples / args.loop_samples
+    memory = peak_extra_memory(list(table), model_name, args, use_backpack) if args.memory else {}
+    base = med["floor (fwd+bwd)"]
+
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"\n### {model_name.upper()} ({params:,} parameters), {args.samples} samples, "
+        f"batch {args.batch_size}, {args.threads} thread(s), median of {args.repeats}\n"
+    )
+    print("| method | seconds | ratio to floor | peak extra memory |")
+    print("|---|---:|---:|---:|")
+    for name in table:
+        mem = f"{memory[name] / 2**20:.0f} MiB" if name in memory else "-"
+        print(f"| {name} | {med[name]:.3f} | {med[name] / base:.2f}x | {mem} |")
+    print(
+        "\nagreement (max relative difference per tensor, 2 batches): "
+        + ", ".join(f"{k}: {v:.1e}" for k, v in agree.items())
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--samples", type=int, default=10_000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loop-samples", type=int, default=1000)
+    ap.add_argument("--no-backpack", action="store_true")
+    ap.add_argument("--no-memory", dest="memory", action="store_false")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    use_backpack = have_backpack() and not args.no_backpack
+    print(
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"threads={args.threads}, BackPACK={'yes' if use_backpack else 'not installed'}"
+    )
+    for name in args.models.split(","):
+        run_model(name.strip(), args, use_backpack)
+
+
+if __name__ == "__main__":
+    main()

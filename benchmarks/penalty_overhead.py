@@ -1,0 +1,123 @@
+"""Time per SGD step with and without the EWC penalty, after 1, 5 and 20 consolidated tasks.
+
+Model: MLP 784-400-400-10 (ReLU), cross-entropy, SGD, batch 256 of fixed random MNIST-shaped
+data. Every variant has its own copy of the same initial model and optimiser; the EWC state is
+filled through the public API (``consolidate(fisher_diag=...)`` with random positive Fishers at
+randomly perturbed parameters), so no Fisher is computed. After a warm-up the variants are timed
+one step each, in a freshly shuffled order every round (this cancels drift and ordering effects),
+and the table reports the median ms/step and its ratio to plain SGD.
+
+Run (from the repository root)::
+
+    .venv/bin/python benchmarks/penalty_overhead.py --threads 1
+
+Target: online EWC at 20 tasks costs at most 1.10x a plain SGD step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ewc import EWC
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10)
+    )
+
+
+def filled_ewc(model: nn.Module, mode: str, tasks: int, gen: torch.Generator) -> EWC:
+    """An EWC with ``tasks`` consolidations at perturbed parameters with random Fishers."""
+    reg = EWC(model, lam=100.0, mode=mode, gamma=0.9 if mode == "online" else 1.0)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for _ in range(tasks):
+            for n, p in model.named_parameters():
+                p.copy_(start[n] + 0.01 * torch.randn(p.shape, generator=gen))
+            fisher = {n: torch.rand(p.shape, generator=gen) + 1e-3
+                      for n, p in model.named_parameters()}
+            reg.consolidate(fisher_diag=fisher)
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+    return reg
+
+
+def make_step(model: nn.Module, reg: EWC | None, x: torch.Tensor, y: torch.Tensor,
+              lr: float) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if reg is not None:
+            loss = loss + reg.penalty()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=300, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed rounds first")
+    parser.add_argument("--tasks", default="1,5,20", help="comma-separated task counts")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch_size, 784, generator=gen)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    base = make_model()
+    task_counts = [int(t) for t in args.tasks.split(",")]
+
+    variants: dict[tuple[str, int], Callable[[], None]] = {
+        ("plain SGD", 0): make_step(copy.deepcopy(base), None, x, y, lr=1e-3)
+    }
+    for mode in ("online", "separate"):
+        for t in task_counts:
+            model = copy.deepcopy(base)
+            variants[(f"EWC {mode}", t)] = make_step(model, filled_ewc(model, mode, t, gen), x, y,
+                                                     lr=1e-3)
+
+    order = list(variants)
+    times: dict[tuple[str, int], list[float]] = {k: [] for k in order}
+    shuffler = random.Random(args.seed)
+    for r in range(args.warmup + args.rounds):
+        shuffler.shuffle(order)
+        for key in order:
+            t0 = time.perf_counter()
+            variants[key]()
+            dt = time.perf_counter() - t0
+            if r >= args.warmup:
+                times[key].append(dt)
+
+    plain = statistics.median(times[("plain SGD", 0)])
+    print(f"torch {torch.__version__}, {platform.machine()}, threads={args.threads}, "
+          f"batch={args.batch_size}, {args.rounds} timed rounds after {args.warmup} warm-up")
+    print()
+    print("| variant | tasks | ms/step (median) | overhead ms | ratio to plain |")
+    print("|---|---:|---:|---:|---:|")
+    for key in variants:
+        med = statistics.median(times[key])
+        print(f"| {key[0]} | {key[1]} | {med * 1e3:.3f} | {(med - plain) * 1e3:+.3f} "
+              f"| {med / plain:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,652 @@
+"""EWC and L2 penalties: anchored quadratics that keep a model close to its earlier solutions.
+
+After task ``k`` the regulariser stores an anchor θ*_k (a detached copy of the parameters) and a
+diagonal precision F_k (the Fisher for :class:`EWC`, ones for :class:`L2`); later tasks train on
+
+    loss = task_loss + λ/2 · Σ_k Σ_i F_k,i (θ_i − θ*_k,i)²
+
+The ½ is the paper's (Kirkpatrick et al. 2017, Eq. 3): with it λ·F is the precision of the
+Gaussian (Laplace) approximation of the old tasks' posterior and the gradient is λ·F·(θ − θ*).
+Code that drops the ½ needs a λ half as large for the same penalty.
+
+Modes:
+
+* ``separate`` (the paper): one quadratic per consolidated task. The state grows with the number
+  of tasks, but :meth:`penalty` does not: a sum of diagonal quadratics is one diagonal quadratic,
+  Σ_k F_k (θ − θ*_k)² = F̄ (θ − θ̄)² + C with F̄ = Σ_k F_k, θ̄ = Σ_k F_k θ*_k / F̄ and a constant C,
+  all computed in float64 when a task is consolidated. Only the rounding of θ̄ to the parameter
+  dtype differs from the term-by-term sum: it is as if each anchor moved by at most half an ulp.
+* ``online`` (Schwarz et al. 2018; Huszár 2018): one merged quadratic, F ← γ·F + F_new and
+  θ* ← the latest parameters. With γ = 1 its curvature equals ``separate``'s, but it is centred
+  on the latest parameters rather than on the Fisher-weighted mean of all anchors.
+
+Parameters are matched by name (``model.named_parameters()``). A parameter added after the last
+consolidation (a new head) is not penalised; a consolidated parameter that disappeared or changed
+shape is an error. Moving the model to another device or dtype after consolidation is followed.
+
+Memory: the stored tasks, plus one scratch tensor the size of the anchored parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import Tensor, nn
+
+from ewc.fisher import FISHER_MODES, LIKELIHOODS, diagonal_fisher
+from ewc.state import PathLike, atomic_save, safe_load
+
+__all__ = ["EWC", "FORMAT", "L2", "MODES"]
+
+FORMAT = "ewc.penalty/1"
+MODES = ("separate", "online")
+
+# One consolidated quadratic as stored: {"anchor": {name: θ*}, "fisher": {name: F}}.
+Task = dict[str, dict[str, Tensor]]
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def _check_lam(lam: Any) -> float:
+    value = _as_float(lam, "lam")
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    return value
+
+
+def _check_gamma(gamma: Any) -> float:
+    value = _as_float(gamma, "gamma")
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+    return value
+
+
+def _check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    return str(mode)
+
+
+def _as_float(value: Any, what: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+
+
+def _check_positive_int(value: Any, what: str, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------- merged quadratics
+
+
+@dataclass
+class _Term:
+    """The merged quadratic of one parameter, plus the scratch buffer penalty() writes into."""
+
+    name: str
+    path: tuple[str, ...] | None  # module path for a fast lookup; None: use named_parameters()
+    param: Tensor
+    anchor: Tensor
+    fisher: Tensor
+    diff: Tensor | None = None  # θ − θ*, scratch only (never saved for backward)
+    zero: Tensor | None = None  # 0-dim zero, the "input" of addcmul
+
+
+def _lookup(model: nn.Module, path: tuple[str, ...]) -> Tensor | None:
+    module: nn.Module | None = model
+    for part in path[:-1]:
+        module = module._modules.get(part)  # type: ignore[union-attr]
+        if module is None:
+            return None
+    return module._parameters.get(path[-1])  # type: ignore[union-attr]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _sum(parts: list[Tensor]) -> Tensor:
+    """Sum of 0-dim tensors (on the first one's device)."""
+    device = parts[0].device
+    if all(t.device == device for t in parts):
+        return torch.stack(parts).sum()
+    return torch.stack([t.to(device) for t in parts]).sum()
+
+
+def _scale_(tensors: list[Tensor], factor: Tensor) -> None:
+    """tensors *= factor (a 0-dim tensor), in place, on whatever devices they live."""
+    if all(t.device == factor.device for t in tensors):
+        torch._foreach_mul_(tensors, factor)
+    else:
+        for t in tensors:
+            t.mul_(factor.to(t.device))
+
+
+class _QuadraticPenalty(torch.autograd.Function):
+    """λ/2 · (Σ F·(θ − θ*)² + C) with a hand-written backward.
+
+    The forward computes w = λ·F·(θ − θ*) once, for the value (½·⟨w, θ − θ*⟩) and as the
+    gradient: the backward hands w itself to autograd (scaled in place only if the incoming
+    gradient is not 1), so it costs no pass over memory, and the first gradient to arrive can be
+    stored as ``.grad`` without a copy. Autograd would instead save θ − θ* and redo two
+    multiplies. The only parameter-sized allocation is w: θ − θ* goes into a reused buffer.
+    Under ``create_graph=True`` (or a second backward through a retained graph) the gradient is
+    rebuilt from differentiable ops, so Hessian-vector products through the penalty work.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        lam: float,
+        const: float,
+        anchors: list[Tensor],
+        fishers: list[Tensor],
+        diffs: list[Tensor],
+        zeros: list[Tensor],
+        *params: Tensor,
+    ) -> Tensor:
+        ws, parts = [], []
+        for p, a, f, d, z in zip(params, anchors, fishers, diffs, zeros, strict=True):
+            torch.sub(p, a, out=d)
+            w = torch.addcmul(z, d, f, value=lam)  # λ·F·(θ − θ*), fresh, in one pass
+            ws.append(w)
+            parts.append(torch.dot(w.view(-1), d.view(-1)))
+        total = _sum(parts)
+        ctx.lam, ctx.anchors, ctx.fishers = lam, anchors, fishers
+        ctx.ws = ws  # handed over to autograd by backward; not a saved tensor on purpose
+        ctx.save_for_backward(*params)
+        return total.add_(lam * const).mul_(0.5)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        params = ctx.saved_tensors
+        needs = ctx.needs_input_grad[6:]
+        idx = [i for i in range(len(params)) if needs[i]]
+        ws, ctx.ws = ctx.ws, None
+        grads: list[Tensor | None] = [None] * len(params)
+        if ws is None or torch.is_grad_enabled():
+            # create_graph=True, or w was already given away by an earlier backward.
+            for i in idx:
+                grads[i] = (params[i] - ctx.anchors[i]) * ctx.fishers[i] * (grad_out * ctx.lam)
+        else:
+            # Skip the multiply when grad_out is 1 (loss.backward()); only checked on the CPU,
+            # where reading it costs no device synchronisation.
+            if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
+                _scale_([ws[i] for i in idx], grad_out)
+            for i in idx:
+                grads[i] = ws[i]
+        return (None,) * 6 + tuple(grads)
+
+
+# ---------------------------------------------------------------------------- base class
+
+
+class _AnchoredPenalty:
+    """Shared machinery of :class:`EWC` and :class:`L2`: anchors, merging, penalty and state."""
+
+    _KIND: ClassVar[str]
+    _CONFIG_KEYS: ClassVar[tuple[str, ...]]
+
+    def __init__(self, model: nn.Module, lam: float, mode: str, gamma: float) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._model = model
+        self._lam = _check_lam(lam)
+        self._mode = _check_mode(mode)
+        self._gamma = _check_gamma(gamma)
+        self._tasks: list[Task] = []  # separate: one per task; online: at most one (merged)
+        self._num_tasks = 0
+        self._terms: list[_Term] = []
+        self._const = 0.0
+
+    # -- configuration ---------------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def lam(self) -> float:
+        """Penalty strength λ (>= 0); may be changed between steps."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = _check_lam(value)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def gamma(self) -> float:
+        """Decay of the old Fisher in ``online`` mode (F ← γ·F + F_new); unused by ``separate``."""
+        return self._gamma
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of consolidated tasks (in ``online`` mode: merged into the one quadratic)."""
+        return self._num_tasks
+
+    def _config(self) -> dict[str, Any]:
+        return {"lam": self._lam, "mode": self._mode, "gamma": self._gamma}
+
+    @classmethod
+    def _validated_config(cls, config: Any) -> dict[str, Any]:
+        """A saved config with exactly the expected keys and valid values."""
+        if not isinstance(config, Mapping):
+            raise ValueError(f"state 'config' must be a dict, got {type(config).__name__}")
+        keys = set(config)
+        if keys != set(cls._CONFIG_KEYS):
+            missing = sorted(set(cls._CONFIG_KEYS) - keys)
+            extra = sorted(keys - set(cls._CONFIG_KEYS), key=str)
+            raise ValueError(f"state 'config' of {cls._KIND} has missing keys {missing} "
+                             f"and unexpected keys {extra}")
+        return dict(config)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(lam={self._lam}, mode={self._mode!r}, "
+                f"gamma={self._gamma}, num_tasks={self._num_tasks})")
+
+    # -- consolidation ---------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every consolidated task; the penalty is zero again."""
+        self._tasks, self._num_tasks = [], 0
+        self._terms, self._const = [], 0.0
+
+    def _add_task(self, fisher: Mapping[str, Tensor]) -> None:
+        """Consolidate at the current parameters with precision ``fisher`` (checked, copied)."""
+        if not isinstance(fisher, Mapping) or not fisher:
+            raise ValueError("the Fisher must be a non-empty dict {parameter name: tensor}")
+        named = dict(self._model.named_parameters(remove_duplicate=False))
+        anchor: dict[str, Tensor] = {}
+        precision: dict[str, Tensor] = {}
+        for name, f in fisher.items():
+            p = named.get(name)
+            if p is None:
+                raise ValueError(f"the Fisher names {name!r}, not a parameter of the model")
+            if not isinstance(f, Tensor) or f.shape != p.shape:
+                shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+                raise ValueError(f"Fisher of parameter {name!r} has shape {shape}, "
+                                 f"the parameter has {tuple(p.shape)}")
+            f = f.detach().to(device=p.device, dtype=p.dtype, copy=True)
+            _check_precision(f, name)
+            precision[name] = f
+            anchor[name] = p.detach().clone()
+        if self._mode == "separate":
+            tasks = [*self._tasks, {"anchor": anchor, "fisher": precision}]
+        else:
+            tasks = [self._merge_online(anchor, precision, named)]
+        terms, const, tasks = self._build(tasks)
+        self._tasks, self._terms, self._const = tasks, terms, const
+        self._num_tasks += 1
+
+    def _merge_online(
+        self, anchor: dict[str, Tensor], fisher: dict[str, Tensor], named: dict[str, Tensor]
+    ) -> Task:
+        """F ← γ·F_old + F_new and θ* ← the current parameters, for the union of both names."""
+        if not self._tasks:
+            return {"anchor": anchor, "fisher": fisher}
+        old = self._tasks[0]["fisher"]
+        merged_f: dict[str, Tensor] = {}
+        merged_a: dict[str, Tensor] = {}
+        for name, f_old in old.items():
+            p = named.get(name)
+            if p is None:
+                raise ValueError(f"consolidated parameter {name!r} is missing from the model")
+            if p.shape != f_old.shape:
+                raise ValueError(f"parameter {name!r} changed shape since consolidation: "
+                                 f"{tuple(f_old.shape)} then, {tuple(p.shape)} now")
+            f_old = f_old.to(device=p.device, dtype=p.dtype)
+            new = fisher.get(name)
+            merged_f[name] = f_old * self._gamma if new is None else torch.add(new, f_old,
+                                                                               alpha=self._gamma)
+            merged_a[name] = anchor[name] if name in anchor else p.detach().clone()
+        for name, f_new in fisher.items():
+            if name not in merged_f:
+                merged_f[name], merged_a[name] = f_new, anchor[name]
+        return {"anchor": merged_a, "fisher": merged_f}
+
+    def _build(
+        self, tasks: list[Task], *, copy: bool = False
+    ) -> tuple[list[_Term], float, list[Task]]:
+        """Resolve every stored name in the model and merge the tasks into one quadratic.
+
+        Returns the terms, the constant C (``separate``) and the tasks with their tensors moved
+        to each parameter's device and dtype (copied if ``copy``). Raises ValueError naming a
+        parameter that is missing from the model or whose shape changed.
+        """
+        named = dict(self._model.named_parameters(remove_duplicate=False))
+        moved: list[Task] = [{"anchor": {}, "fisher": {}} for _ in tasks]
+        per_name: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        for k, task in enumerate(tasks):
+            for name, a in task["anchor"].items():
+                f = task["fisher"][name]
+                p = named.get(name)
+                if p is None:
+                    raise ValueError(f"consolidated parameter {name!r} is missing from the model")
+                if a.shape != p.shape or f.shape != p.shape:
+                    raise ValueError(f"parameter {name!r} changed shape since consolidation: "
+                                     f"{tuple(a.shape)} in task {k}, {tuple(p.shape)} now")
+                a = a.detach().to(device=p.device, dtype=p.dtype, copy=copy)
+                f = f.detach().to(device=p.device, dtype=p.dtype, copy=copy)
+                moved[k]["anchor"][name], moved[k]["fisher"][name] = a, f
+                per_name.setdefault(name, []).append((a, f))
+        terms: list[_Term] = []
+        const = 0.0
+        for name, pairs in per_name.items():
+            p = named[name]
+            path = tuple(name.split("."))
+            if _lookup(self._model, path) is not p:
+                path = None  # exotic module layout: resolve through named_parameters()
+            if len(pairs) == 1:
+                anchor, fisher = pairs[0]
+            else:
+                anchor, fisher, c = _merge_separate(pairs)
+                const += c
+            terms.append(_Term(name, path, p, anchor, fisher))
+        return terms, const, moved
+
+    # -- the penalty -----------------------------------------------------------------------
+
+    def _current_terms(self) -> list[_Term]:
+        """The terms, re-resolved if the model's parameters were replaced, moved or reshaped."""
+        named: dict[str, Tensor] | None = None
+        for t in self._terms:
+            if t.path is not None:
+                p = _lookup(self._model, t.path)
+            else:
+                if named is None:
+                    named = dict(self._model.named_parameters(remove_duplicate=False))
+                p = named.get(t.name)
+            if (p is not t.param or p.shape != t.anchor.shape or p.device != t.anchor.device
+                    or p.dtype != t.anchor.dtype):
+                self._terms, self._const, self._tasks = self._build(self._tasks)
+                break
+        return self._terms
+
+    def penalty(self) -> Tensor:
+        """λ/2 · Σ_k Σ_i F_k,i (θ_i − θ*_k,i)², a 0-dim tensor differentiable w.r.t. the model.
+
+        Zero (a tensor on the model's device) before the first consolidation. The cost does not
+        depend on the number of tasks: one pass over the anchored parameters that writes
+        θ − θ* into a preallocated buffer and λ·F·(θ − θ*), which is the gradient, into a fresh
+        tensor (see :class:`_QuadraticPenalty`).
+        """
+        if not self._terms:
+            first = next(self._model.parameters(), None)
+            return torch.zeros((), device=first.device if first is not None else None)
+        terms = self._current_terms()
+        for t in terms:
+            if t.diff is None or t.zero is None:
+                dtype = _compute_dtype(t.anchor.dtype)
+                t.diff = torch.empty(t.anchor.shape, dtype=dtype, device=t.anchor.device)
+                t.zero = torch.zeros((), dtype=dtype, device=t.anchor.device)
+        params = [t.param for t in terms]
+        anchors = [t.anchor for t in terms]
+        fishers = [t.fisher for t in terms]
+        diffs: list[Tensor] = [t.diff for t in terms]  # type: ignore[misc]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            zeros: list[Tensor] = [t.zero for t in terms]  # type: ignore[misc]
+            return _QuadraticPenalty.apply(self._lam, self._const, anchors, fishers, diffs, zeros,
+                                           *params)
+        with torch.no_grad():
+            parts = []
+            for p, a, f, d in zip(params, anchors, fishers, diffs, strict=True):
+                torch.sub(p, a, out=d)
+                parts.append(torch.dot(torch.mul(d, f).view(-1), d.view(-1)))
+            return _sum(parts).add_(self._const).mul_(0.5 * self._lam)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild the regulariser, as plain dicts, lists and tensors.
+
+        ``{"format", "class", "config", "num_tasks", "tasks": [{"anchor": {name: T},
+        "fisher": {name: T}}, ...]}``; ``online`` keeps a single merged entry. The tensors are
+        the stored ones (not copies): do not modify them in place.
+        """
+        return {
+            "format": FORMAT,
+            "class": self._KIND,
+            "config": self._config(),
+            "num_tasks": self._num_tasks,
+            "tasks": [{"anchor": dict(t["anchor"]), "fisher": dict(t["fisher"])}
+                      for t in self._tasks],
+        }
+
+    @classmethod
+    def _check_header(cls, state: Any) -> dict[str, Any]:
+        """Validate format, class and config of a state dict; return the config."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a dict, got {type(state).__name__}")
+        expected = {"format", "class", "config", "num_tasks", "tasks"}
+        if set(state) != expected:
+            raise ValueError(f"state keys {sorted(map(str, state))} != {sorted(expected)}")
+        if state["format"] != FORMAT:
+            raise ValueError(f"unsupported state format {state['format']!r}; expected {FORMAT!r}")
+        if state["class"] != cls._KIND:
+            raise ValueError(f"state was saved by {state['class']!r}, cannot load it into "
+                             f"{cls._KIND!r}")
+        return cls._validated_config(state["config"])
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: config (λ, γ, ...) and tasks, checked against the model.
+
+        Raises ValueError on a different format or class, wrong config keys, another ``mode``,
+        or tensors whose names or shapes do not match the model's parameters. Tensors are copied
+        to each parameter's device and dtype. Nothing changes if an error is raised.
+        """
+        config = self._check_header(state)
+        if config["mode"] != self._mode:
+            raise ValueError(f"state is for mode {config['mode']!r}, this {self._KIND} uses "
+                             f"{self._mode!r}")
+        probe = type(self)(self._model, **config)  # validates every config value
+        num_tasks, tasks = state["num_tasks"], state["tasks"]
+        if not isinstance(tasks, list) or any(not isinstance(t, Mapping) for t in tasks):
+            raise ValueError("state 'tasks' must be a list of dicts")
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 0:
+            raise ValueError(f"state 'num_tasks' must be an integer >= 0, got {num_tasks!r}")
+        if self._mode == "separate" and num_tasks != len(tasks):
+            raise ValueError(f"state has {len(tasks)} tasks but num_tasks={num_tasks}")
+        if self._mode == "online" and (len(tasks) > 1 or (num_tasks > 0) != (len(tasks) == 1)):
+            raise ValueError(f"online state must hold one merged task when num_tasks > 0 and none "
+                             f"otherwise; got {len(tasks)} entries for num_tasks={num_tasks}")
+        checked = [_check_task(t, k) for k, t in enumerate(tasks)]
+        terms, const, moved = self._build(checked, copy=True)
+        self._config_from(probe)
+        self._tasks, self._terms, self._const = moved, terms, const
+        self._num_tasks = num_tasks
+
+    def _config_from(self, other: Self) -> None:
+        """Adopt the settings of ``other`` (an instance built from a loaded config)."""
+        self._lam, self._gamma = other._lam, other._gamma
+
+    def save(self, path: PathLike) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (see :func:`ewc.state.atomic_save`)."""
+        atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: PathLike, model: nn.Module) -> Self:
+        """Rebuild a regulariser for ``model`` from :meth:`save` output, without running code."""
+        state = safe_load(path, map_location="cpu")
+        config = cls._check_header(state)
+        obj = cls(model, **config)
+        obj.load_state_dict(state)
+        return obj
+
+
+def _check_precision(f: Tensor, name: str) -> None:
+    if not f.is_floating_point():
+        raise ValueError(f"Fisher of parameter {name!r} must be a floating-point tensor")
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError(f"Fisher of parameter {name!r} has NaN or infinite values")
+    if bool((f < 0).any()):
+        raise ValueError(f"Fisher of parameter {name!r} has negative values")
+
+
+def _check_task(task: Mapping[str, Any], k: int) -> Task:
+    """Type checks of one stored task: matching anchor/fisher names, finite tensors, F >= 0."""
+    if set(task) != {"anchor", "fisher"}:
+        raise ValueError(f"task {k} must have keys ['anchor', 'fisher'], got {sorted(task)}")
+    anchor, fisher = task["anchor"], task["fisher"]
+    if not isinstance(anchor, Mapping) or not isinstance(fisher, Mapping):
+        raise ValueError(f"task {k}: 'anchor' and 'fisher' must be dicts of tensors")
+    if set(anchor) != set(fisher):
+        raise ValueError(f"task {k}: anchor and fisher name different parameters: "
+                         f"{sorted(set(anchor) ^ set(fisher), key=str)}")
+    if not anchor:
+        raise ValueError(f"task {k} is empty")
+    for name in anchor:
+        a, f = anchor[name], fisher[name]
+        if not isinstance(a, Tensor) or not isinstance(f, Tensor):
+            raise ValueError(f"task {k}: anchor and fisher of {name!r} must be tensors")
+        if a.shape != f.shape:
+            raise ValueError(f"task {k}: anchor and fisher of {name!r} have different shapes "
+                             f"{tuple(a.shape)} and {tuple(f.shape)}")
+        if not a.is_floating_point() or not bool(torch.isfinite(a).all()):
+            raise ValueError(f"task {k}: anchor of {name!r} must be finite floating-point")
+        _check_precision(f, name)
+    return {"anchor": dict(anchor), "fisher": dict(fisher)}
+
+
+def _merge_separate(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, float]:
+    """Σ_k F_k (θ − a_k)² = F̄ (θ − ā)² + C: return ā, F̄ (parameter dtype) and C (float64 sum).
+
+    ā is the Fisher-weighted mean of the anchors (the latest anchor where F̄ = 0) and
+    C = Σ_k Σ_i F_k (a_k − ā)² with the rounded ā, so the identity holds up to the rounding of ā.
+    """
+    ref = pairs[-1][0]
+    work = torch.float64 if ref.device.type != "mps" else torch.float32
+    f_sum = torch.zeros(ref.shape, dtype=work, device=ref.device)
+    fa_sum = torch.zeros_like(f_sum)
+    for a, f in pairs:
+        f64 = f.to(work)
+        f_sum += f64
+        fa_sum += f64 * a.to(work)
+    mean = torch.where(f_sum > 0, fa_sum / f_sum.clamp_min(torch.finfo(work).tiny), ref.to(work))
+    anchor = mean.to(ref.dtype)
+    anchor64 = anchor.to(work)
+    const = sum(float((f.to(work) * (a.to(work) - anchor64).square()).sum()) for a, f in pairs)
+    return anchor, f_sum.to(ref.dtype), const
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+class EWC(_AnchoredPenalty):
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017) for any ``nn.Module``.
+
+    ``reg.consolidate(data)`` after each task; ``loss = task_loss + reg.penalty()`` during the
+    next ones. ``fisher`` picks how the diagonal Fisher is computed (see
+    :func:`ewc.fisher.diagonal_fisher`); ``max_samples``, ``batch_size``, ``likelihood`` and
+    ``sigma`` are passed on to it.
+    """
+
+    _KIND = "EWC"
+    _CONFIG_KEYS = ("lam", "mode", "gamma", "fisher", "max_samples", "batch_size", "likelihood",
+                    "sigma")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lam: float = 100.0,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        fisher: str = "exact",
+        *,
+        max_samples: int | None = None,
+        batch_size: int = 256,
+        likelihood: str = "categorical",
+        sigma: float = 1.0,
+    ) -> None:
+        super().__init__(model, lam, mode, gamma)
+        if fisher not in FISHER_MODES:
+            raise ValueError(f"unknown Fisher mode {fisher!r}; expected one of {FISHER_MODES}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+        sigma_value = _as_float(sigma, "sigma")
+        if not (math.isfinite(sigma_value) and sigma_value > 0):
+            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        self._fisher = str(fisher)
+        self._max_samples = _check_positive_int(max_samples, "max_samples", allow_none=True)
+        self._batch_size = _check_positive_int(batch_size, "batch_size")
+        self._likelihood = str(likelihood)
+        self._sigma = sigma_value
+
+    @property
+    def fisher_mode(self) -> str:
+        return self._fisher
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "fisher": self._fisher, "max_samples": self._max_samples,
+                "batch_size": self._batch_size, "likelihood": self._likelihood,
+                "sigma": self._sigma}
+
+    def _config_from(self, other: EWC) -> None:  # type: ignore[override]
+        super()._config_from(other)
+        self._fisher, self._max_samples = other._fisher, other._max_samples
+        self._batch_size, self._likelihood, self._sigma = (other._batch_size, other._likelihood,
+                                                           other._sigma)
+
+    def consolidate(
+        self,
+        data: Any = None,
+        *,
+        fisher_diag: Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """End of a task: anchor the current parameters with their diagonal Fisher on ``data``.
+
+        ``data`` is anything :func:`ewc.fisher.diagonal_fisher` accepts (``generator`` is passed
+        on for ``fisher="sample"``). Alternatively pass a precomputed ``fisher_diag``
+        ``{name: F}`` (names of the model's parameters, F >= 0); parameters it leaves out are
+        not anchored. Returns this task's Fisher (``online`` merges it into the stored one).
+        """
+        if fisher_diag is None:
+            if data is None:
+                raise ValueError("EWC.consolidate needs data to compute the Fisher on "
+                                 "(or a precomputed fisher_diag)")
+            fisher_diag = diagonal_fisher(
+                self._model, data, mode=self._fisher, max_samples=self._max_samples,
+                likelihood=self._likelihood, sigma=self._sigma, batch_size=self._batch_size,
+                generator=generator,
+            )
+        elif data is not None:
+            raise ValueError("pass either data or fisher_diag to consolidate, not both")
+        self._add_task(fisher_diag)
+        return {name: f.detach() for name, f in fisher_diag.items()}
+
+
+class L2(_AnchoredPenalty):
+    """The paper's isotropic baseline: EWC's anchoring with F ≡ 1, λ/2 · Σ_k ‖θ − θ*_k‖²."""
+
+    _KIND = "L2"
+    _CONFIG_KEYS = ("lam", "mode", "gamma")
+
+    def __init__(self, model: nn.Module, lam: float = 100.0, mode: str = "separate",
+                 gamma: float = 1.0) -> None:
+        super().__init__(model, lam, mode, gamma)
+
+    def consolidate(self, data: Any = None) -> dict[str, Tensor]:
+        """Anchor every parameter that requires grad at its current value; ``data`` is ignored."""
+        ones = {n: torch.ones_like(p, memory_format=torch.contiguous_format).detach()
+                for n, p in self._model.named_parameters() if p.requires_grad}
+        if not ones:
+            raise ValueError("the model has no parameters that require grad")
+        self._add_task(ones)
+        return ones
