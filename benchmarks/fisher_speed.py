@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import multiprocessing as mp
 import platform
 import random
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -185,6 +186,7 @@ def check_agreement(model: nn.Module, data: list, use_backpack: bool) -> dict[st
 
 
 def _memory_worker(args: tuple) -> int:
+    """Bytes of peak resident memory a method adds above the floor's peak (fresh process)."""
     name, model_name, samples, bs, threads, loop_samples, use_backpack = args
     torch.set_num_threads(threads)
     model = make_model(model_name)
@@ -199,20 +201,29 @@ def _memory_worker(args: tuple) -> int:
 def peak_extra_memory(
     names: list[str], model_name: str, args: argparse.Namespace, use_backpack: bool
 ) -> dict:
-    ctx = mp.get_context("spawn")
+    """Peak resident memory above the floor's, per method, each in a fresh interpreter."""
     out = {}
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        for name in names:
-            job = (
-                name,
-                model_name,
-                args.samples,
-                args.batch_size,
-                args.threads,
-                args.loop_samples,
-                use_backpack,
-            )
-            out[name] = pool.apply(_memory_worker, (job,))
+    for name in names:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-worker",
+            name,
+            "--models",
+            model_name,
+            "--samples",
+            str(args.samples),
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+            "--loop-samples",
+            str(args.loop_samples),
+        ]
+        if not use_backpack:
+            cmd.append("--no-backpack")
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = int(done.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -264,7 +275,21 @@ def main() -> None:
     ap.add_argument("--loop-samples", type=int, default=1000)
     ap.add_argument("--no-backpack", action="store_true")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
+    ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_worker:
+        use = have_backpack() and not args.no_backpack
+        job = (
+            args.memory_worker,
+            args.models,
+            args.samples,
+            args.batch_size,
+            args.threads,
+            args.loop_samples,
+            use,
+        )
+        print(_memory_worker(job))
+        return
     torch.set_num_threads(args.threads)
     use_backpack = have_backpack() and not args.no_backpack
     print(

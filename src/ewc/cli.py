@@ -1,0 +1,195 @@
+"""Command line: argument parsing only; every subcommand calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ewc.fisher import FISHER_MODES
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ewc.data import DATASETS, SEQUENCES
+    from ewc.methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="ewc",
+        description="Elastic Weight Consolidation: continual learning experiments and tools.",
+    )
+    parser.add_argument("--version", action="version", version=f"ewc {__import__('ewc').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="learn a sequence of tasks with several methods; write results, figures and a report",
+        description="Learn a task sequence with each method from the same initial weights and data "
+        "order; evaluate every task during training and after each task; write results.json, "
+        "metrics.csv, curves.png, matrix.png, summary.png and report.md into --out.",
+    )
+    run.add_argument("sequence", choices=SEQUENCES, help="how tasks are made from the dataset")
+    run.add_argument(
+        "--data",
+        default="mnist-10k",
+        choices=DATASETS,
+        help="dataset (default: mnist-10k, embedded in the package)",
+    )
+    run.add_argument(
+        "--data-root", default=None, help="directory with the dataset files (else $EWC_DATA, cache, system)"
+    )
+    run.add_argument("--tasks", type=int, default=10, help="number of tasks (default: 10)")
+    run.add_argument(
+        "--methods",
+        default="sgd,l2,ewc,online-ewc,joint",
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: all)",
+    )
+    run.add_argument("--out", required=True, help="output directory (created; must not be a file)")
+    run.add_argument("--epochs", type=int, default=1, help="epochs per task (default: 1)")
+    run.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: 32)")
+    run.add_argument("--lr", type=float, default=0.1, help="learning rate (default: 0.1)")
+    run.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimiser (default: sgd)")
+    run.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
+    run.add_argument("--hidden", type=_ints, default=(400, 400), help="hidden sizes, e.g. 400,400 (default)")
+    run.add_argument(
+        "--dropout", type=float, default=0.0, help="dropout after each hidden layer (default: 0)"
+    )
+    run.add_argument("--lam", type=float, default=100.0, help="EWC strength λ (penalty λ/2·ΣF(θ−θ*)²)")
+    run.add_argument("--l2-lam", type=float, default=None, help="L2 strength (default: --lam)")
+    run.add_argument(
+        "--select-lam",
+        type=_floats,
+        default=None,
+        metavar="GRID",
+        help="choose λ of ewc/online-ewc/l2 from this comma-separated grid on the validation "
+        "parts before the test run (e.g. 1,10,100,1000)",
+    )
+    run.add_argument("--gamma", type=float, default=1.0, help="online EWC decay γ in (0, 1] (default: 1)")
+    run.add_argument("--fisher", choices=FISHER_MODES, default="exact", help="Fisher mode (default: exact)")
+    run.add_argument(
+        "--fisher-samples", type=int, default=1000, help="samples per task for the Fisher (default: 1000)"
+    )
+    run.add_argument(
+        "--max-train-per-task", type=int, default=None, help="subsample each task's training part"
+    )
+    run.add_argument(
+        "--eval-every",
+        type=int,
+        default=50,
+        help="mini-batches between evaluations of every task (default: 50)",
+    )
+    run.add_argument(
+        "--curve-samples",
+        type=int,
+        default=500,
+        help="test samples per task used for the curves (default: 500)",
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed for data, permutations and initial weights")
+    run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser(
+        "report",
+        help="redraw the report of a saved run, or compare several runs",
+        description="With one run directory: redraw its figures and report.md from results.json. "
+        "With several: print a comparison table (and write comparison.md/.png into --out).",
+    )
+    rep.add_argument("runs", nargs="+", help="run directories (each with results.json)")
+    rep.add_argument("--out", default=None, help="where to write the comparison (several runs)")
+    rep.set_defaults(func=_cmd_report)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ewc.experiments.sequence import run_sequence
+    from ewc.train import TrainConfig
+
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        hidden=args.hidden,
+        dropout=args.dropout,
+        lam=args.lam,
+        l2_lam=args.l2_lam,
+        gamma=args.gamma,
+        fisher=args.fisher,
+        fisher_samples=args.fisher_samples,
+        eval_every=args.eval_every,
+        curve_samples=args.curve_samples,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        progress=False if args.quiet else None,
+    )
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = run_sequence(
+        args.sequence,
+        args.data,
+        args.tasks,
+        methods,
+        config,
+        args.out,
+        lam_grid=args.select_lam,
+        max_train_per_task=args.max_train_per_task,
+        data_root=args.data_root,
+    )
+    print(f"{'method':<12} {'ACC':>6} {'BWT':>7} {'forget':>7} {'seconds':>8}")
+    for name, r in results["methods"].items():
+        acc, bwt, fgt, sec = r["average_accuracy"], r["bwt"], r["forgetting"], r["seconds"]
+        print(f"{name:<12} {acc:6.3f} {bwt:7.3f} {fgt:7.3f} {sec:8.1f}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ewc.report import compare_runs, load_results, write_report
+
+    if len(args.runs) == 1:
+        paths = write_report(load_results(args.runs[0]), args.runs[0])
+        print(f"report: {paths.get('report.md', Path(args.runs[0]) / 'report.md')}")
+        return 0
+    print(compare_runs(args.runs, args.out))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ewc`` command; errors in the input become one clear line, exit 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ewc: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ewc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

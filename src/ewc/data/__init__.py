@@ -1,0 +1,25 @@
+"""Data layer: IDX files, dataset sources, named datasets and continual-learning task sequences.
+
+    from ewc.data import load_dataset, make_sequence
+
+    ds = load_dataset("mnist-10k")            # embedded, no download
+    tasks = make_sequence(ds, "permuted", 5, seed=0)
+"""
+
+from ewc.data.datasets import DATASETS, Dataset, load_dataset
+from ewc.data.idx import check_pair, read_idx
+from ewc.data.sequences import SEQUENCES, Task, make_sequence
+from ewc.data.sources import ChecksumError, DataNotFoundError
+
+__all__ = [
+    "DATASETS",
+    "SEQUENCES",
+    "ChecksumError",
+    "DataNotFoundError",
+    "Dataset",
+    "Task",
+    "check_pair",
+    "load_dataset",
+    "make_sequence",
+    "read_idx",
+]

@@ -1,0 +1,76 @@
+"""Methods that add a quadratic anchor penalty: L2 (F ≡ 1), EWC (separate) and online EWC."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ewc.data import Task
+from ewc.methods.base import Method
+from ewc.penalty import EWC, L2
+
+
+class L2Method(Method):
+    """The paper's isotropic baseline: λ/2 Σ_k ‖θ − θ*_k‖²."""
+
+    name = "l2"
+
+    def __init__(self, lam: float, mode: str = "separate"):
+        self.lam, self.mode = lam, mode
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        self.reg = L2(model, lam=self.lam, mode=self.mode)
+
+    def loss(self, task_loss: Tensor) -> Tensor:
+        return task_loss + self.reg.penalty()
+
+    def after_task(self, index: int, task: Task) -> None:
+        self.reg.consolidate()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.reg.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reg.load_state_dict(state)
+
+
+class EWCMethod(L2Method):
+    """Elastic Weight Consolidation: λ/2 Σ_k Σ_i F_k,i (θ_i − θ*_k,i)², Fisher on the task's data."""
+
+    name = "ewc"
+
+    def __init__(
+        self,
+        lam: float,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        fisher: str = "exact",
+        fisher_samples: int | None = None,
+        batch_size: int = 256,
+    ):
+        super().__init__(lam, mode)
+        self.gamma, self.fisher, self.fisher_samples, self.batch_size = (
+            gamma,
+            fisher,
+            fisher_samples,
+            batch_size,
+        )
+        if mode == "online":
+            self.name = "online-ewc"
+
+    def setup(self, model: nn.Module) -> None:
+        Method.setup(self, model)
+        self.reg = EWC(
+            model,
+            lam=self.lam,
+            mode=self.mode,
+            gamma=self.gamma,
+            fisher=self.fisher,
+            max_samples=self.fisher_samples,
+            batch_size=self.batch_size,
+        )
+
+    def after_task(self, index: int, task: Task) -> None:
+        self.reg.consolidate((task.x_train, task.y_train))

@@ -1,0 +1,248 @@
+"""The task-sequence loop: train tasks one after another, evaluate every task as we go.
+
+For each method the loop starts from the same initial weights (seeded) and visits the same data
+in the same order, so methods differ only in the method. After each task it measures test
+accuracy on *every* task (a row of the accuracy matrix R[i][j]); during training it measures a
+fixed test subset of every task every ``eval_every`` mini-batches (the curves of the paper's
+Fig. 2A, and the learning-curve area).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ewc.data import Task
+from ewc.methods import Method, make_method
+from ewc.metrics import summarize
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run besides the data and the methods."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    hidden: tuple[int, ...] = (400, 400)
+    dropout: float = 0.0
+    lam: float = 100.0
+    l2_lam: float | None = None
+    gamma: float = 1.0
+    fisher: str = "exact"
+    fisher_samples: int | None = 1000
+    eval_every: int = 50
+    curve_samples: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    progress: bool | None = None  # None: a bar on a terminal, quiet otherwise
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(self.hidden)
+        for name in ("epochs", "batch_size", "eval_every", "curve_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if any(h <= 0 for h in self.hidden):
+            raise ValueError(f"hidden sizes must be positive, got {self.hidden!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+def make_mlp(
+    input_dim: int, hidden: tuple[int, ...], num_classes: int, dropout: float = 0.0
+) -> nn.Sequential:
+    """The paper's fully connected classifier: Flatten, (Linear, ReLU[, Dropout]) × depth, Linear."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = input_dim
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def setup_runtime(config: TrainConfig) -> torch.device:
+    """The one place that decides threads, seeds and device for a run."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    torch.manual_seed(config.seed)
+    return device
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in eval mode (the model's training flag is restored)."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        pred = model(x[i : i + batch_size].to(device)).argmax(-1)
+        correct += int((pred == y[i : i + batch_size].to(device)).sum())
+    model.train(was)
+    return correct / max(1, len(x))
+
+
+class Progress:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None):
+        self.total, self.label, self.n = total, label, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = time.perf_counter()
+
+    def update(self, k: int = 1, info: str = "") -> None:
+        self.n += k
+        if not self.enabled:
+            return
+        frac = self.n / max(1, self.total)
+        bar = "#" * int(30 * frac)
+        rate = self.n / max(1e-9, time.perf_counter() - self.start)
+        sys.stderr.write(f"\r{self.label:<12} [{bar:<30}] {100 * frac:5.1f}% {rate:7.1f} it/s {info}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+@dataclass
+class _Curves:
+    steps: list[int] = field(default_factory=list)
+    accuracy: list[list[float]] = field(default_factory=list)
+    task_starts: list[int] = field(default_factory=list)
+    per_task: list[list[float]] = field(default_factory=list)
+
+
+def run_method(
+    tasks: list[Task], method: str | Method, config: TrainConfig, num_classes: int | None = None
+) -> dict[str, Any]:
+    """Train ``method`` on ``tasks`` in order; return its accuracy matrix, curves and metrics."""
+    if not tasks:
+        raise ValueError("no tasks to train on")
+    device = setup_runtime(config)
+    if isinstance(method, str):
+        method = make_method(
+            method,
+            lam=config.lam,
+            l2_lam=config.l2_lam,
+            gamma=config.gamma,
+            fisher=config.fisher,
+            fisher_samples=config.fisher_samples,
+        )
+    num_classes = num_classes or 1 + max(max(t.classes) for t in tasks)
+    input_dim = math.prod(tasks[0].x_train.shape[1:])
+    torch.manual_seed(config.seed)  # the same initial weights for every method
+    model = make_mlp(input_dim, config.hidden, num_classes, config.dropout).to(device)
+    method.setup(model)
+
+    tests = [(t.x_test.to(device), t.y_test.to(device)) for t in tasks]
+    subsets = [(x[: config.curve_samples], y[: config.curve_samples]) for x, y in tests]
+    baseline = [accuracy(model, x, y) for x, y in tests]
+    curves = _Curves()
+    matrix: list[list[float]] = []
+    step = 0
+    eval_seconds = 0.0
+
+    def evaluate(k: int) -> None:
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
+        accs = [accuracy(model, x, y) for x, y in subsets]
+        curves.steps.append(step)
+        curves.accuracy.append(accs)
+        curves.per_task[k].append(accs[k])
+        eval_seconds += time.perf_counter() - t0
+
+    sizes = [len(method.train_data(i, tasks)[0]) for i in range(len(tasks))]
+    total = sum(config.epochs * math.ceil(n / config.batch_size) for n in sizes)
+    bar = Progress(total, method.name, config.progress)
+    start = time.perf_counter()
+    for i, task in enumerate(tasks):
+        method.before_task(i, task)
+        x, y = method.train_data(i, tasks)
+        opt = _optimizer(config, model)  # fresh optimiser state per task
+        gen = torch.Generator().manual_seed(config.seed * 10_007 + i)  # same order for every method
+        curves.task_starts.append(step)
+        curves.per_task.append([])
+        evaluate(i)
+        model.train()
+        task_step = 0  # evaluation points are spaced from each task's start
+        for _ in range(config.epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for b in range(0, len(x), config.batch_size):
+                idx = order[b : b + config.batch_size]
+                xb, yb = x[idx].to(device), y[idx].to(device)
+                loss = method.loss(F.cross_entropy(model(xb), yb))
+                if not torch.isfinite(loss):
+                    raise ValueError(
+                        f"{method.name}: training diverged on task {i + 1} at step {step} "
+                        f"(loss {loss.item()}); "
+                        f"lower the learning rate (lr={config.lr}) or the penalty strength (lam={config.lam})"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                task_step += 1
+                if task_step % config.eval_every == 0:
+                    evaluate(i)
+                    model.train()
+                bar.update(1, f"task {i + 1}/{len(tasks)} loss {loss.item():.3f}")
+        if curves.steps[-1] != step:
+            evaluate(i)
+        model.eval()
+        method.after_task(i, task)
+        t0 = time.perf_counter()
+        matrix.append([accuracy(model, tx, ty) for tx, ty in tests])
+        eval_seconds += time.perf_counter() - t0
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    out: dict[str, Any] = {"accuracy_matrix": matrix}
+    out.update(summarize(matrix, baseline, curves.per_task))
+    out.update(
+        {
+            "seconds": seconds,
+            "train_seconds": seconds - eval_seconds,
+            "baseline_accuracy": baseline,
+            "curves": asdict(curves),
+        }
+    )
+    out["model"] = model
+    out["method"] = method
+    return out
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    return torch.optim.Adam(params, lr=config.lr)

@@ -1,0 +1,106 @@
+"""The command line: a tiny end-to-end run, help texts, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ewc.cli import build_parser, main
+
+TINY = [
+    "--tasks",
+    "2",
+    "--max-train-per-task",
+    "200",
+    "--hidden",
+    "16",
+    "--batch-size",
+    "50",
+    "--eval-every",
+    "2",
+    "--curve-samples",
+    "50",
+    "--fisher-samples",
+    "100",
+    "--threads",
+    "1",
+    "--quiet",
+]
+
+
+def test_run_writes_results_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "permuted", "--methods", "sgd,ewc,joint", "--out", str(out), *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"sgd", "ewc", "joint"}
+    for r in results["methods"].values():
+        for key in (
+            "accuracy_matrix",
+            "average_accuracy",
+            "bwt",
+            "fwt",
+            "forgetting",
+            "lca",
+            "seconds",
+            "curves",
+        ):
+            assert key in r
+        assert len(r["accuracy_matrix"]) == 2
+    assert results["config"]["tasks"] == 2 and results["config"]["hidden"] == [16]
+    for name in ("metrics.csv", "curves.png", "matrix.png", "summary.png", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert "report.md" in capsys.readouterr().out
+    # redraw from the saved JSON alone
+    (out / "curves.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "curves.png").exists()
+
+
+def test_select_lam_on_validation(tmp_path: Path) -> None:
+    out = tmp_path / "sel"
+    assert (
+        main(["run", "permuted", "--methods", "ewc", "--select-lam", "1,10", "--out", str(out), *TINY]) == 0
+    )
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    sel = cfg["lam_selection"]["ewc"]
+    assert sel["grid"] == [1.0, 10.0] and sel["chosen"] in (1.0, 10.0) and len(sel["validation_acc"]) == 2
+
+
+def test_help_is_complete(capsys: pytest.CaptureFixture) -> None:
+    for argv in (["--help"], ["run", "--help"], ["report", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(argv)
+        assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--optimizer",
+        "--hidden",
+        "--lam",
+        "--gamma",
+        "--fisher",
+        "--seed",
+        "--device",
+        "--select-lam",
+        "--methods",
+        "--data",
+    ):
+        assert flag in text
+
+
+def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert main(["run", "permuted", "--methods", "sgd", "--out", str(a_file), *TINY]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["run", "permuted", "--methods", "sgd,magic", "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["run", "permuted", "--data", "cifar", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "results.json" in capsys.readouterr().err

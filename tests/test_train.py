@@ -1,0 +1,89 @@
+"""The task-sequence loop: same start for every method, a complete accuracy matrix, curves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ewc.data import load_dataset, make_sequence
+from ewc.train import TrainConfig, run_method
+
+
+@pytest.fixture(scope="module")
+def tasks() -> list:
+    torch.set_num_threads(1)
+    return make_sequence(load_dataset("mnist-10k"), "permuted", 3, seed=1, max_train_per_task=300)
+
+
+def config(**kw: object) -> TrainConfig:
+    base = dict(
+        hidden=(32,),
+        batch_size=50,
+        lr=0.05,
+        eval_every=2,
+        curve_samples=100,
+        fisher_samples=200,
+        progress=False,
+        threads=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_matrix_curves_and_metrics(tasks: list) -> None:
+    res = run_method(tasks, "ewc", config(lam=10.0))
+    R = res["accuracy_matrix"]
+    assert len(R) == 3 and all(len(row) == 3 for row in R)
+    assert all(0.0 <= a <= 1.0 for row in R for a in row)
+    assert res["average_accuracy"] == pytest.approx(sum(R[-1]) / 3)
+    curves = res["curves"]
+    steps_per_task = 300 // 50  # 6 mini-batches, evaluated at 0, 2, 4, 6
+    assert curves["task_starts"] == [0, steps_per_task, 2 * steps_per_task]
+    assert [len(c) for c in curves["per_task"]] == [4, 4, 4]
+    assert len(curves["steps"]) == len(curves["accuracy"]) == 12
+    assert all(len(a) == 3 for a in curves["accuracy"])
+    assert res["train_seconds"] <= res["seconds"]
+    assert len(res["baseline_accuracy"]) == 3 and res["fwt"] is not None and res["lca"] is not None
+
+
+def test_methods_start_identically(tasks: list) -> None:
+    """Same initial weights and data order: before any penalty acts, all methods agree exactly."""
+    rows = {
+        m: run_method(tasks, m, config(lam=10.0))["accuracy_matrix"][0] for m in ("sgd", "ewc", "l2", "joint")
+    }
+    assert rows["sgd"] == rows["ewc"] == rows["l2"] == rows["joint"]
+    later = {m: run_method(tasks, m, config(lam=10.0))["accuracy_matrix"][1] for m in ("sgd", "ewc")}
+    assert later["sgd"] != later["ewc"]  # from task 2 on the penalty acts
+
+
+def test_ewc_forgets_less_than_sgd() -> None:
+    tasks = make_sequence(load_dataset("mnist-10k"), "permuted", 3, seed=1, max_train_per_task=500)
+    cfg = config(hidden=(64,), lr=3e-3, optimizer="adam", epochs=5, lam=100.0)
+    sgd, ewc = run_method(tasks, "sgd", cfg), run_method(tasks, "ewc", cfg)
+    assert sgd["forgetting"] > 0.02
+    assert ewc["forgetting"] < 0.5 * sgd["forgetting"]
+
+
+def test_divergence_is_a_clear_error(tasks: list) -> None:
+    with pytest.raises(ValueError, match="diverged"):
+        run_method(tasks, "ewc", config(lr=5.0, lam=1e6, epochs=2))
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"hidden": (0,)}, "hidden"),
+    ],
+)
+def test_bad_config(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        config(**kw)
+
+
+def test_unknown_method(tasks: list) -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        run_method(tasks, "magic", config())
