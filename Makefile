@@ -20,7 +20,7 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 demo: install
-	$(BIN)/ewc demo --out runs/demo
+	$(BIN)/ewc run permuted --data mnist-10k --tasks 10 --methods sgd,l2,ewc,online-ewc,joint --lam 100 --l2-lam 1 --jobs 2 --out runs/demo
 
 bench: install
 	$(BIN)/python benchmarks/fisher_speed.py

@@ -185,6 +185,19 @@ def check_agreement(model: nn.Module, data: list, use_backpack: bool) -> dict[st
     return out
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: reset by exec, unlike ru_maxrss,
+    which a child inherits from its parent's peak on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _memory_worker(args: tuple) -> int:
     """Bytes of peak resident memory a method adds above the floor's peak (fresh process)."""
     name, model_name, samples, bs, threads, loop_samples, use_backpack = args
@@ -193,9 +206,9 @@ def _memory_worker(args: tuple) -> int:
     data = batches(*make_data(samples), bs)
     table = methods(model, data, loop_samples, use_backpack)
     table["floor (fwd+bwd)"]()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_rss()
     table[name]()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB → bytes (Linux)
+    return max(0, _peak_rss() - base)
 
 
 def peak_extra_memory(

@@ -31,9 +31,7 @@ from ewc import EWC
 
 
 def make_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10)
-    )
+    return nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10))
 
 
 def filled_ewc(model: nn.Module, mode: str, tasks: int, gen: torch.Generator) -> EWC:
@@ -44,16 +42,16 @@ def filled_ewc(model: nn.Module, mode: str, tasks: int, gen: torch.Generator) ->
         for _ in range(tasks):
             for n, p in model.named_parameters():
                 p.copy_(start[n] + 0.01 * torch.randn(p.shape, generator=gen))
-            fisher = {n: torch.rand(p.shape, generator=gen) + 1e-3
-                      for n, p in model.named_parameters()}
+            fisher = {n: torch.rand(p.shape, generator=gen) + 1e-3 for n, p in model.named_parameters()}
             reg.consolidate(fisher_diag=fisher)
         for n, p in model.named_parameters():
             p.copy_(start[n])
     return reg
 
 
-def make_step(model: nn.Module, reg: EWC | None, x: torch.Tensor, y: torch.Tensor,
-              lr: float) -> Callable[[], None]:
+def make_step(
+    model: nn.Module, reg: EWC | None, x: torch.Tensor, y: torch.Tensor, lr: float
+) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -92,8 +90,7 @@ def main() -> None:
     for mode in ("online", "separate"):
         for t in task_counts:
             model = copy.deepcopy(base)
-            variants[(f"EWC {mode}", t)] = make_step(model, filled_ewc(model, mode, t, gen), x, y,
-                                                     lr=1e-3)
+            variants[(f"EWC {mode}", t)] = make_step(model, filled_ewc(model, mode, t, gen), x, y, lr=1e-3)
 
     order = list(variants)
     times: dict[tuple[str, int], list[float]] = {k: [] for k in order}
@@ -108,15 +105,16 @@ def main() -> None:
                 times[key].append(dt)
 
     plain = statistics.median(times[("plain SGD", 0)])
-    print(f"torch {torch.__version__}, {platform.machine()}, threads={args.threads}, "
-          f"batch={args.batch_size}, {args.rounds} timed rounds after {args.warmup} warm-up")
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, threads={args.threads}, "
+        f"batch={args.batch_size}, {args.rounds} timed rounds after {args.warmup} warm-up"
+    )
     print()
     print("| variant | tasks | ms/step (median) | overhead ms | ratio to plain |")
     print("|---|---:|---:|---:|---:|")
     for key in variants:
         med = statistics.median(times[key])
-        print(f"| {key[0]} | {key[1]} | {med * 1e3:.3f} | {(med - plain) * 1e3:+.3f} "
-              f"| {med / plain:.3f} |")
+        print(f"| {key[0]} | {key[1]} | {med * 1e3:.3f} | {(med - plain) * 1e3:+.3f} | {med / plain:.3f} |")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,19 @@ def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def init_gloo(rank: int, init_file: str, world_size: int = 2, timeout_s: float = 60.0) -> None:
+    """Join a CPU (gloo) process group through a shared file: the DDP set-up of our tests."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )

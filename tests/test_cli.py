@@ -104,3 +104,18 @@ def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "results.json" in capsys.readouterr().err
+
+
+def test_parallel_jobs_give_the_same_results(tmp_path: Path) -> None:
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        assert (
+            main(["run", "permuted", "--methods", "sgd,ewc", "--out", str(out), "--jobs", str(jobs), *TINY])
+            == 0
+        )
+        saved = json.loads((out / "results.json").read_text())
+        assert saved["config"]["jobs"] == jobs
+        runs[jobs] = saved["methods"]
+    for m in ("sgd", "ewc"):
+        assert runs[1][m]["accuracy_matrix"] == runs[2][m]["accuracy_matrix"]

@@ -214,9 +214,10 @@ def test_search_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     put(env / "fashion-mnist", published)
     assert found() == env / "fashion-mnist"
     put(root, published)
-    assert sources.find_files("fashion-mnist", root=root, download=False)[
-        "t10k-labels-idx1-ubyte.gz"
-    ].parent == root
+    assert (
+        sources.find_files("fashion-mnist", root=root, download=False)["t10k-labels-idx1-ubyte.gz"].parent
+        == root
+    )
     # A directory with only 3 of the 4 files is skipped as a whole.
     (env / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
     assert found() == env

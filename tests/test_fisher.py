@@ -41,9 +41,7 @@ def gen(seed: int = 7) -> torch.Generator:
 
 
 def mlp(d_in: int = 5, d_out: int = 3) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(d_in, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, d_out)
-    )
+    return nn.Sequential(nn.Linear(d_in, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, d_out))
 
 
 class EmbedLN(nn.Module):
@@ -573,9 +571,7 @@ def test_max_samples_first_k(mode: str, k: int) -> None:
 def test_max_samples_sample_mode_batch_boundary() -> None:
     model, x, y = b_mlp()
     ref = reference_fisher(model, split_batches(x[:10], y[:10], BS), "sample", generator=gen(9))
-    got = diagonal_fisher(
-        model, split_batches(x, y, BS), "sample", max_samples=10, generator=gen(9)
-    )
+    got = diagonal_fisher(model, split_batches(x, y, BS), "sample", max_samples=10, generator=gen(9))
     assert_fisher_close(got, ref, model)
 
 
@@ -786,9 +782,9 @@ def test_error_max_samples_not_positive(k: int) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_error_batchnorm_without_running_stats(mode: str) -> None:
     torch.manual_seed(42)
-    model = nn.Sequential(
-        nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)
-    ).to(DT)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)).to(
+        DT
+    )
     _, x, y = _small()
     with pytest.raises(ValueError, match=r"(?i)batch.?norm|running"):
         diagonal_fisher(model, (x, y), mode, generator=gen())

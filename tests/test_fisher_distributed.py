@@ -7,7 +7,6 @@ the whole data set, equal to the single-process Fisher and to the per-sample ref
 
 from __future__ import annotations
 
-import datetime
 import os
 import tempfile
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_fisher_close, reference_fisher, rel_err, split_batches
+from conftest import assert_fisher_close, init_gloo, reference_fisher, rel_err, split_batches
 from torch import nn
 
 from ewc.fisher import diagonal_fisher
@@ -52,14 +51,7 @@ SPLITS = {"halves": [(0, 12), (12, 24)], "unequal": [(0, 16), (16, 24)]}
 
 
 def _worker(rank: int, init_file: str, expected_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, init_file, WORLD, 60)
     try:
         model, x, y, y_gauss = _problem()
         expected = torch.load(expected_file)
@@ -93,9 +85,7 @@ def _worker(rank: int, init_file: str, expected_file: str) -> None:
         # Gaussian likelihood too (exact only needs x; empirical uses the targets).
         lo, hi = SPLITS["unequal"][rank]
         for mode in ("exact", "empirical"):
-            got = diagonal_fisher(
-                model, (x[lo:hi], y_gauss[lo:hi]), mode, likelihood="gaussian", sigma=0.8
-            )
+            got = diagonal_fisher(model, (x[lo:hi], y_gauss[lo:hi]), mode, likelihood="gaussian", sigma=0.8)
             ref = reference_fisher(
                 model, split_batches(x, y_gauss, BS), mode, likelihood="gaussian", sigma=0.8
             )
@@ -112,8 +102,7 @@ def test_distributed_matches_single_process() -> None:
     model, x, y, _ = _problem()
     assert not dist.is_initialized()
     expected = {
-        mode: diagonal_fisher(model, split_batches(x, y, BS), mode, distributed=False)
-        for mode in MODES
+        mode: diagonal_fisher(model, split_batches(x, y, BS), mode, distributed=False) for mode in MODES
     }
     # Without a process group, distributed=None is the plain single-process Fisher.
     for mode in MODES:

@@ -8,7 +8,6 @@ forgetting at 0, pooling curve points of unequal length) give a different number
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import init_gloo
 
 from ewc.metrics import (
     accuracy_from_counts,
@@ -368,14 +368,7 @@ LOCAL = {0: (3, 10), 1: (45, 50)}  # per-rank (correct, total); ranks hold diffe
 
 
 def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=30),
-    )
+    init_gloo(rank, init_file, WORLD, 30)
     try:
         c, n = LOCAL[rank]
         result = {

@@ -83,8 +83,10 @@ def value_and_grad(reg: EWC | L2) -> tuple[Tensor, Params]:
     model.zero_grad(set_to_none=True)
     value = reg.penalty()
     value.backward()
-    grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
-             for n, p in model.named_parameters()}
+    grads = {
+        n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+        for n, p in model.named_parameters()
+    }
     model.zero_grad(set_to_none=True)
     return value.detach(), grads
 
@@ -157,8 +159,7 @@ def test_separate_merge_error_is_below_half_an_ulp_of_the_anchor() -> None:
     base = {n: 100.0 + torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
     tasks = []
     for _ in range(3):
-        set_params(model, {n: b + 1e-3 * torch.randn(b.shape, generator=gen)
-                           for n, b in base.items()})
+        set_params(model, {n: b + 1e-3 * torch.randn(b.shape, generator=gen) for n, b in base.items()})
         fisher = random_fisher(model, gen)
         reg.consolidate(fisher_diag=fisher)
         tasks.append((snapshot(model), fisher))
@@ -214,12 +215,20 @@ def test_online_with_gamma_one_has_separate_curvature() -> None:
         move(model, gen)
         v_on, g_on = value_and_grad(online)
         v_sep, g_sep = value_and_grad(separate)
-        assert_grads_close({n: g_on[n].double() - g_sep[n].double() for n in g_on}, offset,
-                           atol=1e-5)
+        assert_grads_close({n: g_on[n].double() - g_sep[n].double() for n in g_on}, offset, atol=1e-5)
         theta = snapshot(model)
-        want = sum(float((lam / 2 * f_A[n].double() * (a_A[n].double() - a_B[n].double())
-                          * (2 * theta[n].double() - a_A[n].double() - a_B[n].double())).sum())
-                   for n in theta)
+        want = sum(
+            float(
+                (
+                    lam
+                    / 2
+                    * f_A[n].double()
+                    * (a_A[n].double() - a_B[n].double())
+                    * (2 * theta[n].double() - a_A[n].double() - a_B[n].double())
+                ).sum()
+            )
+            for n in theta
+        )
         assert v_on.item() - v_sep.item() == pytest.approx(want, rel=1e-4, abs=1e-4)
         assert offset["0.weight"].abs().max() > 0.01  # the offset is really there
 
@@ -267,8 +276,7 @@ def test_l2_equals_ewc_with_unit_fisher() -> None:
             move(model, gen)
             ones = l2.consolidate()
             assert all(torch.equal(f, torch.ones_like(f)) for f in ones.values())
-            ewc_ones.consolidate(fisher_diag={n: torch.ones_like(p)
-                                              for n, p in model.named_parameters()})
+            ewc_ones.consolidate(fisher_diag={n: torch.ones_like(p) for n, p in model.named_parameters()})
             tasks.append((snapshot(model), ones))
         move(model, gen)
         v_l2, g_l2 = value_and_grad(l2)
@@ -311,8 +319,7 @@ def test_two_penalties_before_one_backward_keep_their_own_graphs() -> None:
     second = reg.penalty()
     (first + second).backward()
     want = hand_grad(model, 1.5, tasks)
-    assert_grads_close({n: p.grad for n, p in model.named_parameters()},
-                       {n: 2 * g for n, g in want.items()})
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, {n: 2 * g for n, g in want.items()})
 
 
 def test_scaled_and_repeated_backward_give_the_right_gradients() -> None:
@@ -323,11 +330,13 @@ def test_scaled_and_repeated_backward_give_the_right_gradients() -> None:
     want = hand_grad(model, 0.5, tasks)
     value = reg.penalty()
     (-3.0 * value).backward(retain_graph=True)
-    assert_grads_close({n: p.grad for n, p in model.named_parameters()},
-                       {n: -3.0 * g for n, g in want.items()})
+    assert_grads_close(
+        {n: p.grad for n, p in model.named_parameters()}, {n: -3.0 * g for n, g in want.items()}
+    )
     value.backward()
-    assert_grads_close({n: p.grad for n, p in model.named_parameters()},
-                       {n: -2.0 * g for n, g in want.items()})
+    assert_grads_close(
+        {n: p.grad for n, p in model.named_parameters()}, {n: -2.0 * g for n, g in want.items()}
+    )
 
 
 def test_penalty_without_grad_mode_and_with_autograd_grad() -> None:
@@ -341,8 +350,9 @@ def test_penalty_without_grad_mode_and_with_autograd_grad() -> None:
     with torch.inference_mode():
         assert reg.penalty().item() == pytest.approx(want, rel=1e-6)
     grads = torch.autograd.grad(reg.penalty(), list(model.parameters()))
-    assert_grads_close(dict(zip([n for n, _ in model.named_parameters()], grads, strict=True)),
-                       hand_grad(model, 1.0, tasks))
+    assert_grads_close(
+        dict(zip([n for n, _ in model.named_parameters()], grads, strict=True)), hand_grad(model, 1.0, tasks)
+    )
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -402,9 +412,9 @@ def test_invalid_configuration_is_rejected(kwargs: dict, match: str) -> None:
         EWC(tiny_model(), **kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "match"),
-                         [({"lam": -1.0}, "lam"), ({"gamma": 0.0}, "gamma"),
-                          ({"mode": "x"}, "mode")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"lam": -1.0}, "lam"), ({"gamma": 0.0}, "gamma"), ({"mode": "x"}, "mode")]
+)
 def test_invalid_l2_configuration_is_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         L2(tiny_model(), **kwargs)
@@ -547,10 +557,16 @@ def test_consolidate_computes_the_fisher_with_the_configured_settings(monkeypatc
     gen = torch.Generator().manual_seed(0)
     before = snapshot(model)
     fisher = reg.consolidate((x, y), generator=gen)
-    (args, kwargs), = calls
+    ((args, kwargs),) = calls
     assert args[0] is model and args[1][0] is x
-    assert kwargs == {"mode": "empirical", "max_samples": 10, "likelihood": "categorical",
-                      "sigma": 1.0, "batch_size": 4, "generator": gen}
+    assert kwargs == {
+        "mode": "empirical",
+        "max_samples": 10,
+        "likelihood": "categorical",
+        "sigma": 1.0,
+        "batch_size": 4,
+        "generator": gen,
+    }
     direct = diagonal_fisher(model, (x[:10], y[:10]), mode="empirical")
     state = reg.state_dict()["tasks"][0]
     for n, p in model.named_parameters():

@@ -181,8 +181,9 @@ def consolidated(cls: type, mode: str, seed: int = 0, tasks: int = 3) -> EWC | L
             for p in model.parameters():
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
         if cls is EWC:
-            reg.consolidate(fisher_diag={n: torch.rand(p.shape, generator=gen)
-                                         for n, p in model.named_parameters()})
+            reg.consolidate(
+                fisher_diag={n: torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
+            )
         else:
             reg.consolidate()
     with torch.no_grad():
@@ -210,7 +211,11 @@ def assert_plain(obj: object) -> None:
 def assert_states_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     assert (a["format"], a["class"], a["config"], a["num_tasks"]) == (
-        b["format"], b["class"], b["config"], b["num_tasks"])
+        b["format"],
+        b["class"],
+        b["config"],
+        b["num_tasks"],
+    )
     assert len(a["tasks"]) == len(b["tasks"])
     for ta, tb in zip(a["tasks"], b["tasks"], strict=True):
         for part in ("anchor", "fisher"):
@@ -240,8 +245,10 @@ def test_save_load_round_trip(tmp_path: Path, cls: type, mode: str) -> None:
 
 def test_load_state_dict_restores_config_and_copies_tensors() -> None:
     reg = consolidated(EWC, "online")
-    state = {**reg.state_dict(), "tasks": [{k: {n: t.clone() for n, t in d.items()}
-                                            for k, d in reg.state_dict()["tasks"][0].items()}]}
+    state = {
+        **reg.state_dict(),
+        "tasks": [{k: {n: t.clone() for n, t in d.items()} for k, d in reg.state_dict()["tasks"][0].items()}],
+    }
     other = EWC(reg.model, lam=1.0, gamma=0.5, mode="online", fisher="sample", max_samples=7)
     other.load_state_dict(state)
     assert other.state_dict()["config"] == state["config"]
@@ -259,8 +266,7 @@ def test_load_state_dict_moves_tensors_to_the_parameters_dtype() -> None:
     model64.load_state_dict(reg.model.state_dict())
     other = EWC(model64, mode="online")
     other.load_state_dict(reg.state_dict())
-    assert all(t.dtype == torch.float64
-               for t in other.state_dict()["tasks"][0]["fisher"].values())
+    assert all(t.dtype == torch.float64 for t in other.state_dict()["tasks"][0]["fisher"].values())
     assert other.penalty().item() == pytest.approx(reg.penalty().item(), rel=1e-6)
 
 
@@ -282,6 +288,7 @@ def _set(key: str, value: object):
     def edit(state: dict) -> dict:
         state[key] = value
         return state
+
     return edit
 
 
@@ -289,6 +296,7 @@ def _edit_config(**changes: object):
     def edit(state: dict) -> dict:
         state["config"] = {**state["config"], **changes}
         return state
+
     return edit
 
 
@@ -296,6 +304,7 @@ def _drop_config(key: str):
     def edit(state: dict) -> dict:
         state["config"] = {k: v for k, v in state["config"].items() if k != key}
         return state
+
     return edit
 
 

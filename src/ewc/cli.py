@@ -65,10 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from: {', '.join(METHODS)} (default: all)",
     )
     run.add_argument("--out", required=True, help="output directory (created; must not be a file)")
-    run.add_argument("--epochs", type=int, default=1, help="epochs per task (default: 1)")
-    run.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: 32)")
-    run.add_argument("--lr", type=float, default=0.1, help="learning rate (default: 0.1)")
-    run.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimiser (default: sgd)")
+    run.add_argument("--epochs", type=int, default=5, help="epochs per task (default: 5)")
+    run.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default: 64)")
+    run.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 0.001)")
+    run.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="adam",
+        help="optimiser, fresh state per task (default: adam)",
+    )
     run.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
     run.add_argument("--hidden", type=_ints, default=(400, 400), help="hidden sizes, e.g. 400,400 (default)")
     run.add_argument(
@@ -83,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GRID",
         help="choose λ of ewc/online-ewc/l2 from this comma-separated grid on the validation "
         "parts before the test run (e.g. 1,10,100,1000)",
+    )
+    run.add_argument(
+        "--select-l2-lam",
+        type=_floats,
+        default=None,
+        metavar="GRID",
+        help="grid for l2's λ (default: the --select-lam grid)",
     )
     run.add_argument("--gamma", type=float, default=1.0, help="online EWC decay γ in (0, 1] (default: 1)")
     run.add_argument("--fisher", choices=FISHER_MODES, default="exact", help="Fisher mode (default: exact)")
@@ -107,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed for data, permutations and initial weights")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="methods trained in parallel worker processes, one torch thread each (default: 1)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
 
@@ -155,8 +173,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config,
         args.out,
         lam_grid=args.select_lam,
+        l2_lam_grid=args.select_l2_lam,
         max_train_per_task=args.max_train_per_task,
         data_root=args.data_root,
+        jobs=args.jobs,
     )
     print(f"{'method':<12} {'ACC':>6} {'BWT':>7} {'forget':>7} {'seconds':>8}")
     for name, r in results["methods"].items():

@@ -253,13 +253,16 @@ class _AnchoredPenalty:
         if keys != set(cls._CONFIG_KEYS):
             missing = sorted(set(cls._CONFIG_KEYS) - keys)
             extra = sorted(keys - set(cls._CONFIG_KEYS), key=str)
-            raise ValueError(f"state 'config' of {cls._KIND} has missing keys {missing} "
-                             f"and unexpected keys {extra}")
+            raise ValueError(
+                f"state 'config' of {cls._KIND} has missing keys {missing} and unexpected keys {extra}"
+            )
         return dict(config)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(lam={self._lam}, mode={self._mode!r}, "
-                f"gamma={self._gamma}, num_tasks={self._num_tasks})")
+        return (
+            f"{type(self).__name__}(lam={self._lam}, mode={self._mode!r}, "
+            f"gamma={self._gamma}, num_tasks={self._num_tasks})"
+        )
 
     # -- consolidation ---------------------------------------------------------------------
 
@@ -281,8 +284,9 @@ class _AnchoredPenalty:
                 raise ValueError(f"the Fisher names {name!r}, not a parameter of the model")
             if not isinstance(f, Tensor) or f.shape != p.shape:
                 shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-                raise ValueError(f"Fisher of parameter {name!r} has shape {shape}, "
-                                 f"the parameter has {tuple(p.shape)}")
+                raise ValueError(
+                    f"Fisher of parameter {name!r} has shape {shape}, the parameter has {tuple(p.shape)}"
+                )
             f = f.detach().to(device=p.device, dtype=p.dtype, copy=True)
             _check_precision(f, name)
             precision[name] = f
@@ -309,21 +313,20 @@ class _AnchoredPenalty:
             if p is None:
                 raise ValueError(f"consolidated parameter {name!r} is missing from the model")
             if p.shape != f_old.shape:
-                raise ValueError(f"parameter {name!r} changed shape since consolidation: "
-                                 f"{tuple(f_old.shape)} then, {tuple(p.shape)} now")
+                raise ValueError(
+                    f"parameter {name!r} changed shape since consolidation: "
+                    f"{tuple(f_old.shape)} then, {tuple(p.shape)} now"
+                )
             f_old = f_old.to(device=p.device, dtype=p.dtype)
             new = fisher.get(name)
-            merged_f[name] = f_old * self._gamma if new is None else torch.add(new, f_old,
-                                                                               alpha=self._gamma)
+            merged_f[name] = f_old * self._gamma if new is None else torch.add(new, f_old, alpha=self._gamma)
             merged_a[name] = anchor[name] if name in anchor else p.detach().clone()
         for name, f_new in fisher.items():
             if name not in merged_f:
                 merged_f[name], merged_a[name] = f_new, anchor[name]
         return {"anchor": merged_a, "fisher": merged_f}
 
-    def _build(
-        self, tasks: list[Task], *, copy: bool = False
-    ) -> tuple[list[_Term], float, list[Task]]:
+    def _build(self, tasks: list[Task], *, copy: bool = False) -> tuple[list[_Term], float, list[Task]]:
         """Resolve every stored name in the model and merge the tasks into one quadratic.
 
         Returns the terms, the constant C (``separate``) and the tasks with their tensors moved
@@ -340,8 +343,10 @@ class _AnchoredPenalty:
                 if p is None:
                     raise ValueError(f"consolidated parameter {name!r} is missing from the model")
                 if a.shape != p.shape or f.shape != p.shape:
-                    raise ValueError(f"parameter {name!r} changed shape since consolidation: "
-                                     f"{tuple(a.shape)} in task {k}, {tuple(p.shape)} now")
+                    raise ValueError(
+                        f"parameter {name!r} changed shape since consolidation: "
+                        f"{tuple(a.shape)} in task {k}, {tuple(p.shape)} now"
+                    )
                 a = a.detach().to(device=p.device, dtype=p.dtype, copy=copy)
                 f = f.detach().to(device=p.device, dtype=p.dtype, copy=copy)
                 moved[k]["anchor"][name], moved[k]["fisher"][name] = a, f
@@ -373,8 +378,12 @@ class _AnchoredPenalty:
                 if named is None:
                     named = dict(self._model.named_parameters(remove_duplicate=False))
                 p = named.get(t.name)
-            if (p is not t.param or p.shape != t.anchor.shape or p.device != t.anchor.device
-                    or p.dtype != t.anchor.dtype):
+            if (
+                p is not t.param
+                or p.shape != t.anchor.shape
+                or p.device != t.anchor.device
+                or p.dtype != t.anchor.dtype
+            ):
                 self._terms, self._const, self._tasks = self._build(self._tasks)
                 break
         return self._terms
@@ -402,8 +411,7 @@ class _AnchoredPenalty:
         diffs: list[Tensor] = [t.diff for t in terms]  # type: ignore[misc]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             zeros: list[Tensor] = [t.zero for t in terms]  # type: ignore[misc]
-            return _QuadraticPenalty.apply(self._lam, self._const, anchors, fishers, diffs, zeros,
-                                           *params)
+            return _QuadraticPenalty.apply(self._lam, self._const, anchors, fishers, diffs, zeros, *params)
         with torch.no_grad():
             parts = []
             for p, a, f, d in zip(params, anchors, fishers, diffs, strict=True):
@@ -425,8 +433,7 @@ class _AnchoredPenalty:
             "class": self._KIND,
             "config": self._config(),
             "num_tasks": self._num_tasks,
-            "tasks": [{"anchor": dict(t["anchor"]), "fisher": dict(t["fisher"])}
-                      for t in self._tasks],
+            "tasks": [{"anchor": dict(t["anchor"]), "fisher": dict(t["fisher"])} for t in self._tasks],
         }
 
     @classmethod
@@ -440,8 +447,7 @@ class _AnchoredPenalty:
         if state["format"] != FORMAT:
             raise ValueError(f"unsupported state format {state['format']!r}; expected {FORMAT!r}")
         if state["class"] != cls._KIND:
-            raise ValueError(f"state was saved by {state['class']!r}, cannot load it into "
-                             f"{cls._KIND!r}")
+            raise ValueError(f"state was saved by {state['class']!r}, cannot load it into {cls._KIND!r}")
         return cls._validated_config(state["config"])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -453,8 +459,7 @@ class _AnchoredPenalty:
         """
         config = self._check_header(state)
         if config["mode"] != self._mode:
-            raise ValueError(f"state is for mode {config['mode']!r}, this {self._KIND} uses "
-                             f"{self._mode!r}")
+            raise ValueError(f"state is for mode {config['mode']!r}, this {self._KIND} uses {self._mode!r}")
         probe = type(self)(self._model, **config)  # validates every config value
         num_tasks, tasks = state["num_tasks"], state["tasks"]
         if not isinstance(tasks, list) or any(not isinstance(t, Mapping) for t in tasks):
@@ -464,8 +469,10 @@ class _AnchoredPenalty:
         if self._mode == "separate" and num_tasks != len(tasks):
             raise ValueError(f"state has {len(tasks)} tasks but num_tasks={num_tasks}")
         if self._mode == "online" and (len(tasks) > 1 or (num_tasks > 0) != (len(tasks) == 1)):
-            raise ValueError(f"online state must hold one merged task when num_tasks > 0 and none "
-                             f"otherwise; got {len(tasks)} entries for num_tasks={num_tasks}")
+            raise ValueError(
+                f"online state must hold one merged task when num_tasks > 0 and none "
+                f"otherwise; got {len(tasks)} entries for num_tasks={num_tasks}"
+            )
         checked = [_check_task(t, k) for k, t in enumerate(tasks)]
         terms, const, moved = self._build(checked, copy=True)
         self._config_from(probe)
@@ -507,8 +514,10 @@ def _check_task(task: Mapping[str, Any], k: int) -> Task:
     if not isinstance(anchor, Mapping) or not isinstance(fisher, Mapping):
         raise ValueError(f"task {k}: 'anchor' and 'fisher' must be dicts of tensors")
     if set(anchor) != set(fisher):
-        raise ValueError(f"task {k}: anchor and fisher name different parameters: "
-                         f"{sorted(set(anchor) ^ set(fisher), key=str)}")
+        raise ValueError(
+            f"task {k}: anchor and fisher name different parameters: "
+            f"{sorted(set(anchor) ^ set(fisher), key=str)}"
+        )
     if not anchor:
         raise ValueError(f"task {k} is empty")
     for name in anchor:
@@ -516,8 +525,10 @@ def _check_task(task: Mapping[str, Any], k: int) -> Task:
         if not isinstance(a, Tensor) or not isinstance(f, Tensor):
             raise ValueError(f"task {k}: anchor and fisher of {name!r} must be tensors")
         if a.shape != f.shape:
-            raise ValueError(f"task {k}: anchor and fisher of {name!r} have different shapes "
-                             f"{tuple(a.shape)} and {tuple(f.shape)}")
+            raise ValueError(
+                f"task {k}: anchor and fisher of {name!r} have different shapes "
+                f"{tuple(a.shape)} and {tuple(f.shape)}"
+            )
         if not a.is_floating_point() or not bool(torch.isfinite(a).all()):
             raise ValueError(f"task {k}: anchor of {name!r} must be finite floating-point")
         _check_precision(f, name)
@@ -558,8 +569,7 @@ class EWC(_AnchoredPenalty):
     """
 
     _KIND = "EWC"
-    _CONFIG_KEYS = ("lam", "mode", "gamma", "fisher", "max_samples", "batch_size", "likelihood",
-                    "sigma")
+    _CONFIG_KEYS = ("lam", "mode", "gamma", "fisher", "max_samples", "batch_size", "likelihood", "sigma")
 
     def __init__(
         self,
@@ -593,15 +603,19 @@ class EWC(_AnchoredPenalty):
         return self._fisher
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "fisher": self._fisher, "max_samples": self._max_samples,
-                "batch_size": self._batch_size, "likelihood": self._likelihood,
-                "sigma": self._sigma}
+        return {
+            **super()._config(),
+            "fisher": self._fisher,
+            "max_samples": self._max_samples,
+            "batch_size": self._batch_size,
+            "likelihood": self._likelihood,
+            "sigma": self._sigma,
+        }
 
     def _config_from(self, other: EWC) -> None:  # type: ignore[override]
         super()._config_from(other)
         self._fisher, self._max_samples = other._fisher, other._max_samples
-        self._batch_size, self._likelihood, self._sigma = (other._batch_size, other._likelihood,
-                                                           other._sigma)
+        self._batch_size, self._likelihood, self._sigma = (other._batch_size, other._likelihood, other._sigma)
 
     def consolidate(
         self,
@@ -619,11 +633,17 @@ class EWC(_AnchoredPenalty):
         """
         if fisher_diag is None:
             if data is None:
-                raise ValueError("EWC.consolidate needs data to compute the Fisher on "
-                                 "(or a precomputed fisher_diag)")
+                raise ValueError(
+                    "EWC.consolidate needs data to compute the Fisher on (or a precomputed fisher_diag)"
+                )
             fisher_diag = diagonal_fisher(
-                self._model, data, mode=self._fisher, max_samples=self._max_samples,
-                likelihood=self._likelihood, sigma=self._sigma, batch_size=self._batch_size,
+                self._model,
+                data,
+                mode=self._fisher,
+                max_samples=self._max_samples,
+                likelihood=self._likelihood,
+                sigma=self._sigma,
+                batch_size=self._batch_size,
                 generator=generator,
             )
         elif data is not None:
@@ -638,14 +658,18 @@ class L2(_AnchoredPenalty):
     _KIND = "L2"
     _CONFIG_KEYS = ("lam", "mode", "gamma")
 
-    def __init__(self, model: nn.Module, lam: float = 100.0, mode: str = "separate",
-                 gamma: float = 1.0) -> None:
+    def __init__(
+        self, model: nn.Module, lam: float = 100.0, mode: str = "separate", gamma: float = 1.0
+    ) -> None:
         super().__init__(model, lam, mode, gamma)
 
     def consolidate(self, data: Any = None) -> dict[str, Tensor]:
         """Anchor every parameter that requires grad at its current value; ``data`` is ignored."""
-        ones = {n: torch.ones_like(p, memory_format=torch.contiguous_format).detach()
-                for n, p in self._model.named_parameters() if p.requires_grad}
+        ones = {
+            n: torch.ones_like(p, memory_format=torch.contiguous_format).detach()
+            for n, p in self._model.named_parameters()
+            if p.requires_grad
+        }
         if not ones:
             raise ValueError("the model has no parameters that require grad")
         self._add_task(ones)

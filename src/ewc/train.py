@@ -30,10 +30,10 @@ OPTIMIZERS = ("sgd", "adam")
 class TrainConfig:
     """Everything that defines a run besides the data and the methods."""
 
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
-    optimizer: str = "sgd"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
     momentum: float = 0.0
     hidden: tuple[int, ...] = (400, 400)
     dropout: float = 0.0
@@ -181,7 +181,7 @@ def run_method(
         curves.per_task[k].append(accs[k])
         eval_seconds += time.perf_counter() - t0
 
-    sizes = [len(method.train_data(i, tasks)[0]) for i in range(len(tasks))]
+    sizes = [method.epoch_size(i, tasks) for i in range(len(tasks))]
     total = sum(config.epochs * math.ceil(n / config.batch_size) for n in sizes)
     bar = Progress(total, method.name, config.progress)
     start = time.perf_counter()
@@ -195,9 +195,10 @@ def run_method(
         evaluate(i)
         model.train()
         task_step = 0  # evaluation points are spaced from each task's start
+        size = min(method.epoch_size(i, tasks), len(x))
         for _ in range(config.epochs):
-            order = torch.randperm(len(x), generator=gen)
-            for b in range(0, len(x), config.batch_size):
+            order = torch.randperm(len(x), generator=gen)[:size]
+            for b in range(0, size, config.batch_size):
                 idx = order[b : b + config.batch_size]
                 xb, yb = x[idx].to(device), y[idx].to(device)
                 loss = method.loss(F.cross_entropy(model(xb), yb))
@@ -215,7 +216,8 @@ def run_method(
                 if task_step % config.eval_every == 0:
                     evaluate(i)
                     model.train()
-                bar.update(1, f"task {i + 1}/{len(tasks)} loss {loss.item():.3f}")
+                if bar.enabled:
+                    bar.update(1, f"task {i + 1}/{len(tasks)} loss {loss.item():.3f}")
         if curves.steps[-1] != step:
             evaluate(i)
         model.eval()

@@ -1,9 +1,9 @@
 """Data layer: IDX files, dataset sources, named datasets and continual-learning task sequences.
 
-    from ewc.data import load_dataset, make_sequence
+from ewc.data import load_dataset, make_sequence
 
-    ds = load_dataset("mnist-10k")            # embedded, no download
-    tasks = make_sequence(ds, "permuted", 5, seed=0)
+ds = load_dataset("mnist-10k")            # embedded, no download
+tasks = make_sequence(ds, "permuted", 5, seed=0)
 """
 
 from ewc.data.datasets import DATASETS, Dataset, load_dataset

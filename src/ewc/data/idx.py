@@ -67,9 +67,7 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     expected = math.prod(dims) * dtype.itemsize  # exact: no int64 overflow on a bad header
     got = len(data) - header
     if got < expected:
-        raise ValueError(
-            f"{name}: truncated IDX file: shape {dims} needs {expected} data bytes, found {got}"
-        )
+        raise ValueError(f"{name}: truncated IDX file: shape {dims} needs {expected} data bytes, found {got}")
     if got > expected:
         raise ValueError(
             f"{name}: {got - expected} trailing bytes after the {expected} data bytes of shape {dims}"
@@ -93,6 +91,4 @@ def check_pair(images: np.ndarray, labels: np.ndarray, name: str = "dataset") ->
     if images.ndim < 2:
         raise ValueError(f"{name}: images must have a leading sample axis, got shape {images.shape}")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{name}: {images.shape[0]} images but {labels.shape[0]} labels (counts must match)"
-        )
+        raise ValueError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels (counts must match)")

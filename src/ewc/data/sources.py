@@ -315,8 +315,7 @@ def find_files(
         else:
             if bad_hash:
                 raise ChecksumError(
-                    f"{pretty}: no mirror served the published {f.name}:\n  "
-                    + "\n  ".join(bad_hash + errors)
+                    f"{pretty}: no mirror served the published {f.name}:\n  " + "\n  ".join(bad_hash + errors)
                 )
             tried = "\n  ".join(errors) if errors else "(no mirror configured)"
             raise DataNotFoundError(

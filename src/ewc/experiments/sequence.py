@@ -40,15 +40,53 @@ def validation_tasks(tasks: list[Task]) -> list[Task]:
     return [dataclasses.replace(t, x_test=t.x_val, y_test=t.y_val) for t in tasks]
 
 
-def select_lam(tasks: list[Task], method: str, grid: list[float], config: TrainConfig) -> dict[str, Any]:
-    """Run ``method`` for each λ in ``grid`` on the validation parts; the best ACC wins."""
-    scores = {}
-    val = validation_tasks(tasks)
-    for lam in grid:
-        cfg = dataclasses.replace(config, lam=lam, l2_lam=lam)
-        scores[lam] = run_method(val, method, cfg)["average_accuracy"]
+def _choose(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
+    """The λ with the best validation ACC (ties: the smaller λ)."""
     best = max(grid, key=lambda lam: (scores[lam], -lam))
     return {"grid": grid, "validation_acc": [scores[lam] for lam in grid], "chosen": best}
+
+
+def _job(spec: tuple) -> dict[str, Any]:
+    """One training run, in this process or a worker: (data key, method, config, on_validation)."""
+    (sequence, data, n_tasks, max_train, data_root), method, config, on_val = spec
+    tasks, classes = _tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
+    res = run_method(validation_tasks(tasks) if on_val else tasks, method, config, num_classes=classes)
+    res.pop("model")
+    res.pop("method")
+    return res
+
+
+_TASK_CACHE: dict[tuple, tuple[list[Task], int]] = {}
+
+
+def _tasks(
+    sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
+) -> tuple[list[Task], int]:
+    """The task sequence and the number of classes (built once per process)."""
+    key = (sequence, data, n_tasks, seed, max_train, data_root)
+    if key not in _TASK_CACHE:
+        _TASK_CACHE.clear()
+        dataset = load_dataset(data, root=data_root)
+        tasks = make_sequence(dataset, sequence, n_tasks, seed=seed, max_train_per_task=max_train)
+        _TASK_CACHE[key] = (tasks, dataset.num_classes)
+    return _TASK_CACHE[key]
+
+
+def _run_all(specs: list[tuple], jobs: int) -> list[dict[str, Any]]:
+    """Run independent training jobs, in parallel worker processes when ``jobs`` > 1.
+
+    On CPU one torch thread per process and one process per core is the fast arrangement for
+    MLP-sized work (shared/README.md). Every run is seeded: with the same thread count (e.g.
+    ``--threads 1``) the results do not depend on ``jobs``.
+    """
+    if jobs <= 1 or len(specs) <= 1:
+        return [_job(s) for s in specs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    specs = [(k, m, dataclasses.replace(c, threads=1, progress=False), v) for k, m, c, v in specs]
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(_job, specs))
 
 
 def run_sequence(
@@ -60,9 +98,11 @@ def run_sequence(
     out: str | os.PathLike | None = None,
     *,
     lam_grid: list[float] | None = None,
+    l2_lam_grid: list[float] | None = None,
     max_train_per_task: int | None = None,
     data_root: str | None = None,
     report: bool = True,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run ``methods`` on an ``n_tasks`` ``sequence`` of ``data``; write results into ``out``."""
     unknown = [m for m in methods if m not in METHODS]
@@ -70,23 +110,37 @@ def run_sequence(
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
     if not methods:
         raise ValueError("no methods given")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     out_dir = check_out_dir(out) if out is not None else None
-    dataset = load_dataset(data, root=data_root)
-    tasks = make_sequence(dataset, sequence, n_tasks, seed=config.seed, max_train_per_task=max_train_per_task)
+    key = (sequence, data, n_tasks, max_train_per_task, data_root)
+    tasks, _ = _tasks(sequence, data, n_tasks, config.seed, max_train_per_task, data_root)
 
+    # 1. λ on the validation parts (never the test parts), for the methods that have one
     selection: dict[str, Any] = {}
+    grids = {m: (l2_lam_grid or lam_grid) if m == "l2" else lam_grid for m in methods if m in LAM_METHODS}
+    grids = {m: g for m, g in grids.items() if g}
+    specs = [
+        (key, m, dataclasses.replace(config, lam=lam, l2_lam=lam), True)
+        for m, grid in grids.items()
+        for lam in grid
+    ]
+    scores = iter(_run_all(specs, jobs))
+    for m, grid in grids.items():
+        selection[m] = _choose(grid, {lam: next(scores)["average_accuracy"] for lam in grid})
+    # 2. the test run of every method, with its chosen λ
+    configs = {
+        m: dataclasses.replace(config, lam=selection[m]["chosen"], l2_lam=selection[m]["chosen"])
+        if m in selection
+        else config
+        for m in methods
+    }
+    runs = _run_all([(key, m, configs[m], False) for m in methods], jobs)
     results: dict[str, Any] = {"methods": {}}
-    for name in methods:
-        cfg = config
-        if lam_grid and name in LAM_METHODS:
-            selection[name] = select_lam(tasks, name, lam_grid, config)
-            cfg = dataclasses.replace(config, lam=selection[name]["chosen"], l2_lam=selection[name]["chosen"])
-        res = run_method(tasks, name, cfg, num_classes=dataset.num_classes)
-        res.pop("model")
-        res.pop("method")
-        if name in selection:
-            res["lam"] = selection[name]["chosen"]
-        results["methods"][name] = res
+    for m, res in zip(methods, runs, strict=True):
+        if m in selection:
+            res["lam"] = selection[m]["chosen"]
+        results["methods"][m] = res
 
     results["config"] = {
         "dataset": data,
@@ -95,7 +149,9 @@ def run_sequence(
         "methods": methods,
         "max_train_per_task": max_train_per_task,
         "lam_grid": lam_grid,
+        "l2_lam_grid": l2_lam_grid,
         "lam_selection": selection,
+        "jobs": jobs,
         **config.to_dict(),
         "versions": {"ewc": ewc.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ewc.methods.base import Joint, Method
 from ewc.methods.regularizers import EWCMethod, L2Method
 
-METHODS = ("sgd", "l2", "ewc", "online-ewc", "joint")
+METHODS = ("sgd", "l2", "ewc", "online-ewc", "joint", "joint-cumulative")
 
 
 def make_method(
@@ -21,7 +21,9 @@ def make_method(
     if name == "sgd":
         return Method()
     if name == "joint":
-        return Joint()
+        return Joint("task")
+    if name == "joint-cumulative":
+        return Joint("all")
     if name == "l2":
         return L2Method(lam if l2_lam is None else l2_lam)
     if name == "ewc":

@@ -20,6 +20,10 @@ class Method:
 
     name = "sgd"
 
+    def epoch_size(self, index: int, tasks: list[Task]) -> int:
+        """Samples per epoch; the trainer draws them afresh from ``train_data`` every epoch."""
+        return len(tasks[index].x_train)
+
     def setup(self, model: nn.Module) -> None:
         """Bind to the model once, before the first task."""
         self.model = model
@@ -48,10 +52,25 @@ class Method:
 
 
 class Joint(Method):
-    """Upper bound: at task i train on the union of tasks 0..i (all data seen so far)."""
+    """Upper bound: at task i train on the union of tasks 0..i (all data seen so far).
 
-    name = "joint"
+    ``budget="task"`` (``joint``): every epoch draws as many samples from the union as task i
+    has, so joint training costs the same number of updates as every other method (the
+    "offline" upper bound of van de Ven et al. 2020). ``budget="all"`` (``joint-cumulative``):
+    every epoch passes over the whole union, i + 1 times the updates at task i.
+    """
+
+    def __init__(self, budget: str = "task"):
+        if budget not in ("task", "all"):
+            raise ValueError(f"unknown joint budget {budget!r}; expected 'task' or 'all'")
+        self.budget = budget
+        self.name = "joint" if budget == "task" else "joint-cumulative"
 
     def train_data(self, index: int, tasks: list[Task]) -> tuple[Tensor, Tensor]:
         seen = tasks[: index + 1]
         return torch.cat([t.x_train for t in seen]), torch.cat([t.y_train for t in seen])
+
+    def epoch_size(self, index: int, tasks: list[Task]) -> int:
+        if self.budget == "task":
+            return len(tasks[index].x_train)
+        return sum(len(t.x_train) for t in tasks[: index + 1])
