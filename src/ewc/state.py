@@ -19,7 +19,8 @@ import stat
 import tempfile
 import warnings
 import zipfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -50,13 +51,23 @@ _REFUSAL_MARKERS = (
 
 
 def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)``, atomically: the target is either the old file or the new one.
+    """``torch.save(obj, path)``, atomically: the target is either the old file or the new one."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
-    The object is written to a temporary file in the target's directory, flushed and fsynced,
-    then renamed over the target with ``os.replace`` (atomic on POSIX and Windows), and finally
-    the directory is fsynced so the rename itself survives a power loss. On any error the
-    temporary file is removed and the previous target is left untouched. A new file gets the
-    usual ``0o666 & ~umask`` permissions; an existing target keeps its mode.
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Let ``write`` fill a file that replaces ``path`` atomically.
+
+    The content goes to a temporary file in the target's directory, flushed and fsynced, then
+    renamed over the target with ``os.replace`` (atomic on POSIX and Windows), and finally the
+    directory is fsynced so the rename itself survives a power loss. On any error the temporary
+    file is removed and the previous target is left untouched. A new file gets the usual
+    ``0o666 & ~umask`` permissions; an existing target keeps its mode.
     """
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
@@ -67,7 +78,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 import ewc
 from ewc.data import Task, load_dataset, make_sequence
 from ewc.methods import METHODS
+from ewc.state import atomic_write_bytes
 from ewc.train import TrainConfig, run_method
 
 LAM_METHODS = ("ewc", "online-ewc", "l2")
@@ -177,13 +177,4 @@ def run_sequence(
 
 def write_json(obj: Any, path: Path) -> None:
     """Write JSON atomically (temp file in the same directory, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(obj, indent=1, allow_nan=True).encode("utf-8"))
