@@ -12,6 +12,8 @@ from ewc.cli import build_parser, main
 TINY = [
     "--tasks",
     "2",
+    "--epochs",
+    "1",
     "--max-train-per-task",
     "200",
     "--hidden",

@@ -20,6 +20,8 @@ def config(**kw: object) -> TrainConfig:
         hidden=(32,),
         batch_size=50,
         lr=0.05,
+        optimizer="sgd",
+        epochs=1,
         eval_every=2,
         curve_samples=100,
         fisher_samples=200,
