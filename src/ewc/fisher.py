@@ -13,8 +13,9 @@ How: one forward pass records what each layer saw (module hooks); one backward p
 backpropagated vector computes gradients with respect to the layer *outputs* only (autograd then
 skips the weight gradients), and per-layer rules (:mod:`ewc.fisher_rules`) turn inputs and output
 gradients into summed squared per-sample gradients. For ``exact`` the softmax structure is used:
-with s_c = √p_c (e_c − p), Σ_c s_c s_cᵀ = diag(p) − ppᵀ, so the C vectors s_c are backpropagated
-together (a batched backward) and their squares summed, instead of C independent Fisher passes.
+diag(p) − ppᵀ has a closed-form factor with C − 1 columns (:func:`softmax_hessian_factor`), so
+C − 1 backward passes to the layer outputs, with their squares summed, replace the enumeration
+of all C classes.
 
 Assumption: samples are processed independently (true for ordinary models in eval mode; the
 Fisher is always computed in eval mode, BatchNorm then uses its running statistics).
@@ -32,12 +33,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ewc.fisher_rules import Call, FuncRule, Rule, _chunks, rule_for
+from ewc.fisher_rules import Call, FuncRule, Rule, _chunks, _first_grad, rule_for
 
 FISHER_MODES = ("exact", "sample", "empirical", "batched")
 LIKELIHOODS = ("categorical", "gaussian")
-# Bytes of output gradients held at once in the exact mode's batched backward.
-GRAD_BUDGET = 256 * 2**20
 
 
 def diagonal_fisher(
@@ -334,7 +333,7 @@ class _FisherEngine:
             return None
         leaves, spec = tree_flatten(output)
         outs = [t for t in leaves if isinstance(t, Tensor) and t.is_floating_point()]
-        call = Call(args, kwargs, outs, spec)
+        call = Call(args, kwargs, outs)
         in_leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         call.versions = [t._version for t in in_leaves + outs]  # type: ignore[attr-defined]
         call.watched = in_leaves + outs  # type: ignore[attr-defined]
@@ -435,6 +434,8 @@ class _FisherEngine:
             a and k > 1 and len(c.outputs) == 1 and h.rule.presquare(h.module, c)
             for (h, c), a in zip(work, alone, strict=True)
         ]
+        for c, _, _ in targets:
+            c.batch = out.shape[0]
         squares: dict[int, Tensor] = {}
         for kk in range(k):
             grads = torch.autograd.grad(
@@ -442,7 +443,6 @@ class _FisherEngine:
             )
             for c, _, _ in targets:
                 c.grads = [None] * len(c.outputs)
-                c.batch = out.shape[0]
             for (c, i, _), g in zip(targets, grads, strict=True):
                 c.grads[i] = None if g is None else g.unsqueeze(0)
             with torch.no_grad():  # the Fisher is a constant: no graph through activations
@@ -476,7 +476,7 @@ class _FisherEngine:
     def _add_shared(self, gname: str, parts: list[tuple[_Handler, Call, str]]) -> None:
         """Several contributions to one parameter per sample: sum per-sample gradients, then square."""
         first = parts[0][1]
-        g = _first(first)
+        g = _first_grad(first)
         numel = self.sums[gname].numel()
         for sl in _chunks(first.batch, g.shape[0] * numel * g.element_size() * 2):
             total = None
@@ -553,10 +553,6 @@ def _graph_leaves(out: Tensor) -> set[int]:
             leaves.add(id(var))
         stack.extend(nxt for nxt, _ in node.next_functions)
     return leaves
-
-
-def _first(c: Call) -> Tensor | None:
-    return c.grads[0] if c.grads else None
 
 
 def _call(model: nn.Module, x: Any) -> Any:

@@ -42,7 +42,6 @@ class Call:
     args: tuple
     kwargs: dict
     outputs: list[Tensor]  # floating tensor leaves of the module's output, in pytree order
-    out_spec: Any = None
     grads: list[Tensor | None] = field(default_factory=list)  # [K, *out] per output
     batch: int = 0  # N, the number of samples in the call
     squared: bool = False  # grads[0] already holds Σ_k G_k² (see Rule.presquare)
