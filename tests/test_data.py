@@ -25,6 +25,8 @@ from ewc.data import (
     check_pair,
     load_dataset,
     make_sequence,
+    patch_permutation,
+    permute_patch,
     read_idx,
     sources,
 )
@@ -491,6 +493,40 @@ def test_rotated(mnist10k: Dataset) -> None:
     x = t0.x_test[:3]
     torch.testing.assert_close(rotate_images(rotate_images(x, 90), -90), x, rtol=0, atol=1e-5)
     assert torch.equal(rotate_images(x, 360), x)
+
+
+def test_patch_permutation_moves_only_the_centred_square() -> None:
+    perm = patch_permutation(28, 28, 8, 0)
+    assert sorted(perm.tolist()) == list(range(28 * 28))
+    grid = np.arange(28 * 28).reshape(28, 28)
+    inside = np.zeros((28, 28), dtype=bool)
+    inside[10:18, 10:18] = True  # (28 - 8) // 2 = 10
+    np.testing.assert_array_equal(perm.reshape(28, 28)[~inside], grid[~inside])
+    assert set(perm.reshape(28, 28)[inside].tolist()) == set(grid[inside].tolist())
+    assert (perm.reshape(28, 28)[inside] != grid[inside]).sum() > 50  # really shuffled
+    # Same seed, same permutation; a Generator works too; odd margins round the offset down.
+    np.testing.assert_array_equal(perm, patch_permutation(28, 28, 8, np.random.default_rng(0)))
+    assert not np.array_equal(perm, patch_permutation(28, 28, 8, 1))
+    np.testing.assert_array_equal(patch_permutation(5, 4, 1, 3), np.arange(20))
+    assert set(patch_permutation(5, 5, 2, 0).reshape(5, 5)[1:3, 1:3].ravel()) == {6, 7, 11, 12}
+
+
+def test_permute_patch_images() -> None:
+    x = torch.rand(3, 2, 6, 6)
+    y = permute_patch(x, 4, 7)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y[:, :, [0, 5]], x[:, :, [0, 5]], rtol=0, atol=0)  # border rows
+    torch.testing.assert_close(y[..., [0, 5]], x[..., [0, 5]], rtol=0, atol=0)  # border columns
+    centre = lambda t: t[:, :, 1:5, 1:5].flatten(2)  # noqa: E731
+    torch.testing.assert_close(centre(y).sort(-1).values, centre(x).sort(-1).values, rtol=0, atol=0)
+    torch.testing.assert_close(permute_patch(x, 6, 7).sum((2, 3)), x.sum((2, 3)))  # whole image
+    for bad, match in [(0, "size"), (7, "does not fit"), (True, "size")]:
+        with pytest.raises(ValueError, match=match):
+            permute_patch(x, bad, 0)
+    with pytest.raises(ValueError, match="seed"):
+        permute_patch(x, 2, -1)
+    with pytest.raises(ValueError, match="shape"):
+        permute_patch(x[0], 2, 0)
 
 
 @pytest.mark.parametrize("kind", SEQUENCES)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,3 +91,22 @@ def test_bad_config(kw: dict, match: str) -> None:
 def test_unknown_method(tasks: list) -> None:
     with pytest.raises(ValueError, match="unknown method"):
         run_method(tasks, "magic", config())
+
+
+def test_batchnorm_option(tasks: list) -> None:
+    """Linear → BatchNorm1d → ReLU [→ Dropout] per hidden layer; EWC's Fisher covers the BN affine."""
+    from torch import nn
+
+    from ewc.train import make_mlp
+
+    kinds = [type(m) for m in make_mlp(784, (16, 8), 10, dropout=0.1, batchnorm=True)]
+    block = [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout]
+    assert kinds == [nn.Flatten, *block, *block, nn.Linear]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in make_mlp(784, (16,), 10))
+    # 251 samples in batches of 50 leave a batch of one, which BatchNorm cannot train on: skipped
+    odd = [dataclasses.replace(t, x_train=t.x_train[:251], y_train=t.y_train[:251]) for t in tasks]
+    res = run_method(odd, "ewc", config(batchnorm=True, lam=10.0))
+    fisher = res["method"].state_dict()["tasks"][0]["fisher"]
+    assert fisher["2.weight"].shape == (32,) and float(fisher["2.weight"].sum()) > 0  # BN γ
+    assert isinstance(res["model"][2], nn.BatchNorm1d)
+    assert res["curves"]["task_starts"] == [0, 5, 10]  # 5 full batches per task, the single one skipped

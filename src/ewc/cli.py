@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -137,7 +138,61 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run directories (each with results.json)")
     rep.add_argument("--out", default=None, help="where to write the comparison (several runs)")
     rep.set_defaults(func=_cmd_report)
+
+    exp = sub.add_parser(
+        "experiment",
+        help="the paper's analysis experiments (patterns, many-tasks, overlap, perturb, kl, batchnorm)",
+        description="Run one of the paper's analysis experiments; each writes results.json, "
+        "PNG figure(s) and report.md into --out. Defaults reproduce the qualitative result on "
+        "2 CPU cores in minutes; flags scale them up.",
+    )
+    exp_sub = exp.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    from ewc.experiments import EXPERIMENTS, get_experiment
+
+    for name in EXPERIMENTS:
+        module = get_experiment(name)
+        doc = (module.__doc__ or "").strip()
+        p = exp_sub.add_parser(name, help=module.TITLE, description=doc.split("\n\n")[0])
+        _add_config_flags(p, module.Config)
+        p.add_argument("--out", required=True, help="output directory (created; must not be a file)")
+        p.set_defaults(func=_cmd_experiment)
     return parser
+
+
+def _parse_tuple(item: type) -> object:
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(item(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {item.__name__} values, got {text!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+
+    return parse
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per field of an experiment's Config dataclass (``a_b`` → ``--a-b``)."""
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        if isinstance(default, tuple):
+            kind = _parse_tuple(type(default[0]) if default else int)
+            shown = ",".join(str(v) for v in default)
+        else:
+            kind = f.metadata.get("type") or type(default)
+            shown = str(default)
+        parser.add_argument(
+            flag, type=kind, default=default, choices=choices, help=f"{help_text} (default: {shown})"
+        )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -194,6 +249,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"report: {paths.get('report.md', Path(args.runs[0]) / 'report.md')}")
         return 0
     print(compare_runs(args.runs, args.out))
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from ewc.experiments import get_experiment
+
+    module = get_experiment(args.experiment)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)}
+    record = module.run(module.Config(**values), args.out)
+    for line in record.get("findings", []):
+        print(f"- {line}")
+    print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 

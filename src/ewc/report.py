@@ -33,7 +33,17 @@ import numpy as np
 
 from ewc.state import atomic_write_bytes
 
-__all__ = ["compare_runs", "load_results", "method_color", "method_label", "write_report"]
+__all__ = [
+    "compare_runs",
+    "figure_style",
+    "load_results",
+    "md_table",
+    "method_color",
+    "method_label",
+    "new_figure",
+    "save_figure",
+    "write_report",
+]
 
 RESULTS_FILE = "results.json"
 DPI = 130
@@ -163,9 +173,7 @@ def _md_cell(x: Any) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(
-    header: Sequence[str], rows: Iterable[Sequence[str]], align: Sequence[str] | None = None
-) -> str:
+def md_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: Sequence[str] | None = None) -> str:
     align = align or ["---"] + ["---:"] * (len(header) - 1)
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -189,10 +197,16 @@ def _atomic_write_text(path: Path, text: str) -> Path:
     return _atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG, atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
     return _atomic_write_bytes(path, buf.getvalue())
+
+
+def figure_style() -> Any:
+    """A context manager with the report's matplotlib style (font sizes, no top/right spines)."""
+    return _mpl().rc_context(_RC)
 
 
 def _mpl() -> Any:
@@ -204,7 +218,8 @@ def _mpl() -> Any:
     return matplotlib
 
 
-def _new_figure(figsize: tuple[float, float]) -> Any:
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib Figure (no pyplot state, constrained layout) for the report figures."""
     _mpl()
     from matplotlib.figure import Figure
 
@@ -335,7 +350,7 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
                 _fmt(m.get("seconds"), 1),
             ]
         )
-    return _md_table(["Method", "ACC ↑", "BWT ↑", "FWT ↑", "Forgetting ↓", "LCA ↑", "Seconds"], rows)
+    return md_table(["Method", "ACC ↑", "BWT ↑", "FWT ↑", "Forgetting ↓", "LCA ↑", "Seconds"], rows)
 
 
 def _nan_low(x: float) -> float:
@@ -349,7 +364,7 @@ def _final_table(results: Mapping[str, Any]) -> str:
     rows = [
         [method_label(n), *[_fmt(v) for v in _final_accuracies(m, T)]] for n, m in results["methods"].items()
     ]
-    return _md_table(header, rows)
+    return md_table(header, rows)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -367,7 +382,7 @@ def _config_table(config: Mapping[str, Any]) -> str:
     flat = _flatten(config)
     if not flat:
         return "_(empty)_"
-    return _md_table(["Key", "Value"], [[f"`{k}`", _md_cell(v)] for k, v in flat.items()], ["---", "---"])
+    return md_table(["Key", "Value"], [[f"`{k}`", _md_cell(v)] for k, v in flat.items()], ["---", "---"])
 
 
 def _tasks_table(tasks: Sequence[Mapping[str, Any]]) -> str:
@@ -382,7 +397,7 @@ def _tasks_table(tasks: Sequence[Mapping[str, Any]]) -> str:
             [str(j), _md_cell(str(t.get("name", f"task {j}"))), cls]
             + [_md_cell(t.get(k, "–")) for k in ("n_train", "n_val", "n_test")]
         )
-    return _md_table(
+    return md_table(
         ["#", "Name", "Classes", "Train", "Val", "Test"], rows, ["---:", "---", "---", *["---:"] * 3]
     )
 
@@ -563,7 +578,7 @@ def _plot_curves(results: Mapping[str, Any], path: Path) -> Path:
     panel_h = 1.75 if T <= 4 else max(0.7, 13.0 / T) if T > 8 else 1.45
     height = min(1.4 + panel_h * T, 17.0)
     with mpl.rc_context(_RC):
-        fig = _new_figure((9.5, height))
+        fig = new_figure((9.5, height))
         axes = fig.subplots(T, 1, sharex=True, sharey=True, squeeze=False)[:, 0]
         lo = 1.0
         for k, ax in enumerate(axes):
@@ -636,7 +651,7 @@ def _plot_curves(results: Mapping[str, Any], path: Path) -> Path:
         labels.append("this task being trained")
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), frameon=False)
         fig.suptitle(_title(results, "Accuracy on each task during sequential training"))
-        return _save_figure(fig, path)
+        return save_figure(fig, path)
 
 
 def _title(results: Mapping[str, Any], what: str) -> str:
@@ -658,7 +673,7 @@ def _plot_matrix(results: Mapping[str, Any], path: Path) -> Path:
     nrows = math.ceil(n / ncols)
     font = 10 if T <= 4 else 8 if T <= 7 else 7 if T <= 10 else 6 if T <= 14 else 0
     with mpl.rc_context(_RC):
-        fig = _new_figure((panel * ncols + 1.0, min(panel * nrows + 0.9, 18.0)))
+        fig = new_figure((panel * ncols + 1.0, min(panel * nrows + 0.9, 18.0)))
         axes = fig.subplots(nrows, ncols, squeeze=False)
         cmap = mpl.colormaps["viridis"].with_extremes(bad="#d9d9d9")
         im = None
@@ -709,7 +724,7 @@ def _plot_matrix(results: Mapping[str, Any], path: Path) -> Path:
             cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9 if nrows == 1 else 0.6, pad=0.02)
             cb.set_label("Test accuracy")
         fig.suptitle(_title(results, "Accuracy matrix R[i, j]"))
-        return _save_figure(fig, path)
+        return save_figure(fig, path)
 
 
 def _bar_labels(ax: Any, bars: Any, values: Sequence[float], digits: int, fontsize: float = 8) -> None:
@@ -752,7 +767,7 @@ def _plot_summary(results: Mapping[str, Any], path: Path) -> Path:
         panels.append(("seconds", "Wall time (s)"))
     width = min(max(2.6, 0.45 * len(names) + 1.0), 17.0 / len(panels))
     with mpl.rc_context(_RC):
-        fig = _new_figure((width * len(panels) + 0.4, 3.8))
+        fig = new_figure((width * len(panels) + 0.4, 3.8))
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         x = np.arange(len(names))
         colors = [method_color(n, names) for n in names]
@@ -784,7 +799,7 @@ def _plot_summary(results: Mapping[str, Any], path: Path) -> Path:
             ax.grid(axis="y", color="#e6e6e6", lw=0.6)
             ax.set_axisbelow(True)
         fig.suptitle(_title(results, "Summary"))
-        return _save_figure(fig, path)
+        return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -912,7 +927,7 @@ def compare_runs(
                     _fmt(mm.get("seconds"), 1),
                 ]
             )
-    table = _md_table(
+    table = md_table(
         ["Method", "Run", "ACC ↑", "BWT ↑", "FWT ↑", "Forgetting ↓", "LCA ↑", "Seconds"],
         rows,
         ["---", "---", *["---:"] * 6],
@@ -941,7 +956,7 @@ def compare_runs(
     ]
     if diff:
         parts.append(
-            _md_table(
+            md_table(
                 ["Key", *[f"`{n}`" for n in names]],
                 [
                     [f"`{k}`", *["–" if f.get(k, missing) is missing else _md_cell(f[k]) for f in flats]]
@@ -976,7 +991,7 @@ def _plot_comparison(
     run_colors = [cmap(0.15 + 0.7 * i / max(nr - 1, 1)) for i in range(nr)]
     bw = 0.8 / nr
     with mpl.rc_context(_RC):
-        fig = _new_figure((min(max(4.5, 0.9 + nm * (0.35 * nr + 0.5)), 16.0), 4.2))
+        fig = new_figure((min(max(4.5, 0.9 + nm * (0.35 * nr + 0.5)), 16.0), 4.2))
         ax = fig.subplots()
         x = np.arange(nm)
         for i, (name, r) in enumerate(zip(names, runs, strict=True)):
@@ -1002,7 +1017,7 @@ def _plot_comparison(
         ax.set_axisbelow(True)
         fig.legend(loc="outside right upper", frameon=False, title="Run")
         fig.suptitle("ACC per method across runs")
-        return _save_figure(fig, path)
+        return save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

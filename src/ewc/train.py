@@ -37,6 +37,7 @@ class TrainConfig:
     momentum: float = 0.0
     hidden: tuple[int, ...] = (400, 400)
     dropout: float = 0.0
+    batchnorm: bool = False
     lam: float = 100.0
     l2_lam: float | None = None
     gamma: float = 1.0
@@ -71,13 +72,24 @@ class TrainConfig:
 
 
 def make_mlp(
-    input_dim: int, hidden: tuple[int, ...], num_classes: int, dropout: float = 0.0
+    input_dim: int,
+    hidden: tuple[int, ...],
+    num_classes: int,
+    dropout: float = 0.0,
+    batchnorm: bool = False,
 ) -> nn.Sequential:
-    """The paper's fully connected classifier: Flatten, (Linear, ReLU[, Dropout]) × depth, Linear."""
+    """The paper's fully connected classifier: Flatten, (Linear, ReLU[, Dropout]) × depth, Linear.
+
+    With ``batchnorm`` each hidden block is Linear → BatchNorm1d → ReLU [→ Dropout] (for the
+    BatchNorm experiment; the paper's networks have no normalisation).
+    """
     layers: list[nn.Module] = [nn.Flatten()]
     width = input_dim
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers.append(nn.Linear(width, h))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(h))
+        layers.append(nn.ReLU())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = h
@@ -161,7 +173,7 @@ def run_method(
     num_classes = num_classes or 1 + max(max(t.classes) for t in tasks)
     input_dim = math.prod(tasks[0].x_train.shape[1:])
     torch.manual_seed(config.seed)  # the same initial weights for every method
-    model = make_mlp(input_dim, config.hidden, num_classes, config.dropout).to(device)
+    model = make_mlp(input_dim, config.hidden, num_classes, config.dropout, config.batchnorm).to(device)
     method.setup(model)
 
     tests = [(t.x_test.to(device), t.y_test.to(device)) for t in tasks]
@@ -200,6 +212,8 @@ def run_method(
             order = torch.randperm(len(x), generator=gen)[:size]
             for b in range(0, size, config.batch_size):
                 idx = order[b : b + config.batch_size]
+                if config.batchnorm and len(idx) < 2:
+                    continue  # BatchNorm has no batch statistics for a single sample
                 xb, yb = x[idx].to(device), y[idx].to(device)
                 loss = method.loss(F.cross_entropy(model(xb), yb))
                 if not torch.isfinite(loss):

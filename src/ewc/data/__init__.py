@@ -8,7 +8,7 @@ tasks = make_sequence(ds, "permuted", 5, seed=0)
 
 from ewc.data.datasets import DATASETS, Dataset, load_dataset
 from ewc.data.idx import check_pair, read_idx
-from ewc.data.sequences import SEQUENCES, Task, make_sequence
+from ewc.data.sequences import SEQUENCES, Task, make_sequence, patch_permutation, permute_patch
 from ewc.data.sources import ChecksumError, DataNotFoundError
 
 __all__ = [
@@ -21,5 +21,7 @@ __all__ = [
     "check_pair",
     "load_dataset",
     "make_sequence",
+    "patch_permutation",
+    "permute_patch",
     "read_idx",
 ]

@@ -24,7 +24,15 @@ import torch.nn.functional as F
 
 from ewc.data.datasets import Dataset, load_dataset, stratified_split
 
-__all__ = ["SEQUENCES", "Task", "make_sequence", "permute_pixels", "rotate_images"]
+__all__ = [
+    "SEQUENCES",
+    "Task",
+    "make_sequence",
+    "patch_permutation",
+    "permute_patch",
+    "permute_pixels",
+    "rotate_images",
+]
 
 SEQUENCES: tuple[str, ...] = ("permuted", "split", "rotated")
 
@@ -69,6 +77,37 @@ def permute_pixels(x: torch.Tensor, permutation: np.ndarray) -> torch.Tensor:
     """Images ``[n, C, H, W]`` with the pixels reordered: output pixel ``i`` is input pixel ``perm[i]``."""
     perm = torch.as_tensor(np.asarray(permutation), dtype=torch.long)
     return x.flatten(2)[:, :, perm].reshape(x.shape)
+
+
+def patch_permutation(height: int, width: int, size: int, rng: np.random.Generator | int) -> np.ndarray:
+    """A pixel permutation of a ``height × width`` image that shuffles only a centred square.
+
+    The ``size × size`` square starts at row ``(height − size) // 2`` and column
+    ``(width − size) // 2``; every pixel outside it stays in place. The paper (Fig. 3) makes
+    tasks of graded similarity this way: a small square gives similar tasks, a large one
+    dissimilar tasks. ``rng`` is a numpy Generator or a seed.
+    """
+    height, width = _check_int("height", height, 1), _check_int("width", width, 1)
+    size = _check_int("size", size, 1)
+    if size > min(height, width):
+        raise ValueError(f"patch size {size} does not fit in a {height}x{width} image")
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(_check_int("seed", rng, 0))
+    top, left = (height - size) // 2, (width - size) // 2
+    grid = np.arange(height * width).reshape(height, width)
+    inside = grid[top : top + size, left : left + size].ravel()
+    perm = grid.ravel().copy()
+    perm[inside] = gen.permutation(inside)
+    return perm
+
+
+def permute_patch(x: torch.Tensor, size: int, rng: np.random.Generator | int) -> torch.Tensor:
+    """Images ``[n, C, H, W]`` with the pixels of the centred ``size × size`` square shuffled.
+
+    One permutation (from :func:`patch_permutation`) is applied to every image and channel.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected images of shape [n, C, H, W], got {tuple(x.shape)}")
+    return permute_pixels(x, patch_permutation(x.shape[2], x.shape[3], size, rng))
 
 
 def rotate_images(x: torch.Tensor, angle: float) -> torch.Tensor:

@@ -8,31 +8,20 @@ writes ``results.json`` plus the report (figures, CSV, Markdown) into the output
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import ewc
 from ewc.data import Task, load_dataset, make_sequence
+from ewc.experiments.common import check_out_dir, write_json
 from ewc.methods import METHODS
-from ewc.state import atomic_write_bytes
 from ewc.train import TrainConfig, run_method
 
 LAM_METHODS = ("ewc", "online-ewc", "l2")
-
-
-def check_out_dir(out: str | os.PathLike) -> Path:
-    """The output directory, created if needed; a clear error if it is a file."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {str(path)!r} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def validation_tasks(tasks: list[Task]) -> list[Task]:
@@ -173,8 +162,3 @@ def run_sequence(
 
             write_report(results, out_dir)
     return results
-
-
-def write_json(obj: Any, path: Path) -> None:
-    """Write JSON atomically (temp file in the same directory, fsync, rename)."""
-    atomic_write_bytes(path, json.dumps(obj, indent=1, allow_nan=True).encode("utf-8"))
