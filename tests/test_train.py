@@ -110,3 +110,47 @@ def test_batchnorm_option(tasks: list) -> None:
     assert fisher["2.weight"].shape == (32,) and float(fisher["2.weight"].sum()) > 0  # BN γ
     assert isinstance(res["model"][2], nn.BatchNorm1d)
     assert res["curves"]["task_starts"] == [0, 5, 10]  # 5 full batches per task, the single one skipped
+
+
+def _split3() -> list:
+    return make_sequence(load_dataset("mnist-10k"), "split", 3, max_train_per_task=300, max_eval_per_task=200)
+
+
+_SCENARIO_CFG = dict(
+    epochs=2, hidden=(32,), batch_size=32, eval_every=100, curve_samples=50, optimizer="sgd", lr=0.05
+)
+
+
+@pytest.mark.parametrize(("scenario", "width"), [("task", 6), ("domain", 2), ("class", 6)])
+def test_scenario_sets_the_output_width(scenario: str, width: int) -> None:
+    torch.set_num_threads(1)
+    cfg = TrainConfig(epochs=1, hidden=(8,), batch_size=100, eval_every=100, curve_samples=20, progress=False)
+    res = run_method(_split3(), "sgd", cfg, scenario=scenario)
+    assert res["model"][-1].out_features == width
+    assert len(res["accuracy_matrix"]) == 3
+
+
+def test_class_incremental_forgets_what_task_incremental_keeps() -> None:
+    """The same SGD run read two ways: with the task id (task-IL) the first task's head still
+    separates its two digits; without it (class-IL) the newest classes take every prediction."""
+    torch.set_num_threads(1)
+    tasks = _split3()
+    cfg = TrainConfig(**_SCENARIO_CFG, progress=False)
+    task_il = run_method(tasks, "sgd", cfg, scenario="task")["accuracy_matrix"]
+    class_il = run_method(tasks, "sgd", cfg, scenario="class")["accuracy_matrix"]
+    assert task_il[-1][0] > 0.8
+    assert class_il[-1][0] < 0.1
+    assert class_il[0][0] > 0.8  # it had learned the first task
+
+
+def test_joint_trains_each_sample_on_its_own_head() -> None:
+    """Joint training mixes tasks in a batch; in task-IL each sample needs its own task's head
+    (a label of task 0 is not a class of task 2's head)."""
+    torch.set_num_threads(1)
+    res = run_method(_split3(), "joint", TrainConfig(**_SCENARIO_CFG, progress=False), scenario="task")
+    assert min(res["accuracy_matrix"][-1]) > 0.8
+
+
+def test_unknown_scenario_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown scenario 'nope'"):
+        TrainConfig(scenario="nope")

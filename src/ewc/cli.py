@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GRID",
         help="grid for l2's λ (default: the --select-lam grid)",
     )
+    run.add_argument(
+        "--scenario",
+        choices=("task", "domain", "class"),
+        default=None,
+        help="task-, domain- or class-incremental: which outputs a task is trained and tested on "
+        "(default: domain when the tasks share their classes, as in permuted; class otherwise)",
+    )
     run.add_argument("--gamma", type=float, default=1.0, help="online EWC decay γ in (0, 1] (default: 1)")
     run.add_argument("--fisher", choices=FISHER_MODES, default="exact", help="Fisher mode (default: exact)")
     run.add_argument(
@@ -207,6 +214,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         hidden=args.hidden,
         dropout=args.dropout,
+        scenario=args.scenario,
         lam=args.lam,
         l2_lam=args.l2_lam,
         gamma=args.gamma,

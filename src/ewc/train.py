@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ewc.data import Task
-from ewc.methods import Method, make_method
+from ewc.methods import Batch, Method, make_method
 from ewc.metrics import summarize
+from ewc.scenario import SCENARIOS, Scenario
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -38,6 +38,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = (400, 400)
     dropout: float = 0.0
     batchnorm: bool = False
+    scenario: str | None = None  # task / domain / class; None: domain if tasks share classes, else class
     lam: float = 100.0
     l2_lam: float | None = None
     gamma: float = 1.0
@@ -62,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.scenario is not None and self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {self.scenario!r}; expected one of {', '.join(SCENARIOS)}")
         if any(h <= 0 for h in self.hidden):
             raise ValueError(f"hidden sizes must be positive, got {self.hidden!r}")
 
@@ -109,17 +112,43 @@ def setup_runtime(config: TrainConfig) -> torch.device:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in eval mode (the model's training flag is restored)."""
+def accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int = 1000,
+    scenario: Scenario | None = None,
+    task: int = 0,
+    seen: int | None = None,
+) -> float:
+    """Top-1 accuracy in eval mode (the model's training flag is restored).
+
+    With a ``scenario``, the prediction is the argmax over the active head of ``task`` (with
+    the classes of tasks up to ``seen`` in class-incremental learning).
+    """
     was = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(x), batch_size):
-        pred = model(x[i : i + batch_size].to(device)).argmax(-1)
-        correct += int((pred == y[i : i + batch_size].to(device)).sum())
+        out = model(x[i : i + batch_size].to(device))
+        target = y[i : i + batch_size].to(device)
+        if scenario is not None:
+            out, target = scenario.view(out, target, task, seen)
+        correct += int((out.argmax(-1) == target).sum())
     model.train(was)
     return correct / max(1, len(x))
+
+
+def accuracies(
+    model: nn.Module, parts: list[tuple[Tensor, Tensor]], scenario: Scenario, current: int
+) -> list[float]:
+    """Accuracy on every task's (x, y) while training task ``current`` (class-IL: the classes of
+    tasks up to max(current, j) are active when evaluating task j)."""
+    accs = []
+    for j, (x, y) in enumerate(parts):
+        accs.append(accuracy(model, x, y, scenario=scenario, task=j, seen=max(current, j)))
+    return accs
 
 
 class Progress:
@@ -155,11 +184,23 @@ class _Curves:
 
 
 def run_method(
-    tasks: list[Task], method: str | Method, config: TrainConfig, num_classes: int | None = None
+    tasks: list[Task],
+    method: str | Method,
+    config: TrainConfig,
+    scenario: str | Scenario | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` on ``tasks`` in order; return its accuracy matrix, curves and metrics."""
+    """Train ``method`` on ``tasks`` in order; return its accuracy matrix, curves and metrics.
+
+    ``scenario`` (``task`` / ``domain`` / ``class``, default ``config.scenario``, else the
+    natural one: domain-incremental when all tasks share their classes, class-incremental
+    otherwise) decides the output layer's width and which outputs each task is trained and
+    evaluated on. R[i][j] is evaluated after task i on task j's head (class-IL: the classes of
+    tasks 0..max(i, j)).
+    """
     if not tasks:
         raise ValueError("no tasks to train on")
+    if not isinstance(scenario, Scenario):
+        scenario = Scenario.for_tasks(scenario or config.scenario, [t.classes for t in tasks])
     device = setup_runtime(config)
     if isinstance(method, str):
         method = make_method(
@@ -170,15 +211,15 @@ def run_method(
             fisher=config.fisher,
             fisher_samples=config.fisher_samples,
         )
-    num_classes = num_classes or 1 + max(max(t.classes) for t in tasks)
     input_dim = math.prod(tasks[0].x_train.shape[1:])
+    dropout = config.dropout if method.dropout is None else method.dropout
     torch.manual_seed(config.seed)  # the same initial weights for every method
-    model = make_mlp(input_dim, config.hidden, num_classes, config.dropout, config.batchnorm).to(device)
-    method.setup(model)
+    model = make_mlp(input_dim, config.hidden, scenario.num_outputs, dropout, config.batchnorm).to(device)
+    method.setup(model, scenario)
 
     tests = [(t.x_test.to(device), t.y_test.to(device)) for t in tasks]
     subsets = [(x[: config.curve_samples], y[: config.curve_samples]) for x, y in tests]
-    baseline = [accuracy(model, x, y) for x, y in tests]
+    baseline = [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
     curves = _Curves()
     matrix: list[list[float]] = []
     step = 0
@@ -187,7 +228,7 @@ def run_method(
     def evaluate(k: int) -> None:
         nonlocal eval_seconds
         t0 = time.perf_counter()
-        accs = [accuracy(model, x, y) for x, y in subsets]
+        accs = accuracies(model, subsets, scenario, k)
         curves.steps.append(step)
         curves.accuracy.append(accs)
         curves.per_task[k].append(accs[k])
@@ -199,7 +240,9 @@ def run_method(
     start = time.perf_counter()
     for i, task in enumerate(tasks):
         method.before_task(i, task)
-        x, y = method.train_data(i, tasks)
+        data = method.train_data(i, tasks)  # (x, y), or (x, y, per-sample task ids)
+        x, y = data[0], data[1]
+        ids = data[2] if len(data) > 2 else None
         opt = _optimizer(config, model)  # fresh optimiser state per task
         gen = torch.Generator().manual_seed(config.seed * 10_007 + i)  # same order for every method
         curves.task_starts.append(step)
@@ -215,7 +258,10 @@ def run_method(
                 if config.batchnorm and len(idx) < 2:
                     continue  # BatchNorm has no batch statistics for a single sample
                 xb, yb = x[idx].to(device), y[idx].to(device)
-                loss = method.loss(F.cross_entropy(model(xb), yb))
+                out = model(xb)
+                which = i if ids is None else ids[idx].to(device)
+                task_loss = scenario.cross_entropy(out, yb, which, seen=i)
+                loss = method.loss(task_loss, Batch(xb, yb, out, i))
                 if not torch.isfinite(loss):
                     raise ValueError(
                         f"{method.name}: training diverged on task {i + 1} at step {step} "
@@ -224,7 +270,9 @@ def run_method(
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                method.after_backward()
                 opt.step()
+                method.after_step()
                 step += 1
                 task_step += 1
                 if task_step % config.eval_every == 0:
@@ -237,7 +285,7 @@ def run_method(
         model.eval()
         method.after_task(i, task)
         t0 = time.perf_counter()
-        matrix.append([accuracy(model, tx, ty) for tx, ty in tests])
+        matrix.append(accuracies(model, tests, scenario, i))
         eval_seconds += time.perf_counter() - t0
     bar.close()
     seconds = time.perf_counter() - start
@@ -249,6 +297,7 @@ def run_method(
             "seconds": seconds,
             "train_seconds": seconds - eval_seconds,
             "baseline_accuracy": baseline,
+            "scenario": scenario.kind,
             "curves": asdict(curves),
         }
     )

@@ -19,6 +19,7 @@ import ewc
 from ewc.data import Task, load_dataset, make_sequence
 from ewc.experiments.common import check_out_dir, write_json
 from ewc.methods import METHODS
+from ewc.scenario import Scenario
 from ewc.train import TrainConfig, run_method
 
 LAM_METHODS = ("ewc", "online-ewc", "l2")
@@ -38,8 +39,8 @@ def _choose(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
 def _job(spec: tuple) -> dict[str, Any]:
     """One training run, in this process or a worker: (data key, method, config, on_validation)."""
     (sequence, data, n_tasks, max_train, data_root), method, config, on_val = spec
-    tasks, classes = _tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
-    res = run_method(validation_tasks(tasks) if on_val else tasks, method, config, num_classes=classes)
+    tasks, _ = _tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
+    res = run_method(validation_tasks(tasks) if on_val else tasks, method, config)
     res.pop("model")
     res.pop("method")
     return res
@@ -142,6 +143,7 @@ def run_sequence(
         "lam_selection": selection,
         "jobs": jobs,
         **config.to_dict(),
+        "scenario": Scenario.for_tasks(config.scenario, [t.classes for t in tasks]).kind,
         "versions": {"ewc": ewc.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ewc.methods.base import Joint, Method
+from ewc.methods.base import Batch, Joint, Method
 from ewc.methods.regularizers import EWCMethod, L2Method
 
 METHODS = ("sgd", "l2", "ewc", "online-ewc", "joint", "joint-cumulative")
@@ -33,4 +33,4 @@ def make_method(
     raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
 
 
-__all__ = ["METHODS", "EWCMethod", "Joint", "L2Method", "Method", "make_method"]
+__all__ = ["METHODS", "Batch", "EWCMethod", "Joint", "L2Method", "Method", "make_method"]

@@ -1,47 +1,88 @@
 """The method interface: what the task-sequence trainer calls, and nothing else.
 
 A method is its state plus a few hooks. The trainer owns the model, the optimiser and the data
-order; a method only says what data a task trains on, what is added to the loss, and what it
-remembers when a task ends. Keeping every method's loss visible in ``loss`` is the point.
+order; a method only says what data a task trains on, what is added to the loss, how a gradient
+is changed before the step, and what it remembers when a task ends. One training step is::
+
+    out = model(x)
+    logits, target = scenario.view(out, y, task)      # the scenario's active outputs
+    loss = method.loss(cross_entropy(logits, target), Batch(x, y, out, task))
+    optimizer.zero_grad(); loss.backward()
+    method.after_backward()                            # e.g. GEM / A-GEM project p.grad
+    optimizer.step()
+    method.after_step()                                # e.g. SI accumulates its path integral
+
+Keeping every method's loss visible in ``loss`` and its update visible in ``after_backward`` is
+the point. Methods that need the model on other data (replay, LwF, GEM) call ``self.model`` and
+``self.scenario`` themselves.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ewc.data import Task
+from ewc.scenario import Scenario
+
+
+@dataclass
+class Batch:
+    """One training mini-batch as the method sees it: inputs, global labels, raw model outputs
+    (all output units, before the scenario's selection) and the index of the task being trained."""
+
+    x: Tensor
+    y: Tensor
+    out: Tensor
+    task: int
 
 
 class Method:
     """Plain fine-tuning (SGD): no memory, no penalty. Subclasses override the hooks they need."""
 
     name = "sgd"
+    #: dropout rate the trainer builds the model with (None: the run's setting)
+    dropout: float | None = None
 
     def epoch_size(self, index: int, tasks: list[Task]) -> int:
         """Samples per epoch; the trainer draws them afresh from ``train_data`` every epoch."""
         return len(tasks[index].x_train)
 
-    def setup(self, model: nn.Module) -> None:
-        """Bind to the model once, before the first task."""
+    def setup(self, model: nn.Module, scenario: Scenario | None = None) -> None:
+        """Bind to the model (and the scenario that maps outputs to tasks) once, before task 0."""
         self.model = model
+        self.scenario = scenario if scenario is not None else Scenario.shared()
 
-    def train_data(self, index: int, tasks: list[Task]) -> tuple[Tensor, Tensor]:
-        """The (x, y) a task trains on: by default that task's training part only."""
+    def train_data(self, index: int, tasks: list[Task]) -> tuple[Tensor, ...]:
+        """The (x, y) a task trains on: by default that task's training part only.
+
+        A method that mixes tasks returns (x, y, task ids) so that each sample is trained on its
+        own task's head."""
         task = tasks[index]
         return task.x_train, task.y_train
 
     def before_task(self, index: int, task: Task) -> None:
         """Called before the first update on a task."""
 
-    def loss(self, task_loss: Tensor) -> Tensor:
-        """The objective minimised on a batch, given the task's own loss."""
+    def loss(self, task_loss: Tensor, batch: Batch | None = None) -> Tensor:
+        """The objective minimised on a batch, given the task's own loss (and the batch)."""
         return task_loss
+
+    def after_backward(self) -> None:
+        """Called after ``loss.backward()`` and before the optimiser step (gradient surgery)."""
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (e.g. path integrals over the parameter updates)."""
 
     def after_task(self, index: int, task: Task) -> None:
         """Called after the last update on a task (consolidation goes here)."""
+
+    def memory_bytes(self) -> int:
+        """Bytes this method keeps between tasks (anchors, importances, samples); 0 for none."""
+        return 0
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -66,9 +107,11 @@ class Joint(Method):
         self.budget = budget
         self.name = "joint" if budget == "task" else "joint-cumulative"
 
-    def train_data(self, index: int, tasks: list[Task]) -> tuple[Tensor, Tensor]:
+    def train_data(self, index: int, tasks: list[Task]) -> tuple[Tensor, Tensor, Tensor]:
+        """The union of tasks 0..index, with each sample's task id (for task-specific heads)."""
         seen = tasks[: index + 1]
-        return torch.cat([t.x_train for t in seen]), torch.cat([t.y_train for t in seen])
+        ids = torch.cat([torch.full((len(t.y_train),), k, dtype=torch.long) for k, t in enumerate(seen)])
+        return torch.cat([t.x_train for t in seen]), torch.cat([t.y_train for t in seen]), ids
 
     def epoch_size(self, index: int, tasks: list[Task]) -> int:
         if self.budget == "task":

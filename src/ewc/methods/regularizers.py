@@ -7,8 +7,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ewc.data import Task
-from ewc.methods.base import Method
+from ewc.methods.base import Batch, Method
 from ewc.penalty import EWC, L2
+from ewc.scenario import Scenario
 
 
 class L2Method(Method):
@@ -19,12 +20,16 @@ class L2Method(Method):
     def __init__(self, lam: float, mode: str = "separate"):
         self.lam, self.mode = lam, mode
 
-    def setup(self, model: nn.Module) -> None:
-        super().setup(model)
+    def setup(self, model: nn.Module, scenario: Scenario | None = None) -> None:
+        super().setup(model, scenario)
         self.reg = L2(model, lam=self.lam, mode=self.mode)
 
-    def loss(self, task_loss: Tensor) -> Tensor:
+    def loss(self, task_loss: Tensor, batch: Batch | None = None) -> Tensor:
         return task_loss + self.reg.penalty()
+
+    def memory_bytes(self) -> int:
+        """Anchors and importances kept between tasks."""
+        return _state_bytes(self.reg.state_dict())
 
     def after_task(self, index: int, task: Task) -> None:
         self.reg.consolidate()
@@ -60,8 +65,8 @@ class EWCMethod(L2Method):
         if mode == "online":
             self.name = "online-ewc"
 
-    def setup(self, model: nn.Module) -> None:
-        Method.setup(self, model)
+    def setup(self, model: nn.Module, scenario: Scenario | None = None) -> None:
+        Method.setup(self, model, scenario)
         self.reg = EWC(
             model,
             lam=self.lam,
@@ -74,3 +79,14 @@ class EWCMethod(L2Method):
 
     def after_task(self, index: int, task: Task) -> None:
         self.reg.consolidate((task.x_train, task.y_train))
+
+
+def _state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict."""
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_state_bytes(v) for v in state)
+    return 0
