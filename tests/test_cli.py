@@ -66,8 +66,31 @@ def test_select_lam_on_validation(tmp_path: Path) -> None:
         main(["run", "permuted", "--methods", "ewc", "--select-lam", "1,10", "--out", str(out), *TINY]) == 0
     )
     cfg = json.loads((out / "results.json").read_text())["config"]
-    sel = cfg["lam_selection"]["ewc"]
-    assert sel["grid"] == [1.0, 10.0] and sel["chosen"] in (1.0, 10.0) and len(sel["validation_acc"]) == 2
+    sel = cfg["selection"]["ewc"]
+    assert sel["grid"] == [{"lam": 1.0}, {"lam": 10.0}] and len(sel["validation_acc"]) == 2
+    best = max(range(2), key=lambda k: (sel["validation_acc"][k], -k))
+    assert sel["chosen"] == sel["grid"][best]
+    method = json.loads((out / "results.json").read_text())["methods"]["ewc"]
+    assert method["lam"] == sel["chosen"]["lam"] == method["params"]["lam"]
+
+
+def test_search_and_set_choose_and_fix_method_parameters(tmp_path: Path) -> None:
+    out = tmp_path / "search"
+    argv = ["run", "permuted", "--methods", "dropout,lwf", "--search", "--set", "lwf.temperature=3"]
+    assert main([*argv, "--out", str(out), *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    sel = results["config"]["selection"]
+    assert [c["rate"] for c in sel["dropout"]["grid"]] == [0.2, 0.5]
+    assert [c["alpha"] for c in sel["lwf"]["grid"]] == [0.5, 1.0, 2.0]
+    lwf = results["methods"]["lwf"]["params"]
+    assert lwf["temperature"] == 3 and lwf["alpha"] == sel["lwf"]["chosen"]["alpha"]
+
+
+def test_set_rejects_unknown_parameters(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "permuted", "--methods", "lwf", "--set", "lwf.nope=1", "--out", "x", *TINY]) == 2
+    assert "has no parameter(s) nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "permuted", "--set", "garbage", "--out", "x", *TINY])
 
 
 def test_help_is_complete(capsys: pytest.CaptureFixture) -> None:

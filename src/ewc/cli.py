@@ -21,6 +21,24 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _setting(text: str) -> tuple[str, str, object]:
+    """METHOD.PARAM=VALUE → (method, param, value); numbers become int/float, 'none' None."""
+    head, sep, raw = text.partition("=")
+    method, dot, param = head.partition(".")
+    if not (sep and dot and method and param):
+        raise argparse.ArgumentTypeError(f"expected METHOD.PARAM=VALUE, got {text!r}")
+    value: object = raw
+    for kind in (int, float):
+        try:
+            value = kind(raw)
+            break
+        except ValueError:
+            continue
+    if raw.lower() == "none":
+        value = None
+    return method, param, value
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -103,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="task-, domain- or class-incremental: which outputs a task is trained and tested on "
         "(default: domain when the tasks share their classes, as in permuted; class otherwise)",
+    )
+    run.add_argument(
+        "--search",
+        action="store_true",
+        help="choose every method's hyper-parameters from its registered grid on the validation "
+        "parts before the test run (see docs/methods.md)",
+    )
+    run.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="METHOD.PARAM=VALUE",
+        help="a method parameter, e.g. lwf.temperature=2 or replay.capacity=500 (repeatable)",
     )
     run.add_argument("--gamma", type=float, default=1.0, help="online EWC decay γ in (0, 1] (default: 1)")
     run.add_argument("--fisher", choices=FISHER_MODES, default="exact", help="Fisher mode (default: exact)")
@@ -202,6 +234,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None
         )
 
 
+def _params(settings: list[tuple[str, str, object]]) -> dict[str, dict[str, object]]:
+    params: dict[str, dict[str, object]] = {}
+    for method, param, value in settings:
+        params.setdefault(method, {})[param] = value
+    return params
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from ewc.experiments.sequence import run_sequence
     from ewc.train import TrainConfig
@@ -215,6 +254,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         dropout=args.dropout,
         scenario=args.scenario,
+        params=_params(args.set),
         lam=args.lam,
         l2_lam=args.l2_lam,
         gamma=args.gamma,
@@ -237,6 +277,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.out,
         lam_grid=args.select_lam,
         l2_lam_grid=args.select_l2_lam,
+        search=args.search,
         max_train_per_task=args.max_train_per_task,
         data_root=args.data_root,
         jobs=args.jobs,

@@ -24,7 +24,7 @@ Fisher is always computed in eval mode, BatchNorm then uses its running statisti
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,6 +37,7 @@ from ewc.fisher_rules import Call, FuncRule, Rule, _chunks, _first_grad, rule_fo
 
 FISHER_MODES = ("exact", "sample", "empirical", "batched")
 LIKELIHOODS = ("categorical", "gaussian")
+IMPORTANCE_KINDS = ("mas",)
 
 
 def diagonal_fisher(
@@ -83,16 +84,72 @@ def diagonal_fisher(
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
+    model, prefix, named = _unwrap(model)
+    engine = _FisherEngine(model, named, mode, likelihood, float(sigma), generator)
+    needs_labels = mode in ("empirical", "batched")
+    return _mean_over_samples(engine, data, batch_size, max_samples, needs_labels, distributed, prefix)
+
+
+def diagonal_importance(
+    model: nn.Module,
+    data: Any,
+    kind: str = "mas",
+    max_samples: int | None = None,
+    *,
+    output_fn: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int = 256,
+    distributed: bool | None = None,
+) -> dict[str, Tensor]:
+    """Per-parameter importances other than the Fisher, on the Fisher engine (mean over samples).
+
+    ``kind="mas"`` (Memory Aware Synapses, Aljundi et al. 2018, Eq. 2 and 4):
+
+        Ω_i = 1/N Σ_n |∂ ‖f(x_n)‖²₂ / ∂θ_i|
+
+    the mean absolute *per-sample* gradient of the squared L2 norm of the output vector f(x),
+    needing no labels. f(x) is the model's output (logits, no softmax), or ``output_fn(output)``,
+    e.g. the active head of a multi-head model; ``output_fn`` must act on every sample (row)
+    separately. The engine backpropagates the one vector ∂‖f‖²/∂output = 2·f per sample to the
+    layer outputs and reduces with the rules' ``sum_abs`` (Linear: one matmul |G|ᵀ|A|).
+
+    ``data``, ``max_samples``, ``batch_size`` and ``distributed`` are as for
+    :func:`diagonal_fisher`; labels in ``data`` are ignored. Evaluated in eval mode.
+    """
+    if kind not in IMPORTANCE_KINDS:
+        raise ValueError(f"unknown importance kind {kind!r}; expected one of {IMPORTANCE_KINDS}")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
+        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if output_fn is not None and not callable(output_fn):
+        raise ValueError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
+    model, prefix, named = _unwrap(model)
+    engine = _FisherEngine(model, named, kind, "categorical", 1.0, None, output_fn=output_fn)
+    return _mean_over_samples(engine, data, batch_size, max_samples, False, distributed, prefix)
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str, list[tuple[str, nn.Parameter]]]:
+    """(the module inside a (Distributed)DataParallel, its name prefix, trainable parameters)."""
     prefix = ""
     if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
         model, prefix = model.module, "module."
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no parameters that require grad")
+    return model, prefix, named
 
-    engine = _FisherEngine(model, named, mode, likelihood, float(sigma), generator)
-    needs_labels = mode in ("empirical", "batched")
-    with _eval_mode(model), torch.enable_grad():
+
+def _mean_over_samples(
+    engine: _FisherEngine,
+    data: Any,
+    batch_size: int,
+    max_samples: int | None,
+    needs_labels: bool,
+    distributed: bool | None,
+    prefix: str,
+) -> dict[str, Tensor]:
+    """Feed every batch to the engine (eval mode), then return its sums over the sample count."""
+    with _eval_mode(engine.model), torch.enable_grad():
         try:
             for x, y in _batches(data, batch_size, max_samples, needs_labels):
                 engine.add(x, y)
@@ -105,8 +162,9 @@ def diagonal_fisher(
     if distributed:
         sums, count = _all_reduce(sums, count)
     if count == 0:
-        raise ValueError("empty data: no samples to compute the Fisher on")
-    return {prefix + n: sums[n] / count for n, _ in named}
+        what = "the Fisher" if engine.reduction == "sq" else "importances"
+        raise ValueError(f"empty data: no samples to compute {what} on")
+    return {prefix + n: sums[n] / count for n, _ in engine.named}
 
 
 # --------------------------------------------------------------------------------------- data
@@ -206,7 +264,7 @@ class _Handler:
 
 
 class _FisherEngine:
-    """Accumulates Σ_n (per-sample gradient)² batch by batch."""
+    """Accumulates Σ_n (per-sample gradient)² batch by batch (for ``mode="mas"``: Σ_n |…|)."""
 
     def __init__(
         self,
@@ -216,8 +274,12 @@ class _FisherEngine:
         likelihood: str,
         sigma: float,
         generator: torch.Generator | None,
+        *,
+        output_fn: Callable[[Tensor], Tensor] | None = None,
     ):
         self.model, self.mode, self.likelihood, self.sigma = model, mode, likelihood, sigma
+        self.output_fn = output_fn  # mas: f(x) = output_fn(model output)
+        self.reduction = "abs" if mode == "mas" else "sq"  # per-sample gradients: squared or |.|
         self.generator = generator
         self.named = named
         self.global_name = {id(p): n for n, p in named}
@@ -377,6 +439,15 @@ class _FisherEngine:
         out = out.detach()
         if out.shape[0] != n:
             raise ValueError(f"model output has batch size {out.shape[0]}, inputs have {n}")
+        if self.mode == "mas":  # ∂‖f‖²/∂out = 2·f on the outputs f reads (through output_fn)
+            if self.output_fn is None:
+                return (2 * out).unsqueeze(0)
+            o = out.requires_grad_(True)
+            f = self.output_fn(o)
+            if not isinstance(f, Tensor) or f.dim() == 0 or f.shape[0] != n:
+                raise ValueError(f"output_fn must return a tensor [N={n}, ...], got {type(f).__name__}")
+            (v,) = torch.autograd.grad(f.square().sum(), o, allow_unused=True)
+            return (torch.zeros_like(o) if v is None else v.detach()).unsqueeze(0)
         if self.likelihood == "categorical":
             if out.dim() != 2:
                 raise ValueError(
@@ -431,7 +502,7 @@ class _FisherEngine:
         # Rules that only need Σ_k G_k² (Linear on [N, in]) get the squares summed over the K
         # vectors first, and then run once: one matmul for all classes of the exact Fisher.
         pre = [
-            a and k > 1 and len(c.outputs) == 1 and h.rule.presquare(h.module, c)
+            a and k > 1 and self.reduction == "sq" and len(c.outputs) == 1 and h.rule.presquare(h.module, c)
             for (h, c), a in zip(work, alone, strict=True)
         ]
         for c, _, _ in targets:
@@ -457,7 +528,7 @@ class _FisherEngine:
                         sq = c.grads[0].square()
                         squares[id(c)] = squares[id(c)] + sq if id(c) in squares else sq
                     elif a:
-                        self._add(h, h.rule.sum_sq(h.module, c))
+                        self._add(h, self._reduce(h, c))
                     else:
                         for local, gname in h.names.items():
                             shared.setdefault(gname, []).append((h, c, local))
@@ -469,12 +540,18 @@ class _FisherEngine:
                     c.grads, c.squared = [squares[id(c)]], True
                     self._add(h, h.rule.sum_sq(h.module, c))
 
+    def _reduce(self, h: _Handler, c: Call) -> dict[str, Tensor]:
+        if self.reduction == "abs":
+            return h.rule.sum_abs(h.module, c)
+        return h.rule.sum_sq(h.module, c)
+
     def _add(self, h: _Handler, sums: dict[str, Tensor]) -> None:
         for local, sq in sums.items():
             self.sums[h.names[local]] += sq
 
     def _add_shared(self, gname: str, parts: list[tuple[_Handler, Call, str]]) -> None:
-        """Several contributions to one parameter per sample: sum per-sample gradients, then square."""
+        """Several contributions to one parameter per sample: sum per-sample gradients, then square
+        (or take the absolute value)."""
         first = parts[0][1]
         g = _first_grad(first)
         numel = self.sums[gname].numel()
@@ -483,7 +560,8 @@ class _FisherEngine:
             for h, c, local in parts:
                 ps = h.rule.per_sample(h.module, c, sl)[local]
                 total = ps if total is None else total + ps
-            self.sums[gname] += total.square().sum(dim=(0, 1))
+            reduced = total.abs() if self.reduction == "abs" else total.square()
+            self.sums[gname] += reduced.sum(dim=(0, 1))
 
     # ---- batched (mini-batch) mode
 

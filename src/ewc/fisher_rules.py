@@ -1,4 +1,4 @@
-"""Per-layer rules for per-sample squared gradients (BackPACK-style extensions).
+"""Per-layer rules for per-sample squared (or absolute) gradients (BackPACK-style extensions).
 
 A rule turns what a module saw in one call (its inputs) and the per-sample gradients of the
 objective with respect to its outputs into per-sample gradients of the module's own parameters.
@@ -8,6 +8,8 @@ has shape ``[K, N, *out]``. Two entry points:
 
 * ``sum_sq``: Σ_k Σ_n (per-sample gradient)², without materialising per-sample gradients where
   the layer's structure allows it (``nn.Linear`` on 2-D inputs: one matmul (G∘G)ᵀ(A∘A));
+* ``sum_abs``: Σ_k Σ_n |per-sample gradient| (MAS importances), by the same means (``nn.Linear``
+  on 2-D inputs: |g aᵀ| = |g| |a|ᵀ, one matmul |G|ᵀ|A|);
 * ``per_sample``: the per-sample gradients themselves, ``[K, N, *param.shape]``, needed when a
   parameter receives several contributions per sample (a module called twice, tied weights).
 
@@ -58,7 +60,7 @@ def _first_grad(call: Call) -> Tensor | None:
 
 
 class Rule:
-    """Base rule: ``sum_sq`` defaults to squaring ``per_sample`` chunk by chunk."""
+    """Base rule: ``sum_sq`` / ``sum_abs`` default to reducing ``per_sample`` chunk by chunk."""
 
     def __init__(self, names: list[str]):
         self.names = names  # parameter names relative to the module
@@ -71,13 +73,23 @@ class Rule:
         return False
 
     def sum_sq(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
+        """Σ_k Σ_n (per-sample gradient)², the Fisher's reduction."""
+        return self._reduce_per_sample(module, call, torch.square)
+
+    def sum_abs(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
+        """Σ_k Σ_n |per-sample gradient|, the reduction of MAS importances."""
+        return self._reduce_per_sample(module, call, torch.abs)
+
+    def _reduce_per_sample(
+        self, module: nn.Module, call: Call, op: Callable[[Tensor], Tensor]
+    ) -> dict[str, Tensor]:
         g = _first_grad(call)
         k, n_samples = g.shape[0], g.shape[1]
         n_params = sum(module.get_parameter(nm).numel() for nm in self.names)
         out: dict[str, Tensor] = {}
         for sl in _chunks(n_samples, k * n_params * g.element_size()):
             for name, ps in self.per_sample(module, call, sl).items():
-                sq = ps.square().sum(dim=(0, 1))
+                sq = op(ps).sum(dim=(0, 1))
                 out[name] = out[name] + sq if name in out else sq
         return out
 
@@ -104,6 +116,19 @@ class LinearRule(Rule):
             out["weight"] = g2.t() @ (a * a)
         if "bias" in self.names:
             out["bias"] = g2.sum(0)
+        return out
+
+    def sum_abs(self, module: nn.Linear, call: Call) -> dict[str, Tensor]:
+        """|g aᵀ| = |g| |a|ᵀ, so on 2-D inputs Σ_k Σ_n |g_kn a_nᵀ| = (Σ_k |G_k|)ᵀ |A|: one matmul."""
+        a, g = call.args[0], _first_grad(call)
+        if a.dim() != 2 or call.squared:
+            return super().sum_abs(module, call)
+        g1 = g.abs().sum(0)  # Σ_k |G_k|, [N, out]
+        out = {}
+        if "weight" in self.names:
+            out["weight"] = g1.t() @ a.abs()
+        if "bias" in self.names:
+            out["bias"] = g1.sum(0)
         return out
 
     def per_sample(self, module: nn.Linear, call: Call, n: slice | None = None) -> dict[str, Tensor]:
@@ -189,17 +214,26 @@ class ConvRule(Rule):
         return out
 
     def sum_sq(self, module: nn.modules.conv._ConvNd, call: Call) -> dict[str, Tensor]:
+        return self._reduce(module, call, torch.square)
+
+    def sum_abs(self, module: nn.modules.conv._ConvNd, call: Call) -> dict[str, Tensor]:
+        return self._reduce(module, call, torch.abs)
+
+    def _reduce(
+        self, module: nn.modules.conv._ConvNd, call: Call, op: Callable[[Tensor], Tensor]
+    ) -> dict[str, Tensor]:
+        """Σ_k Σ_n op(per-sample gradient), a few samples per grouped call."""
         a, g = call.args[0], _first_grad(call)
         self._check(module, a)
         out = {}
         if "weight" in self.names:
             total = None
             for sl in self._groups(module, g.shape[0], g.shape[1]):
-                sq = self._weight_grads(module, _slice_n(a, sl), _slice_n(g, sl, 1)).square().sum(dim=(0, 1))
+                sq = op(self._weight_grads(module, _slice_n(a, sl), _slice_n(g, sl, 1))).sum(dim=(0, 1))
                 total = sq if total is None else total + sq
             out["weight"] = total
         if "bias" in self.names:
-            out["bias"] = g.sum(dim=tuple(range(3, g.dim()))).square().sum(dim=(0, 1))
+            out["bias"] = op(g.sum(dim=tuple(range(3, g.dim())))).sum(dim=(0, 1))
         return out
 
 

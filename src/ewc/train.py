@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ewc.data import Task
-from ewc.methods import Batch, Method, make_method
+from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.metrics import summarize
 from ewc.scenario import SCENARIOS, Scenario
 
@@ -46,6 +46,7 @@ class TrainConfig:
     fisher_samples: int | None = 1000
     eval_every: int = 50
     curve_samples: int = 500
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method → its parameters
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
@@ -72,6 +73,24 @@ class TrainConfig:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         return d
+
+
+def method_params(name: str, config: TrainConfig) -> dict[str, Any]:
+    """The parameters a registered method is built with: EWC's λ, γ and Fisher settings and
+    L2's λ from the config's fields, then anything in ``config.params[name]`` on top."""
+    if name not in METHOD_SPECS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHOD_SPECS)}")
+    params: dict[str, Any] = {}
+    if name in ("ewc", "online-ewc"):
+        params = {
+            "lam": config.lam,
+            "gamma": config.gamma,
+            "fisher": config.fisher,
+            "fisher_samples": config.fisher_samples,
+        }
+    elif name == "l2":
+        params = {"lam": config.lam if config.l2_lam is None else config.l2_lam}
+    return {**params, **config.params.get(name, {})}
 
 
 def make_mlp(
@@ -203,14 +222,7 @@ def run_method(
         scenario = Scenario.for_tasks(scenario or config.scenario, [t.classes for t in tasks])
     device = setup_runtime(config)
     if isinstance(method, str):
-        method = make_method(
-            method,
-            lam=config.lam,
-            l2_lam=config.l2_lam,
-            gamma=config.gamma,
-            fisher=config.fisher,
-            fisher_samples=config.fisher_samples,
-        )
+        method = make_method(method, **method_params(method, config))
     input_dim = math.prod(tasks[0].x_train.shape[1:])
     dropout = config.dropout if method.dropout is None else method.dropout
     torch.manual_seed(config.seed)  # the same initial weights for every method
@@ -298,6 +310,7 @@ def run_method(
             "train_seconds": seconds - eval_seconds,
             "baseline_accuracy": baseline,
             "scenario": scenario.kind,
+            "memory_bytes": method.memory_bytes(),
             "curves": asdict(curves),
         }
     )

@@ -18,11 +18,32 @@ import torch
 import ewc
 from ewc.data import Task, load_dataset, make_sequence
 from ewc.experiments.common import check_out_dir, write_json
-from ewc.methods import METHODS
+from ewc.methods import METHOD_SPECS, METHODS, Method, MethodSpec, make_method
 from ewc.scenario import Scenario
-from ewc.train import TrainConfig, run_method
+from ewc.train import TrainConfig, method_params, run_method
 
 LAM_METHODS = ("ewc", "online-ewc", "l2")
+
+
+def search_grids(
+    methods: list[str], search: bool, lam_grid: list[float] | None, l2_lam_grid: list[float] | None
+) -> dict[str, list[dict[str, Any]]]:
+    """The validation grid of each method (a list of parameter dicts; methods without one omitted)."""
+    grids: dict[str, list[dict[str, Any]]] = {}
+    for m in methods:
+        grid = dict(METHOD_SPECS[m].grid) if search else {}
+        lams = (l2_lam_grid or lam_grid) if m == "l2" else lam_grid if m in LAM_METHODS else None
+        if lams:
+            grid["lam"] = tuple(lams)
+        if grid:
+            grids[m] = MethodSpec(Method, grid=grid).combinations()
+    return grids
+
+
+def with_params(config: TrainConfig, method: str, params: dict[str, Any]) -> TrainConfig:
+    """``config`` with ``params`` set for ``method`` (on top of what it already sets)."""
+    merged = {**config.params, method: {**config.params.get(method, {}), **params}}
+    return dataclasses.replace(config, params=merged)
 
 
 def validation_tasks(tasks: list[Task]) -> list[Task]:
@@ -89,12 +110,18 @@ def run_sequence(
     *,
     lam_grid: list[float] | None = None,
     l2_lam_grid: list[float] | None = None,
+    search: bool = False,
     max_train_per_task: int | None = None,
     data_root: str | None = None,
     report: bool = True,
     jobs: int = 1,
 ) -> dict[str, Any]:
-    """Run ``methods`` on an ``n_tasks`` ``sequence`` of ``data``; write results into ``out``."""
+    """Run ``methods`` on an ``n_tasks`` ``sequence`` of ``data``; write results into ``out``.
+
+    With ``search``, every method's registered grid (``METHOD_SPECS[m].grid``) is searched on
+    the validation parts first; ``lam_grid`` / ``l2_lam_grid`` set the λ grid of EWC / L2
+    (with or without ``search``). The chosen values are recorded in ``config.selection``.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
@@ -102,34 +129,33 @@ def run_sequence(
         raise ValueError("no methods given")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    stray = sorted(set(config.params) - set(methods))
+    if stray:
+        raise ValueError(f"parameters given for method(s) not run: {', '.join(stray)}")
+    for m in methods:  # bad parameters fail here, before any training
+        make_method(m, **method_params(m, config))
     out_dir = check_out_dir(out) if out is not None else None
     key = (sequence, data, n_tasks, max_train_per_task, data_root)
     tasks, _ = _tasks(sequence, data, n_tasks, config.seed, max_train_per_task, data_root)
 
-    # 1. λ on the validation parts (never the test parts), for the methods that have one
-    selection: dict[str, Any] = {}
-    grids = {m: (l2_lam_grid or lam_grid) if m == "l2" else lam_grid for m in methods if m in LAM_METHODS}
-    grids = {m: g for m, g in grids.items() if g}
-    specs = [
-        (key, m, dataclasses.replace(config, lam=lam, l2_lam=lam), True)
-        for m, grid in grids.items()
-        for lam in grid
-    ]
+    # 1. hyper-parameters on the validation parts (never the test parts)
+    grids = search_grids(methods, search, lam_grid, l2_lam_grid)
+    specs = [(key, m, with_params(config, m, combo), True) for m, combos in grids.items() for combo in combos]
     scores = iter(_run_all(specs, jobs))
-    for m, grid in grids.items():
-        selection[m] = _choose(grid, {lam: next(scores)["average_accuracy"] for lam in grid})
-    # 2. the test run of every method, with its chosen λ
-    configs = {
-        m: dataclasses.replace(config, lam=selection[m]["chosen"], l2_lam=selection[m]["chosen"])
-        if m in selection
-        else config
-        for m in methods
-    }
+    selection: dict[str, Any] = {}
+    for m, combos in grids.items():
+        accs = [next(scores)["average_accuracy"] for _ in combos]
+        best = max(range(len(combos)), key=lambda k: (accs[k], -k))  # ties: the first in grid order
+        selection[m] = {"grid": combos, "validation_acc": accs, "chosen": combos[best]}
+    # 2. the test run of every method, with its chosen hyper-parameters
+    configs = {m: with_params(config, m, selection[m]["chosen"]) for m in selection}
+    configs = {m: configs.get(m, config) for m in methods}
     runs = _run_all([(key, m, configs[m], False) for m in methods], jobs)
     results: dict[str, Any] = {"methods": {}}
     for m, res in zip(methods, runs, strict=True):
-        if m in selection:
-            res["lam"] = selection[m]["chosen"]
+        res["params"] = method_params(m, configs[m])
+        if m in selection and "lam" in selection[m]["chosen"]:
+            res["lam"] = selection[m]["chosen"]["lam"]
         results["methods"][m] = res
 
     results["config"] = {
@@ -140,7 +166,8 @@ def run_sequence(
         "max_train_per_task": max_train_per_task,
         "lam_grid": lam_grid,
         "l2_lam_grid": l2_lam_grid,
-        "lam_selection": selection,
+        "search": search,
+        "selection": selection,
         "jobs": jobs,
         **config.to_dict(),
         "scenario": Scenario.for_tasks(config.scenario, [t.classes for t in tasks]).kind,
