@@ -39,6 +39,17 @@ def _setting(text: str) -> tuple[str, str, object]:
     return method, param, value
 
 
+def _names(choices: tuple[str, ...]) -> object:
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [n for n in names if n not in choices]
+        if not names or bad:
+            raise argparse.ArgumentTypeError(f"expected some of {', '.join(choices)}, got {text!r}")
+        return names
+
+    return parse
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -50,8 +61,6 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ewc.data import DATASETS, SEQUENCES
-    from ewc.methods import METHODS
 
     parser = argparse.ArgumentParser(
         prog="ewc",
@@ -67,106 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
         "order; evaluate every task during training and after each task; write results.json, "
         "metrics.csv, curves.png, matrix.png, summary.png and report.md into --out.",
     )
-    run.add_argument("sequence", choices=SEQUENCES, help="how tasks are made from the dataset")
-    run.add_argument(
-        "--data",
-        default="mnist-10k",
-        choices=DATASETS,
-        help="dataset (default: mnist-10k, embedded in the package)",
-    )
-    run.add_argument(
-        "--data-root", default=None, help="directory with the dataset files (else $EWC_DATA, cache, system)"
-    )
-    run.add_argument("--tasks", type=int, default=10, help="number of tasks (default: 10)")
-    run.add_argument(
-        "--methods",
-        default="sgd,l2,ewc,online-ewc,joint",
-        help=f"comma-separated, from: {', '.join(METHODS)} (default: all)",
-    )
-    run.add_argument("--out", required=True, help="output directory (created; must not be a file)")
-    run.add_argument("--epochs", type=int, default=5, help="epochs per task (default: 5)")
-    run.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default: 64)")
-    run.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 0.001)")
-    run.add_argument(
-        "--optimizer",
-        choices=("sgd", "adam"),
-        default="adam",
-        help="optimiser, fresh state per task (default: adam)",
-    )
-    run.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
-    run.add_argument("--hidden", type=_ints, default=(400, 400), help="hidden sizes, e.g. 400,400 (default)")
-    run.add_argument(
-        "--dropout", type=float, default=0.0, help="dropout after each hidden layer (default: 0)"
-    )
-    run.add_argument("--lam", type=float, default=100.0, help="EWC strength λ (penalty λ/2·ΣF(θ−θ*)²)")
-    run.add_argument("--l2-lam", type=float, default=None, help="L2 strength (default: --lam)")
-    run.add_argument(
-        "--select-lam",
-        type=_floats,
-        default=None,
-        metavar="GRID",
-        help="choose λ of ewc/online-ewc/l2 from this comma-separated grid on the validation "
-        "parts before the test run (e.g. 1,10,100,1000)",
-    )
-    run.add_argument(
-        "--select-l2-lam",
-        type=_floats,
-        default=None,
-        metavar="GRID",
-        help="grid for l2's λ (default: the --select-lam grid)",
-    )
-    run.add_argument(
-        "--scenario",
-        choices=("task", "domain", "class"),
-        default=None,
-        help="task-, domain- or class-incremental: which outputs a task is trained and tested on "
-        "(default: domain when the tasks share their classes, as in permuted; class otherwise)",
-    )
-    run.add_argument(
-        "--search",
-        action="store_true",
-        help="choose every method's hyper-parameters from its registered grid on the validation "
-        "parts before the test run (see docs/methods.md)",
-    )
-    run.add_argument(
-        "--set",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="METHOD.PARAM=VALUE",
-        help="a method parameter, e.g. lwf.temperature=2 or replay.capacity=500 (repeatable)",
-    )
-    run.add_argument("--gamma", type=float, default=1.0, help="online EWC decay γ in (0, 1] (default: 1)")
-    run.add_argument("--fisher", choices=FISHER_MODES, default="exact", help="Fisher mode (default: exact)")
-    run.add_argument(
-        "--fisher-samples", type=int, default=1000, help="samples per task for the Fisher (default: 1000)"
-    )
-    run.add_argument(
-        "--max-train-per-task", type=int, default=None, help="subsample each task's training part"
-    )
-    run.add_argument(
-        "--eval-every",
-        type=int,
-        default=50,
-        help="mini-batches between evaluations of every task (default: 50)",
-    )
-    run.add_argument(
-        "--curve-samples",
-        type=int,
-        default=500,
-        help="test samples per task used for the curves (default: 500)",
-    )
-    run.add_argument("--seed", type=int, default=0, help="seed for data, permutations and initial weights")
-    run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    run.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="methods trained in parallel worker processes, one torch thread each (default: 1)",
-    )
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(run)
     run.set_defaults(func=_cmd_run)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="every method in every scenario, hyper-parameters chosen on validation: one table",
+        description="Run `ewc run` once per scenario (task-, domain-, class-incremental) with the "
+        "given methods (default: all), each method's hyper-parameters chosen on the validation "
+        "parts (--search, on by default here), and write comparison.md, comparison.csv, "
+        "summary.png and results.json into --out (one sub-directory per scenario).",
+    )
+    _add_run_flags(cmp, compare=True)
+    cmp.add_argument("--no-search", dest="search", action="store_false", help="use the defaults")
+    cmp.set_defaults(func=_cmd_compare, search=True)
 
     rep = sub.add_parser(
         "report",
@@ -196,6 +119,117 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output directory (created; must not be a file)")
         p.set_defaults(func=_cmd_experiment)
     return parser
+
+
+def _add_run_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    """The flags of ``ewc run`` (and of ``ewc compare``, which runs it once per scenario)."""
+    from ewc.data import DATASETS, SEQUENCES
+    from ewc.methods import METHODS
+
+    p.add_argument("sequence", choices=SEQUENCES, help="how tasks are made from the dataset")
+    p.add_argument(
+        "--data",
+        default="mnist-10k",
+        choices=DATASETS,
+        help="dataset (default: mnist-10k, embedded in the package)",
+    )
+    p.add_argument(
+        "--data-root", default=None, help="directory with the dataset files (else $EWC_DATA, cache, system)"
+    )
+    p.add_argument("--tasks", type=int, default=10, help="number of tasks (default: 10)")
+    p.add_argument(
+        "--methods",
+        default="all" if compare else "sgd,l2,ewc,online-ewc,joint",
+        help=f"comma-separated, from: {', '.join(METHODS)}, or 'all' "
+        f"(default: {'all' if compare else 'sgd,l2,ewc,online-ewc,joint'})",
+    )
+    p.add_argument("--out", required=True, help="output directory (created; must not be a file)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per task (default: 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default: 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 0.001)")
+    p.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="adam",
+        help="optimiser, fresh state per task (default: adam)",
+    )
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
+    p.add_argument("--hidden", type=_ints, default=(400, 400), help="hidden sizes, e.g. 400,400 (default)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden layer (default: 0)")
+    p.add_argument("--lam", type=float, default=100.0, help="EWC strength λ (penalty λ/2·ΣF(θ−θ*)²)")
+    p.add_argument("--l2-lam", type=float, default=None, help="L2 strength (default: --lam)")
+    p.add_argument(
+        "--select-lam",
+        type=_floats,
+        default=None,
+        metavar="GRID",
+        help="choose λ of ewc/online-ewc/l2 from this comma-separated grid on the validation "
+        "parts before the test run (e.g. 1,10,100,1000)",
+    )
+    p.add_argument(
+        "--select-l2-lam",
+        type=_floats,
+        default=None,
+        metavar="GRID",
+        help="grid for l2's λ (default: the --select-lam grid)",
+    )
+    if compare:
+        p.add_argument(
+            "--scenarios",
+            type=_names(("task", "domain", "class")),
+            default=("task", "domain", "class"),
+            help="comma-separated scenarios to compare (default: task,domain,class)",
+        )
+    else:
+        p.add_argument(
+            "--scenario",
+            choices=("task", "domain", "class"),
+            default=None,
+            help="task-, domain- or class-incremental: which outputs a task is trained and tested on "
+            "(default: domain when the tasks share their classes, as in permuted; class otherwise)",
+        )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="choose every method's hyper-parameters from its registered grid on the validation "
+        "parts before the test run (see docs/methods.md)",
+    )
+    p.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="METHOD.PARAM=VALUE",
+        help="a method parameter, e.g. lwf.temperature=2 or replay.capacity=500 (repeatable)",
+    )
+    p.add_argument("--gamma", type=float, default=1.0, help="online EWC decay γ in (0, 1] (default: 1)")
+    p.add_argument("--fisher", choices=FISHER_MODES, default="exact", help="Fisher mode (default: exact)")
+    p.add_argument(
+        "--fisher-samples", type=int, default=1000, help="samples per task for the Fisher (default: 1000)"
+    )
+    p.add_argument("--max-train-per-task", type=int, default=None, help="subsample each task's training part")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=50,
+        help="mini-batches between evaluations of every task (default: 50)",
+    )
+    p.add_argument(
+        "--curve-samples",
+        type=int,
+        default=500,
+        help="test samples per task used for the curves (default: 500)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for data, permutations and initial weights")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="methods trained in parallel worker processes, one torch thread each (default: 1)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _parse_tuple(item: type) -> object:
@@ -241,11 +275,10 @@ def _params(settings: list[tuple[str, str, object]]) -> dict[str, dict[str, obje
     return params
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from ewc.experiments.sequence import run_sequence
+def _training_config(args: argparse.Namespace, scenario: str | None = None) -> object:
     from ewc.train import TrainConfig
 
-    config = TrainConfig(
+    return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -253,7 +286,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         hidden=args.hidden,
         dropout=args.dropout,
-        scenario=args.scenario,
+        scenario=scenario,
         params=_params(args.set),
         lam=args.lam,
         l2_lam=args.l2_lam,
@@ -267,7 +300,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=False if args.quiet else None,
     )
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+
+
+def _method_names(text: str) -> list[str]:
+    from ewc.methods import METHODS
+
+    if text.strip() == "all":
+        return list(METHODS)
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ewc.experiments.compare import run_compare
+
+    summary = run_compare(
+        args.sequence,
+        args.data,
+        args.tasks,
+        _method_names(args.methods),
+        list(args.scenarios),
+        _training_config(args),
+        args.out,
+        lam_grid=args.select_lam,
+        l2_lam_grid=args.select_l2_lam,
+        search=args.search,
+        max_train_per_task=args.max_train_per_task,
+        data_root=args.data_root,
+        jobs=args.jobs,
+    )
+    print(summary["table"])
+    print(f"report: {Path(args.out) / 'comparison.md'}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ewc.experiments.sequence import run_sequence
+
+    config = _training_config(args, args.scenario)
+    methods = _method_names(args.methods)
     results = run_sequence(
         args.sequence,
         args.data,

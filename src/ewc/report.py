@@ -57,6 +57,13 @@ _KNOWN_COLORS: dict[str, str] = {
     "joint": "#3a3a3a",
     "si": "#9467bd",
     "mas": "#8c564b",
+    "lwf": "#e377c2",
+    "dropout": "#17becf",
+    "replay": "#bcbd22",
+    "gem": "#7f7f7f",
+    "agem": "#aec7e8",
+    "ewc+replay": "#98df8a",
+    "joint-cumulative": "#000000",
 }
 _KNOWN_LABELS: dict[str, str] = {
     "sgd": "SGD",
@@ -66,6 +73,13 @@ _KNOWN_LABELS: dict[str, str] = {
     "joint": "Joint",
     "si": "SI",
     "mas": "MAS",
+    "lwf": "LwF",
+    "dropout": "SGD + dropout",
+    "replay": "Replay",
+    "gem": "GEM",
+    "agem": "A-GEM",
+    "ewc+replay": "EWC + replay",
+    "joint-cumulative": "Joint (cumulative)",
 }
 _EXTRA_COLORS = ["#9467bd", "#e377c2", "#17becf", "#bcbd22", "#8c564b", "#7f7f7f", "#aec7e8", "#98df8a"]
 

@@ -81,7 +81,7 @@ def method_params(name: str, config: TrainConfig) -> dict[str, Any]:
     if name not in METHOD_SPECS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHOD_SPECS)}")
     params: dict[str, Any] = {}
-    if name in ("ewc", "online-ewc"):
+    if name in ("ewc", "online-ewc", "ewc+replay"):
         params = {
             "lam": config.lam,
             "gamma": config.gamma,

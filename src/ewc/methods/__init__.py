@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ewc.methods.base import Batch, Joint, Method
+from ewc.methods.compose import Compose
 from ewc.methods.dropout import DropoutMethod
+from ewc.methods.gem import AGEMMethod, GEMMethod
 from ewc.methods.importance import MASMethod, SIMethod
 from ewc.methods.lwf import LwFMethod
 from ewc.methods.regularizers import EWCMethod, L2Method
+from ewc.methods.replay import ReplayMethod
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,29 @@ def _ewc(mode: str) -> Callable[..., Method]:
 
 
 _EWC_DEFAULTS = {"lam": 100.0, "gamma": 1.0, "fisher": "exact", "fisher_samples": 1000}
+_MEMORY = {"capacity": 1000, "policy": "balanced", "per": "task", "seed": 0}
+
+
+def _ewc_replay(
+    lam: float,
+    gamma: float,
+    fisher: str,
+    fisher_samples: int | None,
+    capacity: int,
+    policy: str,
+    per: str,
+    replay_batch: int | None,
+    weight: float,
+    seed: int,
+) -> Method:
+    """EWC's penalty plus a replay memory, by composition (the blog's memory + constrained update)."""
+    return Compose(
+        EWCMethod(lam, "separate", gamma, fisher, fisher_samples),
+        ReplayMethod(
+            capacity=capacity, policy=policy, per=per, replay_batch=replay_batch, weight=weight, seed=seed
+        ),
+    )
+
 
 METHOD_SPECS: dict[str, MethodSpec] = {
     "sgd": MethodSpec(Method, help="fine-tuning: no memory, no penalty (the lower bound)"),
@@ -70,6 +96,30 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         {"alpha": (0.5, 1.0, 2.0)},
         "Learning without Forgetting: distil the previous model's outputs",
     ),
+    "replay": MethodSpec(
+        ReplayMethod,
+        {**_MEMORY, "policy": "reservoir", "replay_batch": None, "weight": 1.0},
+        {"weight": (0.5, 1.0, 2.0)},
+        "experience replay from a bounded memory",
+    ),
+    "gem": MethodSpec(
+        GEMMethod,
+        {**_MEMORY, "memory_strength": 0.5},
+        {"memory_strength": (0.0, 0.5, 1.0)},
+        "Gradient Episodic Memory: project so no past task's memory loss increases",
+    ),
+    "agem": MethodSpec(
+        AGEMMethod,
+        {**_MEMORY, "sample_size": 256},
+        {"sample_size": (64, 256)},
+        "Averaged GEM: one projection against the memory's mean gradient",
+    ),
+    "ewc+replay": MethodSpec(
+        _ewc_replay,
+        {**_EWC_DEFAULTS, **_MEMORY, "policy": "reservoir", "replay_batch": None, "weight": 1.0},
+        {"lam": (30.0, 100.0, 300.0, 1000.0)},
+        "EWC and replay composed (Compose)",
+    ),
     "joint": MethodSpec(lambda: Joint("task"), help="all tasks so far, as many updates as the others"),
     "joint-cumulative": MethodSpec(lambda: Joint("all"), help="all tasks so far, every epoch over all"),
 }
@@ -90,6 +140,9 @@ def make_method(name: str, **params: Any) -> Method:
 
 
 __all__ = [
+    "AGEMMethod",
+    "Compose",
+    "GEMMethod",
     "METHODS",
     "METHOD_SPECS",
     "Batch",
@@ -101,6 +154,7 @@ __all__ = [
     "MASMethod",
     "Method",
     "MethodSpec",
+    "ReplayMethod",
     "SIMethod",
     "make_method",
 ]

@@ -1,0 +1,149 @@
+"""Every method in every scenario on one task sequence: the comparison users choose a method by.
+
+For each scenario (task-, domain-, class-incremental; :mod:`ewc.scenario`) this runs the main job
+(:func:`ewc.experiments.sequence.run_sequence`) with the same data, initial weights and data order,
+each method's hyper-parameters chosen on the validation parts from its registered grid
+(``METHOD_SPECS[name].grid``, listed in docs/methods.md), and gathers one table: ACC, forgetting,
+BWT, FWT, wall time and the memory each method keeps between tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ewc.experiments.common import check_out_dir, write_json
+from ewc.experiments.sequence import run_sequence
+from ewc.report import figure_style, md_table, method_color, method_label, new_figure, save_figure
+from ewc.state import atomic_write_bytes
+from ewc.train import TrainConfig
+
+_COLUMNS = ("average_accuracy", "forgetting", "bwt", "fwt", "seconds", "memory_bytes")
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    shown = {k: v for k, v in params.items() if k not in ("fisher", "fisher_samples", "batch_size")}
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+
+
+def _memory(n: int) -> str:
+    return "0" if not n else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per (scenario, method)."""
+    header = ["scenario", "method", "ACC", "forgetting", "BWT", "FWT", "seconds", "memory", "chosen"]
+    body = [
+        [
+            r["scenario"],
+            method_label(r["method"]),
+            f"{r['average_accuracy']:.3f}",
+            f"{r['forgetting']:.3f}",
+            f"{r['bwt']:+.3f}",
+            f"{r['fwt']:+.3f}",
+            f"{r['seconds']:.1f}",
+            _memory(r["memory_bytes"]),
+            _fmt_params(r["chosen"]),
+        ]
+        for r in rows
+    ]
+    return md_table(header, body, ["---", "---"] + ["---:"] * 6 + ["---"])
+
+
+def _plot(rows: list[dict[str, Any]], scenarios: list[str], methods: list[str], path: Path) -> None:
+    """ACC per method, one panel per scenario (the figure of the comparison)."""
+    with figure_style():
+        fig = new_figure((3.2 * len(scenarios) + 1.0, 0.32 * len(methods) + 1.6))
+        axes = fig.subplots(1, len(scenarios), sharey=True, squeeze=False)[0]
+        for ax, sc in zip(axes, scenarios, strict=True):
+            acc = {r["method"]: r["average_accuracy"] for r in rows if r["scenario"] == sc}
+            ys = list(range(len(methods)))[::-1]
+            vals = [acc.get(m, float("nan")) for m in methods]
+            ax.barh(ys, vals, color=[method_color(m, methods) for m in methods])
+            for y, v in zip(ys, vals, strict=True):
+                ax.text(min(v, 1.0) + 0.01, y, f"{v:.2f}", va="center", fontsize=8)
+            ax.set_yticks(ys, [method_label(m) for m in methods])
+            ax.set_xlim(0, 1.12)
+            ax.set_title(f"{sc}-incremental")
+            ax.set_xlabel("ACC (test, after the last task)")
+        save_figure(fig, path)
+
+
+def run_compare(
+    sequence: str,
+    data: str,
+    n_tasks: int,
+    methods: list[str],
+    scenarios: list[str],
+    config: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    lam_grid: list[float] | None = None,
+    l2_lam_grid: list[float] | None = None,
+    search: bool = True,
+    max_train_per_task: int | None = None,
+    data_root: str | None = None,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """Run ``methods`` in each of ``scenarios``; write the runs, the table and the figure to ``out``."""
+    if not scenarios:
+        raise ValueError("no scenarios given")
+    out_dir = check_out_dir(out)
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, Any] = {}
+    for sc in scenarios:
+        res = run_sequence(
+            sequence,
+            data,
+            n_tasks,
+            methods,
+            dataclasses.replace(config, scenario=sc),
+            out_dir / sc,
+            lam_grid=lam_grid,
+            l2_lam_grid=l2_lam_grid,
+            search=search,
+            max_train_per_task=max_train_per_task,
+            data_root=data_root,
+            jobs=jobs,
+        )
+        runs[sc] = {"selection": res["config"]["selection"], "run": str(Path(sc) / "results.json")}
+        for m, r in res["methods"].items():
+            rows.append({"scenario": sc, "method": m, **{k: r[k] for k in _COLUMNS}, "chosen": r["params"]})
+    table = comparison_table(rows)
+    record = {
+        "sequence": sequence,
+        "dataset": data,
+        "tasks": n_tasks,
+        "methods": methods,
+        "scenarios": scenarios,
+        "search": search,
+        "config": config.to_dict(),
+        "rows": rows,
+        "runs": runs,
+        "seconds": time.perf_counter() - start,
+    }
+    write_json(record, out_dir / "results.json")
+    csv = ["scenario,method," + ",".join(_COLUMNS)]
+    csv += [f"{r['scenario']},{r['method']}," + ",".join(repr(r[k]) for k in _COLUMNS) for r in rows]
+    atomic_write_bytes(out_dir / "comparison.csv", ("\n".join(csv) + "\n").encode())
+    _plot(rows, scenarios, methods, out_dir / "summary.png")
+    md = [
+        f"# {sequence} {data}: {n_tasks} tasks, {len(methods)} methods, {len(scenarios)} scenarios",
+        "",
+        "Test accuracy after the last task (ACC), max-based forgetting, backward and forward",
+        "transfer, wall time per run and the bytes a method keeps between tasks. Hyper-parameters"
+        + (" were chosen on the validation parts (`chosen`)." if search else " are the defaults."),
+        "Each scenario's full report (curves, matrices) is in its sub-directory.",
+        "",
+        table,
+        "",
+        "![summary](summary.png)",
+        "",
+    ]
+    atomic_write_bytes(out_dir / "comparison.md", "\n".join(md).encode())
+    record["table"] = table
+    return record
