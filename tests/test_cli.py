@@ -144,3 +144,22 @@ def test_parallel_jobs_give_the_same_results(tmp_path: Path) -> None:
         runs[jobs] = saved["methods"]
     for m in ("sgd", "ewc"):
         assert runs[1][m]["accuracy_matrix"] == runs[2][m]["accuracy_matrix"]
+
+
+def test_compare_writes_one_table_over_scenarios(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    argv = ["compare", "split", "--methods", "sgd,replay", "--scenarios", "task,class", "--no-search"]
+    tiny = [a for a in TINY if a != "--quiet"] + ["--quiet"]
+    assert main([*argv, "--out", str(out), *tiny]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["scenario"], r["method"]): r for r in results["rows"]}
+    assert set(rows) == {("task", "sgd"), ("task", "replay"), ("class", "sgd"), ("class", "replay")}
+    assert rows[("class", "replay")]["memory_bytes"] > 0 == rows[("class", "sgd")]["memory_bytes"]
+    for name in ("comparison.md", "comparison.csv", "summary.png", "task/results.json", "class/report.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| class | Replay |" in (out / "comparison.md").read_text()
+
+
+def test_compare_rejects_unknown_scenarios() -> None:
+    with pytest.raises(SystemExit):
+        main(["compare", "split", "--scenarios", "task,nope", "--out", "x"])

@@ -19,7 +19,7 @@ import stat
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import torch
@@ -171,3 +171,14 @@ def _needs_code(exc: Exception, target: str) -> str | None:
     except Exception:
         return None
     return None
+
+
+def tensor_bytes(tree: Any) -> int:
+    """Bytes held by the tensors in a nested dict / list / tuple (e.g. a state dict)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, Mapping):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0

@@ -21,6 +21,7 @@ from ewc.fisher import diagonal_importance
 from ewc.methods.base import Batch, Method
 from ewc.penalty import EWC
 from ewc.scenario import Scenario
+from ewc.state import tensor_bytes
 
 
 def _check_number(value: Any, what: str, *, positive: bool = False) -> float:
@@ -41,24 +42,27 @@ def _check_samples(value: Any, what: str, *, allow_none: bool) -> int | None:
     return value
 
 
-def _nbytes(tree: Any) -> int:
-    """Bytes of every tensor in a nested dict / list."""
-    if isinstance(tree, Tensor):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, Mapping):
-        return sum(_nbytes(v) for v in tree.values())
-    if isinstance(tree, list | tuple):
-        return sum(_nbytes(v) for v in tree)
-    return 0
-
-
 def _check_keys(state: Any, expected: set[str], who: str) -> None:
     if not isinstance(state, Mapping) or set(state) != expected:
         got = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"{who} state must have keys {sorted(expected)}, got {got}")
 
 
-class SIMethod(Method):
+class _Importance(Method):
+    """What SI and MAS share: one merged quadratic (``self.reg``) holding Ω and θ*."""
+
+    reg: EWC
+
+    def importance(self) -> dict[str, Tensor]:
+        """The cumulative Ω (empty before the first task ends)."""
+        stored = self.reg.state_dict()["tasks"]
+        return dict(stored[0]["fisher"]) if stored else {}
+
+    def memory_bytes(self) -> int:
+        return tensor_bytes(self.reg.state_dict()["tasks"])
+
+
+class SIMethod(_Importance):
     """Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017).
 
     During task k every optimiser step adds its share of the path integral of the task loss,
@@ -150,14 +154,6 @@ class SIMethod(Method):
         self.reg.consolidate(fisher_diag=new)
         self._start = self._prev = None
 
-    def importance(self) -> dict[str, Tensor]:
-        """The cumulative Ω (empty before the first task ends)."""
-        stored = self.reg.state_dict()["tasks"]
-        return dict(stored[0]["fisher"]) if stored else {}
-
-    def memory_bytes(self) -> int:
-        return _nbytes(self.reg.state_dict()["tasks"])
-
     def state_dict(self) -> dict[str, Any]:
         """Hyper-parameters, the penalty (Ω, θ*) and, mid-task, ω and the task's start parameters."""
         return {
@@ -198,7 +194,7 @@ class SIMethod(Method):
         return out
 
 
-class MASMethod(Method):
+class MASMethod(_Importance):
     """Memory Aware Synapses (Aljundi, Babiloni, Elhoseiny, Rohrbach & Tuytelaars, ECCV 2018).
 
     After task k, the importance of every parameter on the task's inputs (no labels, Eq. 2-4):
@@ -246,14 +242,6 @@ class MASMethod(Method):
 
     def after_task(self, index: int, task: Task) -> None:
         self.reg.consolidate(fisher_diag=self.task_importance(index, task))
-
-    def importance(self) -> dict[str, Tensor]:
-        """The cumulative Ω (empty before the first task ends)."""
-        stored = self.reg.state_dict()["tasks"]
-        return dict(stored[0]["fisher"]) if stored else {}
-
-    def memory_bytes(self) -> int:
-        return _nbytes(self.reg.state_dict()["tasks"])
 
     def state_dict(self) -> dict[str, Any]:
         return {

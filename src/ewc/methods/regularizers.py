@@ -10,6 +10,7 @@ from ewc.data import Task
 from ewc.methods.base import Batch, Method
 from ewc.penalty import EWC, L2
 from ewc.scenario import Scenario
+from ewc.state import tensor_bytes
 
 
 class L2Method(Method):
@@ -29,7 +30,7 @@ class L2Method(Method):
 
     def memory_bytes(self) -> int:
         """Anchors and importances kept between tasks."""
-        return _state_bytes(self.reg.state_dict())
+        return tensor_bytes(self.reg.state_dict())
 
     def after_task(self, index: int, task: Task) -> None:
         self.reg.consolidate()
@@ -79,14 +80,3 @@ class EWCMethod(L2Method):
 
     def after_task(self, index: int, task: Task) -> None:
         self.reg.consolidate((task.x_train, task.y_train))
-
-
-def _state_bytes(state: Any) -> int:
-    """Bytes of the tensors in a (nested) state dict."""
-    if isinstance(state, Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(_state_bytes(v) for v in state.values())
-    if isinstance(state, list | tuple):
-        return sum(_state_bytes(v) for v in state)
-    return 0
