@@ -195,6 +195,11 @@ def _add_run_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
         "parts before the test run (see docs/methods.md)",
     )
     p.add_argument(
+        "--save-state",
+        action="store_true",
+        help="save each trained learner (weights, method state, scenario) as OUT/checkpoints/METHOD.pt",
+    )
+    p.add_argument(
         "--set",
         type=_setting,
         action="append",
@@ -324,6 +329,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         lam_grid=args.select_lam,
         l2_lam_grid=args.select_l2_lam,
         search=args.search,
+        save_state=args.save_state,
         max_train_per_task=args.max_train_per_task,
         data_root=args.data_root,
         jobs=args.jobs,
@@ -348,6 +354,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         lam_grid=args.select_lam,
         l2_lam_grid=args.select_l2_lam,
         search=args.search,
+        save_state=args.save_state,
         max_train_per_task=args.max_train_per_task,
         data_root=args.data_root,
         jobs=args.jobs,

@@ -310,6 +310,13 @@ def run_method(
             "train_seconds": seconds - eval_seconds,
             "baseline_accuracy": baseline,
             "scenario": scenario.kind,
+            "architecture": {
+                "input_dim": input_dim,
+                "hidden": list(config.hidden),
+                "num_classes": scenario.num_outputs,
+                "dropout": dropout,
+                "batchnorm": config.batchnorm,
+            },
             "memory_bytes": method.memory_bytes(),
             "curves": asdict(curves),
         }

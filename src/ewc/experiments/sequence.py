@@ -58,12 +58,19 @@ def _choose(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
 
 
 def _job(spec: tuple) -> dict[str, Any]:
-    """One training run, in this process or a worker: (data key, method, config, on_validation)."""
-    (sequence, data, n_tasks, max_train, data_root), method, config, on_val = spec
+    """One training run, in this process or a worker: (data key, method, config, on_validation
+    [, checkpoint path]); with a path, the trained learner is saved there (ewc.checkpoint)."""
+    (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *save = spec
     tasks, _ = _tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
     res = run_method(validation_tasks(tasks) if on_val else tasks, method, config)
-    res.pop("model")
-    res.pop("method")
+    model, learner = res.pop("model"), res.pop("method")
+    if save and save[0] is not None:
+        from ewc.checkpoint import save_checkpoint
+
+        params, arch = method_params(method, config), res["architecture"]
+        save_checkpoint(
+            save[0], model, learner, name=method, params=params, scenario=learner.scenario, architecture=arch
+        )
     return res
 
 
@@ -95,7 +102,7 @@ def _run_all(specs: list[tuple], jobs: int) -> list[dict[str, Any]]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    specs = [(k, m, dataclasses.replace(c, threads=1, progress=False), v) for k, m, c, v in specs]
+    specs = [(k, m, dataclasses.replace(c, threads=1, progress=False), *rest) for k, m, c, *rest in specs]
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         return list(pool.map(_job, specs))
 
@@ -111,6 +118,7 @@ def run_sequence(
     lam_grid: list[float] | None = None,
     l2_lam_grid: list[float] | None = None,
     search: bool = False,
+    save_state: bool = False,
     max_train_per_task: int | None = None,
     data_root: str | None = None,
     report: bool = True,
@@ -121,6 +129,8 @@ def run_sequence(
     With ``search``, every method's registered grid (``METHOD_SPECS[m].grid``) is searched on
     the validation parts first; ``lam_grid`` / ``l2_lam_grid`` set the λ grid of EWC / L2
     (with or without ``search``). The chosen values are recorded in ``config.selection``.
+    ``save_state`` saves each trained learner (model, method state, scenario) under
+    ``out/checkpoints/METHOD.pt``, loadable with :func:`ewc.checkpoint.load_checkpoint`.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -150,10 +160,16 @@ def run_sequence(
     # 2. the test run of every method, with its chosen hyper-parameters
     configs = {m: with_params(config, m, selection[m]["chosen"]) for m in selection}
     configs = {m: configs.get(m, config) for m in methods}
-    runs = _run_all([(key, m, configs[m], False) for m in methods], jobs)
+    saves = {m: None for m in methods}
+    if save_state and out_dir is not None:
+        (out_dir / "checkpoints").mkdir(exist_ok=True)
+        saves = {m: out_dir / "checkpoints" / f"{m}.pt" for m in methods}
+    runs = _run_all([(key, m, configs[m], False, saves[m]) for m in methods], jobs)
     results: dict[str, Any] = {"methods": {}}
     for m, res in zip(methods, runs, strict=True):
         res["params"] = method_params(m, configs[m])
+        if saves[m] is not None:
+            res["checkpoint"] = f"checkpoints/{m}.pt"
         if m in selection and "lam" in selection[m]["chosen"]:
             res["lam"] = selection[m]["chosen"]["lam"]
         results["methods"][m] = res

@@ -1,0 +1,63 @@
+"""A trained continual learner saved with its run: the network, the method's state, and the recipe.
+
+A checkpoint holds the MLP's architecture and weights, the method's registry name, parameters
+and ``state_dict()`` (anchors, importances, replay memory, frozen copies …) and the scenario, so
+that :func:`load_checkpoint` rebuilds a learner that carries on where the run stopped: its
+penalty, memory and heads are exactly those of the end of the run. Written atomically; read with
+``torch.load(weights_only=True)`` (no code runs while loading).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from ewc.methods import Method, make_method
+from ewc.scenario import Scenario
+from ewc.state import atomic_save, safe_load
+from ewc.train import make_mlp
+
+FORMAT = "ewc.checkpoint/1"
+_KEYS = {"format", "method", "params", "scenario", "architecture", "model", "state"}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    method: Method,
+    *,
+    name: str,
+    params: dict[str, Any],
+    scenario: Scenario,
+    architecture: dict[str, Any],
+) -> None:
+    """Save the learner at ``path`` (``architecture``: make_mlp's keyword arguments)."""
+    atomic_save(
+        {
+            "format": FORMAT,
+            "method": name,
+            "params": dict(params),
+            "scenario": {"kind": scenario.kind, "task_classes": [list(c) for c in scenario.task_classes]},
+            "architecture": dict(architecture),
+            "model": model.state_dict(),
+            "state": method.state_dict(),
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Method, Scenario]:
+    """The (model, method, scenario) saved at ``path``; a clear ValueError for a foreign file."""
+    ck = safe_load(path)
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT or set(ck) != _KEYS:
+        got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise ValueError(f"{os.fspath(path)!r} is not an ewc checkpoint ({FORMAT}); got format {got!r}")
+    model = make_mlp(**ck["architecture"])
+    model.load_state_dict(ck["model"])
+    scenario = Scenario(ck["scenario"]["kind"], ck["scenario"]["task_classes"])
+    method = make_method(ck["method"], **ck["params"])
+    method.setup(model, scenario)
+    method.load_state_dict(ck["state"])
+    return model, method, scenario
