@@ -211,6 +211,7 @@ class _AnchoredPenalty:
         self._num_tasks = 0
         self._terms: list[_Term] = []
         self._const = 0.0
+        self._lists: tuple | None = None  # (terms, params, anchors, fishers, diffs, zeros) of penalty()
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -388,6 +389,20 @@ class _AnchoredPenalty:
                 break
         return self._terms
 
+    def _penalty_lists(self) -> tuple[list[Tensor], ...]:
+        """Per-parameter (params, anchors, fishers, diff buffers, zeros), built once per set of
+        terms (any consolidation, load or parameter change makes a new list of terms)."""
+        terms = self._current_terms()
+        if self._lists is None or self._lists[0] is not terms:
+            for t in terms:
+                if t.diff is None or t.zero is None:
+                    dtype = _compute_dtype(t.anchor.dtype)
+                    t.diff = torch.empty(t.anchor.shape, dtype=dtype, device=t.anchor.device)
+                    t.zero = torch.zeros((), dtype=dtype, device=t.anchor.device)
+            fields = ("param", "anchor", "fisher", "diff", "zero")
+            self._lists = (terms, *([getattr(t, f) for t in terms] for f in fields))
+        return self._lists[1:]
+
     def penalty(self) -> Tensor:
         """λ/2 · Σ_k Σ_i F_k,i (θ_i − θ*_k,i)², a 0-dim tensor differentiable w.r.t. the model.
 
@@ -399,18 +414,8 @@ class _AnchoredPenalty:
         if not self._terms:
             first = next(self._model.parameters(), None)
             return torch.zeros((), device=first.device if first is not None else None)
-        terms = self._current_terms()
-        for t in terms:
-            if t.diff is None or t.zero is None:
-                dtype = _compute_dtype(t.anchor.dtype)
-                t.diff = torch.empty(t.anchor.shape, dtype=dtype, device=t.anchor.device)
-                t.zero = torch.zeros((), dtype=dtype, device=t.anchor.device)
-        params = [t.param for t in terms]
-        anchors = [t.anchor for t in terms]
-        fishers = [t.fisher for t in terms]
-        diffs: list[Tensor] = [t.diff for t in terms]  # type: ignore[misc]
+        params, anchors, fishers, diffs, zeros = self._penalty_lists()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            zeros: list[Tensor] = [t.zero for t in terms]  # type: ignore[misc]
             return _QuadraticPenalty.apply(self._lam, self._const, anchors, fishers, diffs, zeros, *params)
         with torch.no_grad():
             parts = []
