@@ -1,0 +1,303 @@
+"""Continual learning on a stream without task labels: :class:`StreamLearner`.
+
+``StreamLearner(model, method=..., detector=..., memory=...)`` learns from a stream of labelled
+batches whose task boundaries nobody announces. Every ``partial_fit(x, y)``:
+
+1. asks the :class:`ewc.taskid.TaskDetector` for the batch's task id (unsupervised);
+2. on a change of id, ends the task just left — ``method.after_task(old_id, task)`` with a
+   :class:`ewc.data.Task` built from the last ``memory`` samples of that segment (EWC computes its
+   Fisher, MAS its importances, SI closes its path integral, replay stores the samples) — and
+   starts the new one (``method.before_task``);
+3. takes one optimiser step on ``(x, y)`` through the method hooks, in the trainer's order
+   (``loss`` → ``backward`` → ``after_backward`` → ``step`` → ``after_step``).
+
+**A returning task's own constraint.** With EWC or L2 in ``separate`` mode (alone or inside a
+:class:`ewc.methods.Compose`), each inferred task owns at most one quadratic: when a task returns,
+its own earlier term is removed from the penalty (through the penalty's public
+``state_dict``/``load_state_dict``), so it does not pull the task back towards its old solution
+while it learns more of itself; when the task ends again it is consolidated afresh at its new
+parameters. The other tasks' terms stay. Merged penalties (online EWC, SI, MAS) cannot subtract one
+task's share: there a returning task keeps its old share in the quadratic while it trains, and
+re-consolidation on leave merges it again (online-EWC semantics: the anchor moves to the latest
+parameters). Replay stores each segment's samples when it ends.
+
+**Tentative ids.** A new id from the detector is tentative; if the detector retracts it (the next
+batch went elsewhere), the learner drops that id's samples and does not consolidate it. The task
+left when the tentative id appeared has already been consolidated (harmless in separate mode, where
+a returning task's term is replaced; an extra merge for online penalties).
+
+The scenario is shared (all outputs, labels as they are): a stream has no task id at test time.
+``state_dict()`` holds model, optimiser, method, detector, the segment buffer and counters, all as
+tensors and plain values (``torch.load(weights_only=True)`` loads it), so a stream can stop and
+resume exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ewc.data import Task
+from ewc.methods import Batch, Compose, L2Method, Method, make_method
+from ewc.scenario import Scenario
+from ewc.taskid import TaskDetector
+
+__all__ = ["FORMAT", "StreamLearner"]
+
+FORMAT = "ewc.stream/1"
+OPTIMIZERS = ("sgd", "adam")
+
+
+class StreamLearner:
+    """Learn a stream of labelled batches with unsupervised task switches (see the module doc).
+
+    - ``model``: maps a batch ``x`` to logits ``[n, classes]``.
+    - ``method``: a registered name (``make_method(method, **method_params)``) or a ``Method``.
+    - ``detector``: a :class:`TaskDetector` (default: ``TaskDetector()``).
+    - ``memory``: samples of the current task kept for its consolidation (the last ``memory``).
+    - ``optimizer`` (``"sgd"`` or ``"adam"``), ``lr``: the learner's own optimiser.
+    - ``num_classes``: recorded in the shared scenario (optional).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | Method = "ewc",
+        detector: TaskDetector | None = None,
+        memory: int = 1000,
+        *,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        num_classes: int | None = None,
+        method_params: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+            raise ValueError(f"memory must be a positive int (samples kept per task), got {memory!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if not (isinstance(lr, int | float) and not isinstance(lr, bool) and 0 < lr < float("inf")):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if isinstance(method, str):
+            method = make_method(method, **(method_params or {}))
+        elif method_params:
+            raise ValueError("method_params only apply when method is given by name")
+        if not isinstance(method, Method):
+            raise ValueError(f"method must be a name or a Method, got {type(method).__name__}")
+        self.model = model
+        self.method = method
+        self.detector = detector if detector is not None else TaskDetector()
+        self.memory = memory
+        self.lr = float(lr)
+        self.optimizer_name = optimizer
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no parameters that require grad")
+        opt_class = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+        self.optimizer: torch.optim.Optimizer = opt_class(params, lr=self.lr)
+        self.method.setup(model, Scenario.shared(num_classes))
+        parts = method.methods if isinstance(method, Compose) else (method,)
+        # parts whose penalty keeps one term per task: {part index: [owner task id of each term]}
+        self._separate = {
+            i: m for i, m in enumerate(parts) if isinstance(m, L2Method) and m.reg.mode == "separate"
+        }
+        self.owners: dict[int, list[int]] = {i: [] for i in self._separate}
+        self.current = -1
+        self.consolidations: list[int] = []  # task ids passed to after_task, in order
+        self.n_batches = 0
+        self._feature_shape: tuple[int, ...] | None = None
+        self._buf_x: Tensor | None = None
+        self._buf_y: Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # input checks
+    # ------------------------------------------------------------------------------------------
+
+    def _check_x(self, x: Any) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim < 2:
+            raise ValueError(f"x must be a batch [n, features...], got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: x has no rows")
+        if self._feature_shape is not None and tuple(x.shape[1:]) != self._feature_shape:
+            raise ValueError(
+                f"feature shape changed mid-stream: the stream has samples of shape {self._feature_shape}, "
+                f"this batch has {tuple(x.shape[1:])}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"x must be floating point, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x has NaN or inf values")
+        return x
+
+    # ------------------------------------------------------------------------------------------
+    # stream
+    # ------------------------------------------------------------------------------------------
+
+    def _task(self, index: int, x: Tensor, y: Tensor) -> Task:
+        """A Task-like record of the samples seen of one inferred task (train part only)."""
+        ex, ey = x[:0], y[:0]
+        classes = tuple(sorted({int(c) for c in y.tolist()}))
+        return Task(f"stream-{index}", index, x, y, ex, ey, ex, ey, classes)
+
+    def _remember(self, x: Tensor, y: Tensor) -> None:
+        x, y = x.detach(), y.detach()
+        if self._buf_x is None or self._buf_y is None:
+            bx, by = x, y
+        else:
+            bx, by = torch.cat([self._buf_x, x]), torch.cat([self._buf_y, y])
+        self._buf_x, self._buf_y = bx[-self.memory :].clone(), by[-self.memory :].clone()
+
+    def _end_task(self) -> None:
+        """Consolidate the current task on its buffered samples, then clear the buffer."""
+        if self.current < 0 or self._buf_x is None or self._buf_y is None:
+            self._clear()
+            return
+        before = {i: m.reg.num_tasks for i, m in self._separate.items()}
+        self.method.after_task(self.current, self._task(self.current, self._buf_x, self._buf_y))
+        for i, m in self._separate.items():
+            if m.reg.num_tasks == before[i] + 1:
+                self.owners[i].append(self.current)
+        self.consolidations.append(self.current)
+        self._clear()
+
+    def _clear(self) -> None:
+        self._buf_x = self._buf_y = None
+
+    def _start_task(self, index: int, x: Tensor, y: Tensor) -> None:
+        """Activate ``index``: drop its own separate-mode terms, then ``method.before_task``."""
+        for i, m in self._separate.items():
+            owned = self.owners[i]
+            if index in owned:
+                state = m.reg.state_dict()
+                keep = [k for k, o in enumerate(owned) if o != index]
+                state["tasks"] = [state["tasks"][k] for k in keep]
+                state["num_tasks"] = len(keep)
+                m.reg.load_state_dict(state)
+                self.owners[i] = [owned[k] for k in keep]
+        self.method.before_task(index, self._task(index, x, y))
+        self.current = index
+
+    def partial_fit(self, x: Tensor, y: Tensor) -> int:
+        """One step on a labelled batch; returns the batch's inferred task id."""
+        x = self._check_x(x)
+        if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0]:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"y must be a 1-D tensor, one label per row of x ({x.shape[0]}), got {shape}")
+        if y.dtype != torch.long:
+            raise ValueError(f"y must be int64 class labels, got {y.dtype}")
+        retracted = self.detector.retracted
+        index = self.detector.update(x)
+        self._feature_shape = tuple(x.shape[1:])
+        if self.detector.retracted != retracted:
+            self._clear()  # the tentative task we were in did not exist: no consolidation
+            self._start_task(index, x, y)
+        elif index != self.current:
+            self._end_task()
+            self._start_task(index, x, y)
+        self._step(x, y, index)
+        self._remember(x, y)
+        self.n_batches += 1
+        return index
+
+    def _step(self, x: Tensor, y: Tensor, index: int) -> None:
+        self.model.train()
+        out = self.model(x)
+        task_loss = F.cross_entropy(out, y)
+        loss = self.method.loss(task_loss, Batch(x, y, out, index))
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.method.after_backward()
+        self.optimizer.step()
+        self.method.after_step()
+
+    def finish(self) -> None:
+        """End the current task now (consolidate it), e.g. before deploying after a stream stops."""
+        self._end_task()
+
+    # ------------------------------------------------------------------------------------------
+    # prediction
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Class predictions ``[n]`` (eval mode; the model's mode is restored)."""
+        x = self._check_x(x)
+        was = self.model.training
+        self.model.eval()
+        try:
+            return self.model(x).argmax(1)
+        finally:
+            self.model.train(was)
+
+    def predict_task(self, x: Tensor) -> int:
+        """The known task whose input model fits batch ``x`` best (-1 before any task); no update.
+
+        The argmax of ``log p(x | task k)`` over known tasks, without the switch prior and without
+        a "new task" option. Uses the detector's ``scores`` on features computed by its (private)
+        ``_features`` on a shallow copy, so the detector is not changed.
+        """
+        x = self._check_x(x)
+        if self.detector.num_tasks == 0:
+            return -1
+        probe = copy.copy(self.detector)
+        z = probe._features(x)
+        if z.shape[0] == 0:
+            raise ValueError("no finite rows in x to score")
+        ll, _ = probe.scores(z)
+        return int(torch.argmax(ll))
+
+    # ------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimiser, method, detector, segment buffer and counters (tensors and plain values)."""
+        return {
+            "format": FORMAT,
+            "config": {"memory": self.memory, "lr": self.lr, "optimizer": self.optimizer_name},
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "detector": self.detector.state_dict(),
+            "buffer": None if self._buf_x is None else (self._buf_x.clone(), self._buf_y.clone()),  # type: ignore[union-attr]
+            "current": self.current,
+            "owners": {str(i): list(o) for i, o in self.owners.items()},
+            "consolidations": list(self.consolidations),
+            "n_batches": self.n_batches,
+            "feature_shape": None if self._feature_shape is None else list(self._feature_shape),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` into a learner built with the same model and method kinds."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"not a StreamLearner state (expected format {FORMAT!r})")
+        if state["config"] != {"memory": self.memory, "lr": self.lr, "optimizer": self.optimizer_name}:
+            raise ValueError(f"state was saved with config {state['config']}, this learner differs")
+        owners = {int(i): [int(t) for t in o] for i, o in state["owners"].items()}
+        if set(owners) != set(self.owners):
+            raise ValueError("state's separate-penalty parts do not match this learner's method")
+        self.model.load_state_dict(state["model"])  # before the method: SI reads the parameters
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.detector.load_state_dict(state["detector"])
+        buf = state["buffer"]
+        self._buf_x, self._buf_y = (None, None) if buf is None else (buf[0].clone(), buf[1].clone())
+        self.current = int(state["current"])
+        self.owners = owners
+        self.consolidations = [int(t) for t in state["consolidations"]]
+        self.n_batches = int(state["n_batches"])
+        fs = state["feature_shape"]
+        self._feature_shape = None if fs is None else tuple(int(d) for d in fs)
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamLearner(method={self.method.name!r}, current={self.current}, "
+            f"tasks={self.detector.num_tasks}, batches={self.n_batches})"
+        )

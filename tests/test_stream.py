@@ -1,0 +1,214 @@
+"""StreamLearner: continual learning on an unlabelled-task stream (mnist-10k, 3 permuted tasks)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from ewc.data import load_dataset, make_sequence
+from ewc.methods import Method, make_method
+from ewc.stream import StreamLearner
+from ewc.taskid import TaskDetector, make_stream
+
+torch.set_num_threads(1)
+
+SCHEDULE = [0, 1, 0, 2]
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return make_sequence(load_dataset("mnist-10k"), "permuted", 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stream(tasks):
+    batches, true_ids = make_stream(tasks, SCHEDULE, batch_size=32, seed=0, min_len=15, max_len=25)
+    return batches, true_ids
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _learner(method="ewc", seed: int = 0, **params) -> StreamLearner:
+    return StreamLearner(_model(seed), method, memory=300, lr=0.003, optimizer="adam", method_params=params)
+
+
+class Spy(Method):
+    """Records the hook calls the learner makes."""
+
+    name = "spy"
+
+    def __init__(self):
+        self.calls: list[tuple[str, int, int]] = []
+
+    def before_task(self, index, task):
+        self.calls.append(("before", index, len(task.y_train)))
+
+    def after_task(self, index, task):
+        assert task.index == index and len(task.x_train) == len(task.y_train)
+        assert len(task.x_val) == 0 and len(task.x_test) == 0
+        self.calls.append(("after", index, len(task.y_train)))
+
+
+def _switches(ids):
+    return [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+
+
+def test_ids_follow_detector_and_hooks_at_switches(stream):
+    batches, true_ids = stream
+    reference = TaskDetector()
+    expected = [reference.update(x) for x, _ in batches]
+    spy = Spy()
+    learner = StreamLearner(_model(), spy, memory=100)
+    ids = [learner.partial_fit(x, y) for x, y in batches]
+    assert ids == expected == true_ids  # permuted tasks: the detector is exact on this stream
+    # before_task at every start, after_task (on the last 100 samples) for every task left
+    starts = [0, *_switches(ids)]
+    befores = [(c[1]) for c in spy.calls if c[0] == "before"]
+    afters = [(c[1], c[2]) for c in spy.calls if c[0] == "after"]
+    assert befores == [ids[s] for s in starts]
+    assert afters == [(ids[s - 1], 100) for s in _switches(ids)]
+    assert learner.consolidations == [0, 1, 0]
+    learner.finish()
+    assert learner.consolidations == [0, 1, 0, 2]
+
+
+def test_ewc_returning_task_replaces_its_own_term(stream):
+    batches, true_ids = stream
+    learner = _learner("ewc", lam=100.0)
+    reg = learner.method.reg
+    back = _switches(true_ids)[1]  # first batch of task 0's return
+    for x, y in batches[:back]:
+        learner.partial_fit(x, y)
+    assert reg.num_tasks == 1 and learner.owners == {0: [0]}  # task 1 is still running
+    anchor1 = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    # task 0 returns: task 1 is consolidated at its final parameters, task 0's own term dropped
+    learner.partial_fit(*batches[back])
+    assert reg.num_tasks == 1 and learner.owners == {0: [1]}
+    kept = reg.state_dict()["tasks"][0]["anchor"]
+    assert all(torch.equal(kept[n], anchor1[n]) for n in anchor1)
+    with torch.no_grad():
+        assert float(reg.penalty()) > 0
+    for x, y in batches[back + 1 :]:
+        learner.partial_fit(x, y)
+    # task 0 left again: re-consolidated at its new parameters, one term per task
+    assert reg.num_tasks == 2 and learner.owners == {0: [1, 0]}
+    assert learner.consolidations == [0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("online-ewc", {"lam": 100.0}),
+        ("si", {"c": 1.0}),
+        ("mas", {"lam": 10.0}),
+        ("replay", {"capacity": 200}),
+        ("ewc+replay", {"lam": 100.0, "capacity": 200}),
+    ],
+)
+def test_methods_consolidate_and_learn(stream, tasks, method, params):
+    batches, true_ids = stream
+    learner = _learner(method, **params)
+    hits = []
+    for x, y in batches:
+        pred = learner.predict(x) if learner.n_batches else None
+        assert learner.partial_fit(x, y) == learner.detector.current
+        if pred is not None:
+            hits.append(float((pred == y).float().mean()))
+    assert learner.consolidations == [0, 1, 0]
+    parts = learner.method.methods if method == "ewc+replay" else (learner.method,)
+    for part in parts:
+        if hasattr(part, "reg"):
+            expected = 2 if part.reg.mode == "separate" else 3  # separate: one term per task
+            assert part.reg.num_tasks == expected
+        if hasattr(part, "memory"):
+            assert 0 < len(part.memory) <= 200
+    # prequential accuracy over the second half of the stream: well above chance
+    assert sum(hits[len(hits) // 2 :]) / len(hits[len(hits) // 2 :]) > 0.5
+    for t in tasks:
+        assert float((learner.predict(t.x_test) == t.y_test).float().mean()) > 0.3
+
+
+@pytest.mark.parametrize("method", ["ewc+replay", "si"])
+def test_state_round_trip_resumes_exactly(stream, tasks, method):
+    batches, _ = stream
+    half = len(batches) // 2
+    a = _learner(method)
+    for x, y in batches[:half]:
+        a.partial_fit(x, y)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = _learner(method, seed=1)  # another initialisation, fresh detector and method
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    ids_a = [a.partial_fit(x, y) for x, y in batches[half:]]
+    ids_b = [b.partial_fit(x, y) for x, y in batches[half:]]
+    assert ids_a == ids_b
+    assert a.consolidations == b.consolidations
+    x = torch.cat([t.x_test[:200] for t in tasks])
+    assert torch.equal(a.predict(x), b.predict(x))
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_predict_and_predict_task_do_not_change_state(stream, tasks):
+    batches, true_ids = stream
+    learner = _learner("ewc")
+    assert learner.predict_task(batches[0][0]) == -1
+    for x, y in batches:
+        learner.partial_fit(x, y)
+    det = learner.detector
+    n, hist, counts = det.n_batches, len(det.history), det._count.clone()
+    learner.model.train()
+    for k, t in enumerate(tasks):
+        assert learner.predict_task(t.x_test[:64]) == k  # true task k got id k on this stream
+        assert learner.predict(t.x_test[:10]).shape == (10,)
+    assert learner.model.training
+    assert det.n_batches == n and len(det.history) == hist and torch.equal(det._count, counts)
+
+
+def test_retracted_tentative_task_is_not_consolidated(tasks):
+    x0, y0 = tasks[0].x_train, tasks[0].y_train
+    x2, y2 = tasks[2].x_train, tasks[2].y_train
+    batches = [(x0[i : i + 32], y0[i : i + 32]) for i in range(0, 320, 32)]
+    batches += [(x2[:32], y2[:32])]  # one odd batch: a tentative new id, then retracted
+    batches += [(x0[i : i + 32], y0[i : i + 32]) for i in range(320, 480, 32)]
+    learner = _learner("ewc")
+    ids = [learner.partial_fit(x, y) for x, y in batches]
+    assert ids[10] == 1 and set(ids[:10] + ids[11:]) == {0}
+    assert learner.detector.retracted == 1
+    assert learner.consolidations == [0]  # task 0 left for the odd batch; id 1 never consolidated
+    assert learner.owners == {0: []}  # task 0 is back: its own term is dropped while it trains
+    learner.finish()
+    assert learner.consolidations == [0, 0] and learner.owners == {0: [0]}
+
+
+def test_bad_input(stream):
+    batches, _ = stream
+    learner = _learner("ewc")
+    x, y = batches[0]
+    learner.partial_fit(x, y)
+    state = learner.detector.n_batches
+    with pytest.raises(ValueError, match="feature shape changed"):
+        learner.partial_fit(x.reshape(len(x), -1)[:, :700], y)
+    with pytest.raises(ValueError, match="empty batch"):
+        learner.partial_fit(x[:0], y[:0])
+    with pytest.raises(ValueError, match="one label per row of x"):
+        learner.partial_fit(x, y[:-1])
+    with pytest.raises(ValueError, match="NaN"):
+        learner.partial_fit(torch.full_like(x, float("nan")), y)
+    with pytest.raises(ValueError, match="empty batch"):
+        learner.predict(x[:0])
+    assert learner.detector.n_batches == state and learner.n_batches == 1
+    with pytest.raises(ValueError, match="memory"):
+        StreamLearner(_model(), "ewc", memory=0)
+    with pytest.raises(ValueError, match="method_params"):
+        StreamLearner(_model(), make_method("sgd"), method_params={"lam": 1.0})
+    other = _learner("si")
+    with pytest.raises(ValueError):
+        other.load_state_dict(learner.state_dict())
