@@ -118,7 +118,46 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(p, module.Config)
         p.add_argument("--out", required=True, help="output directory (created; must not be a file)")
         p.set_defaults(func=_cmd_experiment)
+
+    _add_stream_parser(sub)
     return parser
+
+
+def _add_stream_parser(sub: argparse._SubParsersAction) -> None:
+    """``ewc stream``: a task stream with unannounced switches, learned with inferred task ids."""
+    from ewc.data import DATASETS
+    from ewc.experiments.stream import BASELINES, SEQUENCE_KINDS, Config
+    from ewc.methods import METHODS
+
+    d = Config()
+    st = sub.add_parser(
+        "stream",
+        help="learn a task stream with unannounced switches (inferred task ids); write results and a report",
+        description="Replay a task sequence as a stream of batches following --schedule (segments of "
+        "random length, no task labels), learn it online with StreamLearner and TaskDetector, and write "
+        "results.json, timeline.png and report.md into --out.",
+    )
+    st.add_argument("--data", default=d.data, choices=DATASETS, help=f"dataset (default: {d.data})")
+    st.add_argument("--sequence", default=d.sequence, choices=SEQUENCE_KINDS, help="permuted or split")
+    st.add_argument("--tasks", type=int, default=d.tasks, help=f"tasks in the sequence (default: {d.tasks})")
+    st.add_argument(
+        "--schedule",
+        default=" ".join(map(str, d.schedule)),
+        help="task index of each segment, space or comma separated (default: '0 1 2 0 3 1 4')",
+    )
+    st.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size ({d.batch_size})")
+    st.add_argument("--min-len", type=int, default=d.min_len, help=f"min segment, batches ({d.min_len})")
+    st.add_argument("--max-len", type=int, default=d.max_len, help=f"max segment, batches ({d.max_len})")
+    st.add_argument("--method", default=d.method, choices=METHODS, help=f"method (default: {d.method})")
+    st.add_argument("--baseline", default=d.baseline, choices=BASELINES, help="also run sgd (default)")
+    st.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    st.add_argument("--hidden", type=_ints, default=d.hidden, help="hidden sizes, e.g. 100,100 (100)")
+    st.add_argument("--memory", type=int, default=d.memory, help=f"samples kept per segment ({d.memory})")
+    st.add_argument("--seed", type=int, default=d.seed, help=f"seed (default: {d.seed})")
+    st.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default: {d.threads})")
+    st.add_argument("--max-train-per-task", type=int, default=None, help="subsample train parts")
+    st.add_argument("--out", required=True, help="output directory (created; must not be a file)")
+    st.set_defaults(func=_cmd_stream)
 
 
 def _add_run_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
@@ -212,7 +251,7 @@ def _add_run_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument(
         "--fisher-samples", type=int, default=1000, help="samples per task for the Fisher (default: 1000)"
     )
-    p.add_argument("--max-train-per-task", type=int, default=None, help="subsample each task's training part")
+    p.add_argument("--max-train-per-task", type=int, default=None, help="subsample train parts")
     p.add_argument(
         "--eval-every",
         type=int,
@@ -385,6 +424,17 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)}
     record = module.run(module.Config(**values), args.out)
     for line in record.get("findings", []):
+        print(f"- {line}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from ewc.experiments.stream import Config, run
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    record = run(Config(**values), args.out)
+    for line in record["findings"]:
         print(f"- {line}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
