@@ -82,9 +82,10 @@ def config_dict(config: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
-def command_line(name: str, config: Any) -> str:
-    """The ``ewc experiment`` command that reproduces ``config`` (only non-default flags)."""
-    parts = ["ewc", "experiment", name]
+def command_line(name: str, config: Any, prefix: Sequence[str] = ("ewc", "experiment")) -> str:
+    """The command (``ewc experiment NAME`` by default) that reproduces ``config``, with only the
+    non-default flags."""
+    parts = [*prefix, name]
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if value == f.default:

@@ -17,7 +17,6 @@ Not an ``ewc experiment``: it is its own subcommand, ``ewc stream``, with the sa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
@@ -31,6 +30,7 @@ import torch
 from ewc.data import DATASETS, load_dataset, make_sequence
 from ewc.experiments.common import (
     check_out_dir,
+    command_line,
     figure_style,
     finish,
     md_table,
@@ -133,17 +133,7 @@ class Config:
 
 def command(config: Config) -> str:
     """The ``ewc stream`` command that reproduces ``config`` (only non-default flags)."""
-    parts = ["ewc", "stream"]
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if value == f.default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, tuple):
-            parts += [flag, ",".join(str(v) for v in value)]
-        else:
-            parts += [flag, str(value)]
-    return " ".join(parts) + " --out OUT"
+    return command_line("stream", config, prefix=("ewc",))
 
 
 def _accuracy(learner: StreamLearner, x: torch.Tensor, y: torch.Tensor) -> float:
