@@ -186,3 +186,38 @@ def test_assignment_metrics_by_hand() -> None:
     assert m["tasks_true"] == 2 and m["tasks_found"] == 3 and m["split_tasks"] == 1
     perfect = assignment_metrics(true, [3 if t else 4 for t in true])
     assert perfect["accuracy"] == 1.0 and perfect["false_alarms"] == 0 and perfect["mean_delay"] == 0
+
+
+def test_score_leaves_the_detector_unchanged() -> None:
+    """score() reads the per-task likelihoods of a batch without counting, switching or learning."""
+    torch.set_num_threads(1)
+    det = TaskDetector(seed=0)
+    with pytest.raises(ValueError, match="seen no data"):
+        det.score(torch.rand(4, 10))
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(64, 10, generator=gen), 3.0 + torch.rand(64, 10, generator=gen)
+    for _ in range(5):
+        det.update(a)
+    for _ in range(5):
+        det.update(b)
+    before = det.state_dict()
+    probe = torch.cat([b[:8], torch.full((2, 10), float("nan"))])
+    ll, new = det.score(probe)
+    _assert_same_state(det.state_dict(), before)  # nothing counted (the NaN rows), nothing learned
+    assert ll.shape == (det.num_tasks,) and isinstance(new, float)
+    assert int(torch.argmax(ll)) == det.update(b[8:16])  # the task the detector itself assigns
+
+
+def _assert_same_state(a: object, b: object) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b)
+        for k in a:
+            _assert_same_state(a[k], b[k])
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b)
+        for u, v in zip(a, b, strict=True):
+            _assert_same_state(u, v)
+    else:
+        assert a == b

@@ -34,7 +34,6 @@ resume exactly.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -239,18 +238,13 @@ class StreamLearner:
     def predict_task(self, x: Tensor) -> int:
         """The known task whose input model fits batch ``x`` best (-1 before any task); no update.
 
-        The argmax of ``log p(x | task k)`` over known tasks, without the switch prior and without
-        a "new task" option. Uses the detector's ``scores`` on features computed by its (private)
-        ``_features`` on a shallow copy, so the detector is not changed.
+        The argmax of ``log p(x | task k)`` over known tasks (:meth:`TaskDetector.score`), without
+        the switch prior and without a "new task" option; the detector is not changed.
         """
         x = self._check_x(x)
         if self.detector.num_tasks == 0:
             return -1
-        probe = copy.copy(self.detector)
-        z = probe._features(x)
-        if z.shape[0] == 0:
-            raise ValueError("no finite rows in x to score")
-        ll, _ = probe.scores(z)
+        ll, _ = self.detector.score(x)
         return int(torch.argmax(ll))
 
     # ------------------------------------------------------------------------------------------

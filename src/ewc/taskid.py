@@ -248,8 +248,10 @@ class TaskDetector:
     # model
     # ------------------------------------------------------------------------------------------
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """Validate, flatten, drop non-finite rows, project and standardise: ``[n, d]`` float64."""
+    def _features(self, x: torch.Tensor, record: bool = True) -> torch.Tensor:
+        """Validate, flatten, drop non-finite rows, project and standardise: ``[n, d]`` float64.
+
+        With ``record=False`` (scoring only) nothing is counted or initialised."""
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(np.asarray(x))
         if x.ndim == 0:
@@ -270,11 +272,14 @@ class TaskDetector:
             bad = int((~ok).sum())
             if self.nan_policy == "raise":
                 raise ValueError(f"batch has {bad} row(s) with NaN or inf values (nan_policy='raise')")
-            self.n_dropped += bad
+            if record:
+                self.n_dropped += bad
             x = x[ok]
             if x.shape[0] == 0:
                 return x
         if self.in_dim is None:
+            if not record:
+                raise ValueError("the detector has seen no data yet: nothing to score against")
             self.in_dim = int(x.shape[1])
             if self.proj_dim is not None:
                 g = torch.Generator().manual_seed(self.seed)
@@ -310,6 +315,14 @@ class TaskDetector:
             - n2 / 2 * math.log(2 * math.pi)
         )
         return per.sum(-1)
+
+    def score(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``log p(x | task k)`` for every known task ``[K]`` and ``log p(x | new task)``, for a raw
+        batch ``x``; the detector is not changed (no switch prior, no update)."""
+        z = self._features(x, record=False)
+        if z.shape[0] == 0:
+            raise ValueError("no finite rows in the batch to score")
+        return self.scores(z)
 
     def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``log p(batch | task k)`` for every known task ``[K]`` and ``log p(batch | new task)``."""
