@@ -19,6 +19,7 @@ the point. Methods that need the model on other data (replay, LwF, GEM) call ``s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,25 @@ from torch import Tensor, nn
 
 from ewc.data import Task
 from ewc.scenario import Scenario
+
+
+def check_number(value: Any, what: str, *, positive: bool = False) -> float:
+    """A finite float >= 0 (> 0 if ``positive``), else a ValueError naming ``what``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise ValueError(f"{what} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def check_count(value: Any, what: str, *, allow_none: bool = False) -> int | None:
+    """A positive int (or None when ``allow_none``), else a ValueError naming ``what``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"{what} must be a positive integer{' or None' if allow_none else ''}, got {value!r}"
+        )
+    return value
 
 
 @dataclass

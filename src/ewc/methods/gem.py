@@ -28,12 +28,11 @@ optimiser's ``p.grad`` is only touched by the projection.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from ewc.memory import memory_loss
+from ewc.methods.base import check_count, check_number
 from ewc.methods.replay import EpisodicMethod
 from ewc.qp import nonneg_qp
 
@@ -112,13 +111,7 @@ class GEMMethod(_Projected):
         seed: int = 0,
     ):
         super().__init__(capacity, policy, per, seed)
-        if not (
-            isinstance(memory_strength, int | float)
-            and math.isfinite(memory_strength)
-            and memory_strength >= 0
-        ):
-            raise ValueError(f"memory_strength must be a finite number >= 0, got {memory_strength!r}")
-        self.memory_strength = float(memory_strength)
+        self.memory_strength = check_number(memory_strength, "memory_strength")
 
     def after_backward(self) -> None:
         past = [k for k in self.memory.tasks() if k != self.current]
@@ -146,9 +139,7 @@ class AGEMMethod(_Projected):
         seed: int = 0,
     ):
         super().__init__(capacity, policy, per, seed)
-        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
-            raise ValueError(f"sample_size must be a positive integer, got {sample_size!r}")
-        self.sample_size = sample_size
+        self.sample_size = check_count(sample_size, "sample_size")
 
     def after_backward(self) -> None:
         if len(self.memory) == 0:

@@ -9,7 +9,6 @@ own strength maps onto λ.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,28 +17,10 @@ from torch import Tensor, nn
 
 from ewc.data import Task
 from ewc.fisher import diagonal_importance
-from ewc.methods.base import Batch, Method
+from ewc.methods.base import Batch, Method, check_count, check_number
 from ewc.penalty import EWC
 from ewc.scenario import Scenario
 from ewc.state import tensor_bytes
-
-
-def _check_number(value: Any, what: str, *, positive: bool = False) -> float:
-    """A finite float >= 0 (> 0 if ``positive``), else a ValueError naming ``what``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise ValueError(f"{what} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
-
-
-def _check_samples(value: Any, what: str, *, allow_none: bool) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"{what} must be a positive integer{' or None' if allow_none else ''}, got {value!r}"
-        )
-    return value
 
 
 def _check_keys(state: Any, expected: set[str], who: str) -> None:
@@ -93,8 +74,8 @@ class SIMethod(_Importance):
     name = "si"
 
     def __init__(self, c: float = 0.1, xi: float = 0.1):
-        self.c = _check_number(c, "SI strength c")
-        self.xi = _check_number(xi, "SI damping xi", positive=True)
+        self.c = check_number(c, "SI strength c")
+        self.xi = check_number(xi, "SI damping xi", positive=True)
 
     def setup(self, model: nn.Module, scenario: Scenario | None = None) -> None:
         super().setup(model, scenario)
@@ -167,8 +148,8 @@ class SIMethod(_Importance):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_keys(state, {"c", "xi", "penalty", "omega", "start"}, "SI")
         c, xi = (
-            _check_number(state["c"], "SI strength c"),
-            _check_number(state["xi"], "SI damping xi", positive=True),
+            check_number(state["c"], "SI strength c"),
+            check_number(state["xi"], "SI damping xi", positive=True),
         )
         omega = self._param_dict(state["omega"], "omega")
         start = None if state["start"] is None else self._param_dict(state["start"], "start")
@@ -218,9 +199,9 @@ class MASMethod(_Importance):
     name = "mas"
 
     def __init__(self, lam: float = 1.0, max_samples: int | None = None, batch_size: int = 256):
-        self.lam = _check_number(lam, "MAS strength lam")
-        self.max_samples = _check_samples(max_samples, "MAS max_samples", allow_none=True)
-        self.batch_size = _check_samples(batch_size, "MAS batch_size", allow_none=False)
+        self.lam = check_number(lam, "MAS strength lam")
+        self.max_samples = check_count(max_samples, "MAS max_samples", allow_none=True)
+        self.batch_size = check_count(batch_size, "MAS batch_size", allow_none=False)
 
     def setup(self, model: nn.Module, scenario: Scenario | None = None) -> None:
         super().setup(model, scenario)
@@ -253,9 +234,9 @@ class MASMethod(_Importance):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_keys(state, {"lam", "max_samples", "batch_size", "penalty"}, "MAS")
-        lam = _check_number(state["lam"], "MAS strength lam")
-        max_samples = _check_samples(state["max_samples"], "MAS max_samples", allow_none=True)
-        batch_size = _check_samples(state["batch_size"], "MAS batch_size", allow_none=False)
+        lam = check_number(state["lam"], "MAS strength lam")
+        max_samples = check_count(state["max_samples"], "MAS max_samples", allow_none=True)
+        batch_size = check_count(state["batch_size"], "MAS batch_size", allow_none=False)
         self.reg.load_state_dict(state["penalty"])
         self.lam, self.max_samples, self.batch_size = lam, max_samples, batch_size
         self.reg.lam = lam

@@ -30,7 +30,6 @@ weight here is Li & Hoiem's plain α. The old model runs in eval mode (no dropou
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ewc.data import Task
-from ewc.methods.base import Batch, Method
+from ewc.methods.base import Batch, Method, check_number
 from ewc.scenario import Scenario
 
 
@@ -56,11 +55,8 @@ class LwFMethod(Method):
     name = "lwf"
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0):
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"lwf: alpha must be a finite number >= 0, got {alpha!r}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"lwf: temperature must be a finite number > 0, got {temperature!r}")
-        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.alpha = check_number(alpha, "lwf: alpha")
+        self.temperature = check_number(temperature, "lwf: temperature", positive=True)
         self.old_model: nn.Module | None = None
         self.tasks_done = 0  # tasks the old model has learned
 

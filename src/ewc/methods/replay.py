@@ -18,7 +18,6 @@ never more than ``capacity`` of them (the budget the user set).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from ewc.data import Task
 from ewc.memory import Memory, memory_loss
-from ewc.methods.base import Batch, Method
+from ewc.methods.base import Batch, Method, check_count, check_number
 from ewc.scenario import Scenario
 
 __all__ = ["EpisodicMethod", "ReplayMethod"]
@@ -83,13 +82,8 @@ class ReplayMethod(EpisodicMethod):
         seed: int = 0,
     ):
         super().__init__(capacity, policy, per, seed)
-        if replay_batch is not None and (
-            isinstance(replay_batch, bool) or not isinstance(replay_batch, int) or replay_batch < 1
-        ):
-            raise ValueError(f"replay_batch must be a positive integer or None, got {replay_batch!r}")
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-        self.replay_batch, self.weight = replay_batch, float(weight)
+        self.replay_batch = check_count(replay_batch, "replay_batch", allow_none=True)
+        self.weight = check_number(weight, "weight")
 
     def loss(self, task_loss: Tensor, batch: Batch | None = None) -> Tensor:
         if len(self.memory) == 0:
