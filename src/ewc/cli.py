@@ -354,6 +354,19 @@ def _method_names(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
+def _sequence_options(args: argparse.Namespace) -> dict[str, object]:
+    """The keyword options ``ewc run`` and ``ewc compare`` both hand to the sequence runner."""
+    return {
+        "lam_grid": args.select_lam,
+        "l2_lam_grid": args.select_l2_lam,
+        "search": args.search,
+        "save_state": args.save_state,
+        "max_train_per_task": args.max_train_per_task,
+        "data_root": args.data_root,
+        "jobs": args.jobs,
+    }
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from ewc.experiments.compare import run_compare
 
@@ -365,13 +378,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         list(args.scenarios),
         _training_config(args),
         args.out,
-        lam_grid=args.select_lam,
-        l2_lam_grid=args.select_l2_lam,
-        search=args.search,
-        save_state=args.save_state,
-        max_train_per_task=args.max_train_per_task,
-        data_root=args.data_root,
-        jobs=args.jobs,
+        **_sequence_options(args),
     )
     print(summary["table"])
     print(f"report: {Path(args.out) / 'comparison.md'}")
@@ -390,13 +397,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         methods,
         config,
         args.out,
-        lam_grid=args.select_lam,
-        l2_lam_grid=args.select_l2_lam,
-        search=args.search,
-        save_state=args.save_state,
-        max_train_per_task=args.max_train_per_task,
-        data_root=args.data_root,
-        jobs=args.jobs,
+        **_sequence_options(args),
     )
     print(f"{'method':<12} {'ACC':>6} {'BWT':>7} {'forget':>7} {'seconds':>8}")
     for name, r in results["methods"].items():
