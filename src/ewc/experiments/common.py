@@ -126,6 +126,7 @@ def finish(
     findings: Sequence[str],
     tables: Sequence[str] = (),
     seconds: float | None = None,
+    prefix: Sequence[str] = ("ewc", "experiment"),
 ) -> dict[str, Any]:
     """The experiment's record; with ``out``, also write it and its report there.
 
@@ -133,9 +134,10 @@ def finish(
     ``created``, ``seconds`` and ``findings`` next to the experiment's own ``results``.
     ``findings`` are short sentences computed from the results (what we measured); ``claim`` is
     the paper's statement they are read against. ``figures`` maps a PNG file name to a
-    matplotlib Figure; ``report.md`` embeds them below the findings and ``tables``.
+    matplotlib Figure; ``report.md`` embeds them below the findings and ``tables``. ``prefix``
+    is the command the experiment runs under (``ewc experiment`` unless it has its own).
     """
-    command = command_line(name, config)
+    command = command_line(name, config, prefix)
     record = {
         "experiment": name,
         "config": config_dict(config),

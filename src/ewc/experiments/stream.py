@@ -36,12 +36,9 @@ from ewc.experiments.common import (
     md_table,
     new_figure,
     param,
-    save_figure,
     setup_runtime,
-    write_json,
 )
 from ewc.methods import METHODS
-from ewc.state import atomic_write_bytes
 from ewc.stream import StreamLearner
 from ewc.taskid import TaskDetector, assignment_metrics, make_stream
 from ewc.train import make_mlp
@@ -290,40 +287,16 @@ def run(config: Config, out: str | Path | None = None) -> dict[str, Any]:
     assignment = assignment_metrics(true_ids, learners[0]["inferred_ids"], batch_size=config.batch_size)
     results = {"true_ids": true_ids, "assignment": assignment, "learners": learners}
     seconds = time.perf_counter() - start
-    record = finish(
-        None,
+    return finish(
+        out,
         "stream",
         config,
         results,
         title=TITLE,
         claim=CLAIM,
-        figures={},
+        figures={"timeline.png": figure(results)} if out is not None else {},
         findings=findings(results),
+        tables=tables(results),
         seconds=seconds,
+        prefix=("ewc",),
     )
-    record["command"] = command(config)
-    if out is not None:
-        _write(Path(out), record, figure(results))
-    return record
-
-
-def _write(out_dir: Path, record: dict[str, Any], fig: Any) -> None:
-    """The same layout as :func:`ewc.experiments.common.finish`, with the ``ewc stream`` command."""
-    write_json(record, out_dir / "results.json")
-    save_figure(fig, out_dir / "timeline.png")
-    lines = [
-        f"# {TITLE}",
-        "",
-        f"**The paper:** {CLAIM}",
-        "",
-        "**Command:**",
-        "",
-        f"    {record['command']}",
-        "",
-    ]
-    lines += [f"Wall time: {record['seconds']:.1f} s.", "", "## What we measured", ""]
-    lines += [f"- {s}" for s in record["findings"]] + [""]
-    for table in tables(record):
-        lines += [table, ""]
-    lines += ["![timeline](timeline.png)", ""]
-    atomic_write_bytes(out_dir / "report.md", "\n".join(lines).encode("utf-8"))
