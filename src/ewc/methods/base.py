@@ -20,6 +20,7 @@ the point. Methods that need the model on other data (replay, LwF, GEM) call ``s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,13 @@ def check_count(value: Any, what: str, *, allow_none: bool = False) -> int | Non
             f"{what} must be a positive integer{' or None' if allow_none else ''}, got {value!r}"
         )
     return value
+
+
+def check_state_keys(state: Any, expected: set[str], who: str) -> None:
+    """A ValueError naming ``who`` unless ``state`` is a mapping with exactly the ``expected`` keys."""
+    if not isinstance(state, Mapping) or set(state) != expected:
+        got = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"{who} state must have keys {sorted(expected)}, got {got}")
 
 
 @dataclass

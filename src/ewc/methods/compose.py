@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ewc.data import Task
-from ewc.methods.base import Batch, Method
+from ewc.methods.base import Batch, Method, check_state_keys
 from ewc.scenario import Scenario
 
 __all__ = ["Compose"]
@@ -91,7 +91,6 @@ class Compose(Method):
         return {key: m.state_dict() for key, m in zip(self._keys(), self.methods, strict=True)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if sorted(state) != sorted(self._keys()):
-            raise ValueError(f"{self.name} state must have keys {self._keys()}, got {sorted(state)}")
+        check_state_keys(state, set(self._keys()), self.name)
         for key, m in zip(self._keys(), self.methods, strict=True):
             m.load_state_dict(state[key])

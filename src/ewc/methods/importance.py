@@ -17,16 +17,10 @@ from torch import Tensor, nn
 
 from ewc.data import Task
 from ewc.fisher import diagonal_importance
-from ewc.methods.base import Batch, Method, check_count, check_number
+from ewc.methods.base import Batch, Method, check_count, check_number, check_state_keys
 from ewc.penalty import EWC
 from ewc.scenario import Scenario
 from ewc.state import tensor_bytes
-
-
-def _check_keys(state: Any, expected: set[str], who: str) -> None:
-    if not isinstance(state, Mapping) or set(state) != expected:
-        got = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(f"{who} state must have keys {sorted(expected)}, got {got}")
 
 
 class _Importance(Method):
@@ -146,7 +140,7 @@ class SIMethod(_Importance):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_keys(state, {"c", "xi", "penalty", "omega", "start"}, "SI")
+        check_state_keys(state, {"c", "xi", "penalty", "omega", "start"}, "SI")
         c, xi = (
             check_number(state["c"], "SI strength c"),
             check_number(state["xi"], "SI damping xi", positive=True),
@@ -233,7 +227,7 @@ class MASMethod(_Importance):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_keys(state, {"lam", "max_samples", "batch_size", "penalty"}, "MAS")
+        check_state_keys(state, {"lam", "max_samples", "batch_size", "penalty"}, "MAS")
         lam = check_number(state["lam"], "MAS strength lam")
         max_samples = check_count(state["max_samples"], "MAS max_samples", allow_none=True)
         batch_size = check_count(state["batch_size"], "MAS batch_size", allow_none=False)

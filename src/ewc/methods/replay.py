@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ewc.data import Task
 from ewc.memory import Memory, memory_loss
-from ewc.methods.base import Batch, Method, check_count, check_number
+from ewc.methods.base import Batch, Method, check_count, check_number, check_state_keys
 from ewc.scenario import Scenario
 
 __all__ = ["EpisodicMethod", "ReplayMethod"]
@@ -61,8 +61,7 @@ class EpisodicMethod(Method):
         return {"memory": self.memory.state_dict(), "current": self.current}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"memory", "current"}:
-            raise ValueError(f"{self.name} state must have keys ['current', 'memory'], got {sorted(state)}")
+        check_state_keys(state, {"memory", "current"}, self.name)
         self.memory.load_state_dict(state["memory"])
         self.current = int(state["current"])
 
