@@ -212,3 +212,31 @@ def test_bad_input(stream):
     other = _learner("si")
     with pytest.raises(ValueError):
         other.load_state_dict(learner.state_dict())
+
+
+def test_given_task_ids_are_the_control(stream):
+    """With task_id given the learner follows it, never asks its detector, and equals a learner
+    whose detector happens to infer the same ids (permuted: exact) step for step."""
+    batches, true_ids = stream
+    shifted = [t + 7 for t in true_ids]  # any ids work; inferred ones start at 0
+    given, inferred = _learner("ewc"), _learner("ewc")
+    ids = [given.partial_fit(x, y, task_id=t) for (x, y), t in zip(batches, shifted, strict=True)]
+    assert ids == shifted and given.detector.n_batches == 0
+    assert [inferred.partial_fit(x, y) for x, y in batches] == true_ids
+    assert given.consolidations == [t + 7 for t in inferred.consolidations]
+    for a, b in zip(given.model.parameters(), inferred.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    x, y = batches[0]
+    with pytest.raises(ValueError, match="for every batch or for none"):
+        given.partial_fit(x, y)
+    with pytest.raises(ValueError, match="for every batch or for none"):
+        inferred.partial_fit(x, y, task_id=0)
+    with pytest.raises(ValueError, match="non-negative int"):
+        _learner("ewc").partial_fit(x, y, task_id=-1)
+    buffer = io.BytesIO()
+    torch.save(given.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _learner("ewc")
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    with pytest.raises(ValueError, match="for every batch or for none"):
+        resumed.partial_fit(x, y)

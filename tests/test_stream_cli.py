@@ -65,9 +65,13 @@ def test_tiny_stream_writes_results_figure_and_report(tiny_run: tuple[int, Path]
     assert a["tasks_true"] == 3 and a["tasks_found"] == 3
     n = len(record["true_ids"])
     assert n == a["n_batches"]
-    assert [r["method"] for r in record["learners"]] == ["ewc", "sgd"]
+    assert [r["method"] for r in record["learners"]] == ["ewc", "ewc", "sgd"]
+    assert [r["task_ids"] for r in record["learners"]] == ["inferred", "true", "inferred"]
+    assert record["learners"][1]["ids"] == record["true_ids"]  # the control is given the true ids
+    assert record["learners"][1]["loglik"] == []  # ... and never asks its detector
     for r in record["learners"]:
-        assert len(r["inferred_ids"]) == len(r["prequential"]) == len(r["loglik"]) == n
+        assert len(r["ids"]) == len(r["prequential"]) == n
+        assert len(r["loglik"]) == (0 if r["task_ids"] == "true" else n)
         assert all(0.0 <= v <= 1.0 for v in r["prequential"])
         assert len(r["test_accuracy"]) == 3
         assert all(0.0 <= v <= 1.0 for v in r["test_accuracy"])

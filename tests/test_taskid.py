@@ -221,3 +221,69 @@ def _assert_same_state(a: object, b: object) -> None:
             _assert_same_state(u, v)
     else:
         assert a == b
+
+
+def _label_loglik_by_hand(history: list[int], batch: list[int], classes: int, a: float) -> float:
+    """Sequential Dirichlet-multinomial predictive: Π_i (n_c + a) / (N + C a), one label at a time."""
+    counts = [0] * classes
+    for c in history:
+        counts[c] += 1
+    total = 0.0
+    for c in batch:
+        total += np.log((counts[c] + a) / (sum(counts) + classes * a))
+        counts[c] += 1
+    return float(total)
+
+
+def test_label_term_is_the_dirichlet_multinomial_predictive() -> None:
+    g = torch.Generator().manual_seed(0)
+    det = TaskDetector(proj_dim=None, label_prior=0.7)
+    x1, y1 = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    det.update(x1, y1)
+    x2, y2 = torch.randn(16, 5, generator=g), torch.randint(0, 5, (16,), generator=g)  # new classes 3, 4
+    ll_xy, new_xy = det.score(x2, y2)
+    ll_x, new_x = det.score(x2)
+    assert ll_xy[0] - ll_x[0] == pytest.approx(
+        _label_loglik_by_hand(y1.tolist(), y2.tolist(), 5, 0.7), rel=1e-9
+    )
+    assert new_xy - new_x == pytest.approx(_label_loglik_by_hand([], y2.tolist(), 5, 0.7), rel=1e-9)
+
+
+def test_labels_separate_tasks_that_inputs_cannot() -> None:
+    """Same input distribution, disjoint label sets: one id without labels, two with them."""
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (
+            torch.randn(32, 20, generator=g),
+            torch.randint(5 * (i // 20), 5 * (i // 20) + 5, (32,), generator=g),
+        )
+        for i in range(40)
+    ]
+    # raw inputs: a 128-dim projection of 20 features would add an Occam penalty (~180 nats) for
+    # a fresh input model that outweighs the ~110-nat label evidence of this small example
+    without, with_labels = TaskDetector(proj_dim=None), TaskDetector(proj_dim=None)
+    ids_x = [without.update(x) for x, _ in batches]
+    ids_xy = [with_labels.update(x, y) for x, y in batches]
+    assert set(ids_x) == {0}
+    assert ids_xy == [0] * 20 + [1] * 20
+
+
+def test_bad_labels_raise() -> None:
+    det = TaskDetector()
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="one label per row"):
+        det.update(x, torch.zeros(7, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer class indices"):
+        det.update(x, torch.zeros(8))
+    with pytest.raises(ValueError, match=">= 0"):
+        det.update(x, -torch.ones(8, dtype=torch.long))
+    assert det.num_tasks == 0 and det.n_batches == 0
+
+
+def test_nan_rows_drop_their_labels_too() -> None:
+    det = TaskDetector(proj_dim=None)
+    x = torch.randn(6, 3)
+    x[2, 1] = float("nan")
+    det.update(x, torch.tensor([0, 0, 5, 1, 1, 1]))
+    assert det.n_dropped == 1
+    assert det.state_dict()["labels"].tolist() == [[2.0, 3.0]]  # label 5 left with its NaN row

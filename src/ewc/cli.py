@@ -150,6 +150,12 @@ def _add_stream_parser(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--max-len", type=int, default=d.max_len, help=f"max segment, batches ({d.max_len})")
     st.add_argument("--method", default=d.method, choices=METHODS, help=f"method (default: {d.method})")
     st.add_argument("--baseline", default=d.baseline, choices=BASELINES, help="also run sgd (default)")
+    st.add_argument(
+        "--true-ids",
+        action=argparse.BooleanOptionalAction,
+        default=d.true_ids,
+        help="also learn the stream with the true task ids given, the control (default: on)",
+    )
     st.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
     st.add_argument("--hidden", type=_ints, default=d.hidden, help="hidden sizes, e.g. 100,100 (100)")
     st.add_argument("--memory", type=int, default=d.memory, help=f"samples kept per segment ({d.memory})")

@@ -3,7 +3,8 @@
 ``StreamLearner(model, method=..., detector=..., memory=...)`` learns from a stream of labelled
 batches whose task boundaries nobody announces. Every ``partial_fit(x, y)``:
 
-1. asks the :class:`ewc.taskid.TaskDetector` for the batch's task id (unsupervised);
+1. asks the :class:`ewc.taskid.TaskDetector` for the batch's task id (from the batch's inputs
+   and labels; nobody gives task labels), unless the caller gives ``task_id`` (the control);
 2. on a change of id, ends the task just left — ``method.after_task(old_id, task)`` with a
    :class:`ewc.data.Task` built from the last ``memory`` samples of that segment (EWC computes its
    Fisher, MAS its importances, SI closes its path integral, replay stores the samples) — and
@@ -110,6 +111,7 @@ class StreamLearner:
         self.consolidations: list[int] = []  # task ids passed to after_task, in order
         self.n_batches = 0
         self._feature_shape: tuple[int, ...] | None = None
+        self._given: bool | None = None  # task ids given by the caller (True) or inferred (False)
         self._buf_x: Tensor | None = None
         self._buf_y: Tensor | None = None
 
@@ -183,18 +185,37 @@ class StreamLearner:
         self.method.before_task(index, self._task(index, x, y))
         self.current = index
 
-    def partial_fit(self, x: Tensor, y: Tensor) -> int:
-        """One step on a labelled batch; returns the batch's inferred task id."""
+    def partial_fit(self, x: Tensor, y: Tensor, task_id: int | None = None) -> int:
+        """One step on a labelled batch; returns the batch's task id.
+
+        The id is the detector's unless ``task_id`` is given: then the given id is used and the
+        detector is not consulted (the control "EWC with the true task boundaries"). A learner
+        uses one or the other for its whole life; mixing them is an error.
+        """
         x = self._check_x(x)
         if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0]:
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(f"y must be a 1-D tensor, one label per row of x ({x.shape[0]}), got {shape}")
         if y.dtype != torch.long:
             raise ValueError(f"y must be int64 class labels, got {y.dtype}")
-        retracted = self.detector.retracted
-        index = self.detector.update(x)
+        given = task_id is not None
+        if self._given is not None and given != self._given:
+            raise ValueError(
+                "task_id must be given for every batch or for none: this learner has so far been "
+                + ("given task ids" if self._given else "inferring task ids with its detector")
+            )
+        retracted = False  # the detector took back the tentative task we were in
+        if given:
+            if isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0:
+                raise ValueError(f"task_id must be a non-negative int, got {task_id!r}")
+            index = task_id
+        else:
+            before = self.detector.retracted
+            index = self.detector.update(x, y)  # inputs and labels; no task label
+            retracted = self.detector.retracted != before
+        self._given = given
         self._feature_shape = tuple(x.shape[1:])
-        if self.detector.retracted != retracted:
+        if retracted:
             self._clear()  # the tentative task we were in did not exist: no consolidation
             self._start_task(index, x, y)
         elif index != self.current:
@@ -265,6 +286,7 @@ class StreamLearner:
             "owners": {str(i): list(o) for i, o in self.owners.items()},
             "consolidations": list(self.consolidations),
             "n_batches": self.n_batches,
+            "given_ids": self._given,
             "feature_shape": None if self._feature_shape is None else list(self._feature_shape),
         }
 
@@ -287,6 +309,8 @@ class StreamLearner:
         self.owners = owners
         self.consolidations = [int(t) for t in state["consolidations"]]
         self.n_batches = int(state["n_batches"])
+        given = state.get("given_ids")
+        self._given = None if given is None else bool(given)
         fs = state["feature_shape"]
         self._feature_shape = None if fs is None else tuple(int(d) for d in fs)
 

@@ -39,6 +39,12 @@ Design choices, and why:
   it again. If the next non-empty batch goes elsewhere, the tentative task is retracted (its id is
   reused), so a single odd batch cannot leave a spurious task behind and a pure-noise stream, where
   every batch looks new, does not grow ids.
+- **Labels, when given** (``update(x, y)``): each task also keeps label counts with a symmetric
+  Dirichlet prior (``label_prior`` per class, over the classes seen so far), and a batch's score is
+  the joint ``log p(x | k) + log p(y | k)`` (Dirichlet-multinomial posterior predictive). A task
+  whose labels differ from the known tasks' (a split task) is then told apart by its labels too, and
+  an odd-looking batch of a young task stays with it when its labels fit. Labels are optional per
+  batch; ``score(x)`` and prediction-time use need none.
 - **Cap**: at most ``max_tasks`` ids; when reached, a batch that looks new is given the best known
   task and a ``TaskCapWarning`` is issued (once; ``cap_hits`` counts them).
 
@@ -107,6 +113,8 @@ class TaskDetector:
     - ``var_floor``: minimum observation variance in standardised units (1e-3).
     - ``temperature``: log-likelihoods are divided by it before the prior is added (1.0).
     - ``max_tasks``: cap on the number of ids (50), with a ``TaskCapWarning`` when hit.
+    - ``label_prior``: Dirichlet concentration per class of the label model used when ``update``
+      gets labels (1.0: uniform over the classes seen so far).
     - ``nan_policy``: ``"drop"`` (drop and count non-finite rows) or ``"raise"``.
     - ``features``: ``"linear"`` (projection) or ``"cos"`` (random Fourier features of the
       standardised projection, scaled by ``bandwidth``; measured no better on MNIST streams).
@@ -124,6 +132,7 @@ class TaskDetector:
         var_floor: float = 1e-3,
         temperature: float = 1.0,
         max_tasks: int = 50,
+        label_prior: float = 1.0,
         nan_policy: str = "drop",
         features: str = "linear",
         bandwidth: float = 1.0,
@@ -143,6 +152,7 @@ class TaskDetector:
         if not isinstance(max_tasks, int) or max_tasks < 1:
             raise ValueError(f"max_tasks must be a positive int, got {max_tasks!r}")
         self.max_tasks = max_tasks
+        self.label_prior = _check_pos("label_prior", label_prior)
         if nan_policy not in ("drop", "raise"):
             raise ValueError(f"nan_policy must be 'drop' or 'raise', got {nan_policy!r}")
         self.nan_policy = nan_policy
@@ -171,6 +181,7 @@ class TaskDetector:
         self._count = torch.zeros(0, dtype=torch.float64)  # [K]
         self._sum = torch.zeros(0, 0, dtype=torch.float64)  # [K, d]
         self._sumsq = torch.zeros(0, 0, dtype=torch.float64)  # [K, d]
+        self._labels = torch.zeros(0, 0, dtype=torch.float64)  # [K, C] label counts (C grows)
         self.current: int = -1
         self.tentative: bool = False
         self.n_batches: int = 0
@@ -194,6 +205,7 @@ class TaskDetector:
         "var_floor",
         "temperature",
         "max_tasks",
+        "label_prior",
         "nan_policy",
         "features",
         "bandwidth",
@@ -224,6 +236,7 @@ class TaskDetector:
             "count": self._count.clone(),
             "sum": self._sum.clone(),
             "sumsq": self._sumsq.clone(),
+            "labels": self._labels.clone(),
             "history": [dict(h) for h in self.history],
         }
 
@@ -242,14 +255,20 @@ class TaskDetector:
         self._count = state["count"].to(torch.float64).clone()
         self._sum = state["sum"].to(torch.float64).clone()
         self._sumsq = state["sumsq"].to(torch.float64).clone()
+        labels = state.get("labels")
+        k = int(self._count.numel())
+        self._labels = torch.zeros(k, 0, dtype=torch.float64) if labels is None else labels.to(torch.float64)
         self.history = [dict(h) for h in state.get("history", [])]
 
     # ------------------------------------------------------------------------------------------
     # model
     # ------------------------------------------------------------------------------------------
 
-    def _features(self, x: torch.Tensor, record: bool = True) -> torch.Tensor:
-        """Validate, flatten, drop non-finite rows, project and standardise: ``[n, d]`` float64.
+    def _features(
+        self, x: torch.Tensor, record: bool = True, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate, flatten, drop non-finite rows, project and standardise: ``[n, d]`` float64,
+        and the labels of the rows kept (``None`` when ``y`` is ``None``).
 
         With ``record=False`` (scoring only) nothing is counted or initialised."""
         if not isinstance(x, torch.Tensor):
@@ -259,8 +278,9 @@ class TaskDetector:
         x = x.detach().to("cpu", torch.float64)
         if x.ndim == 1:
             x = x.unsqueeze(0)
+        y = self._check_labels(y, x.shape[0])
         if x.shape[0] == 0:
-            return x.new_zeros(0, self.in_dim or 0)
+            return x.new_zeros(0, self.in_dim or 0), y
         x = x.reshape(x.shape[0], -1)
         if self.in_dim is not None and x.shape[1] != self.in_dim:
             raise ValueError(
@@ -275,8 +295,9 @@ class TaskDetector:
             if record:
                 self.n_dropped += bad
             x = x[ok]
+            y = None if y is None else y[ok]
             if x.shape[0] == 0:
-                return x
+                return x, y
         if self.in_dim is None:
             if not record:
                 raise ValueError("the detector has seen no data yet: nothing to score against")
@@ -295,7 +316,38 @@ class TaskDetector:
         if self._center is None:
             self._center, self._scale = _standardiser(z)
         assert self._scale is not None
-        return (z - self._center) / self._scale
+        return (z - self._center) / self._scale, y
+
+    @staticmethod
+    def _check_labels(y: Any, n: int) -> torch.Tensor | None:
+        """Labels as an int64 CPU tensor ``[n]`` of class indices >= 0, or ``None``."""
+        if y is None:
+            return None
+        if not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(np.asarray(y))
+        if y.ndim != 1 or y.shape[0] != n:
+            raise ValueError(f"labels must be 1-D with one label per row ({n}), got shape {tuple(y.shape)}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got {y.dtype}")
+        y = y.detach().to("cpu", torch.int64)
+        if y.numel() and int(y.min()) < 0:
+            raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
+        return y
+
+    def _label_scores(self, y: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Dirichlet-multinomial ``log p(y | labels of task k)`` ``[K]`` and under a new task."""
+        c = max(counts.shape[1], int(y.max()) + 1 if y.numel() else 0)
+        counts = torch.nn.functional.pad(counts, (0, c - counts.shape[1]))
+        m = torch.bincount(y, minlength=c).to(torch.float64)
+        a = self.label_prior
+        table = torch.cat([counts, torch.zeros(1, c, dtype=torch.float64)])  # last row: new task
+        n = table.sum(1)
+        ll = (
+            torch.lgamma(c * a + n)
+            - torch.lgamma(c * a + n + m.sum())
+            + (torch.lgamma(a + table + m) - torch.lgamma(a + table)).sum(1)
+        )
+        return ll[:-1], float(ll[-1])
 
     def _log_evidence(self, n: torch.Tensor, s: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
         """log marginal likelihood of data with statistics (n [K], s, ss [K, d]), summed over features."""
@@ -316,23 +368,28 @@ class TaskDetector:
         )
         return per.sum(-1)
 
-    def score(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``log p(x | task k)`` for every known task ``[K]`` and ``log p(x | new task)``, for a raw
-        batch ``x``; the detector is not changed (no switch prior, no update)."""
-        z = self._features(x, record=False)
+    def score(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """``log p(x[, y] | task k)`` for every known task ``[K]`` and under a new task, for a raw
+        batch ``x`` (labels ``y`` optional); the detector is not changed (no prior, no update)."""
+        z, y = self._features(x, record=False, y=y)
         if z.shape[0] == 0:
             raise ValueError("no finite rows in the batch to score")
-        return self.scores(z)
+        return self.scores(z, y)
 
-    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``log p(batch | task k)`` for every known task ``[K]`` and ``log p(batch | new task)``."""
+    def scores(self, z: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """``log p(batch | task k)`` for every known task ``[K]`` and ``log p(batch | new task)``
+        for standardised features ``z`` (plus the label term when labels ``y`` are given)."""
         n, s, ss = float(z.shape[0]), z.sum(0), (z * z).sum(0)
         new = float(self._log_evidence(torch.tensor([n]), s[None], ss[None])[0])
         if self.num_tasks == 0:
-            return torch.zeros(0, dtype=torch.float64), new
-        before = self._log_evidence(self._count, self._sum, self._sumsq)
-        after = self._log_evidence(self._count + n, self._sum + s, self._sumsq + ss)
-        return after - before, new
+            ll = torch.zeros(0, dtype=torch.float64)
+        else:
+            before = self._log_evidence(self._count, self._sum, self._sumsq)
+            ll = self._log_evidence(self._count + n, self._sum + s, self._sumsq + ss) - before
+        if y is not None:
+            ll_y, new_y = self._label_scores(y, self._labels)
+            ll, new = ll + ll_y, new + new_y
+        return ll, new
 
     def _log_prior(self) -> tuple[torch.Tensor, float]:
         """Switch prior from the current task: log P(task k) for known tasks and log P(new)."""
@@ -355,17 +412,17 @@ class TaskDetector:
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> int:
         """Assign batch ``x`` a task id, then fold it into that task's model; returns the id.
 
-        ``y`` (labels) is accepted for stream APIs and not used: the detector is unsupervised.
+        ``y`` (optional labels, int class indices, one per row): when given, the batch is scored by
+        its inputs *and* labels and the labels are added to the chosen task's label counts.
         """
-        del y
-        z = self._features(x)
+        z, y = self._features(x, y=y)
         self.n_batches += 1
         rec: dict[str, Any] = {"batch": self.n_batches - 1, "n": int(z.shape[0])}
         if z.shape[0] == 0:
             rec.update(event="empty", task=self.current, loglik=[], loglik_new=None, posterior_new=None)
             self.history.append(rec)
             return self.current
-        ll, ll_new = self.scores(z)
+        ll, ll_new = self.scores(z, y)
         lp, lp_new = self._log_prior()
         logits = torch.cat([ll / self.temperature + lp, torch.tensor([ll_new / self.temperature + lp_new])])
         post = torch.softmax(logits, 0)
@@ -389,6 +446,7 @@ class TaskDetector:
         if self.tentative and choice != self.current:
             last = k - 1
             self._count, self._sum, self._sumsq = self._count[:-1], self._sum[:-1], self._sumsq[:-1]
+            self._labels = self._labels[:-1]
             self.retracted += 1
             self.tentative = False
             rec["retracted"] = last
@@ -402,6 +460,7 @@ class TaskDetector:
             self._count = torch.cat([self._count, torch.zeros(1, dtype=torch.float64)])
             self._sum = torch.cat([self._sum.reshape(-1, d), torch.zeros(1, d, dtype=torch.float64)])
             self._sumsq = torch.cat([self._sumsq.reshape(-1, d), torch.zeros(1, d, dtype=torch.float64)])
+            self._labels = torch.nn.functional.pad(self._labels, (0, 0, 0, 1))
             self.tentative = k > 0  # the very first task needs no confirmation
             event = "new"
         elif event != "cap" and choice != self.current:
@@ -409,6 +468,10 @@ class TaskDetector:
         self._count[choice] += z.shape[0]
         self._sum[choice] += z.sum(0)
         self._sumsq[choice] += (z * z).sum(0)
+        if y is not None and y.numel():
+            c = max(self._labels.shape[1], int(y.max()) + 1)
+            self._labels = torch.nn.functional.pad(self._labels, (0, c - self._labels.shape[1]))
+            self._labels[choice] += torch.bincount(y, minlength=c).to(torch.float64)
         self.current = choice
         self.n_samples += int(z.shape[0])
         rec.update(

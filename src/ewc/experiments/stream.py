@@ -89,6 +89,7 @@ class Config:
     baseline: str = param(
         "sgd", "also learn the same stream with this method ('none': skip)", choices=BASELINES
     )
+    true_ids: bool = param(True, "also learn with the true task ids given (the control)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse_schedule(self.schedule))
@@ -137,8 +138,19 @@ def _accuracy(learner: StreamLearner, x: torch.Tensor, y: torch.Tensor) -> float
     return float((learner.predict(x) == y).float().mean())
 
 
-def _learn(config: Config, method: str, tasks: list, batches: list, num_classes: int) -> dict[str, Any]:
-    """One learner over the stream: inferred ids, prequential accuracy, final test accuracies."""
+def _learn(
+    config: Config,
+    method: str,
+    tasks: list,
+    batches: list,
+    num_classes: int,
+    true_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    """One learner over the stream: its ids, prequential accuracy, final test accuracies.
+
+    With ``true_ids`` the learner is given every batch's true task (the control); otherwise its
+    detector infers them.
+    """
     torch.manual_seed(config.seed)  # same initial weights for every method
     model = make_mlp(int(tasks[0].x_train[0].numel()), config.hidden, num_classes)
     learner = StreamLearner(
@@ -150,16 +162,18 @@ def _learn(config: Config, method: str, tasks: list, batches: list, num_classes:
         lr=config.lr,
         num_classes=num_classes,
     )
-    inferred, correct = [], []
-    for x, y in batches:
+    ids, correct = [], []
+    for i, (x, y) in enumerate(batches):
         correct.append(_accuracy(learner, x, y))  # test, then train
-        inferred.append(learner.partial_fit(x, y))
+        ids.append(learner.partial_fit(x, y, None if true_ids is None else true_ids[i]))
     learner.finish()
-    table = learner.detector.loglik_table()
+    table = learner.detector.loglik_table()  # empty when the ids were given
     loglik = [[None if math.isnan(v) else round(v, 3) for v in row] for row in table.tolist()]
     return {
         "method": method,
-        "inferred_ids": inferred,
+        "label": f"{method} (true ids)" if true_ids is not None else f"{method} (inferred ids)",
+        "task_ids": "true" if true_ids is not None else "inferred",
+        "ids": ids,
         "prequential": correct,
         "prequential_accuracy": float(np.mean(correct)),
         "test_accuracy": [_accuracy(learner, t.x_test, t.y_test) for t in tasks],
@@ -189,7 +203,7 @@ def figure(results: dict[str, Any]) -> Any:
         fig = new_figure((10, 8))
         ax1, ax2, ax3 = fig.subplots(3, 1, sharex=True, height_ratios=[1, 1.4, 1])
         ax1.step(xs, true_ids, where="post", lw=3, alpha=0.4, color="black", label="true task")
-        shown = [inv.get(i, np.nan) for i in main["inferred_ids"]]
+        shown = [inv.get(i, np.nan) for i in main["ids"]]
         ax1.step(xs, shown, where="post", lw=1.2, color="C3", label="inferred (matched to true ids)")
         ax1.set_ylabel("task")
         ax1.set_yticks(sorted(set(true_ids)))
@@ -207,7 +221,7 @@ def figure(results: dict[str, Any]) -> Any:
         ax2.set_ylabel("log p(batch | task)")
         ax2.legend(loc="lower left", fontsize=7, ncol=4)
         for r in results["learners"]:
-            ax3.plot(xs, _moving(r["prequential"]), lw=1.2, label=r["method"])
+            ax3.plot(xs, _moving(r["prequential"]), lw=1.2, label=r["label"])
         ax3.set_ylabel(f"prequential acc.\n(moving avg, {WINDOW})")
         ax3.set_xlabel("batch")
         ax3.set_ylim(0, 1.02)
@@ -229,8 +243,15 @@ def findings(results: dict[str, Any]) -> list[str]:
     for r in results["learners"]:
         acc = r["test_accuracy"]
         out.append(
-            f"{r['method']}: prequential accuracy {r['prequential_accuracy']:.4f}; final test accuracy "
+            f"{r['label']}: prequential accuracy {r['prequential_accuracy']:.4f}; final test accuracy "
             f"mean {np.mean(acc):.4f} (per task: {', '.join(f'{v:.3f}' for v in acc)})."
+        )
+    by_ids = {r["task_ids"]: r for r in results["learners"] if r["label"] != r["method"]}
+    if "true" in by_ids:
+        inferred, true = (float(np.mean(by_ids[k]["test_accuracy"])) for k in ("inferred", "true"))
+        out.append(
+            f"With inferred task ids the final mean test accuracy is {inferred / true:.1%} of that with "
+            f"the true ids ({inferred:.4f} vs {true:.4f})."
         )
     return out
 
@@ -253,7 +274,7 @@ def tables(results: dict[str, Any]) -> list[str]:
         ["method", "prequential", *[f"test task {i}" for i in range(n)], "test mean"],
         [
             [
-                r["method"],
+                r["label"],
                 f"{r['prequential_accuracy']:.4f}",
                 *[f"{v:.3f}" for v in r["test_accuracy"]],
                 f"{np.mean(r['test_accuracy']):.4f}",
@@ -284,7 +305,11 @@ def run(config: Config, out: str | Path | None = None) -> dict[str, Any]:
     )
     methods = [config.method] + ([config.baseline] if config.baseline not in ("none", config.method) else [])
     learners = [_learn(config, m, tasks, batches, dataset.num_classes) for m in methods]
-    assignment = assignment_metrics(true_ids, learners[0]["inferred_ids"], batch_size=config.batch_size)
+    if len(learners) > 1:
+        learners[1]["label"] = learners[1]["method"]  # the baseline
+    if config.true_ids:
+        learners.insert(1, _learn(config, config.method, tasks, batches, dataset.num_classes, true_ids))
+    assignment = assignment_metrics(true_ids, learners[0]["ids"], batch_size=config.batch_size)
     results = {"true_ids": true_ids, "assignment": assignment, "learners": learners}
     seconds = time.perf_counter() - start
     return finish(
