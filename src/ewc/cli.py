@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_stream_parser(sub: argparse._SubParsersAction) -> None:
     """``ewc stream``: a task stream with unannounced switches, learned with inferred task ids."""
     from ewc.data import DATASETS
+    from ewc.data.tabular import NAN_POLICIES
     from ewc.experiments.stream import BASELINES, SEQUENCE_KINDS, Config
     from ewc.methods import METHODS
 
@@ -162,6 +163,30 @@ def _add_stream_parser(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--seed", type=int, default=d.seed, help=f"seed (default: {d.seed})")
     st.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default: {d.threads})")
     st.add_argument("--max-train-per-task", type=int, default=None, help="subsample train parts")
+    tab = st.add_argument_group(
+        "your own data", "stream the rows of a CSV or .npz file instead of --data/--sequence/--schedule"
+    )
+    tab.add_argument("--csv", "--npz", dest="csv", default=None, metavar="FILE", help="CSV or .npz file")
+    tab.add_argument("--label-column", default=None, metavar="NAME", help="column (npz: array) of labels")
+    tab.add_argument("--timestamp-column", default=None, metavar="NAME", help="optional; rows sorted by it")
+    tab.add_argument(
+        "--task-column", default=None, metavar="NAME", help="optional true task per row (evaluation only)"
+    )
+    tab.add_argument(
+        "--test-fraction", type=float, default=d.test_fraction, help=f"rows held out ({d.test_fraction})"
+    )
+    tab.add_argument(
+        "--standardize",
+        action=argparse.BooleanOptionalAction,
+        default=d.standardize,
+        help="scale features by the first 1000 stream rows (default: on)",
+    )
+    tab.add_argument(
+        "--nan-policy",
+        default=d.nan_policy,
+        choices=NAN_POLICIES,
+        help="rows with missing features: drop and count (default) or raise",
+    )
     st.add_argument("--out", required=True, help="output directory (created; must not be a file)")
     st.set_defaults(func=_cmd_stream)
 

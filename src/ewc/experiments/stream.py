@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ewc.data import DATASETS, load_dataset, make_sequence
+from ewc.data.tabular import NAN_POLICIES, Table, load_table
 from ewc.experiments.common import (
     check_out_dir,
     command_line,
@@ -90,6 +91,15 @@ class Config:
         "sgd", "also learn the same stream with this method ('none': skip)", choices=BASELINES
     )
     true_ids: bool = param(True, "also learn with the true task ids given (the control)")
+    csv: str | None = param(None, "a CSV (or .npz) file to stream instead of --data", type=str)
+    label_column: str | None = param(None, "the label column of --csv", type=str)
+    timestamp_column: str | None = param(None, "optional time column of --csv (rows sorted by it)", type=str)
+    task_column: str | None = param(None, "optional true-task column of --csv (evaluation only)", type=str)
+    test_fraction: float = param(0.2, "--csv rows held out (seeded) for the final test accuracy")
+    standardize: bool = param(True, "--csv: scale features by the first 1000 stream rows")
+    nan_policy: str = param(
+        "drop", "--csv rows with missing features: drop (count) or raise", choices=NAN_POLICIES
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse_schedule(self.schedule))
@@ -122,6 +132,18 @@ class Config:
             raise ValueError(f"--hidden must be positive sizes, got {self.hidden}")
         if self.memory < 1:
             raise ValueError(f"--memory must be >= 1, got {self.memory}")
+        if self.csv is not None and self.label_column is None:
+            raise ValueError("--csv needs --label-column NAME (the column with the class labels)")
+        if self.csv is None and any(
+            v is not None for v in (self.label_column, self.timestamp_column, self.task_column)
+        ):
+            raise ValueError("--label-column, --timestamp-column and --task-column only apply with --csv")
+        if not (math.isfinite(self.test_fraction) and 0 <= self.test_fraction < 1):
+            raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(
+                f"--nan-policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}"
+            )
         if self.max_train_per_task is not None and self.max_train_per_task < self.batch_size:
             raise ValueError(
                 f"--max-train-per-task ({self.max_train_per_task}) must be >= "
@@ -138,12 +160,96 @@ def _accuracy(learner: StreamLearner, x: torch.Tensor, y: torch.Tensor) -> float
     return float((learner.predict(x) == y).float().mean())
 
 
+@dataclass
+class Stream:
+    """What the learners see and are tested on: batches, true ids (if known), test sets."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    true_ids: list[int] | None  # true task of every batch, or None (a table without task column)
+    tests: list[tuple[str, torch.Tensor, torch.Tensor]]  # (name, x, y) per test set
+    in_dim: int
+    num_classes: int
+    source: dict[str, Any]  # what was read, for the record
+
+
+def sequence_stream(config: Config) -> Stream:
+    """The tasks of a sequence (permuted / split) replayed along ``config.schedule``."""
+    dataset = load_dataset(config.data)
+    tasks = make_sequence(
+        dataset, config.sequence, config.tasks, seed=config.seed, max_train_per_task=config.max_train_per_task
+    )
+    batches, true_ids = make_stream(
+        tasks,
+        config.schedule,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        min_len=config.min_len,
+        max_len=config.max_len,
+    )
+    tests = [(f"task {t.index}", t.x_test, t.y_test) for t in tasks]
+    source = {"data": config.data, "sequence": config.sequence, "tasks": config.tasks}
+    return Stream(batches, true_ids, tests, int(tasks[0].x_train[0].numel()), dataset.num_classes, source)
+
+
+WARMUP_ROWS = 1000  # rows whose feature statistics scale a table's features
+
+
+def table_stream(config: Config) -> Stream:
+    """A user's CSV / .npz rows in order (``ewc.data.tabular``), a seeded test fraction held out.
+
+    Features are standardised with the mean and standard deviation of the first ``WARMUP_ROWS``
+    stream rows (a stream cannot look ahead); the true ids of a batch are its rows' majority task.
+    """
+    assert config.csv is not None and config.label_column is not None
+    table: Table = load_table(
+        config.csv,
+        config.label_column,
+        timestamp_column=config.timestamp_column,
+        task_column=config.task_column,
+        nan_policy=config.nan_policy,
+    )
+    n = table.x.shape[0]
+    held = np.random.default_rng(config.seed).random(n) < config.test_fraction
+    train = np.flatnonzero(~held)
+    if len(train) == 0:
+        raise ValueError(f"{config.csv}: no rows left to stream after holding out --test-fraction")
+    x, y = table.x, table.y
+    if config.standardize:
+        head = x[train[:WARMUP_ROWS]]
+        sd = head.std(0) if len(head) > 1 else torch.ones(x.shape[1])
+        x = (x - head.mean(0)) / torch.where(sd > 1e-8, sd, torch.ones_like(sd))
+    batches, true_ids = [], [] if table.task is not None else None
+    for lo in range(0, len(train), config.batch_size):
+        rows = torch.from_numpy(train[lo : lo + config.batch_size])
+        batches.append((x[rows], y[rows]))
+        if true_ids is not None and table.task is not None:
+            true_ids.append(int(np.bincount([table.task[int(r)] for r in rows]).argmax()))
+    test = torch.from_numpy(np.flatnonzero(held))
+    if table.task is not None:
+        task = torch.tensor(table.task)
+        tests = [
+            (f"task {name}", x[test[task[test] == k]], y[test[task[test] == k]])
+            for k, name in enumerate(table.task_names)
+        ]
+    else:
+        tests = [("all held-out rows", x[test], y[test])]
+    source = {
+        "csv": str(config.csv),
+        "rows": n,
+        "rows_dropped": table.n_dropped,
+        "rows_held_out": int(held.sum()),
+        "features": len(table.features),
+        "classes": list(table.classes),
+        "reordered_by_time": table.reordered,
+        "tasks": list(table.task_names) if table.task is not None else None,
+    }
+    return Stream(batches, true_ids, tests, x.shape[1], table.num_classes, source)
+
+
 def _learn(
     config: Config,
     method: str,
-    tasks: list,
-    batches: list,
-    num_classes: int,
+    stream: Stream,
     true_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """One learner over the stream: its ids, prequential accuracy, final test accuracies.
@@ -151,8 +257,9 @@ def _learn(
     With ``true_ids`` the learner is given every batch's true task (the control); otherwise its
     detector infers them.
     """
+    num_classes, batches = stream.num_classes, stream.batches
     torch.manual_seed(config.seed)  # same initial weights for every method
-    model = make_mlp(int(tasks[0].x_train[0].numel()), config.hidden, num_classes)
+    model = make_mlp(stream.in_dim, config.hidden, num_classes)
     learner = StreamLearner(
         model,
         method,
@@ -176,9 +283,11 @@ def _learn(
         "ids": ids,
         "prequential": correct,
         "prequential_accuracy": float(np.mean(correct)),
-        "test_accuracy": [_accuracy(learner, t.x_test, t.y_test) for t in tasks],
+        "test_accuracy": [_accuracy(learner, x, y) if len(y) else None for _, x, y in stream.tests],
         "loglik": loglik,
         "consolidations": list(learner.consolidations),
+        "tasks_found": learner.detector.num_tasks,
+        "rows_dropped_by_detector": learner.detector.n_dropped,
     }
 
 
@@ -196,19 +305,24 @@ def figure(results: dict[str, Any]) -> Any:
     """timeline.png: true vs inferred task; log-likelihoods per known task; prequential accuracy."""
     true_ids = results["true_ids"]
     main = results["learners"][0]
-    match = results["assignment"]["matching"]  # true id -> inferred id
-    inv = {int(v): int(k) for k, v in match.items()}
-    xs = np.arange(len(true_ids))
+    xs = np.arange(len(main["ids"]))
     with figure_style():
         fig = new_figure((10, 8))
         ax1, ax2, ax3 = fig.subplots(3, 1, sharex=True, height_ratios=[1, 1.4, 1])
-        ax1.step(xs, true_ids, where="post", lw=3, alpha=0.4, color="black", label="true task")
-        shown = [inv.get(i, np.nan) for i in main["ids"]]
-        ax1.step(xs, shown, where="post", lw=1.2, color="C3", label="inferred (matched to true ids)")
+        if true_ids is not None:
+            match = results["assignment"]["matching"]  # true id -> inferred id
+            inv = {int(v): int(k) for k, v in match.items()}
+            ax1.step(xs, true_ids, where="post", lw=3, alpha=0.4, color="black", label="true task")
+            shown = [inv.get(i, np.nan) for i in main["ids"]]
+            ax1.step(xs, shown, where="post", lw=1.2, color="C3", label="inferred (matched to true ids)")
+            ax1.set_yticks(sorted(set(true_ids)))
+            ax1.set_title("True vs inferred task over the stream")
+        else:
+            ax1.step(xs, main["ids"], where="post", lw=1.2, color="C3", label="inferred task")
+            ax1.set_yticks(sorted(set(main["ids"])))
+            ax1.set_title("Inferred task over the stream")
         ax1.set_ylabel("task")
-        ax1.set_yticks(sorted(set(true_ids)))
         ax1.legend(loc="upper left", fontsize=8)
-        ax1.set_title("True vs inferred task over the stream")
         table = np.array([[np.nan if v is None else v for v in row] for row in main["loglik"]], dtype=float)
         if table.ndim == 2 and table.shape[1] > 0:
             for k in range(table.shape[1] - 1):
@@ -226,29 +340,47 @@ def figure(results: dict[str, Any]) -> Any:
         ax3.set_xlabel("batch")
         ax3.set_ylim(0, 1.02)
         ax3.legend(loc="lower right", fontsize=8)
+        marks = true_ids if true_ids is not None else main["ids"]
         for ax in (ax1, ax2, ax3):
-            for i in range(1, len(true_ids)):
-                if true_ids[i] != true_ids[i - 1]:
+            for i in range(1, len(marks)):
+                if marks[i] != marks[i - 1]:
                     ax.axvline(i, color="grey", lw=0.5, ls=":")
     return fig
 
 
+def _mean(values: list[float | None]) -> float:
+    """Mean test accuracy over the test sets that have rows."""
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     a = results["assignment"]
-    out = [
-        f"Task assignment accuracy {a['accuracy']:.4f} over {a['n_batches']} batches; {a['tasks_found']} "
-        f"tasks found for {a['tasks_true']} true; mean/max detection delay {a['mean_delay']:.2f}/"
-        f"{a['max_delay']} batches; {a['false_alarms_per_10k']:.2f} false alarms per 10 000 samples.",
-    ]
+    if a is None:
+        found = results["learners"][0]["tasks_found"]
+        n = len(results["learners"][0]["ids"])
+        out = [f"{found} task(s) inferred over {n} batches (no true tasks given)."]
+    else:
+        out = [
+            f"Task assignment accuracy {a['accuracy']:.4f} over {a['n_batches']} batches; {a['tasks_found']} "
+            f"tasks found for {a['tasks_true']} true; mean/max detection delay {a['mean_delay']:.2f}/"
+            f"{a['max_delay']} batches; {a['false_alarms_per_10k']:.2f} false alarms per 10 000 samples.",
+        ]
+    names = results["tests"]
     for r in results["learners"]:
         acc = r["test_accuracy"]
+        per = ", ".join(f"{n} {_fmt(v)}" for n, v in zip(names, acc, strict=True))
         out.append(
             f"{r['label']}: prequential accuracy {r['prequential_accuracy']:.4f}; final test accuracy "
-            f"mean {np.mean(acc):.4f} (per task: {', '.join(f'{v:.3f}' for v in acc)})."
+            f"mean {_mean(acc):.4f} ({per})."
         )
     by_ids = {r["task_ids"]: r for r in results["learners"] if r["label"] != r["method"]}
     if "true" in by_ids:
-        inferred, true = (float(np.mean(by_ids[k]["test_accuracy"])) for k in ("inferred", "true"))
+        inferred, true = (_mean(by_ids[k]["test_accuracy"]) for k in ("inferred", "true"))
         out.append(
             f"With inferred task ids the final mean test accuracy is {inferred / true:.1%} of that with "
             f"the true ids ({inferred:.4f} vs {true:.4f})."
@@ -258,6 +390,20 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 def tables(results: dict[str, Any]) -> list[str]:
     a = results["assignment"]
+    t2 = md_table(
+        ["method", "prequential", *[f"test {n}" for n in results["tests"]], "test mean"],
+        [
+            [
+                r["label"],
+                f"{r['prequential_accuracy']:.4f}",
+                *[_fmt(v) for v in r["test_accuracy"]],
+                f"{_mean(r['test_accuracy']):.4f}",
+            ]
+            for r in results["learners"]
+        ],
+    )
+    if a is None:
+        return [t2]
     t1 = md_table(
         ["assignment", "value"],
         [
@@ -269,19 +415,6 @@ def tables(results: dict[str, Any]) -> list[str]:
             ["split tasks", str(a["split_tasks"])],
         ],
     )
-    n = len(results["learners"][0]["test_accuracy"])
-    t2 = md_table(
-        ["method", "prequential", *[f"test task {i}" for i in range(n)], "test mean"],
-        [
-            [
-                r["label"],
-                f"{r['prequential_accuracy']:.4f}",
-                *[f"{v:.3f}" for v in r["test_accuracy"]],
-                f"{np.mean(r['test_accuracy']):.4f}",
-            ]
-            for r in results["learners"]
-        ],
-    )
     return [t1, t2]
 
 
@@ -291,26 +424,26 @@ def run(config: Config, out: str | Path | None = None) -> dict[str, Any]:
     if out is not None:
         check_out_dir(out)
     setup_runtime(config.seed, config.threads)
-    dataset = load_dataset(config.data)
-    tasks = make_sequence(
-        dataset, config.sequence, config.tasks, seed=config.seed, max_train_per_task=config.max_train_per_task
-    )
-    batches, true_ids = make_stream(
-        tasks,
-        config.schedule,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        min_len=config.min_len,
-        max_len=config.max_len,
-    )
+    stream = table_stream(config) if config.csv is not None else sequence_stream(config)
+    true_ids = stream.true_ids
     methods = [config.method] + ([config.baseline] if config.baseline not in ("none", config.method) else [])
-    learners = [_learn(config, m, tasks, batches, dataset.num_classes) for m in methods]
+    learners = [_learn(config, m, stream) for m in methods]
     if len(learners) > 1:
         learners[1]["label"] = learners[1]["method"]  # the baseline
-    if config.true_ids:
-        learners.insert(1, _learn(config, config.method, tasks, batches, dataset.num_classes, true_ids))
-    assignment = assignment_metrics(true_ids, learners[0]["ids"], batch_size=config.batch_size)
-    results = {"true_ids": true_ids, "assignment": assignment, "learners": learners}
+    if config.true_ids and true_ids is not None:
+        learners.insert(1, _learn(config, config.method, stream, true_ids))
+    assignment = (
+        None
+        if true_ids is None
+        else assignment_metrics(true_ids, learners[0]["ids"], batch_size=config.batch_size)
+    )
+    results = {
+        "source": stream.source,
+        "tests": [name for name, _, _ in stream.tests],
+        "true_ids": true_ids,
+        "assignment": assignment,
+        "learners": learners,
+    }
     seconds = time.perf_counter() - start
     return finish(
         out,
