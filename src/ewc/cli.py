@@ -179,7 +179,7 @@ def _add_stream_parser(sub: argparse._SubParsersAction) -> None:
         "--standardize",
         action=argparse.BooleanOptionalAction,
         default=d.standardize,
-        help="scale features by the first 1000 stream rows (default: on)",
+        help="scale features by the first 1000 stream rows (default: off)",
     )
     tab.add_argument(
         "--nan-policy",
