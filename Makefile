@@ -11,6 +11,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(PIP) -e '.[test]'
+	$(PIP) --no-deps 'minatar==1.0.15'
 
 test: install
 	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,26 @@
+"""Continual reinforcement learning: a DQN agent with EWC over a sequence of MinAtar games.
+
+``env`` (padded MinAtar games, full action set), ``qnet`` (Q-network with per-task gains and
+biases), ``replay`` (per-task circular buffers), ``agent`` (``DQNConfig``, ``Agent``,
+``train_sequence``). Needs the optional ``minatar`` package (``pip install 'ewc[rl]'``, or
+``pip install --no-deps minatar`` without its GUI dependencies). See docs/rl.md.
+"""
+
+from ewc.rl.agent import Agent, DQNConfig, policy_fisher, td_targets, train_sequence
+from ewc.rl.env import GAMES, Game, random_policy_score
+from ewc.rl.qnet import QNetwork
+from ewc.rl.replay import ReplayBuffer, TaskReplay
+
+__all__ = [
+    "GAMES",
+    "Agent",
+    "DQNConfig",
+    "Game",
+    "QNetwork",
+    "ReplayBuffer",
+    "TaskReplay",
+    "policy_fisher",
+    "random_policy_score",
+    "td_targets",
+    "train_sequence",
+]

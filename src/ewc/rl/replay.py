@@ -1,0 +1,172 @@
+"""Experience replay: a fixed-capacity circular buffer per task context.
+
+MinAtar observations are binary, so they are stored bit-packed (8 pixels per ``uint8``): a
+``[10, 10, 10]`` observation costs 125 bytes instead of 4000 as float32, and a 100k-transition
+buffer with observations and next observations about 25 MB. Sampling is uniform over the filled
+part, drawn from a caller's ``torch.Generator`` (seeded runs are reproducible). State is a dict of
+plain tensors and ints (loadable with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ReplayBuffer", "TaskReplay", "pack_bits", "unpack_bits"]
+
+_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+
+
+def pack_bits(x: Tensor) -> Tensor:
+    """Binary tensor ``[n, *shape]`` -> ``uint8 [n, ceil(numel / 8)]`` (raises on non-binary values)."""
+    flat = x.reshape(x.shape[0], -1)
+    if bool(((flat != 0) & (flat != 1)).any()):
+        raise ValueError("observations must be binary (0/1) to be stored bit-packed")
+    bits = flat.to(torch.uint8)
+    pad = (-bits.shape[-1]) % 8
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    return (bits.view(*bits.shape[:-1], -1, 8) * _WEIGHTS).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`pack_bits`: ``uint8 [n, bytes]`` -> ``float32 [n, *shape]``."""
+    numel = math.prod(shape)
+    bits = (packed.unsqueeze(-1) >> _SHIFTS) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :numel].to(torch.float32).reshape(-1, *shape)
+
+
+class ReplayBuffer:
+    """Circular buffer of ``(obs, action, reward, next_obs, done)`` for binary observations."""
+
+    def __init__(self, capacity: int, obs_shape: Sequence[int]) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        self.capacity = capacity
+        self.obs_shape = tuple(int(d) for d in obs_shape)
+        nbytes = math.ceil(math.prod(self.obs_shape) / 8)
+        self.obs = torch.zeros(capacity, nbytes, dtype=torch.uint8)
+        self.next_obs = torch.zeros(capacity, nbytes, dtype=torch.uint8)
+        self.actions = torch.zeros(capacity, dtype=torch.long)
+        self.rewards = torch.zeros(capacity, dtype=torch.float32)
+        self.dones = torch.zeros(capacity, dtype=torch.bool)
+        self.pos = 0  # next slot to write
+        self.size = 0  # filled slots
+        self.added = 0  # transitions ever added
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, obs: Tensor, action: int, reward: float, next_obs: Tensor, done: bool) -> None:
+        """Store one transition, overwriting the oldest when full."""
+        if tuple(obs.shape) != self.obs_shape or tuple(next_obs.shape) != self.obs_shape:
+            raise ValueError(f"observations must have shape {self.obs_shape}, got {tuple(obs.shape)}")
+        i = self.pos
+        self.obs[i] = pack_bits(obs.unsqueeze(0))[0]
+        self.next_obs[i] = pack_bits(next_obs.unsqueeze(0))[0]
+        self.actions[i] = int(action)
+        self.rewards[i] = float(reward)
+        self.dones[i] = bool(done)
+        self.pos = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        self.added += 1
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+        """``batch_size`` transitions drawn uniformly with replacement: obs, actions, rewards,
+        next obs (float32 ``[b, *obs_shape]``) and dones (float32 0/1)."""
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        idx = torch.randint(self.size, (batch_size,), generator=generator)
+        return (
+            unpack_bits(self.obs[idx], self.obs_shape),
+            self.actions[idx],
+            self.rewards[idx],
+            unpack_bits(self.next_obs[idx], self.obs_shape),
+            self.dones[idx].to(torch.float32),
+        )
+
+    def observations(self, n: int, generator: torch.Generator) -> Tensor:
+        """Up to ``n`` distinct stored observations (float32), drawn without replacement."""
+        idx = torch.randperm(self.size, generator=generator)[:n]
+        return unpack_bits(self.obs[idx], self.obs_shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The filled part and the counters, as plain tensors and ints."""
+        n = self.size
+        return {
+            "capacity": self.capacity,
+            "obs_shape": list(self.obs_shape),
+            "obs": self.obs[:n].clone(),
+            "next_obs": self.next_obs[:n].clone(),
+            "actions": self.actions[:n].clone(),
+            "rewards": self.rewards[:n].clone(),
+            "dones": self.dones[:n].clone(),
+            "pos": self.pos,
+            "size": self.size,
+            "added": self.added,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of a buffer with the same capacity and observation shape."""
+        if int(state["capacity"]) != self.capacity or tuple(state["obs_shape"]) != self.obs_shape:
+            raise ValueError(
+                f"replay state has capacity {state['capacity']} and obs shape {tuple(state['obs_shape'])}, "
+                f"this buffer {self.capacity} and {self.obs_shape}"
+            )
+        n = int(state["size"])
+        if not 0 <= n <= self.capacity or state["obs"].shape[0] != n:
+            raise ValueError(f"replay state is inconsistent: size {n}, {state['obs'].shape[0]} rows")
+        for key in ("obs", "next_obs", "actions", "rewards", "dones"):
+            getattr(self, key)[:n] = state[key]
+        self.pos, self.size, self.added = int(state["pos"]), n, int(state["added"])
+
+
+class TaskReplay:
+    """One :class:`ReplayBuffer` per task context, created on first use; contexts never mix."""
+
+    def __init__(self, capacity: int, obs_shape: Sequence[int]) -> None:
+        ReplayBuffer(1, obs_shape)  # validates obs_shape early
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        self.capacity = capacity
+        self.obs_shape = tuple(int(d) for d in obs_shape)
+        self.buffers: dict[int, ReplayBuffer] = {}
+
+    def buffer(self, task: int) -> ReplayBuffer:
+        """The buffer of context ``task`` (created empty on first use)."""
+        if task not in self.buffers:
+            self.buffers[task] = ReplayBuffer(self.capacity, self.obs_shape)
+        return self.buffers[task]
+
+    def size(self, task: int) -> int:
+        """Transitions stored for ``task`` (0 for an unknown context)."""
+        return self.buffers[task].size if task in self.buffers else 0
+
+    def add(self, task: int, obs: Tensor, action: int, reward: float, next_obs: Tensor, done: bool) -> None:
+        self.buffer(task).add(obs, action, reward, next_obs, done)
+
+    def clear(self, task: int) -> None:
+        """Forget every transition of ``task``."""
+        self.buffers.pop(task, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "capacity": self.capacity,
+            "obs_shape": list(self.obs_shape),
+            "buffers": {str(t): b.state_dict() for t, b in sorted(self.buffers.items())},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["capacity"]) != self.capacity or tuple(state["obs_shape"]) != self.obs_shape:
+            raise ValueError("task replay state has another capacity or observation shape")
+        buffers = {}
+        for key, sub in state["buffers"].items():
+            b = ReplayBuffer(self.capacity, self.obs_shape)
+            b.load_state_dict(sub)
+            buffers[int(key)] = b
+        self.buffers = buffers

@@ -1,0 +1,366 @@
+"""Tests of the continual-RL agent core (ewc.rl): env wrapper, Q-network, replay, DQN + EWC agent."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from importlib import import_module
+
+import pytest
+import torch
+
+pytest.importorskip("minatar")
+
+from ewc.penalty import EWC  # noqa: E402
+from ewc.rl.agent import Agent, DQNConfig, policy_fisher, td_targets, train_sequence  # noqa: E402
+from ewc.rl.env import GAMES, Game, max_channels, random_policy_score  # noqa: E402
+from ewc.rl.qnet import QNetwork  # noqa: E402
+from ewc.rl.replay import ReplayBuffer, TaskReplay, pack_bits, unpack_bits  # noqa: E402
+
+torch.set_num_threads(1)
+
+# A configuration small enough for tests: updates start after 64 transitions, EWC after 100 steps.
+TINY = DQNConfig(
+    replay_capacity=500,
+    learning_starts=64,
+    target_update=50,
+    eps_decay_steps=200,
+    ewc_min_steps=100,
+    fisher_samples=128,
+    hidden=32,
+    conv_channels=8,
+    detect_every=32,
+    seed=3,
+)
+
+
+def _minatar_channels(game: str) -> int:
+    return int(import_module(f"minatar.environments.{game}").Env().state_shape()[2])
+
+
+# ---------------------------------------------------------------------------------------- env
+
+
+def test_padding_and_full_action_set() -> None:
+    c_max = max(_minatar_channels(g) for g in GAMES)
+    assert max_channels() == c_max
+    for name in GAMES:
+        game = Game(name, seed=1)
+        obs = game.reset()
+        assert obs.shape == (c_max, 10, 10) and obs.dtype == torch.float32
+        assert set(obs.unique().tolist()) <= {0.0, 1.0}
+        c = _minatar_channels(name)
+        for a in range(6):  # every game accepts the full action set
+            if game.done:
+                game.reset()
+            obs, reward, done = game.step(a)
+            assert obs.shape == (c_max, 10, 10) and isinstance(reward, float) and isinstance(done, bool)
+            assert obs[c:].abs().sum() == 0  # padding channels stay empty
+    with pytest.raises(ValueError, match="0..5"):
+        g = Game("breakout")
+        g.reset()
+        g.step(6)
+
+
+def test_unknown_game_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="breakout, space_invaders, freeway, asterix, seaquest"):
+        Game("pong")
+
+
+def test_game_is_reproducible_from_its_seed() -> None:
+    def rollout(seed: int) -> list[float]:
+        g = Game("asterix", seed=0)
+        obs, out = g.reset(seed=seed), []
+        for t in range(60):
+            obs, r, done = g.step(t % 6)
+            out.append(float(obs.sum()) + r)
+            if done:
+                obs = g.reset()
+        return out
+
+    assert rollout(5) == rollout(5)
+    assert rollout(5) != rollout(6)
+    assert random_policy_score("breakout", episodes=3, seed=0) == random_policy_score("breakout", 3, seed=0)
+
+
+# ------------------------------------------------------------------------------------- qnet
+
+
+def test_task_gains_biases_are_per_task_and_outside_ewc() -> None:
+    torch.manual_seed(0)
+    net = QNetwork(10, 6, num_tasks=3, conv_channels=4, hidden=8)
+    shared = net.shared_parameter_names()
+    assert shared == ["conv.weight", "conv.bias", "fc.weight", "fc.bias", "out.weight", "out.bias"]
+    task_names = [n for n, _ in net.named_parameters() if n not in shared]
+    assert task_names and all(n.startswith("task_") for n in task_names)
+    assert "task_gain.0.0" in task_names and "task_bias.2.2" in task_names
+    x = torch.rand(5, 10, 10, 10).round()
+    q0 = net(x, 0)
+    assert torch.equal(q0, net(x, 1))  # fresh contexts: gain 1, bias 0
+    with torch.no_grad():
+        net.task_gain[1][1].mul_(2.0)
+        net.task_bias[1][2].add_(0.5)
+    assert not torch.allclose(net(x, 1), q0)
+    assert torch.equal(net(x, 0), q0)
+    ids = torch.tensor([0, 1, 1, 0, 1])
+    mixed = net(x, ids)
+    for i, t in enumerate(ids.tolist()):
+        torch.testing.assert_close(mixed[i], net(x[i : i + 1], t)[0])
+
+    # EWC on the shared parameters: the penalty's gradient reaches them and never the task ones
+    reg = EWC(net, lam=1.0)
+    reg.consolidate(fisher_diag={n: torch.ones_like(p) for n, p in net.named_parameters() if n in shared})
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    net.zero_grad(set_to_none=True)
+    reg.penalty().backward()
+    for n, p in net.named_parameters():
+        if n in shared:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None or p.grad.abs().sum() == 0, n
+
+    # a loss in context 2 gives no gradient at all to the other contexts (Adam leaves them alone)
+    net.zero_grad(set_to_none=True)
+    net(x, 2).sum().backward()
+    assert all(p.grad is not None for p in net.task_parameters(2))
+    assert all(p.grad is None for t in (0, 1) for p in net.task_parameters(t))
+    with pytest.raises(ValueError):
+        net(x, 3)
+
+
+# --------------------------------------------------------------------------------- DQN target
+
+
+class _Table(torch.nn.Module):
+    """Q(s) = rows of a fixed table, indexed by the first input element (the 'state id')."""
+
+    def __init__(self, table: list[list[float]]) -> None:
+        super().__init__()
+        self.table = torch.tensor(table)
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.table[x[:, 0].long()]
+
+
+def test_double_dqn_target_by_hand() -> None:
+    online = _Table([[1.0, 5.0, 2.0], [3.0, 0.0, 4.0]])
+    target = _Table([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]])
+    next_obs = torch.tensor([[0.0], [1.0], [1.0]])
+    rewards = torch.tensor([1.0, -1.0, 0.5])
+    dones = torch.tensor([0.0, 0.0, 1.0])
+    y = td_targets(online, target, next_obs, rewards, dones, task=0, gamma=0.9, double=True)
+    # online argmax: state 0 -> action 1, state 1 -> action 2; evaluated by the target network
+    expected = torch.tensor([1.0 + 0.9 * 20.0, -1.0 + 0.9 * 60.0, 0.5])
+    torch.testing.assert_close(y, expected)
+    y_max = td_targets(online, target, next_obs, rewards, dones, task=0, gamma=0.9, double=False)
+    torch.testing.assert_close(y_max, torch.tensor([1.0 + 0.9 * 30.0, -1.0 + 0.9 * 60.0, 0.5]))
+
+
+# ------------------------------------------------------------------------------------- Fisher
+
+
+def test_policy_fisher_is_normalised_over_shared_parameters() -> None:
+    torch.manual_seed(1)
+    net = QNetwork(10, 6, num_tasks=2, conv_channels=4, hidden=16)
+    with torch.no_grad():
+        net.task_gain[1][2].mul_(3.0)
+    states = torch.rand(40, 10, 10, 10).round()
+    fisher = policy_fisher(net, states, task=1, temperature=0.5)
+    assert list(fisher) == net.shared_parameter_names()
+    total = sum(float(f.double().sum()) for f in fisher.values())
+    count = sum(f.numel() for f in fisher.values())
+    assert total / count == pytest.approx(1.0, rel=1e-6)
+    raw = policy_fisher(net, states, task=1, temperature=0.5, normalise=False)
+    ratio = fisher["fc.weight"].sum() / raw["fc.weight"].sum()
+    for n in fisher:  # one common scale factor
+        torch.testing.assert_close(fisher[n], raw[n] * ratio)
+    # the task's gains matter: another context gives another Fisher
+    other = policy_fisher(net, states, task=0, temperature=0.5, normalise=False)
+    assert not torch.allclose(other["out.weight"], raw["out.weight"])
+    assert all(p.requires_grad for p in net.parameters())  # flags restored
+
+
+# ------------------------------------------------------------------------------------- replay
+
+
+def test_pack_roundtrip_and_non_binary_rejected() -> None:
+    x = torch.rand(3, 10, 10, 10).round()
+    assert torch.equal(unpack_bits(pack_bits(x), (10, 10, 10)), x)
+    with pytest.raises(ValueError, match="binary"):
+        pack_bits(torch.full((1, 10, 10, 10), 0.5))
+
+
+def test_replay_wraps_around_and_keeps_tasks_apart() -> None:
+    buf = ReplayBuffer(4, (2, 3, 3))
+    obs = [torch.zeros(2, 3, 3) for _ in range(6)]
+    for i, o in enumerate(obs):
+        o.view(-1)[i] = 1.0
+        buf.add(o, i % 6, float(i), 1 - o, i == 5)
+    assert len(buf) == 4 and buf.pos == 2 and buf.added == 6
+    stored = sorted(buf.rewards.tolist())
+    assert stored == [2.0, 3.0, 4.0, 5.0]  # 0 and 1 were overwritten
+    g = torch.Generator().manual_seed(0)
+    o, a, r, o2, d = buf.sample(64, g)
+    assert o.shape == (64, 2, 3, 3) and set(r.tolist()) <= {2.0, 3.0, 4.0, 5.0}
+    for i in range(64):  # each transition's parts stay together
+        k = int(r[i])
+        assert o[i].view(-1)[k] == 1 and int(a[i]) == k and torch.equal(o2[i], 1 - o[i])
+        assert float(d[i]) == (1.0 if k == 5 else 0.0)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert all(torch.equal(x, y) for x, y in zip(buf.sample(8, g1), buf.sample(8, g2), strict=True))
+
+    replay = TaskReplay(3, (2, 3, 3))
+    replay.add(0, obs[0], 0, 0.0, obs[0], False)
+    replay.add(1, obs[1], 1, 1.0, obs[1], False)
+    replay.add(1, obs[2], 2, 2.0, obs[2], False)
+    assert replay.size(0) == 1 and replay.size(1) == 2 and replay.size(7) == 0
+    _, _, r0, _, _ = replay.buffer(0).sample(16, g)
+    assert set(r0.tolist()) == {0.0}
+    other = TaskReplay(3, (2, 3, 3))
+    other.load_state_dict(replay.state_dict())
+    assert other.size(1) == 2 and torch.equal(other.buffer(1).obs, replay.buffer(1).obs)
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"gamma": 1.5},
+        {"lr": 0.0},
+        {"batch_size": 0},
+        {"eps_end": -0.1},
+        {"ewc_mode": "joint"},
+        {"ewc_lam": -1.0},
+        {"fisher_temperature": 0.0},
+        {"detect_every": 0},
+        {"max_tasks": 3},
+        {"double_dqn": 1},
+        {"train_every": 1.5},
+        {"replay_capacity": 8, "batch_size": 32},
+        {"ewc_gamma": 0.0},
+        {"lr": float("nan")},
+        {"detector_temperature": 0},
+        {"detector_hazard": 1.0},
+    ],
+)
+def test_bad_config_raises(change: dict) -> None:
+    with pytest.raises(ValueError):
+        DQNConfig(**change)
+
+
+def test_max_tasks_below_games_allowed_with_inferred_labels() -> None:
+    assert DQNConfig(max_tasks=3, true_task_labels=False).max_tasks == 3
+
+
+# ----------------------------------------------------------------------------- EWC bookkeeping
+
+
+def test_returning_task_term_is_dropped_then_readded() -> None:
+    agent = Agent(TINY)
+    for game in ("breakout", "asterix"):
+        agent.begin_visit(game)
+        for _ in range(120):
+            agent.step()
+        assert agent.end_visit()["consolidated"] == [GAMES.index(game)]
+    b, a = GAMES.index("breakout"), GAMES.index("asterix")
+    assert agent.owners == [b, a] and agent.ewc.num_tasks == 2
+    old_anchor = agent.ewc.state_dict()["tasks"][0]["anchor"]["fc.weight"].clone()
+
+    # a short return (< ewc_min_steps): the term is set aside while active, then put back unchanged
+    agent.begin_visit("breakout")
+    assert agent.owners == [a] and agent.ewc.num_tasks == 1 and b in agent.set_aside
+    for _ in range(50):
+        agent.step()
+    summary = agent.end_visit()
+    assert summary["restored"] == [b] and summary["consolidated"] == []
+    assert agent.owners == [a, b]
+    torch.testing.assert_close(agent.ewc.state_dict()["tasks"][1]["anchor"]["fc.weight"], old_anchor)
+
+    # a long return: re-consolidated at the new parameters, still one term per task
+    agent.begin_visit("breakout")
+    for _ in range(120):
+        agent.step()
+    assert agent.end_visit()["consolidated"] == [b]
+    assert agent.owners == [a, b] and agent.ewc.num_tasks == 2
+    new_anchor = agent.ewc.state_dict()["tasks"][1]["anchor"]["fc.weight"]
+    torch.testing.assert_close(new_anchor, agent.qnet.fc.weight.detach())
+    assert not torch.allclose(new_anchor, old_anchor)
+
+
+# -------------------------------------------------------------------------------- save / load
+
+
+def _params(agent: Agent) -> dict[str, torch.Tensor]:
+    return {
+        **{f"q.{k}": v for k, v in agent.qnet.state_dict().items()},
+        **{f"t.{k}": v for k, v in agent.target.state_dict().items()},
+    }
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_save_load_continue_matches_uninterrupted(tmp_path, labels: bool) -> None:  # noqa: ANN001
+    config = replace(TINY, true_task_labels=labels, max_tasks=6)
+    a = Agent(config)
+    a.begin_visit("breakout")
+    for _ in range(150):
+        a.step()
+    a.end_visit()
+    a.begin_visit("asterix")
+    while True:  # save at an episode boundary, mid-visit, with a partial detector block
+        info = a.step()
+        if info["done"] and a.visit_steps >= 20 and (labels or a.pending):
+            break
+    path = tmp_path / "agent.pt"
+    a.save(path)
+    b = Agent.load(path)
+
+    def finish(agent: Agent) -> dict:
+        for _ in range(150):
+            agent.step()
+        return agent.end_visit()
+
+    assert finish(a) == finish(b)
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert a.env_steps == b.env_steps and a.updates == b.updates and a.updates > 0
+    sa, sb = a.ewc.state_dict(), b.ewc.state_dict()
+    assert sa["num_tasks"] == sb["num_tasks"] >= 1
+    for ta, tb in zip(sa["tasks"], sb["tasks"], strict=True):
+        assert all(torch.equal(ta["fisher"][n], tb["fisher"][n]) for n in ta["fisher"])
+    assert torch.equal(a.gen.get_state(), b.gen.get_state())
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_tiny_sequence_end_to_end(tmp_path, labels: bool) -> None:  # noqa: ANN001
+    config = replace(TINY, true_task_labels=labels, max_tasks=6, ewc_min_steps=200)
+    ckpt = tmp_path / "run.pt"
+    record = train_sequence(
+        config, ["breakout", "asterix"], steps_per_visit=300, eval_every=300, eval_episodes=2, checkpoint=ckpt
+    )
+    json.dumps(record)  # JSON-friendly
+    assert record["env_steps"] == 600 and record["updates"] > 0
+    assert [v["game"] for v in record["visits"]] == ["breakout", "asterix"]
+    assert all(v["consolidated"] for v in record["visits"])
+    # every 300 steps and after each visit: 2 + 2 evaluations of both games
+    assert len(record["evaluations"]) == 4
+    assert all(set(e["scores"]) == {"breakout", "asterix"} for e in record["evaluations"])
+    assert record["env_steps_per_s"] > 0 and record["updates_per_s"] > 0
+    if not labels:
+        assert record["detector"]["num_tasks"] >= 2
+        last = record["evaluations"][-1]["contexts"]
+        top = {g: max(c, key=c.get) for g, c in last.items()}
+        assert top["breakout"] != top["asterix"]  # the detector tells the two games apart
+    # the finished checkpoint resumes to the same record without training again
+    again = train_sequence(
+        config, ["breakout", "asterix"], steps_per_visit=300, eval_every=300, eval_episodes=2, checkpoint=ckpt
+    )
+    assert again["visits"] == record["visits"] and again["env_steps"] == 600
+    with pytest.raises(ValueError, match="another config or schedule"):
+        train_sequence(config, ["asterix"], steps_per_visit=300, checkpoint=ckpt)
