@@ -348,8 +348,9 @@ def test_tiny_sequence_end_to_end(tmp_path, labels: bool) -> None:  # noqa: ANN0
     assert record["env_steps"] == 600 and record["updates"] > 0
     assert [v["game"] for v in record["visits"]] == ["breakout", "asterix"]
     assert all(v["consolidated"] for v in record["visits"])
-    # every 300 steps and after each visit: 2 + 2 evaluations of both games
-    assert len(record["evaluations"]) == 4
+    # every 300 steps and after each visit, once where the two coincide (after end_visit)
+    assert len(record["evaluations"]) == 2
+    assert [e["env_step"] for e in record["evaluations"]] == [300, 600]
     assert all(set(e["scores"]) == {"breakout", "asterix"} for e in record["evaluations"])
     assert record["env_steps_per_s"] > 0 and record["updates_per_s"] > 0
     if not labels:

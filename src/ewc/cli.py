@@ -120,7 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_cmd_experiment)
 
     _add_stream_parser(sub)
+    _add_rl_parser(sub)
     return parser
+
+
+def _add_rl_parser(sub: argparse._SubParsersAction) -> None:
+    """``ewc rl``: continual DQN / DQN + EWC on a schedule of MinAtar games (flags from its Config)."""
+    from ewc.experiments.rl import Config
+
+    rl = sub.add_parser(
+        "rl",
+        help="continual RL on MinAtar games: dqn vs ewc (inferred or true task labels); results and a report",
+        description="Train one DQN agent per method and seed on a seeded schedule of MinAtar games with "
+        "revisits (runs in --jobs worker processes, checkpointed under OUT/checkpoints: the same command "
+        "again resumes), normalise scores by the random policy and a single-task DQN reference (cached), "
+        "run the Fisher perturbation test, and write results.json, total_score.png, per_game.png, "
+        "perturb.png and report.md into --out. Needs MinAtar (pip install --no-deps minatar).",
+    )
+    _add_config_flags(rl, Config)
+    rl.add_argument("--out", required=True, help="output directory (created, or an earlier run's to resume)")
+    rl.set_defaults(func=_cmd_rl)
 
 
 def _add_stream_parser(sub: argparse._SubParsersAction) -> None:
@@ -463,6 +482,17 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 def _cmd_stream(args: argparse.Namespace) -> int:
     from ewc.experiments.stream import Config, run
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    record = run(Config(**values), args.out)
+    for line in record["findings"]:
+        print(f"- {line}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_rl(args: argparse.Namespace) -> int:
+    from ewc.experiments.rl import Config, run
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     record = run(Config(**values), args.out)

@@ -738,7 +738,8 @@ def train_sequence(
                 info = agent.step()
                 if "episode_return" in info:
                     returns.append(info["episode_return"])
-                due_eval = eval_every is not None and agent.env_steps % eval_every == 0
+                last = agent.visit_steps >= steps_per_visit  # evaluated after end_visit below
+                due_eval = eval_every is not None and agent.env_steps % eval_every == 0 and not last
                 due_save = checkpoint_every is not None and agent.env_steps % checkpoint_every == 0
                 if due_eval or due_save:
                     record["train_seconds"] += time.perf_counter() - tic
