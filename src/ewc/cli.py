@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from ewc.fisher import FISHER_MODES
 
@@ -468,10 +469,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_experiment(args: argparse.Namespace) -> int:
-    from ewc.experiments import get_experiment
-
-    module = get_experiment(args.experiment)
+def _run_module(module: ModuleType, args: argparse.Namespace) -> int:
+    """Build ``module.Config`` from the parsed flags, run it into ``--out``, print the findings."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)}
     record = module.run(module.Config(**values), args.out)
     for line in record.get("findings", []):
@@ -480,26 +479,22 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_stream(args: argparse.Namespace) -> int:
-    from ewc.experiments.stream import Config, run
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from ewc.experiments import get_experiment
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-    record = run(Config(**values), args.out)
-    for line in record["findings"]:
-        print(f"- {line}")
-    print(f"report: {Path(args.out) / 'report.md'}")
-    return 0
+    return _run_module(get_experiment(args.experiment), args)
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from ewc.experiments import stream
+
+    return _run_module(stream, args)
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from ewc.experiments.rl import Config, run
+    from ewc.experiments import rl
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-    record = run(Config(**values), args.out)
-    for line in record["findings"]:
-        print(f"- {line}")
-    print(f"report: {Path(args.out) / 'report.md'}")
-    return 0
+    return _run_module(rl, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
