@@ -79,21 +79,21 @@ CLAIM = (
 
 METHODS = ("dqn", "ewc", "ewc-true-labels")
 
-# ---- defaults: placeholders, to be tuned ---------------------------------------------------
+# ---- defaults: sized so that the default run fits in 40 min on 2 cores (docs/results.md) ----------
 DEFAULT_GAMES = ("breakout", "space_invaders")
 DEFAULT_VISITS = 3
-DEFAULT_STEPS_PER_VISIT = 60_000
+DEFAULT_STEPS_PER_VISIT = 50_000
 DEFAULT_ORDER_SEED = 0
 DEFAULT_METHODS = METHODS
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_JOBS = 2
-DEFAULT_EVAL_EVERY = 20_000
+DEFAULT_EVAL_EVERY = 25_000
 DEFAULT_EVAL_EPISODES = 30
 DEFAULT_EVAL_EPSILON = 0.05
-DEFAULT_CHECKPOINT_EVERY = 20_000
+DEFAULT_CHECKPOINT_EVERY = 25_000
 DEFAULT_LAM = 10.0
 DEFAULT_LR = 1e-4
-DEFAULT_TRAIN_EVERY = 1
+DEFAULT_TRAIN_EVERY = 2
 DEFAULT_LEARNING_STARTS = 5_000
 DEFAULT_REPLAY_CAPACITY = 100_000
 DEFAULT_HIDDEN = 128
@@ -168,6 +168,7 @@ class Config:
     perturb_norms: tuple[float, ...] = param(DEFAULT_PERTURB_NORMS, "L2 norms of the perturbations")
     perturb_draws: int = param(DEFAULT_PERTURB_DRAWS, "noise draws per norm and kind")
     perturb_damping: float = param(DEFAULT_PERTURB_DAMPING, "ε in 1/√(F + ε) (the Fisher has mean 1)")
+    device: str = param("cpu", "where the networks train: cpu or cuda (one GPU shared by the --jobs runs)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "games", _names(self.games))
@@ -333,6 +334,7 @@ def dqn_config(config: Config, method: str, seed: int) -> DQNConfig:
         conv_channels=config.conv_channels,
         hidden=config.hidden,
         seed=seed,
+        device=config.device,
     )
 
 
@@ -500,7 +502,7 @@ def perturbation_test(
             for d in range(config.perturb_draws):
                 g = torch.randn(
                     f.shape, generator=torch.Generator().manual_seed(1000 + d), dtype=torch.float64
-                )
+                ).to(f.device)
                 for kind in PERTURB_KINDS:
                     z = g * scales[kind]
                     z = z * (r / z.norm())
