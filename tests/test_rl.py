@@ -354,14 +354,12 @@ def test_tiny_sequence_end_to_end(tmp_path, labels: bool) -> None:  # noqa: ANN0
     # them apart (breakout and asterix, both 4 channels, need longer visits: docs/rl.md)
     config = replace(TINY, true_task_labels=labels, max_tasks=6, ewc_min_steps=200)
     ckpt = tmp_path / "run.pt"
-    record = train_sequence(
-        config,
-        ["breakout", "space_invaders"],
-        steps_per_visit=300,
-        eval_every=300,
-        eval_episodes=2,
-        checkpoint=ckpt,
-    )
+    games = ["breakout", "space_invaders"]
+
+    def run() -> dict:
+        return train_sequence(config, games, 300, eval_every=300, eval_episodes=2, checkpoint=ckpt)
+
+    record = run()
     json.dumps(record)  # JSON-friendly
     assert record["env_steps"] == 600 and record["updates"] > 0
     assert [v["game"] for v in record["visits"]] == ["breakout", "space_invaders"]
@@ -377,14 +375,7 @@ def test_tiny_sequence_end_to_end(tmp_path, labels: bool) -> None:  # noqa: ANN0
         top = {g: max(c, key=c.get) for g, c in last.items()}
         assert top["breakout"] != top["space_invaders"]  # the detector tells the two games apart
     # the finished checkpoint resumes to the same record without training again
-    again = train_sequence(
-        config,
-        ["breakout", "space_invaders"],
-        steps_per_visit=300,
-        eval_every=300,
-        eval_episodes=2,
-        checkpoint=ckpt,
-    )
+    again = run()
     assert again["visits"] == record["visits"] and again["env_steps"] == 600
     with pytest.raises(ValueError, match="another config or schedule"):
         train_sequence(config, ["space_invaders"], steps_per_visit=300, checkpoint=ckpt)
