@@ -676,9 +676,17 @@ def findings(results: dict[str, Any]) -> list[str]:
                 out.append(f"{diff}; a single seed on one side, so no spread to compare it with).")
             else:
                 overlap = t["min"] <= base["max"] and base["min"] <= t["max"]
+                base_by_seed = {r["seed"]: r["final_total"] for r in results["runs"]["dqn"]}
+                pairs = [
+                    (r["final_total"], base_by_seed[r["seed"]])
+                    for r in results["runs"][method]
+                    if r["seed"] in base_by_seed
+                ]
+                above = sum(a > b for a, b in pairs)
                 out.append(
                     f"{diff} over {t['n']} and {base['n']} seeds); the seeds' min–max ranges "
-                    + ("overlap." if overlap else "do not overlap.")
+                    + ("overlap" if overlap else "do not overlap")
+                    + f"; {method} ends above the same-seed dqn run in {above} of {len(pairs)} seeds."
                 )
     for method, s in summary.items():
         parts = []
