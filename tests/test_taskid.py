@@ -194,6 +194,7 @@ def test_score_leaves_the_detector_unchanged() -> None:
     det = TaskDetector(seed=0)
     with pytest.raises(ValueError, match="seen no data"):
         det.score(torch.rand(4, 10))
+    assert det.predict(torch.rand(4, 10)) == -1  # no task yet
     gen = torch.Generator().manual_seed(0)
     a, b = torch.rand(64, 10, generator=gen), 3.0 + torch.rand(64, 10, generator=gen)
     for _ in range(5):
@@ -203,6 +204,7 @@ def test_score_leaves_the_detector_unchanged() -> None:
     before = det.state_dict()
     probe = torch.cat([b[:8], torch.full((2, 10), float("nan"))])
     ll, new = det.score(probe)
+    assert det.predict(probe) == int(torch.argmax(ll))
     _assert_same_state(det.state_dict(), before)  # nothing counted (the NaN rows), nothing learned
     assert ll.shape == (det.num_tasks,) and isinstance(new, float)
     assert int(torch.argmax(ll)) == det.update(b[8:16])  # the task the detector itself assigns

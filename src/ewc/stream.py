@@ -259,14 +259,10 @@ class StreamLearner:
     def predict_task(self, x: Tensor) -> int:
         """The known task whose input model fits batch ``x`` best (-1 before any task); no update.
 
-        The argmax of ``log p(x | task k)`` over known tasks (:meth:`TaskDetector.score`), without
+        :meth:`TaskDetector.predict`: the argmax of ``log p(x | task k)`` over known tasks, without
         the switch prior and without a "new task" option; the detector is not changed.
         """
-        x = self._check_x(x)
-        if self.detector.num_tasks == 0:
-            return -1
-        ll, _ = self.detector.score(x)
-        return int(torch.argmax(ll))
+        return self.detector.predict(self._check_x(x))
 
     # ------------------------------------------------------------------------------------------
     # state

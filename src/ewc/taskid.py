@@ -334,10 +334,16 @@ class TaskDetector:
             raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
         return y
 
+    @staticmethod
+    def _with_classes_of(counts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Label counts ``[K, C]`` widened with zero columns to cover the classes in ``y``."""
+        c = max(counts.shape[1], int(y.max()) + 1 if y.numel() else 0)
+        return torch.nn.functional.pad(counts, (0, c - counts.shape[1]))
+
     def _label_scores(self, y: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Dirichlet-multinomial ``log p(y | labels of task k)`` ``[K]`` and under a new task."""
-        c = max(counts.shape[1], int(y.max()) + 1 if y.numel() else 0)
-        counts = torch.nn.functional.pad(counts, (0, c - counts.shape[1]))
+        counts = self._with_classes_of(counts, y)
+        c = counts.shape[1]
         m = torch.bincount(y, minlength=c).to(torch.float64)
         a = self.label_prior
         table = torch.cat([counts, torch.zeros(1, c, dtype=torch.float64)])  # last row: new task
@@ -375,6 +381,17 @@ class TaskDetector:
         if z.shape[0] == 0:
             raise ValueError("no finite rows in the batch to score")
         return self.scores(z, y)
+
+    def predict(self, x: torch.Tensor) -> int:
+        """The known task whose input model fits batch ``x`` best, ``-1`` before any task exists.
+
+        The argmax of :meth:`score` over known tasks: no switch prior, no "new task" option, and
+        the detector is not changed (for prediction time, when no labels come with the inputs).
+        """
+        if self.num_tasks == 0:
+            return -1
+        ll, _ = self.score(x)
+        return int(torch.argmax(ll))
 
     def scores(self, z: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """``log p(batch | task k)`` for every known task ``[K]`` and ``log p(batch | new task)``
@@ -469,9 +486,8 @@ class TaskDetector:
         self._sum[choice] += z.sum(0)
         self._sumsq[choice] += (z * z).sum(0)
         if y is not None and y.numel():
-            c = max(self._labels.shape[1], int(y.max()) + 1)
-            self._labels = torch.nn.functional.pad(self._labels, (0, c - self._labels.shape[1]))
-            self._labels[choice] += torch.bincount(y, minlength=c).to(torch.float64)
+            self._labels = self._with_classes_of(self._labels, y)
+            self._labels[choice] += torch.bincount(y, minlength=self._labels.shape[1]).to(torch.float64)
         self.current = choice
         self.n_samples += int(z.shape[0])
         rec.update(

@@ -347,12 +347,8 @@ class Agent:
         the known task that best explains the visit's observations so far (0 if none is known)."""
         if self.context >= 0:
             return self.context
-        assert self.detector is not None
-        if self.detector.num_tasks == 0:
-            return 0
         seen = [t[0] for t in self.pending] + ([self.obs] if self.obs is not None else [])
-        ll, _ = self.detector.score(block_features(torch.stack(seen)))
-        return int(ll.argmax())
+        return self._scored_context(seen)
 
     # -- visits -------------------------------------------------------------------------------
 
@@ -575,11 +571,9 @@ class Agent:
         }
 
     def _scored_context(self, seen: list[Tensor]) -> int:
+        """The known task that best explains observations ``seen`` (0 before any task exists)."""
         assert self.detector is not None
-        if self.detector.num_tasks == 0:
-            return 0
-        ll, _ = self.detector.score(block_features(torch.stack(seen)))
-        return int(ll.argmax())
+        return max(self.detector.predict(block_features(torch.stack(seen))), 0)
 
     # -- state --------------------------------------------------------------------------------
 
