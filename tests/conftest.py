@@ -84,7 +84,17 @@ def reference_fisher(
                     out = model(x)
                 if likelihood == "categorical":
                     probs = torch.softmax(out, -1)
-                    y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                    # the documented rule: u ~ U[0,1) per sample, y = #{c < C-1 : S_c <= u S_C-1}
+                    u = torch.rand(bsz, 1, generator=generator, dtype=probs.dtype)
+                    labels = []
+                    for i in range(bsz):
+                        s, total = 0.0, float(probs[i].sum())
+                        below = 0
+                        for c in range(probs.shape[1] - 1):
+                            s += float(probs[i, c])
+                            below += s <= float(u[i, 0]) * total
+                        labels.append(below)
+                    y = torch.tensor(labels)
                 else:
                     y = out + sigma * torch.randn(out.shape, generator=generator, dtype=out.dtype)
             if mode == "batched":

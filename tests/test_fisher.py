@@ -348,6 +348,42 @@ def test_matches_reference(case: Case, mode: str) -> None:
         assert v.abs().max() > 0, k
 
 
+@pytest.mark.parametrize("mode", ["exact", "sample", "empirical"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_parts_match_reference(case: Case, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big batches are split into parts (ACTIVATION_BYTES); a tiny budget makes parts of 1."""
+    import ewc.fisher as fisher_module
+
+    monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 1)
+    model, x, y = case.build()
+    batches = split_batches(x, y, 9)
+    got = diagonal_fisher(model, batches, mode, generator=gen(), **case.kw())
+    ref = reference_fisher(model, batches, mode, generator=gen(), **case.kw())
+    assert_fisher_close(got, ref, model)
+
+
+@pytest.mark.parametrize("mode", ["exact", "sample", "empirical"])
+def test_parts_sized_by_activations(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The part size follows the first batch's activation bytes; the first batch plans whole."""
+    import ewc.fisher as fisher_module
+
+    seen: list[int] = []
+    model = mlp().to(DT)
+    model[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    x, y = torch.randn(40, 5, dtype=DT), torch.randint(0, 3, (40,))
+    data = [(x[:20], y[:20]), (x[20:], y[20:])]
+    per_sample = 8 * (8 + 8 + 6 + 6 + 3)  # float64 outputs of Linear, ReLU, Linear, Tanh, Linear
+    monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 7 * per_sample)
+    split = diagonal_fisher(model, iter(data), mode, generator=gen(3))
+    assert seen == [20, 7, 7, 6]
+    seen.clear()
+    monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 20 * per_sample)
+    whole = diagonal_fisher(model, iter(data), mode, generator=gen(3))
+    assert seen == [20, 20]
+    for k in whole:  # same labels drawn in sample mode: the parts share the batch's draws
+        torch.testing.assert_close(split[k], whole[k], rtol=1e-12, atol=0)
+
+
 def test_keys_are_trainable_named_parameters() -> None:
     model, x, y = b_mlp_frozen()
     f = diagonal_fisher(model, (x, y), "empirical")
@@ -406,6 +442,28 @@ def test_exact_is_expectation_of_sample() -> None:
     for k in exact:
         # ~1/sqrt(1000) relative noise; a wrong definition (e.g. argmax labels) is off by >> 15%.
         assert rel_err(sample[k], exact[k]) < 0.15, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_categorical_frequencies(dtype: torch.dtype) -> None:
+    """Labels follow p (rows scaled by their sum), zero-probability classes are never drawn."""
+    from ewc.fisher import sample_categorical
+
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.6]], dtype=dtype)
+    rows = p.repeat_interleave(50_000, dim=0)
+    y = sample_categorical(rows, gen(3))
+    assert y.dtype == torch.long and y.shape == (100_000,)
+    for r in range(2):
+        counts = torch.bincount(y[r * 50_000 : (r + 1) * 50_000], minlength=6).to(torch.float64)
+        expected = 50_000 * p[r].double() / p[r].double().sum()
+        assert torch.all(counts[expected == 0] == 0), (r, counts)
+        # binomial standard deviation; 5 sigma
+        sd = (expected * (1 - expected / 50_000)).sqrt()
+        assert torch.all((counts - expected).abs() <= 5 * sd + 1e-9), (r, counts, expected)
+    again = sample_categorical(rows, gen(3))
+    assert torch.equal(y, again)  # seeded
+    with pytest.raises(ValueError, match="shape"):
+        sample_categorical(p[0], gen(0))
 
 
 def test_exact_gaussian_is_expectation_of_sample() -> None:

@@ -80,6 +80,15 @@ class Rule:
         """Σ_k Σ_n |per-sample gradient|, the reduction of MAS importances."""
         return self._reduce_per_sample(module, call, torch.abs)
 
+    def accumulate(self, module: nn.Module, call: Call, into: dict[str, Tensor], absolute: bool) -> None:
+        """Add ``sum_sq`` (or ``sum_abs``) to the running sums ``into`` (local names), in place.
+
+        Rules may override this to write into the sums directly (no temporary per batch).
+        """
+        sums = self.sum_abs(module, call) if absolute else self.sum_sq(module, call)
+        for name, t in sums.items():
+            into[name] += t
+
     def _reduce_per_sample(
         self, module: nn.Module, call: Call, op: Callable[[Tensor], Tensor]
     ) -> dict[str, Tensor]:
@@ -107,28 +116,34 @@ class LinearRule(Rule):
         return call.args[0].dim() == 2
 
     def sum_sq(self, module: nn.Linear, call: Call) -> dict[str, Tensor]:
-        a, g = call.args[0], _first_grad(call)
-        if a.dim() != 2:
+        if call.args[0].dim() != 2:
             return super().sum_sq(module, call)
-        g2 = (g if call.squared else g * g).sum(0)  # Σ_k G_k², [N, out]
-        out = {}
-        if "weight" in self.names:
-            out["weight"] = g2.t() @ (a * a)
-        if "bias" in self.names:
-            out["bias"] = g2.sum(0)
+        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
+        self.accumulate(module, call, out, absolute=False)
         return out
+
+    def accumulate(self, module: nn.Linear, call: Call, into: dict[str, Tensor], absolute: bool) -> None:
+        """On 2-D inputs: ``into += (Σ_k G_k²)ᵀ (A∘A)`` as one in-place ``addmm_`` (or |G|ᵀ|A|)."""
+        a, g = call.args[0], _first_grad(call)
+        if a.dim() != 2 or (absolute and call.squared):
+            return super().accumulate(module, call, into, absolute)
+        if absolute:
+            g1 = g[0].abs() if g.shape[0] == 1 else g.abs().sum(0)  # Σ_k |G_k|, [N, out]
+            a1 = a.abs()
+        else:  # Σ_k G_k², [N, out]; K = 1 (empirical, sample) needs no sum over K
+            g1 = g[0] if call.squared else g[0].square() if g.shape[0] == 1 else g.square().sum(0)
+            a1 = a.square()
+        if "weight" in self.names:
+            into["weight"].addmm_(g1.t(), a1)
+        if "bias" in self.names:
+            into["bias"] += g1.sum(0)
 
     def sum_abs(self, module: nn.Linear, call: Call) -> dict[str, Tensor]:
         """|g aᵀ| = |g| |a|ᵀ, so on 2-D inputs Σ_k Σ_n |g_kn a_nᵀ| = (Σ_k |G_k|)ᵀ |A|: one matmul."""
-        a, g = call.args[0], _first_grad(call)
-        if a.dim() != 2 or call.squared:
+        if call.args[0].dim() != 2 or call.squared:
             return super().sum_abs(module, call)
-        g1 = g.abs().sum(0)  # Σ_k |G_k|, [N, out]
-        out = {}
-        if "weight" in self.names:
-            out["weight"] = g1.t() @ a.abs()
-        if "bias" in self.names:
-            out["bias"] = g1.sum(0)
+        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
+        self.accumulate(module, call, out, absolute=True)
         return out
 
     def per_sample(self, module: nn.Linear, call: Call, n: slice | None = None) -> dict[str, Tensor]:
