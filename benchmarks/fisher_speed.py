@@ -13,7 +13,9 @@ prints the median wall time of
   cross-entropy the generalised Gauss-Newton is the Fisher), if ``backpack`` is installed;
 
 each as a ratio to the floor, all measured side by side in one run, in rounds (every method once
-per round, order shuffled each round). Peak extra memory (resident set above the floor's peak) is
+per round, order shuffled each round), each method in its own worker process (so that one
+method's allocations do not change the allocator state another is timed in; ``--same-process``
+times them all in one). Peak extra memory (resident set above the floor's peak) is
 measured per method in a fresh subprocess. Before timing, the per-sample methods are checked to
 agree with each other (relative error printed), so the table never times a wrong answer.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing as mp
 import platform
 import random
 import resource
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -240,22 +244,84 @@ def peak_extra_memory(
     return out
 
 
-def run_model(model_name: str, args: argparse.Namespace, use_backpack: bool) -> None:
-    model = make_model(model_name)
-    data = batches(*make_data(args.samples), args.batch_size)
-    table = methods(model, data, args.loop_samples, use_backpack)
-    agree = check_agreement(model, data, use_backpack)
+def time_in_process(table: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
+    """Every method in this process, in rounds (shuffled order each round)."""
     for fn in table.values():  # warm-up: allocator, kernels, BackPACK's extension
         fn()
     times: dict[str, list[float]] = {name: [] for name in table}
     order = list(table)
     rng = random.Random(0)
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         rng.shuffle(order)
         for name in order:
             t = time.perf_counter()
             table[name]()
             times[name].append(time.perf_counter() - t)
+    return times
+
+
+def _timing_worker(conn: Any, job: tuple) -> None:
+    """Build the model, data and one method; warm up; then time one run per request."""
+    name, model_name, samples, bs, threads, loop_samples, use_backpack = job
+    torch.set_num_threads(threads)
+    model = make_model(model_name)
+    data = batches(*make_data(samples), bs)
+    fn = methods(model, data, loop_samples, use_backpack)[name]
+    fn()
+    conn.send("ready")
+    while conn.recv():
+        t = time.perf_counter()
+        fn()
+        conn.send(time.perf_counter() - t)
+
+
+def time_in_workers(
+    names: list[str], model_name: str, args: argparse.Namespace, use_backpack: bool
+) -> dict[str, list[float]]:
+    """Each method in its own worker process, timed in interleaved rounds (shuffled order).
+
+    One process per method keeps one method's heap from changing another's timings: glibc's
+    malloc adapts its mmap and trim thresholds to what the process allocated before (vmap's
+    ~850 MB batches, BackPACK's buffers), and page faults were measured to cost the CNN's
+    exact Fisher 4.8x vs 6.1x the floor, same code, alone vs after the other methods.
+    Workers wait idle (blocked on a pipe) while another one runs.
+    """
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for name in names:
+        here, there = ctx.Pipe()
+        job = (name, model_name, args.samples, args.batch_size, args.threads, args.loop_samples, use_backpack)
+        proc = ctx.Process(target=_timing_worker, args=(there, job), daemon=True)
+        proc.start()
+        if here.recv() != "ready":  # one at a time: warm-ups do not overlap
+            raise RuntimeError(f"timing worker for {name!r} failed to start")
+        workers[name] = (proc, here)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    order = list(names)
+    rng = random.Random(0)
+    try:
+        for _ in range(args.repeats):
+            rng.shuffle(order)
+            for name in order:
+                conn = workers[name][1]
+                conn.send(True)
+                times[name].append(conn.recv())
+    finally:
+        for proc, conn in workers.values():
+            conn.send(False)
+            proc.join(timeout=30)
+    return times
+
+
+def run_model(model_name: str, args: argparse.Namespace, use_backpack: bool) -> None:
+    model = make_model(model_name)
+    data = batches(*make_data(args.samples), args.batch_size)
+    table = methods(model, data, args.loop_samples, use_backpack)
+    agree = check_agreement(model, data, use_backpack)
+    if args.same_process:
+        times = time_in_process(table, args.repeats)
+    else:
+        times = time_in_workers(list(table), model_name, args, use_backpack)
     med = {name: statistics.median(v) for name, v in times.items()}
     loop_name = next(n for n in table if n.startswith("per-sample loop"))
     med[loop_name] *= args.samples / args.loop_samples
@@ -288,6 +354,11 @@ def main() -> None:
     ap.add_argument("--loop-samples", type=int, default=1000)
     ap.add_argument("--no-backpack", action="store_true")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
+    ap.add_argument(
+        "--same-process",
+        action="store_true",
+        help="time every method in this one process (default: one worker process per method)",
+    )
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_worker:
