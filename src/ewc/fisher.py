@@ -730,7 +730,9 @@ def _to(x: Any, device: torch.device) -> Any:
 def _check_finite(x: Any, what: str) -> None:
     for t in x if isinstance(x, tuple | list) else (x,):
         # A sum is NaN/Inf whenever an element is (one cheap reduction); confirm element-wise.
-        if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not math.isfinite(t.detach().sum()):
+        if not (isinstance(t, Tensor) and t.is_floating_point() and t.numel()):
+            continue
+        if not math.isfinite(t.detach().sum()):
             if not torch.isfinite(t).all():
                 raise ValueError(f"{what} contain NaN or Inf values")
 
