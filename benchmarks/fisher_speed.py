@@ -282,8 +282,8 @@ def time_in_workers(
 
     One process per method keeps one method's heap from changing another's timings: glibc's
     malloc adapts its mmap and trim thresholds to what the process allocated before (vmap's
-    ~850 MB batches, BackPACK's buffers), and page faults were measured to cost the CNN's
-    exact Fisher 4.8x vs 6.1x the floor, same code, alone vs after the other methods.
+    ~850 MB batches, BackPACK's buffers): the CNN's exact Fisher measured 6.1x the floor in a
+    process shared with them and 4.8x in one that ran only the floor and ewc, same code.
     Workers wait idle (blocked on a pipe) while another one runs.
     """
     ctx = mp.get_context("spawn")
