@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from penalty_overhead import filled_ewc, make_model
+from penalty_overhead import filled_ewc, make_model, time_rounds
 
 from ewc import EWC
 
@@ -143,16 +141,7 @@ def main() -> None:
     if args.compile:
         kinds.append("compiled")
     steps = {k: variant(k) for k in kinds}
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    order = list(kinds)
-    rng = random.Random(0)
-    for r in range(args.warmup + args.rounds):
-        rng.shuffle(order)
-        for k in order:
-            t = time.perf_counter()
-            steps[k]()
-            if r >= args.warmup:
-                times[k].append(time.perf_counter() - t)
+    times = time_rounds(steps, args.rounds, args.warmup, seed=0)
     plain = statistics.median(times["plain"])
     print(f"threads={args.threads}, {args.tasks} tasks (online), {args.rounds} rounds, chunk={args.chunk}\n")
     print("| variant | ms/step (median) | ratio to plain |")

@@ -23,6 +23,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +67,22 @@ def make_step(
     return step
 
 
+def time_rounds(steps: dict[Any, Callable[[], None]], rounds: int, warmup: int, seed: int) -> dict:
+    """Seconds per call of every step, one call each per round in a freshly shuffled order."""
+    order = list(steps)
+    times: dict[Any, list[float]] = {k: [] for k in order}
+    shuffler = random.Random(seed)
+    for r in range(warmup + rounds):
+        shuffler.shuffle(order)
+        for key in order:
+            t0 = time.perf_counter()
+            steps[key]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[key].append(dt)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
@@ -92,17 +109,7 @@ def main() -> None:
             model = copy.deepcopy(base)
             variants[(f"EWC {mode}", t)] = make_step(model, filled_ewc(model, mode, t, gen), x, y, lr=1e-3)
 
-    order = list(variants)
-    times: dict[tuple[str, int], list[float]] = {k: [] for k in order}
-    shuffler = random.Random(args.seed)
-    for r in range(args.warmup + args.rounds):
-        shuffler.shuffle(order)
-        for key in order:
-            t0 = time.perf_counter()
-            variants[key]()
-            dt = time.perf_counter() - t0
-            if r >= args.warmup:
-                times[key].append(dt)
+    times = time_rounds(variants, args.rounds, args.warmup, args.seed)
 
     plain = statistics.median(times[("plain SGD", 0)])
     print(
