@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ewc.checks import check_count
 from ewc.fisher_rules import Call, FuncRule, Rule, _chunks, _first_grad, rule_for
 
 FISHER_MODES = ("exact", "sample", "empirical", "batched")
@@ -79,12 +80,10 @@ def diagonal_fisher(
         raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {FISHER_MODES}")
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
-        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    check_count(max_samples, "max_samples", allow_none=True)
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_count(batch_size, "batch_size")
 
     model, prefix, named = _unwrap(model)
     engine = _FisherEngine(model, named, mode, likelihood, float(sigma), generator)
@@ -119,10 +118,8 @@ def diagonal_importance(
     """
     if kind not in IMPORTANCE_KINDS:
         raise ValueError(f"unknown importance kind {kind!r}; expected one of {IMPORTANCE_KINDS}")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
-        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_count(max_samples, "max_samples", allow_none=True)
+    check_count(batch_size, "batch_size")
     if output_fn is not None and not callable(output_fn):
         raise ValueError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
     model, prefix, named = _unwrap(model)

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor, nn
 
+from ewc.checks import check_count
 from ewc.fisher import FISHER_MODES, LIKELIHOODS, diagonal_fisher
 from ewc.state import PathLike, atomic_save, safe_load
 
@@ -79,14 +80,6 @@ def _as_float(value: Any, what: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a number, got {value!r}") from None
-
-
-def _check_positive_int(value: Any, what: str, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 # ------------------------------------------------------------------------- merged quadratics
@@ -598,8 +591,8 @@ class EWC(_AnchoredPenalty):
         if not (math.isfinite(sigma_value) and sigma_value > 0):
             raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
         self._fisher = str(fisher)
-        self._max_samples = _check_positive_int(max_samples, "max_samples", allow_none=True)
-        self._batch_size = _check_positive_int(batch_size, "batch_size")
+        self._max_samples = check_count(max_samples, "max_samples", allow_none=True)
+        self._batch_size = check_count(batch_size, "batch_size")
         self._likelihood = str(likelihood)
         self._sigma = sigma_value
 

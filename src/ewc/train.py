@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc.checks import check_counts
 from ewc.data import Task
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.metrics import summarize
@@ -54,10 +55,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
-        for name in ("epochs", "batch_size", "eval_every", "curve_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_counts(self, ("epochs", "batch_size", "eval_every", "curve_samples"))
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp
 
+from ewc.checks import check_counts
 from ewc.data import load_dataset
 from ewc.experiments.common import (
     figure_style,
@@ -86,20 +87,20 @@ class Config:
     threads: int = param(2, "torch threads")
 
     def __post_init__(self) -> None:
-        for name in (
-            "hidden",
-            "small_hidden",
-            "train_samples",
-            "epochs",
-            "batch_size",
-            "fisher_samples",
-            "random_directions",
-            "steps",
-            "threads",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_counts(
+            self,
+            (
+                "hidden",
+                "small_hidden",
+                "train_samples",
+                "epochs",
+                "batch_size",
+                "fisher_samples",
+                "random_directions",
+                "steps",
+                "threads",
+            ),
+        )
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS} (divisors of 28), got {self.pool!r}")
         if self.train_samples > 8000 or self.fisher_samples > self.train_samples:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ewc.checks import check_counts
 from ewc.data import Dataset, Task, load_dataset, make_sequence, permute_patch
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
 from ewc.fisher import diagonal_fisher
@@ -71,19 +72,19 @@ class Config:
             raise ValueError(f"patch_sizes must be between 1 and 28 (MNIST is 28x28), got {self.patch_sizes}")
         if len(set(self.patch_sizes)) != len(self.patch_sizes):
             raise ValueError(f"patch_sizes must be distinct, got {self.patch_sizes}")
-        for name in (
-            "depth",
-            "width",
-            "repeats",
-            "train_samples",
-            "epochs",
-            "batch_size",
-            "fisher_samples",
-            "test_samples",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_counts(
+            self,
+            (
+                "depth",
+                "width",
+                "repeats",
+                "train_samples",
+                "epochs",
+                "batch_size",
+                "fisher_samples",
+                "test_samples",
+            ),
+        )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.lam) and self.lam >= 0):

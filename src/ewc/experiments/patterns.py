@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ewc.checks import check_counts
 from ewc.experiments.common import (
     figure_style,
     finish,
@@ -86,10 +87,7 @@ class Config:
     threads: int = param(1, "torch threads")
 
     def __post_init__(self) -> None:
-        for name in ("n_inputs", "draws", "grid_points", "threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_counts(self, ("n_inputs", "draws", "grid_points", "threads"))
         if self.n_inputs < 4:
             raise ValueError(f"n_inputs must be at least 4, got {self.n_inputs}")
         for name in ("load", "lam", "threshold", "early_end", "late_start"):

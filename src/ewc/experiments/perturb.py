@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from ewc.checks import check_counts
 from ewc.data import load_dataset, make_sequence
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
 from ewc.fisher import diagonal_fisher
@@ -77,10 +78,9 @@ class Config:
         self.hidden = tuple(self.hidden)
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes must be positive, got {self.hidden}")
-        for name in ("train_samples", "epochs", "batch_size", "fisher_samples", "test_samples", "draws"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_counts(
+            self, ("train_samples", "epochs", "batch_size", "fisher_samples", "test_samples", "draws")
+        )
         if isinstance(self.norms, bool) or not isinstance(self.norms, int) or self.norms < 2:
             raise ValueError(f"norms must be an integer >= 2, got {self.norms!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -39,17 +39,6 @@ def check_number(value: Any, what: str, *, positive: bool = False) -> float:
     return float(value)
 
 
-def check_count(value: Any, what: str, *, allow_none: bool = False) -> int | None:
-    """A positive int (or None when ``allow_none``), else a ValueError naming ``what``."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"{what} must be a positive integer{' or None' if allow_none else ''}, got {value!r}"
-        )
-    return value
-
-
 def check_state_keys(state: Any, expected: set[str], who: str) -> None:
     """A ValueError naming ``who`` unless ``state`` is a mapping with exactly the ``expected`` keys."""
     if not isinstance(state, Mapping) or set(state) != expected:

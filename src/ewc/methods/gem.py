@@ -31,8 +31,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ewc.checks import check_count
 from ewc.memory import memory_loss
-from ewc.methods.base import check_count, check_number
+from ewc.methods.base import check_number
 from ewc.methods.replay import EpisodicMethod
 from ewc.qp import nonneg_qp
 

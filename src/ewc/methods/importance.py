@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc.checks import check_count
 from ewc.data import Task
 from ewc.fisher import diagonal_importance
-from ewc.methods.base import Batch, Method, check_count, check_number, check_state_keys
+from ewc.methods.base import Batch, Method, check_number, check_state_keys
 from ewc.penalty import EWC
 from ewc.scenario import Scenario
 from ewc.state import tensor_bytes

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc.checks import check_count
 from ewc.data import Task
 from ewc.memory import Memory, memory_loss
-from ewc.methods.base import Batch, Method, check_count, check_number, check_state_keys
+from ewc.methods.base import Batch, Method, check_number, check_state_keys
 from ewc.scenario import Scenario
 
 __all__ = ["EpisodicMethod", "ReplayMethod"]

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ewc.checks import check_count
 from ewc.fisher import diagonal_fisher
 from ewc.penalty import EWC
 from ewc.rl.env import GAMES, NUM_ACTIONS, OBS_SIZE, Game, check_game, max_channels
@@ -699,9 +700,8 @@ def train_sequence(
         check_game(g)
     if not schedule:
         raise ValueError("schedule must name at least one game")
-    for value, what in ((steps_per_visit, "steps_per_visit"), (eval_episodes, "eval_episodes")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    check_count(steps_per_visit, "steps_per_visit")
+    check_count(eval_episodes, "eval_episodes")
     games = list(dict.fromkeys(schedule))
     say = log or (lambda _msg: None)
     threads = torch.get_num_threads()

@@ -20,15 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ewc.checks import check_count
+
 __all__ = ["TASK_PREFIX", "QNetwork"]
 
 TASK_PREFIX = "task_"
-
-
-def _positive(value: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 class QNetwork(nn.Module):
@@ -51,7 +47,7 @@ class QNetwork(nn.Module):
             (conv_channels, "conv_channels"),
             (hidden, "hidden"),
         ):
-            _positive(v, what)
+            check_count(v, what)
         if size < 3:
             raise ValueError(f"size must be >= 3 for a 3x3 convolution, got {size!r}")
         self.num_tasks = num_tasks

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ewc.checks import check_count
+
 __all__ = ["ReplayBuffer", "TaskReplay", "pack_bits", "unpack_bits"]
 
 _WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -45,9 +47,7 @@ class ReplayBuffer:
     """Circular buffer of ``(obs, action, reward, next_obs, done)`` for binary observations."""
 
     def __init__(self, capacity: int, obs_shape: Sequence[int]) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = check_count(capacity, "capacity")
         self.obs_shape = tuple(int(d) for d in obs_shape)
         nbytes = math.ceil(math.prod(self.obs_shape) / 8)
         self.obs = torch.zeros(capacity, nbytes, dtype=torch.uint8)
@@ -131,9 +131,7 @@ class TaskReplay:
 
     def __init__(self, capacity: int, obs_shape: Sequence[int]) -> None:
         ReplayBuffer(1, obs_shape)  # validates obs_shape early
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = check_count(capacity, "capacity")
         self.obs_shape = tuple(int(d) for d in obs_shape)
         self.buffers: dict[int, ReplayBuffer] = {}
 
