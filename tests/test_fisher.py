@@ -375,11 +375,11 @@ def test_parts_sized_by_activations(mode: str, monkeypatch: pytest.MonkeyPatch) 
     per_sample = 8 * (8 + 8 + 6 + 6 + 3)  # float64 outputs of Linear, ReLU, Linear, Tanh, Linear
     monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 7 * per_sample)
     split = diagonal_fisher(model, iter(data), mode, generator=gen(3))
-    assert seen == [20, 7, 7, 6]
+    assert seen == [20, 7, 7, 6, 7, 7, 6]  # the planning forward sees batch 1 whole, then parts
     seen.clear()
     monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 20 * per_sample)
     whole = diagonal_fisher(model, iter(data), mode, generator=gen(3))
-    assert seen == [20, 20]
+    assert seen == [20, 20]  # fits in one part: the planning forward is also the capture
     for k in whole:  # same labels drawn in sample mode: the parts share the batch's draws
         torch.testing.assert_close(split[k], whole[k], rtol=1e-12, atol=0)
 

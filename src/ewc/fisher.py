@@ -320,8 +320,13 @@ class _FisherEngine:
         if self.handlers is None:
             logits = self._plan(x)
             self.sub_batch = self._choose_sub_batch(n)
-            self._add_part(x, y, slice(0, n), n, logits)
-            return
+            if not (self.sub_batch and _splittable(x, n)):
+                self._add_part(x, y, slice(0, n), n, logits)
+                return
+            # A first batch too big for one part: its planning forward is not backpropagated
+            # (K passes over all of it are what the parts avoid); it runs in parts like the rest.
+            self.calls = {}
+            del logits
         step = self.sub_batch if self.sub_batch and _splittable(x, n) else n
         for i in range(0, n, step):
             part = x if step >= n else _slice(x, i, min(n, i + step))
