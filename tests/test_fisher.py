@@ -384,6 +384,53 @@ def test_parts_sized_by_activations(mode: str, monkeypatch: pytest.MonkeyPatch) 
         torch.testing.assert_close(split[k], whole[k], rtol=1e-12, atol=0)
 
 
+def test_parts_balanced_and_not_across_coupled_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts have balanced sizes (no remainder of 1); inputs with a second axis of size N (an
+    adjacency) are never split; ACTIVATION_BYTES = None turns parts off."""
+    import ewc.fisher as fisher_module
+
+    class Squeezy(nn.Module):  # works on the caller's batches, breaks on a part of one sample
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor, adj: torch.Tensor | None = None) -> torch.Tensor:
+            h = self.lin(x).squeeze()
+            return h if adj is None else adj @ h
+
+    model = Squeezy().to(DT)
+    seen: list[int] = []
+    model.lin.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    x = torch.randn(18, 4, dtype=DT)
+    # 4 samples of 32 bytes (the Linear's and the squeezed output, 2 float64 each)
+    monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 4 * 32)
+    got = diagonal_fisher(model, x, "exact", batch_size=9)
+    assert seen == [9, 3, 3, 3, 3, 3, 3]
+    seen.clear()
+    adj = torch.eye(9, dtype=DT)
+    diagonal_fisher(model, [((x[:9], adj), None), ((x[9:], adj), None)], "exact")
+    assert seen == [9, 9]
+    seen.clear()
+    monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", None)
+    whole = diagonal_fisher(model, x, "exact", batch_size=9)
+    assert seen == [9, 9]
+    assert_fisher_close(got, whole, model)  # (the batch-1 reference cannot run this model)
+
+
+@pytest.mark.parametrize("mode", ["exact", "empirical", "sample"])
+def test_under_autocast_bfloat16(mode: str) -> None:
+    """Under CPU autocast the layers see bfloat16; the sums stay float32 and close to float32."""
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+    plain = diagonal_fisher(model, (x, y), mode, generator=gen(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = diagonal_fisher(model, (x, y), mode, generator=gen(1))
+    for k in plain:
+        assert low[k].dtype == torch.float32
+        assert rel_err(low[k], plain[k]) < 0.3, k  # bfloat16 gradients: 0.16 on the first layer
+
+
 def test_keys_are_trainable_named_parameters() -> None:
     model, x, y = b_mlp_frozen()
     f = diagonal_fisher(model, (x, y), "empirical")
@@ -462,6 +509,12 @@ def test_sample_categorical_frequencies(dtype: torch.dtype) -> None:
         assert torch.all((counts - expected).abs() <= 5 * sd + 1e-9), (r, counts, expected)
     again = sample_categorical(rows, gen(3))
     assert torch.equal(y, again)  # seeded
+    # bfloat16 probabilities: drawn in float32 (bfloat16 has ~1 300 values in [0, 1)), so the
+    # frequencies follow the (rounded) probabilities themselves.
+    q = torch.tensor([[0.997, 0.003]]).to(torch.bfloat16)
+    draws = sample_categorical(q.repeat(200_000, 1), gen(4))
+    expected = 200_000 * float(q[0, 1]) / float(q[0].float().sum())
+    assert abs(int(draws.sum()) - expected) <= 5 * math.sqrt(expected), (int(draws.sum()), expected)
     with pytest.raises(ValueError, match="shape"):
         sample_categorical(p[0], gen(0))
 

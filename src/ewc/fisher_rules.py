@@ -133,6 +133,8 @@ class LinearRule(Rule):
         else:  # Σ_k G_k², [N, out]; K = 1 (empirical, sample) needs no sum over K
             g1 = g[0] if call.squared else g[0].square() if g.shape[0] == 1 else g.square().sum(0)
             a1 = a.square()
+        dtype = next(iter(into.values())).dtype  # the sums' (autocast may hand us bfloat16)
+        g1, a1 = g1.to(dtype), a1.to(dtype)
         if "weight" in self.names:
             into["weight"].addmm_(g1.t(), a1)
         if "bias" in self.names:
