@@ -72,7 +72,12 @@ def cnn() -> nn.Module:
     ("build", "shape"), [(mlp, (5,)), (cnn, (1, 6, 6)), (Twice, (4,))], ids=["mlp", "cnn", "shared"]
 )
 @pytest.mark.parametrize("head", [None, [0, 2]], ids=["all", "head"])
-def test_diagonal_importance_matches_per_sample_loop(build, shape, head) -> None:
+@pytest.mark.parametrize("parts", [False, True], ids=["whole", "parts"])
+def test_diagonal_importance_matches_per_sample_loop(build, shape, head, parts, monkeypatch) -> None:
+    import ewc.fisher as fisher_module
+
+    if parts:  # batches split into parts of one sample (ewc.fisher.ACTIVATION_BYTES)
+        monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 1)
     torch.manual_seed(0)
     model = build().double()
     x = torch.randn(11, *shape, dtype=torch.float64)
