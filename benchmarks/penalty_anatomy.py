@@ -33,34 +33,42 @@ from penalty_overhead import filled_ewc, make_model, time_rounds
 from ewc import EWC
 
 
-def chunked_penalty(reg: EWC, chunk: int) -> torch.Tensor:
+class _Handed(torch.autograd.Function):
+    """Value ½·total from ``compute(params) -> (ws, total)``; the gradient is ws, handed over."""
+
+    @staticmethod
+    def forward(ctx: Any, compute: Callable, *ps: torch.Tensor) -> torch.Tensor:
+        ws, total = compute(ps)
+        ctx.ws = ws
+        return 0.5 * total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (None, *ctx.ws)
+
+
+def chunked_penalty(reg: EWC, chunk: int) -> Callable[[], torch.Tensor]:
     """λ/2 Σ F (θ − θ*)² with value and gradient computed chunk by chunk (same maths)."""
     params, anchors, fishers, _, _ = reg._penalty_lists()
     lam = reg.lam
 
-    class Chunked(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, *ps: torch.Tensor) -> torch.Tensor:
-            ws, parts = [], []
-            for p, a, f in zip(ps, anchors, fishers, strict=True):
-                w = torch.empty_like(p)
-                pv, av, fv, wv = p.view(-1), a.view(-1), f.view(-1), w.view(-1)
-                for s in range(0, pv.numel(), chunk):
-                    d = pv[s : s + chunk] - av[s : s + chunk]
-                    ws_ = torch.mul(d, fv[s : s + chunk], out=wv[s : s + chunk]).mul_(lam)
-                    parts.append(torch.dot(ws_, d))
-                ws.append(w)
-            ctx.ws = ws
-            return 0.5 * torch.stack(parts).sum()
+    def compute(ps: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        ws, parts = [], []
+        for p, a, f in zip(ps, anchors, fishers, strict=True):
+            w = torch.empty_like(p)
+            pv, av, fv, wv = p.view(-1), a.view(-1), f.view(-1), w.view(-1)
+            for s in range(0, pv.numel(), chunk):
+                d = pv[s : s + chunk] - av[s : s + chunk]
+                ws_ = torch.mul(d, fv[s : s + chunk], out=wv[s : s + chunk]).mul_(lam)
+                parts.append(torch.dot(ws_, d))
+            ws.append(w)
+        return ws, torch.stack(parts).sum()
 
-        @staticmethod
-        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return tuple(ctx.ws)
-
-    return Chunked.apply(*params)
+    return lambda: _Handed.apply(compute, *params)
 
 
 def compiled_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
+    """The same penalty as one ``torch.compile``d kernel (value and gradient in one loop)."""
     params, anchors, fishers, _, _ = reg._penalty_lists()
     lam = reg.lam
 
@@ -74,18 +82,7 @@ def compiled_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
             total = total + (w * d).sum()
         return ws, total
 
-    class Compiled(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, *ps: torch.Tensor) -> torch.Tensor:
-            ws, total = fused(list(ps), anchors, fishers)
-            ctx.ws = ws
-            return 0.5 * total
-
-        @staticmethod
-        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return tuple(ctx.ws)
-
-    return lambda: Compiled.apply(*params)
+    return lambda: _Handed.apply(lambda ps: fused(list(ps), anchors, fishers), *params)
 
 
 def main() -> None:
@@ -112,7 +109,8 @@ def main() -> None:
             grad_w = [
                 reg.lam * f * (p - a) for p, a, f in zip(params, *reg._penalty_lists()[1:3], strict=True)
             ]
-        compiled = compiled_penalty(reg) if kind == "compiled" else None
+        custom = {"compiled": compiled_penalty, "chunked": lambda r: chunked_penalty(r, args.chunk)}
+        own_penalty = custom[kind](reg) if kind in custom else None
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -125,11 +123,8 @@ def main() -> None:
                     loss = loss + reg.penalty()
                 elif kind == "forward only":
                     loss = loss + reg.penalty().detach()
-                elif kind == "chunked":
-                    loss = loss + chunked_penalty(reg, args.chunk)
-                elif kind == "compiled":
-                    assert compiled is not None
-                    loss = loss + compiled()
+                elif own_penalty is not None:  # chunked, compiled
+                    loss = loss + own_penalty()
             loss.backward()
             if kind == "grad add":
                 torch._foreach_add_([p.grad for p in params], grad_w)
