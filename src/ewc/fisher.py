@@ -545,10 +545,7 @@ class _FisherEngine:
             return (eye / self.sigma).expand(d, *out.shape)
         if self.mode == "sample":
             if self.noise is None:
-                where = out.device if self.generator is None else self.generator.device
-                shape = (batch, *out.shape[1:])
-                eps = torch.randn(shape, generator=self.generator, dtype=out.dtype, device=where)
-                self.noise = eps.to(out.device)
+                self.noise = _draw(torch.randn, (batch, *out.shape[1:]), out.dtype, out, self.generator)
             return (self.noise[rows] / self.sigma).unsqueeze(0)
         y = _check_targets(y, out)
         return ((y - out) / self.sigma**2).unsqueeze(0)
@@ -670,12 +667,17 @@ def _check_batchnorm(model: nn.Module, called: set[int] | None = None) -> None:
             )
 
 
+def _draw(
+    fn: Callable, shape: tuple[int, ...], dtype: torch.dtype, like: Tensor, gen: torch.Generator | None
+) -> Tensor:
+    """``fn`` (torch.rand / torch.randn) drawn on the generator's device, returned on ``like``'s."""
+    where = like.device if gen is None else gen.device
+    return fn(shape, generator=gen, dtype=dtype, device=where).to(like.device)
+
+
 def _uniform(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """u ~ U[0, 1), shape [n, 1], in float32 at least (bfloat16 has ~1 300 values in [0, 1)),
-    drawn on the generator's device, returned on ``like``'s."""
-    where = like.device if generator is None else generator.device
-    dtype = torch.promote_types(like.dtype, torch.float32)
-    return torch.rand(n, 1, generator=generator, dtype=dtype, device=where).to(like.device)
+    """u ~ U[0, 1), shape [n, 1], in float32 at least (bfloat16 has ~1 300 values in [0, 1))."""
+    return _draw(torch.rand, (n, 1), torch.promote_types(like.dtype, torch.float32), like, generator)
 
 
 def sample_categorical(
