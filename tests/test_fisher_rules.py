@@ -64,3 +64,91 @@ def test_in_place_ops_after_capture(mode: str) -> None:
     x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
     batches = split_batches(x, y, 5)
     assert_fisher_close(diagonal_fisher(model, batches, mode), reference_fisher(model, batches, mode), model)
+
+
+CONV_GEOMETRIES = {
+    "2d_stride_dilation": lambda: nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2),
+    "2d_groups_rect": lambda: nn.Conv2d(4, 6, (3, 2), padding=(1, 0), groups=2),
+    "2d_same_reflect": lambda: nn.Conv2d(1, 3, 4, padding="same", padding_mode="reflect"),
+    "2d_circular_no_bias": lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular", bias=False),
+    "2d_valid_5x5": lambda: nn.Conv2d(1, 2, 5, padding="valid"),
+    "1d_same_dilated": lambda: nn.Conv1d(3, 4, 3, padding="same", dilation=2),
+    "1d_replicate_stride": lambda: nn.Conv1d(2, 4, 4, stride=3, padding=2, padding_mode="replicate"),
+    "3d": lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1),
+}
+
+
+class ConvHead(nn.Module):
+    """One convolution under test, then tanh and a Linear head on the flattened output."""
+
+    def __init__(self, conv: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.conv = conv
+        with torch.no_grad():
+            out = conv(torch.zeros(1, *shape))
+        self.head = nn.Linear(out[0].numel(), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("thin", [R.THIN_PATCH, 0], ids=["thin_path", "grouped_path"])
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+@pytest.mark.parametrize("geometry", list(CONV_GEOMETRIES))
+def test_conv_paths_match_reference(
+    geometry: str, mode: str, thin: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways to the per-sample conv weight gradients (unfold + bmm for thin convolutions when
+    gradients arrive in several passes, one grouped convolution_backward otherwise) agree with the
+    per-sample loop for every padding kind, stride, dilation, groups and dimension."""
+    from conftest import assert_fisher_close, reference_fisher, split_batches
+
+    from ewc import diagonal_fisher
+
+    torch.manual_seed(5)
+    conv = CONV_GEOMETRIES[geometry]()
+    shape = (conv.in_channels, *([7] * len(conv.kernel_size)))
+    model = ConvHead(conv, shape).double()
+    x, y = torch.randn(11, *shape, dtype=torch.float64), torch.randint(0, 3, (11,))
+    batches = split_batches(x, y, 6)
+    monkeypatch.setattr(R, "THIN_PATCH", thin)
+    used = []
+    original = R.ConvRule._thin
+    monkeypatch.setattr(R.ConvRule, "_thin", lambda self, *a: used.append(1) or original(self, *a))
+    got = diagonal_fisher(model, batches, mode)
+    assert_fisher_close(got, reference_fisher(model, batches, mode), model)
+    thin_expected = thin > 0 and mode == "exact" and not geometry.startswith("3d")
+    assert bool(used) == thin_expected
+
+
+def test_thin_conv_unfolds_once_per_call() -> None:
+    """The unfolded input is built once for a call and reused by all K passes of ``exact``."""
+    from ewc import diagonal_fisher
+
+    torch.manual_seed(6)
+    model = ConvHead(nn.Conv2d(1, 4, 3, padding=1), (1, 6, 6))
+    x, y = torch.randn(10, 1, 6, 6), torch.randint(0, 3, (10,))
+    calls = []
+    original = R.ConvRule._unfold
+    R_unfold = lambda self, *a: calls.append(1) or original(self, *a)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R.ConvRule, "_unfold", R_unfold)
+        diagonal_fisher(model, [(x[:5], y[:5]), (x[5:], y[5:])], "exact")
+    assert len(calls) == 2  # one per batch, not one per class (K = 2 passes each)
+
+
+def test_thin_conv_under_autocast_bfloat16() -> None:
+    """bfloat16 output gradients meet a float32 unfolded input; the sums stay float32."""
+    from conftest import rel_err
+
+    from ewc import diagonal_fisher
+
+    torch.manual_seed(7)
+    model = ConvHead(nn.Conv2d(1, 4, 3, padding=1), (1, 6, 6))
+    x, y = torch.randn(32, 1, 6, 6), torch.randint(0, 3, (32,))
+    plain = diagonal_fisher(model, (x, y), "exact")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = diagonal_fisher(model, (x, y), "exact")
+    for k in plain:
+        assert low[k].dtype == torch.float32
+        assert rel_err(low[k], plain[k]) < 0.3, k

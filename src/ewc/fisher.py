@@ -580,7 +580,7 @@ class _FisherEngine:
             for (h, c), a in zip(work, alone, strict=True)
         ]
         for c, _, _ in targets:
-            c.batch = out.shape[0]
+            c.batch, c.passes = out.shape[0], k
         squares: dict[int, Tensor] = {}
         for kk in range(k):
             grads = torch.autograd.grad(
