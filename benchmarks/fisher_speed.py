@@ -13,15 +13,17 @@ prints the median wall time of
   cross-entropy the generalised Gauss-Newton is the Fisher), if ``backpack`` is installed;
 
 each as a ratio to the floor, all measured side by side in one run, in rounds (every method once
-per round, order shuffled each round), each method in its own worker process (so that one
-method's allocations do not change the allocator state another is timed in; ``--same-process``
-times them all in one). Peak extra memory (resident set above the floor's peak) is
+per round, order shuffled each round), each method in worker processes of its own (so that
+one method's allocations do not change the allocator state another is timed in;
+``--processes N`` gives every method N of them and pools their times, since a fresh process's
+heap layout alone moves a method's time by up to ~40%; ``--same-process`` times them all in
+one). Peak extra memory (resident set above the floor's peak) is
 measured per method in a fresh subprocess. Before timing, the per-sample methods are checked to
 agree with each other (relative error printed), so the table never times a wrong answer.
 
 Run (from the repository root)::
 
-    .venv/bin/python benchmarks/fisher_speed.py --threads 2
+    .venv/bin/python benchmarks/fisher_speed.py --threads 2 --processes 3
     .venv/bin/python benchmarks/fisher_speed.py --threads 1 --models mlp --repeats 5
 """
 
@@ -278,34 +280,40 @@ def _timing_worker(conn: Any, job: tuple) -> None:
 def time_in_workers(
     names: list[str], model_name: str, args: argparse.Namespace, use_backpack: bool
 ) -> dict[str, list[float]]:
-    """Each method in its own worker process, timed in interleaved rounds (shuffled order).
+    """Each method in ``args.processes`` worker processes of its own, timed in interleaved
+    rounds (every worker once per round, shuffled order); a method's times pool its workers.
 
     One process per method keeps one method's heap from changing another's timings: glibc's
     malloc adapts its mmap and trim thresholds to what the process allocated before (vmap's
     ~850 MB batches, BackPACK's buffers): the CNN's exact Fisher measured 6.1x the floor in a
     process shared with them and 4.8x in one that ran only the floor and ewc, same code.
+    Several processes per method: a process's own heap layout decides whether it page-faults
+    on every batch (the CNN's exact Fisher took 2.7-3.8 s per 2 560 samples in fresh processes
+    of the same code, with 0 to 300k minor faults a run), so one process per method is a
+    draw; the median over a few is the typical cost.
     Workers wait idle (blocked on a pipe) while another one runs.
     """
     ctx = mp.get_context("spawn")
     workers = {}
     for name in names:
-        here, there = ctx.Pipe()
         job = (name, model_name, args.samples, args.batch_size, args.threads, args.loop_samples, use_backpack)
-        proc = ctx.Process(target=_timing_worker, args=(there, job), daemon=True)
-        proc.start()
-        if here.recv() != "ready":  # one at a time: warm-ups do not overlap
-            raise RuntimeError(f"timing worker for {name!r} failed to start")
-        workers[name] = (proc, here)
+        for copy_ in range(args.processes):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_timing_worker, args=(there, job), daemon=True)
+            proc.start()
+            if here.recv() != "ready":  # one at a time: warm-ups do not overlap
+                raise RuntimeError(f"timing worker for {name!r} failed to start")
+            workers[(name, copy_)] = (proc, here)
     times: dict[str, list[float]] = {name: [] for name in names}
-    order = list(names)
+    order = list(workers)
     rng = random.Random(0)
     try:
         for _ in range(args.repeats):
             rng.shuffle(order)
-            for name in order:
-                conn = workers[name][1]
+            for key in order:
+                conn = workers[key][1]
                 conn.send(True)
-                times[name].append(conn.recv())
+                times[key[0]].append(conn.recv())
     finally:
         for proc, conn in workers.values():
             conn.send(False)
@@ -318,6 +326,7 @@ def run_model(model_name: str, args: argparse.Namespace, use_backpack: bool) -> 
     data = batches(*make_data(args.samples), args.batch_size)
     table = methods(model, data, args.loop_samples, use_backpack)
     agree = check_agreement(model, data, use_backpack)
+    procs = 1 if args.same_process else args.processes
     if args.same_process:
         times = time_in_process(table, args.repeats)
     else:
@@ -331,7 +340,8 @@ def run_model(model_name: str, args: argparse.Namespace, use_backpack: bool) -> 
     params = sum(p.numel() for p in model.parameters())
     print(
         f"\n### {model_name.upper()} ({params:,} parameters), {args.samples} samples, "
-        f"batch {args.batch_size}, {args.threads} thread(s), median of {args.repeats}\n"
+        f"batch {args.batch_size}, {args.threads} thread(s), "
+        f"median of {len(times[loop_name])} ({args.repeats} rounds x {procs} process(es) per method)\n"
     )
     print("| method | seconds | ratio to floor | peak extra memory |")
     print("|---|---:|---:|---:|")
@@ -350,7 +360,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10_000)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timing rounds")
+    ap.add_argument("--processes", type=int, default=1, help="worker processes per method (pooled)")
     ap.add_argument("--loop-samples", type=int, default=1000)
     ap.add_argument("--no-backpack", action="store_true")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
@@ -361,6 +372,8 @@ def main() -> None:
     )
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.processes < 1 or args.repeats < 1:
+        ap.error("--processes and --repeats must be at least 1")
     if args.memory_worker:
         use = have_backpack() and not args.no_backpack
         job = (

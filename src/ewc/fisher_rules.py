@@ -286,27 +286,33 @@ class ConvRule(Rule):
         return out
 
     def sum_sq(self, module: nn.modules.conv._ConvNd, call: Call) -> dict[str, Tensor]:
-        return self._reduce(module, call, torch.square)
+        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
+        self.accumulate(module, call, out, absolute=False)
+        return out
 
     def sum_abs(self, module: nn.modules.conv._ConvNd, call: Call) -> dict[str, Tensor]:
-        return self._reduce(module, call, torch.abs)
-
-    def _reduce(
-        self, module: nn.modules.conv._ConvNd, call: Call, op: Callable[[Tensor], Tensor]
-    ) -> dict[str, Tensor]:
-        """Σ_k Σ_n op(per-sample gradient), a few samples per grouped call."""
-        a, g = call.args[0], _first_grad(call)
-        self._check(module, a)
-        out = {}
-        if "weight" in self.names:
-            total = None
-            for sl in self._groups(module, g.shape[0], g.shape[1]):
-                sq = op(self._weight_grads(module, call, sl)).sum(dim=(0, 1))
-                total = sq if total is None else total + sq
-            out["weight"] = total
-        if "bias" in self.names:
-            out["bias"] = op(g.sum(dim=tuple(range(3, g.dim())))).sum(dim=(0, 1))
+        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
+        self.accumulate(module, call, out, absolute=True)
         return out
+
+    def accumulate(
+        self, module: nn.modules.conv._ConvNd, call: Call, into: dict[str, Tensor], absolute: bool
+    ) -> None:
+        """``into += Σ_k Σ_n (per-sample gradient)²`` (or |…|), a few samples per call, in place.
+
+        The squares are summed over samples by one ``vecdot`` along the sample axis, without
+        squaring into a new tensor first.
+        """
+        g = _first_grad(call)
+        self._check(module, call.args[0])
+        if "weight" in self.names:
+            acc = into["weight"]
+            for sl in self._groups(module, g.shape[0], g.shape[1]):
+                gw = self._weight_grads(module, call, sl).flatten(0, 1)  # [K·n, *w.shape]
+                acc += gw.abs().sum(0) if absolute else torch.linalg.vecdot(gw, gw, dim=0)
+        if "bias" in self.names:
+            gb = g.sum(dim=tuple(range(3, g.dim()))).flatten(0, 1)  # [K·n, C_out]
+            into["bias"] += gb.abs().sum(0) if absolute else torch.linalg.vecdot(gb, gb, dim=0)
 
 
 class EmbeddingRule(Rule):
