@@ -10,12 +10,18 @@ EWC after 20 consolidations). Each variant is one full SGD step:
   (the cost of the gradient's extra memory pass alone);
 * ``penalty first``: ``reg.penalty() + loss`` with the penalty computed before the forward;
 * ``chunked``: the penalty computed in chunks of ``--chunk`` elements (θ − θ* kept in L2);
-* ``compiled`` (with ``--compile``): value and gradient from one ``torch.compile``d kernel.
+* ``flat``: θ* and λF copied into one flat buffer each; one ``sub`` per parameter into a flat
+  θ − θ*, then one multiply and one dot over all parameters (8 kernel calls instead of 18);
+* ``compiled`` (with ``--compile``): value and gradient from one ``torch.compile``d kernel;
+* ``native`` (with ``--native``): value and gradient from one hand-written C++ loop (built with
+  ``torch.utils.cpp_extension.load_inline``; needs a C++ compiler and ninja, ~20 s the first
+  time): θ, θ* and F read once, λF(θ − θ*) written once, the value summed on the way. Not part of
+  the library (it would ship native code); it shows what one pass over memory costs here.
 
 Rounds run every variant once in a freshly shuffled order; the table gives medians and ratios to
 ``plain``. Run::
 
-    .venv/bin/python benchmarks/penalty_anatomy.py --threads 1 [--compile]
+    .venv/bin/python benchmarks/penalty_anatomy.py --threads 1 [--compile] [--native]
 """
 
 from __future__ import annotations
@@ -67,6 +73,25 @@ def chunked_penalty(reg: EWC, chunk: int) -> Callable[[], torch.Tensor]:
     return lambda: _Handed.apply(compute, *params)
 
 
+def flat_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
+    """The same penalty over flat copies of θ* and λF: fewer, longer kernel calls."""
+    params, anchors, fishers, _, _ = reg._penalty_lists()
+    sizes, shapes = [p.numel() for p in params], [p.shape for p in params]
+    anchor = torch.cat([a.reshape(-1) for a in anchors])
+    lam_f = torch.cat([f.reshape(-1) for f in fishers]) * reg.lam
+    diff = torch.empty_like(anchor)
+    diffs = [d.view(s) for d, s in zip(diff.split(sizes), shapes, strict=True)]
+    anchor_views = [a.view(s) for a, s in zip(anchor.split(sizes), shapes, strict=True)]
+
+    def compute(ps: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        for p, a, d in zip(ps, anchor_views, diffs, strict=True):
+            torch.sub(p, a, out=d)
+        w = torch.mul(diff, lam_f)
+        return [g.view(s) for g, s in zip(w.split(sizes), shapes, strict=True)], torch.dot(w, diff)
+
+    return lambda: _Handed.apply(compute, *params)
+
+
 def compiled_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
     """The same penalty as one ``torch.compile``d kernel (value and gradient in one loop)."""
     params, anchors, fishers, _, _ = reg._penalty_lists()
@@ -85,6 +110,82 @@ def compiled_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
     return lambda: _Handed.apply(lambda ps: fused(list(ps), anchors, fishers), *params)
 
 
+def check_variants(base: torch.nn.Module, builders: dict[str, Callable], tasks: int) -> dict[str, float]:
+    """Max relative difference of each variant's value and gradient from the library's."""
+    model = copy.deepcopy(base)
+    reg = filled_ewc(model, "online", tasks, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # away from the anchor, so the gradient is not ~0
+    params = list(model.parameters())
+    ref_value = reg.penalty()
+    ref_grads = torch.autograd.grad(ref_value, params)
+    worst = {}
+    for name, build in builders.items():
+        value = build(reg)()
+        grads = torch.autograd.grad(value, params)
+        diffs = [((value - ref_value).abs() / ref_value.abs()).item()]
+        diffs += [((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads, strict=True)]
+        worst[name] = max(diffs)
+        if worst[name] > 1e-5:
+            raise SystemExit(f"variant {name!r} disagrees with the library: {worst[name]:.1e}")
+    return worst
+
+
+NATIVE_SOURCE = r"""
+#include <torch/extension.h>
+#include <algorithm>
+// w = lam * f * (p - a) and the sum of w * (p - a), in one pass (float32, contiguous, CPU).
+double penalty_pass(torch::Tensor p, torch::Tensor a, torch::Tensor f, torch::Tensor w, double lam) {
+  TORCH_CHECK(p.is_contiguous() && a.is_contiguous() && f.is_contiguous() && w.is_contiguous());
+  TORCH_CHECK(p.scalar_type() == torch::kFloat32 && a.scalar_type() == torch::kFloat32);
+  const float* P = p.data_ptr<float>();
+  const float* A = a.data_ptr<float>();
+  const float* F = f.data_ptr<float>();
+  float* W = w.data_ptr<float>();
+  const int64_t n = p.numel();
+  const float l = static_cast<float>(lam);
+  double total = 0.0;
+  for (int64_t s = 0; s < n; s += 4096) {  // float sums of 4096 terms, added in double
+    const int64_t e = std::min(n, s + 4096);
+    float part = 0.f;
+    #pragma omp simd reduction(+:part)
+    for (int64_t j = s; j < e; ++j) {
+      const float d = P[j] - A[j];
+      const float wj = l * F[j] * d;
+      W[j] = wj;
+      part += wj * d;
+    }
+    total += part;
+  }
+  return total;
+}
+"""
+
+
+def native_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
+    """The same penalty from one hand-written C++ pass per parameter (float32, CPU)."""
+    from torch.utils.cpp_extension import load_inline
+
+    ext = load_inline(
+        "ewc_penalty_anatomy",
+        cpp_sources=NATIVE_SOURCE,
+        functions=["penalty_pass"],
+        extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+    )
+    params, anchors, fishers, _, _ = reg._penalty_lists()
+    lam = reg.lam
+
+    def compute(ps: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        ws = [torch.empty_like(p) for p in ps]
+        total = 0.0
+        for p, a, f, w in zip(ps, anchors, fishers, ws, strict=True):
+            total += ext.penalty_pass(p.detach(), a, f, w, lam)
+        return ws, torch.tensor(total)
+
+    return lambda: _Handed.apply(compute, *params)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -93,12 +194,22 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--compile", action="store_true", help="add the torch.compile variant")
+    ap.add_argument("--native", action="store_true", help="add the hand-written C++ variant")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 784, generator=gen)
     y = torch.randint(0, 10, (256,), generator=gen)
     base = make_model()
+
+    builders: dict[str, Callable[[EWC], Callable[[], torch.Tensor]]] = {
+        "chunked": lambda r: chunked_penalty(r, args.chunk),
+        "flat": flat_penalty,
+    }
+    if args.compile:
+        builders["compiled"] = compiled_penalty
+    if args.native:
+        builders["native"] = native_penalty
 
     def variant(kind: str) -> Callable[[], None]:
         model = copy.deepcopy(base)
@@ -109,8 +220,7 @@ def main() -> None:
             grad_w = [
                 reg.lam * f * (p - a) for p, a, f in zip(params, *reg._penalty_lists()[1:3], strict=True)
             ]
-        custom = {"compiled": compiled_penalty, "chunked": lambda r: chunked_penalty(r, args.chunk)}
-        own_penalty = custom[kind](reg) if kind in custom else None
+        own_penalty = builders[kind](reg) if kind in builders else None
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -123,7 +233,7 @@ def main() -> None:
                     loss = loss + reg.penalty()
                 elif kind == "forward only":
                     loss = loss + reg.penalty().detach()
-                elif own_penalty is not None:  # chunked, compiled
+                elif own_penalty is not None:  # chunked, flat, compiled
                     loss = loss + own_penalty()
             loss.backward()
             if kind == "grad add":
@@ -132,13 +242,14 @@ def main() -> None:
 
         return step
 
-    kinds = ["plain", "library", "forward only", "grad add", "penalty first", "chunked"]
-    if args.compile:
-        kinds.append("compiled")
+    kinds = ["plain", "library", "forward only", "grad add", "penalty first", *builders]
+    agree = check_variants(base, builders, args.tasks)
     steps = {k: variant(k) for k in kinds}
     times = time_rounds(steps, args.rounds, args.warmup, seed=0)
     plain = statistics.median(times["plain"])
     print(f"threads={args.threads}, {args.tasks} tasks (online), {args.rounds} rounds, chunk={args.chunk}\n")
+    print("agreement with the library (max relative difference, value and gradient): ", end="")
+    print(", ".join(f"{k} {v:.1e}" for k, v in agree.items()) + "\n")
     print("| variant | ms/step (median) | ratio to plain |")
     print("|---|---:|---:|")
     for k in kinds:

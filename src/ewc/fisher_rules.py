@@ -226,10 +226,10 @@ class ConvRule(Rule):
     def _thin(self, module: nn.modules.conv._ConvNd, call: Call, sl: slice | None, g: Tensor) -> Tensor:
         """Per-sample weight gradients as U_n G_nᵀ, one ``bmm`` over samples (and groups).
 
-        U is the unfolded input [N, C_in·Π kernel, L]; a grouped ``convolution_backward`` with
-        C_in·k² ≤ 32 runs at ~8 G multiply-adds/s here, the ``bmm`` at ~50 (1.8-4x faster per
-        pass on first-layer shapes). U is built once per call and serves all K passes; with a
-        single pass its cost is not repaid, so ``_is_thin`` asks for several.
+        U is the unfolded input [N, C_in·Π kernel, L]. A grouped ``convolution_backward`` with
+        so few entries per patch runs far below the machine's peak; the ``bmm`` does not
+        (benchmarks/conv_paths.py). U is built once per call and serves all K passes; with a
+        single pass its cost is not always repaid, so ``_is_thin`` asks for several.
         """
         u = call.cache.get("unfolded")
         if u is None:
