@@ -20,14 +20,13 @@ Both paths are checked to agree before timing. Run (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from fisher_speed import batches, floor, make_data, make_model
+from fisher_speed import batches, floor, make_data, make_model, time_in_process
 
 import ewc.fisher_rules as rules
 from ewc import diagonal_fisher
@@ -132,17 +131,7 @@ def whole_fisher(samples: int, rounds: int) -> None:
     off = diagonal_fisher(model, data[:1], mode="exact")
     rules.THIN_PATCH = default
     worst = max(((on[k] - off[k]).abs().max() / off[k].abs().max()).item() for k in on)
-    for fn in methods.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    order = list(methods)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            t = time.perf_counter()
-            methods[name]()
-            times[name].append(time.perf_counter() - t)
+    times = time_in_process(methods, rounds)
     base = statistics.median(times["floor (fwd+bwd)"])
     print(f"\nexact Fisher of the benchmark CNN, {samples} samples, batch 256, median of {rounds} rounds")
     print(f"(thin path vs grouped only: max relative difference {worst:.1e})\n")
