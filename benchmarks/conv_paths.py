@@ -131,6 +131,8 @@ def whole_fisher(samples: int, rounds: int) -> None:
     off = diagonal_fisher(model, data[:1], mode="exact")
     rules.THIN_PATCH = default
     worst = max(((on[k] - off[k]).abs().max() / off[k].abs().max()).item() for k in on)
+    if worst > 1e-5:
+        raise SystemExit(f"the thin and grouped paths disagree on the exact Fisher: {worst:.1e}")
     times = time_in_process(methods, rounds)
     base = statistics.median(times["floor (fwd+bwd)"])
     print(f"\nexact Fisher of the benchmark CNN, {samples} samples, batch 256, median of {rounds} rounds")

@@ -112,6 +112,7 @@ def test_conv_paths_match_reference(
     x, y = torch.randn(11, *shape, dtype=torch.float64), torch.randint(0, 3, (11,))
     batches = split_batches(x, y, 6)
     monkeypatch.setattr(R, "THIN_PATCH", thin)
+    monkeypatch.setattr(R, "THIN_MIN_OUT", 1)  # the thin path on every geometry (few channels)
     used = []
     original = R.ConvRule._thin
     monkeypatch.setattr(R.ConvRule, "_thin", lambda self, *a: used.append(1) or original(self, *a))
@@ -121,12 +122,31 @@ def test_conv_paths_match_reference(
     assert bool(used) == thin_expected
 
 
+@pytest.mark.parametrize(
+    ("conv", "passes", "thin"),
+    [
+        (nn.Conv2d(1, 32, 3, padding=1), 9, True),  # a first layer, exact Fisher
+        (nn.Conv2d(3, 8, 3), 2, True),  # patch 27, 8 outputs
+        (nn.Conv1d(2, 16, 5), 9, True),
+        (nn.Conv2d(1, 32, 3, padding=1), 1, False),  # one pass: the unfold is not repaid
+        (nn.Conv2d(8, 16, 3), 9, False),  # patch 72
+        (nn.Conv2d(32, 32, 3, groups=32), 9, False),  # depthwise: a batched matrix-vector product
+        (nn.Conv2d(4, 8, 3, groups=2), 9, False),  # 4 outputs per group
+        (nn.Conv3d(1, 8, 3), 9, False),  # no 3-D unfold
+    ],
+)
+def test_thin_path_choice(conv: nn.Module, passes: int, thin: bool) -> None:
+    call = R.Call((torch.zeros(1),), {}, [])
+    call.passes = passes
+    assert R.ConvRule._is_thin(conv, call) is thin
+
+
 def test_thin_conv_unfolds_once_per_call() -> None:
     """The unfolded input is built once for a call and reused by all K passes of ``exact``."""
     from ewc import diagonal_fisher
 
     torch.manual_seed(6)
-    model = ConvHead(nn.Conv2d(1, 4, 3, padding=1), (1, 6, 6))
+    model = ConvHead(nn.Conv2d(1, 8, 3, padding=1), (1, 6, 6))
     x, y = torch.randn(10, 1, 6, 6), torch.randint(0, 3, (10,))
     calls = []
     original = R.ConvRule._unfold
@@ -137,18 +157,22 @@ def test_thin_conv_unfolds_once_per_call() -> None:
     assert len(calls) == 2  # one per batch, not one per class (K = 2 passes each)
 
 
-def test_thin_conv_under_autocast_bfloat16() -> None:
-    """bfloat16 output gradients meet a float32 unfolded input; the sums stay float32."""
+@pytest.mark.parametrize("thin", [R.THIN_PATCH, 0], ids=["thin_path", "grouped_path"])
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+def test_conv_under_autocast_bfloat16(mode: str, thin: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 output gradients meet a float32 input (autocast keeps the first layer's input
+    float32): both paths run, and the sums stay float32 and close to float32's."""
     from conftest import rel_err
 
     from ewc import diagonal_fisher
 
+    monkeypatch.setattr(R, "THIN_PATCH", thin)
     torch.manual_seed(7)
-    model = ConvHead(nn.Conv2d(1, 4, 3, padding=1), (1, 6, 6))
+    model = ConvHead(nn.Conv2d(1, 8, 3, padding=1), (1, 6, 6))
     x, y = torch.randn(32, 1, 6, 6), torch.randint(0, 3, (32,))
-    plain = diagonal_fisher(model, (x, y), "exact")
+    plain = diagonal_fisher(model, (x, y), mode)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = diagonal_fisher(model, (x, y), "exact")
+        low = diagonal_fisher(model, (x, y), mode)
     for k in plain:
         assert low[k].dtype == torch.float32
         assert rel_err(low[k], plain[k]) < 0.3, k

@@ -616,6 +616,8 @@ class _FisherEngine:
                 if p and id(c) in squares:
                     c.grads, c.squared = [squares[id(c)]], True
                     self._add(h, c)
+        for c, _, _ in targets:  # what rules kept for the passes (unfolded inputs) goes now
+            c.cache.clear()
 
     def _add(self, h: _Handler, c: Call) -> None:
         """The rule adds this call's reduction into the running sums (in place)."""

@@ -38,8 +38,11 @@ CONV_GROUP_BYTES = 2 * 2**20
 # Convolutions whose patch (C_in/groups · kernel size) has at most this many entries, and whose
 # output gradients arrive in several passes (the exact Fisher), get their per-sample weight
 # gradients from the unfolded input, kept for the call, and one batched matmul per pass
-# (ConvRule._thin). 0 turns this off.
+# (ConvRule._thin), provided each group has at least THIN_MIN_OUT output channels (below that the
+# bmm is a batched matrix-vector product: depthwise layers stay on the grouped call). 0 turns
+# this off.
 THIN_PATCH = 32
+THIN_MIN_OUT = 8
 
 
 @dataclass
@@ -191,13 +194,15 @@ class ConvRule(Rule):
             return F.pad(a, pads), [0] * d
         return a, list(module.padding)
 
-    def _weight_grads(self, module: nn.modules.conv._ConvNd, call: Call, sl: slice | None) -> Tensor:
+    def _weight_grads(self, module: nn.modules.conv._ConvNd, call: Call, sl: slice) -> Tensor:
         """Per-sample weight gradients [K, n, *w.shape] of samples ``sl`` of the call."""
         g = _slice_n(_first_grad(call), sl, 1)
         if self._is_thin(module, call):
             return self._thin(module, call, sl, g)
         k, nb = g.shape[0], g.shape[1]
         a, padding = self._geometry(module, _slice_n(call.args[0], sl))
+        dtype = torch.promote_types(a.dtype, g.dtype)  # autocast: float32 inputs, bfloat16 grads
+        a, g = a.to(dtype), g.to(dtype)
         w = module.weight
         cin, cout = a.shape[1], w.shape[0]
         inp = a.unsqueeze(0).expand(k, *a.shape).reshape(1, k * nb * cin, *a.shape[2:])
@@ -205,7 +210,7 @@ class ConvRule(Rule):
         _, gw, _ = torch.ops.aten.convolution_backward(
             go,
             inp,
-            w.new_empty((k * nb * cout, *w.shape[1:])),
+            w.new_empty((k * nb * cout, *w.shape[1:]), dtype=dtype),
             None,
             list(module.stride),
             padding,
@@ -221,9 +226,15 @@ class ConvRule(Rule):
     def _is_thin(module: nn.modules.conv._ConvNd, call: Call) -> bool:
         w = module.weight
         patch = w[0].numel()  # C_in/groups · Π kernel
-        return call.passes > 1 and len(module.kernel_size) <= 2 and patch <= THIN_PATCH
+        per_group = w.shape[0] // module.groups  # output channels per group
+        return (
+            call.passes > 1
+            and len(module.kernel_size) <= 2
+            and patch <= THIN_PATCH
+            and per_group >= THIN_MIN_OUT
+        )
 
-    def _thin(self, module: nn.modules.conv._ConvNd, call: Call, sl: slice | None, g: Tensor) -> Tensor:
+    def _thin(self, module: nn.modules.conv._ConvNd, call: Call, sl: slice, g: Tensor) -> Tensor:
         """Per-sample weight gradients as U_n G_nᵀ, one ``bmm`` over samples (and groups).
 
         U is the unfolded input [N, C_in·Π kernel, L]. A grouped ``convolution_backward`` with
@@ -300,8 +311,8 @@ class ConvRule(Rule):
     ) -> None:
         """``into += Σ_k Σ_n (per-sample gradient)²`` (or |…|), a few samples per call, in place.
 
-        The squares are summed over samples by one ``vecdot`` along the sample axis, without
-        squaring into a new tensor first.
+        The squares are summed over samples and the K vectors by one ``vecdot`` along the
+        flattened (K·n) axis.
         """
         g = _first_grad(call)
         self._check(module, call.args[0])
