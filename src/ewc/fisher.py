@@ -197,7 +197,7 @@ def _batches(
                 return
             if seen + n > max_samples:
                 keep = max_samples - seen
-                x = _take(x, keep)
+                x = _slice(x, 0, keep)
                 y = None if y is None else y[:keep]
                 n = keep
         if needs_labels and y is None:
@@ -233,10 +233,6 @@ def _splittable(x: Any, n: int) -> bool:
 
 def _slice(x: Any, start: int, stop: int) -> Any:
     return x[start:stop] if isinstance(x, Tensor) else type(x)(t[start:stop] for t in x)
-
-
-def _take(x: Any, k: int) -> Any:
-    return x[:k] if isinstance(x, Tensor) else type(x)(t[:k] for t in x)
 
 
 @contextmanager
@@ -334,8 +330,8 @@ class _FisherEngine:
             del logits
         else:
             parts = self._parts(x, n)
+        whole = len(parts) == 1
         for rows in parts:
-            whole = len(parts) == 1
             part = x if whole else _slice(x, rows.start, rows.stop)
             ys = y if whole or y is None else y[rows]
             self._add_part(part, ys, rows, n, self._capture_forward(part))

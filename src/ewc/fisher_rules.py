@@ -90,6 +90,13 @@ class Rule:
         """Σ_k Σ_n |per-sample gradient|, the reduction of MAS importances."""
         return self._reduce_per_sample(module, call, torch.abs)
 
+    def _accumulated(self, module: nn.Module, call: Call, absolute: bool) -> dict[str, Tensor]:
+        """``sum_sq`` / ``sum_abs`` of a rule whose ``accumulate`` writes into the sums: run it on
+        zeros."""
+        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
+        self.accumulate(module, call, out, absolute)
+        return out
+
     def accumulate(self, module: nn.Module, call: Call, into: dict[str, Tensor], absolute: bool) -> None:
         """Add ``sum_sq`` (or ``sum_abs``) to the running sums ``into`` (local names), in place.
 
@@ -128,9 +135,7 @@ class LinearRule(Rule):
     def sum_sq(self, module: nn.Linear, call: Call) -> dict[str, Tensor]:
         if call.args[0].dim() != 2:
             return super().sum_sq(module, call)
-        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
-        self.accumulate(module, call, out, absolute=False)
-        return out
+        return self._accumulated(module, call, absolute=False)
 
     def accumulate(self, module: nn.Linear, call: Call, into: dict[str, Tensor], absolute: bool) -> None:
         """On 2-D inputs: ``into += (Σ_k G_k²)ᵀ (A∘A)`` as one in-place ``addmm_`` (or |G|ᵀ|A|)."""
@@ -154,9 +159,7 @@ class LinearRule(Rule):
         """|g aᵀ| = |g| |a|ᵀ, so on 2-D inputs Σ_k Σ_n |g_kn a_nᵀ| = (Σ_k |G_k|)ᵀ |A|: one matmul."""
         if call.args[0].dim() != 2 or call.squared:
             return super().sum_abs(module, call)
-        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
-        self.accumulate(module, call, out, absolute=True)
-        return out
+        return self._accumulated(module, call, absolute=True)
 
     def per_sample(self, module: nn.Linear, call: Call, n: slice | None = None) -> dict[str, Tensor]:
         a, g = _slice_n(call.args[0], n), _slice_n(_first_grad(call), n, 1)
@@ -297,14 +300,10 @@ class ConvRule(Rule):
         return out
 
     def sum_sq(self, module: nn.modules.conv._ConvNd, call: Call) -> dict[str, Tensor]:
-        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
-        self.accumulate(module, call, out, absolute=False)
-        return out
+        return self._accumulated(module, call, absolute=False)
 
     def sum_abs(self, module: nn.modules.conv._ConvNd, call: Call) -> dict[str, Tensor]:
-        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
-        self.accumulate(module, call, out, absolute=True)
-        return out
+        return self._accumulated(module, call, absolute=True)
 
     def accumulate(
         self, module: nn.modules.conv._ConvNd, call: Call, into: dict[str, Tensor], absolute: bool
