@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ewc.data import load_dataset, make_sequence
-from ewc.train import TrainConfig, accuracy, make_mlp, run_method
+from ewc.models import make_mlp
+from ewc.train import TrainConfig, accuracy, run_method
 
 
 def bare_loop(tasks: list, cfg: TrainConfig) -> list[list[float]]:

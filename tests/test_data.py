@@ -377,7 +377,7 @@ def test_embedded_npz_is_a_plain_npz() -> None:
 def test_unknown_dataset_lists_names() -> None:
     with pytest.raises(ValueError, match="valid names: mnist-10k, fashion-mnist, mnist, digits"):
         load_dataset("cifar-10")
-    assert DATASETS == ("mnist-10k", "fashion-mnist", "mnist", "digits")
+    assert tuple(DATASETS) == ("mnist-10k", "fashion-mnist", "mnist", "digits")
 
 
 def test_digits_without_sklearn_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

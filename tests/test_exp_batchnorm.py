@@ -12,7 +12,7 @@ from ewc.cli import main
 from ewc.data import load_dataset, make_sequence
 from ewc.experiments import batchnorm
 from ewc.experiments.batchnorm import Config, fisher_summary, own_statistics_accuracy, run, top_mass
-from ewc.train import make_mlp
+from ewc.models import make_mlp
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ewc.cli import main
 from ewc.experiments import kl
 from ewc.fisher import diagonal_fisher
-from ewc.train import make_mlp
+from ewc.models import make_mlp
 
 torch.set_num_threads(1)
 # torch's forward-mode AD registers its decompositions with torch.jit.script on first use

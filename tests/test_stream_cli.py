@@ -87,7 +87,7 @@ def test_tiny_stream_writes_results_figure_and_report(tiny_run: tuple[int, Path]
         (["--schedule", "0 x 1"], "integers separated by spaces or commas"),
         (["--schedule", " "], "--schedule is empty"),
         (["--min-len", "10", "--max-len", "5"], "--min-len <= --max-len"),
-        (["--tasks", "0", "--schedule", "0"], "--tasks must be >= 1"),
+        (["--tasks", "0", "--schedule", "0"], "tasks must be a positive integer"),
     ],
 )
 def test_bad_input_is_exit_2_with_a_clear_message(
@@ -193,7 +193,10 @@ def test_csv_stream_without_task_column_and_npz(tmp_path: Path) -> None:
         (["--label-column", "y"], "only apply with --csv"),
         (["--csv", "{f}"], "--csv needs --label-column"),
         (["--csv", "{f}", "--label-column", "price"], "no label column 'price'; the columns are t, f0"),
-        (["--csv", "{f}", "--label-column", "label", "--test-fraction", "1"], "--test-fraction must be in"),
+        (
+            ["--csv", "{f}", "--label-column", "label", "--test-fraction", "1"],
+            "test_fraction must be a finite",
+        ),
         (
             ["--csv", "{f}", "--label-column", "label", "--task-column", "regime", "--nan-policy", "raise"],
             "non-finite",

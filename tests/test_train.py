@@ -97,7 +97,7 @@ def test_batchnorm_option(tasks: list) -> None:
     """Linear → BatchNorm1d → ReLU [→ Dropout] per hidden layer; EWC's Fisher covers the BN affine."""
     from torch import nn
 
-    from ewc.train import make_mlp
+    from ewc.models import make_mlp
 
     kinds = [type(m) for m in make_mlp(784, (16, 8), 10, dropout=0.1, batchnorm=True)]
     block = [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout]
@@ -152,5 +152,5 @@ def test_joint_trains_each_sample_on_its_own_head() -> None:
 
 
 def test_unknown_scenario_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="unknown scenario 'nope'"):
+    with pytest.raises(ValueError, match="scenario must be one of task, domain, class or None, got 'nope'"):
         TrainConfig(scenario="nope")

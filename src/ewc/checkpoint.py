@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from ewc.methods import Method, make_method
+from ewc.models import build_model
 from ewc.scenario import Scenario
 from ewc.state import atomic_save, safe_load
-from ewc.train import make_mlp
 
 FORMAT = "ewc.checkpoint/1"
 _KEYS = {"format", "method", "params", "scenario", "architecture", "model", "state"}
@@ -33,7 +33,8 @@ def save_checkpoint(
     scenario: Scenario,
     architecture: dict[str, Any],
 ) -> None:
-    """Save the learner at ``path`` (``architecture``: make_mlp's keyword arguments)."""
+    """Save the learner at ``path`` (``architecture``: the run's record of the network: registry
+    name, input shape, output width and the factory's options)."""
     atomic_save(
         {
             "format": FORMAT,
@@ -54,10 +55,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Method, Scenari
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or set(ck) != _KEYS:
         got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         raise ValueError(f"{os.fspath(path)!r} is not an ewc checkpoint ({FORMAT}); got format {got!r}")
-    model = make_mlp(**ck["architecture"])
+    model = _build(dict(ck["architecture"]))
     model.load_state_dict(ck["model"])
     scenario = Scenario(ck["scenario"]["kind"], ck["scenario"]["task_classes"])
     method = make_method(ck["method"], **ck["params"])
     method.setup(model, scenario)
     method.load_state_dict(ck["state"])
     return model, method, scenario
+
+
+def _build(arch: dict[str, Any]) -> nn.Module:
+    """The network an architecture record describes (records without a model name are MLPs)."""
+    name = arch.pop("model", "mlp")
+    input_dim, num_outputs = arch.pop("input_dim"), arch.pop("num_classes")
+    input_shape = tuple(arch.pop("input_shape", (input_dim,)))
+    return build_model(name, input_shape, num_outputs, **arch)

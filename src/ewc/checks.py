@@ -1,25 +1,172 @@
-"""Argument checks shared by the package: one wording for the same mistake everywhere."""
+"""Argument checks shared by the package: one constraint vocabulary, one wording everywhere.
+
+A constraint (:class:`Interval`, :class:`Options`, :class:`Sizes`) says what a value must be;
+:func:`check` raises ``ValueError("NAME must be DESCRIPTION, got VALUE")`` when it is not. Config
+fields declare their constraint next to their default (``ewc.config.param(check=...)``), so the
+command line, the docs and the library refuse the same values with the same message
+(scikit-learn's ``Interval`` / ``StrOptions`` are the model).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 
-def check_count(value: Any, what: str, *, allow_none: bool = False) -> int | None:
-    """A positive int (or None when ``allow_none``), else a ValueError naming ``what``.
+class Constraint:
+    """What a value must be: ``accepts(value)`` and a ``describe()`` for the error message."""
 
-    Booleans are refused although they are ints: ``batch_size=True`` is a mistake, not 1.
-    """
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"{what} must be a positive integer{' or None' if allow_none else ''}, got {value!r}"
+    allow_none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def message(self, value: Any, what: str) -> str:
+        """The one error wording: ``WHAT must be DESCRIPTION[ or None], got VALUE``."""
+        return f"{what} must be {self.describe()}{' or None' if self.allow_none else ''}, got {value!r}"
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # batch_size=True is a mistake, not 1
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+@dataclass(frozen=True)
+class Interval(Constraint):
+    """An int or a finite float between ``low`` and ``high`` (None: unbounded), ends closed or not."""
+
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    closed: str = "both"  # both | left | right | neither
+    allow_none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.allow_none
+        if not _is_number(value, self.kind):
+            return False
+        lo_ok = self.low is None or (
+            value >= self.low if self.closed in ("both", "left") else value > self.low
         )
+        hi_ok = self.high is None or (
+            value <= self.high if self.closed in ("both", "right") else value < self.high
+        )
+        return lo_ok and hi_ok
+
+    def describe(self) -> str:
+        noun = "an integer" if self.kind is int else "a finite number"
+        left = self.closed in ("both", "left")
+        right = self.closed in ("both", "right")
+        if self.kind is int and self.high is None and (self.low, left) in ((1, True), (0, False)):
+            return "a positive integer"
+        if self.kind is int and self.high is None and (self.low, left) == (0, True):
+            return "a non-negative integer"
+        if self.high is None and self.low is not None:
+            return f"{noun} {'>=' if left else '>'} {_fmt(self.low)}"
+        if self.low is None and self.high is not None:
+            return f"{noun} {'<=' if right else '<'} {_fmt(self.high)}"
+        if self.low is None:
+            return noun
+        return f"{noun} in {'[' if left else '('}{_fmt(self.low)}, {_fmt(self.high)}{']' if right else ')'}"
+
+
+@dataclass(frozen=True)
+class Options(Constraint):
+    """One of a fixed set of values (names of registered methods, datasets, modes, ...)."""
+
+    values: tuple[Any, ...] = ()
+    allow_none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        return (value is None and self.allow_none) or value in self.values
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(map(str, self.values))
+
+
+@dataclass(frozen=True)
+class Sizes(Constraint):
+    """A non-empty sequence of positive integers (layer widths, a λ grid's companion counts)."""
+
+    allow_none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.allow_none
+        return (
+            isinstance(value, tuple | list)
+            and len(value) > 0
+            and all(_is_number(v, int) and v > 0 for v in value)
+        )
+
+    def describe(self) -> str:
+        return "positive integers, at least one"
+
+
+@dataclass(frozen=True)
+class Numbers(Constraint):
+    """A non-empty sequence of finite numbers within ``each`` (a grid of λ values, noise norms)."""
+
+    each: Interval = Interval(float)
+    allow_none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.allow_none
+        return isinstance(value, tuple | list) and len(value) > 0 and all(self.each.accepts(v) for v in value)
+
+    def describe(self) -> str:
+        return f"a non-empty list, each {self.each.describe()}"
+
+
+POSITIVE_INT = Interval(int, 1)
+POSITIVE = Interval(float, 0, closed="neither")
+NON_NEGATIVE = Interval(float, 0)
+
+
+def check(value: Any, constraint: Constraint, what: str) -> Any:
+    """``value`` if ``constraint`` accepts it, else a ValueError in the one wording."""
+    if not constraint.accepts(value):
+        raise ValueError(constraint.message(value, what))
     return value
 
 
-def check_counts(obj: Any, names: tuple[str, ...]) -> None:
+def check_count(value: Any, what: str, *, allow_none: bool = False) -> int | None:
+    """A positive int (or None when ``allow_none``), else a ValueError naming ``what``."""
+    return check(value, Interval(int, 1, allow_none=allow_none), what)
+
+
+def check_counts(obj: Any, names: Iterable[str]) -> None:
     """``check_count`` on each named attribute of ``obj`` (a config dataclass)."""
     for name in names:
         check_count(getattr(obj, name), name)
+
+
+@dataclass(frozen=True)
+class Registered(Constraint):
+    """A name in a registry (a dict filled as modules register themselves), read when checked."""
+
+    registry: dict = None  # type: ignore[assignment]
+    allow_none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        return (value is None and self.allow_none) or (isinstance(value, str) and value in self.registry)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.registry)
+
+    def __hash__(self) -> int:
+        return id(self.registry)

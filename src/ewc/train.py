@@ -12,16 +12,19 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ewc.checks import check_counts
+from ewc.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval, Registered, Sizes
+from ewc.config import param, validate
 from ewc.data import Task
+from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.metrics import summarize
+from ewc.models import MODELS, build_model
 from ewc.scenario import SCENARIOS, Scenario
 
 OPTIMIZERS = ("sgd", "adam")
@@ -29,43 +32,59 @@ OPTIMIZERS = ("sgd", "adam")
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run besides the data and the methods."""
+    """Everything that defines a run besides the data and the methods (each field declared once:
+    its default, help and constraint; ``ewc run`` / ``ewc compare`` flags are generated from it)."""
 
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.0
-    hidden: tuple[int, ...] = (400, 400)
-    dropout: float = 0.0
-    batchnorm: bool = False
-    scenario: str | None = None  # task / domain / class; None: domain if tasks share classes, else class
-    lam: float = 100.0
-    l2_lam: float | None = None
-    gamma: float = 1.0
-    fisher: str = "exact"
-    fisher_samples: int | None = 1000
-    eval_every: int = 50
-    curve_samples: int = 500
-    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method → its parameters
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    progress: bool | None = None  # None: a bar on a terminal, quiet otherwise
+    epochs: int = param(5, "epochs per task", check=POSITIVE_INT)
+    batch_size: int = param(64, "mini-batch size", check=POSITIVE_INT)
+    lr: float = param(1e-3, "learning rate", check=POSITIVE)
+    optimizer: str = param("adam", "optimiser, fresh state per task", choices=OPTIMIZERS)
+    momentum: float = param(0.0, "SGD momentum", check=NON_NEGATIVE)
+    model: str = param("mlp", "network (registry name, ewc.models)", check=Registered(MODELS))
+    hidden: tuple[int, ...] = param((400, 400), "hidden sizes, e.g. 400,400", check=Sizes())
+    dropout: float = param(0.0, "dropout after each hidden layer", check=Interval(float, 0, 1, closed="left"))
+    batchnorm: bool = param(False, "BatchNorm after each hidden layer (the BatchNorm experiment)", cli=False)
+    scenario: str | None = param(
+        None,
+        "task-, domain- or class-incremental: which outputs a task is trained and tested on",
+        choices=SCENARIOS,
+        shown="domain when the tasks share their classes, as in permuted; class otherwise",
+    )
+    lam: float = param(100.0, "EWC strength λ (penalty λ/2·ΣF(θ−θ*)²)", check=NON_NEGATIVE)
+    l2_lam: float | None = param(
+        None,
+        "L2 strength",
+        type=float,
+        check=Interval(float, 0, allow_none=True),
+        fallback="lam",
+        shown="--lam",
+    )
+    gamma: float = param(1.0, "online EWC decay γ in (0, 1]", check=Interval(float, 0, 1, closed="right"))
+    fisher: str = param("exact", "Fisher mode", choices=FISHER_MODES)
+    fisher_samples: int | None = param(
+        1000, "samples per task for the Fisher", type=int, check=Interval(int, 1, allow_none=True)
+    )
+    eval_every: int = param(50, "mini-batches between evaluations of every task", check=POSITIVE_INT)
+    curve_samples: int = param(500, "test samples per task used for the curves", check=POSITIVE_INT)
+    params: dict[str, dict[str, Any]] = param(
+        help="method → its parameters (--set METHOD.PARAM=VALUE)", default_factory=dict, cli=False
+    )
+    seed: int = param(0, "seed for data, permutations and initial weights", check=Interval(int))
+    device: str = param("cpu", "cpu or cuda")
+    threads: int | None = param(
+        None, "torch threads", type=int, check=Interval(int, 1, allow_none=True), shown="torch's choice"
+    )
+    progress: bool | None = param(None, "a bar on a terminal (None), always, or never", cli=False)
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
-        check_counts(self, ("epochs", "batch_size", "eval_every", "curve_samples"))
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.scenario is not None and self.scenario not in SCENARIOS:
-            raise ValueError(f"unknown scenario {self.scenario!r}; expected one of {', '.join(SCENARIOS)}")
-        if any(h <= 0 for h in self.hidden):
-            raise ValueError(f"hidden sizes must be positive, got {self.hidden!r}")
+        validate(self)
+
+    def setting(self, name: str) -> Any:
+        """A run setting by name; a None setting declared with ``fallback`` reads that one."""
+        value = getattr(self, name)
+        fallback = {f.name: f.metadata.get("fallback") for f in fields(self)}.get(name)
+        return getattr(self, fallback) if value is None and fallback else value
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -74,47 +93,13 @@ class TrainConfig:
 
 
 def method_params(name: str, config: TrainConfig) -> dict[str, Any]:
-    """The parameters a registered method is built with: EWC's λ, γ and Fisher settings and
-    L2's λ from the config's fields, then anything in ``config.params[name]`` on top."""
+    """The parameters a registered method is built with: the run settings its spec declares
+    (``run_params``: EWC's λ, γ and Fisher settings, L2's λ), then ``config.params[name]``."""
     if name not in METHOD_SPECS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHOD_SPECS)}")
-    params: dict[str, Any] = {}
-    if name in ("ewc", "online-ewc", "ewc+replay"):
-        params = {
-            "lam": config.lam,
-            "gamma": config.gamma,
-            "fisher": config.fisher,
-            "fisher_samples": config.fisher_samples,
-        }
-    elif name == "l2":
-        params = {"lam": config.lam if config.l2_lam is None else config.l2_lam}
+    run = METHOD_SPECS[name].run_params
+    params = {param_name: config.setting(setting) for param_name, setting in run.items()}
     return {**params, **config.params.get(name, {})}
-
-
-def make_mlp(
-    input_dim: int,
-    hidden: tuple[int, ...],
-    num_classes: int,
-    dropout: float = 0.0,
-    batchnorm: bool = False,
-) -> nn.Sequential:
-    """The paper's fully connected classifier: Flatten, (Linear, ReLU[, Dropout]) × depth, Linear.
-
-    With ``batchnorm`` each hidden block is Linear → BatchNorm1d → ReLU [→ Dropout] (for the
-    BatchNorm experiment; the paper's networks have no normalisation).
-    """
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = input_dim
-    for h in hidden:
-        layers.append(nn.Linear(width, h))
-        if batchnorm:
-            layers.append(nn.BatchNorm1d(h))
-        layers.append(nn.ReLU())
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        width = h
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
 
 
 def setup_runtime(config: TrainConfig) -> torch.device:
@@ -221,10 +206,12 @@ def run_method(
     device = setup_runtime(config)
     if isinstance(method, str):
         method = make_method(method, **method_params(method, config))
-    input_dim = math.prod(tasks[0].x_train.shape[1:])
+    input_shape = tuple(tasks[0].x_train.shape[1:])
+    input_dim = math.prod(input_shape)
     dropout = config.dropout if method.dropout is None else method.dropout
     torch.manual_seed(config.seed)  # the same initial weights for every method
-    model = make_mlp(input_dim, config.hidden, scenario.num_outputs, dropout, config.batchnorm).to(device)
+    options = {"hidden": config.hidden, "dropout": dropout, "batchnorm": config.batchnorm}
+    model = build_model(config.model, input_shape, scenario.num_outputs, **options).to(device)
     method.setup(model, scenario)
 
     tests = [(t.x_test.to(device), t.y_test.to(device)) for t in tasks]
@@ -309,6 +296,8 @@ def run_method(
             "baseline_accuracy": baseline,
             "scenario": scenario.kind,
             "architecture": {
+                "model": config.model,
+                "input_shape": list(input_shape),
                 "input_dim": input_dim,
                 "hidden": list(config.hidden),
                 "num_classes": scenario.num_outputs,

@@ -12,7 +12,7 @@ import hashlib
 import importlib.resources
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,23 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 
-DATASETS: tuple[str, ...] = ("mnist-10k", "fashion-mnist", "mnist", "digits")
+#: ``{name: loader}``: each loader below registers itself with :func:`register_dataset`; a loader
+#: takes the keyword options of :func:`load_dataset` (``root``, ``download``, ``timeout``,
+#: ``mirrors``) and returns a :class:`Dataset`.
+DATASETS: dict[str, Callable[..., Dataset]] = {}
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Decorator: make ``loader`` the dataset ``name`` (a clear error for a name taken twice)."""
+
+    def add(loader: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        if name in DATASETS and DATASETS[name] is not loader:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        DATASETS[name] = loader
+        return loader
+
+    return add
+
 
 # array_digest of the embedded mnist10k.npz (written by scripts/make_mnist10k.py). It hashes the
 # arrays, not the zip bytes, so it does not depend on the zlib version that compressed them.
@@ -140,7 +156,9 @@ def load_npz_dataset(
         raise ValueError(f"{os.fspath(path)}: {exc}; {hint}") from exc
 
 
-def _load_mnist10k() -> Dataset:
+@register_dataset("mnist-10k")
+def _load_mnist10k(**_: object) -> Dataset:
+    """The first 10 000 MNIST training digits, embedded in the package (no download)."""
     ref = importlib.resources.files("ewc.data") / "mnist10k.npz"
     with importlib.resources.as_file(ref) as path:
         if not Path(path).is_file():
@@ -175,7 +193,27 @@ def _load_idx_dataset(
     )
 
 
-def _load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+def _load_idx(name: str) -> Callable[..., Dataset]:
+    def load(
+        *,
+        root: PathLike | None = None,
+        download: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        mirrors: Sequence[str] | str | None = None,
+    ) -> Dataset:
+        return _load_idx_dataset(name, root=root, download=download, timeout=timeout, mirrors=mirrors)
+
+    load.__doc__ = f"{name} from IDX files on disk or a checksummed download (ewc.data.sources)."
+    return register_dataset(name)(load)
+
+
+_load_idx("fashion-mnist")
+_load_idx("mnist")
+
+
+@register_dataset("digits")
+def _load_digits(seed: int = 0, test_fraction: float = 0.2, **_: object) -> Dataset:
+    """scikit-learn's 8x8 digits (needs scikit-learn), a stratified seeded train/test split."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
@@ -198,15 +236,11 @@ def load_dataset(
     timeout: float = DEFAULT_TIMEOUT,
     mirrors: Sequence[str] | str | None = None,
 ) -> Dataset:
-    """Load a dataset by name (one of ``DATASETS``).
+    """Load a registered dataset by name (a key of ``DATASETS``).
 
     ``root``, ``download``, ``timeout`` and ``mirrors`` only matter for the file-based datasets
     (``fashion-mnist``, ``mnist``): see ``ewc.data.sources.find_files``.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    if name == "mnist-10k":
-        return _load_mnist10k()
-    if name == "digits":
-        return _load_digits()
-    return _load_idx_dataset(name, root=root, download=download, timeout=timeout, mirrors=mirrors)
+    return DATASETS[name](root=root, download=download, timeout=timeout, mirrors=mirrors)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ewc.data import DATASETS, Task
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
 from ewc.experiments.many_tasks import check_sequence_config, data_key, pct, run_summary, train_config
-from ewc.experiments.sequence import _choose, _run_all, _tasks
+from ewc.experiments.sequence import build_tasks, choose_lam, run_all
 from ewc.report import method_color
 from ewc.train import OPTIMIZERS, accuracy, run_method
 
@@ -182,8 +182,10 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
         for lam in grid
     ]
     specs += [(key, "sgd", train_config(config, batchnorm=bn), False) for bn in CONDITIONS.values()]
-    done = iter(_run_all(specs, config.jobs))
-    selection = {c: _choose(grid, {lam: next(done)["average_accuracy"] for lam in grid}) for c in CONDITIONS}
+    done = iter(run_all(specs, config.jobs))
+    selection = {
+        c: choose_lam(grid, {lam: next(done)["average_accuracy"] for lam in grid}) for c in CONDITIONS
+    }
     runs: dict[str, dict[str, Any]] = {c: {"sgd": run_summary(next(done))} for c in CONDITIONS}
 
     # 2. EWC at the chosen λ (test), in workers, unless it is the fixed λ run below
@@ -193,11 +195,11 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
         (key, "ewc", train_config(config, batchnorm=CONDITIONS[c], lam=selection[c]["chosen"]), False)
         for c in todo
     ]
-    for c, res in zip(todo, _run_all(specs, config.jobs), strict=True):
+    for c, res in zip(todo, run_all(specs, config.jobs), strict=True):
         runs[c]["ewc_chosen"] = {"lam": selection[c]["chosen"], **run_summary(res)}
 
     # 3. EWC at the fixed λ here, keeping the model: its first Fisher and the BatchNorm diagnostic
-    tasks, _ = _tasks(*key[:3], config.seed, *key[3:])
+    tasks, _ = build_tasks(*key[:3], config.seed, *key[3:])
     fisher: dict[str, Any] = {}
     for c, bn in CONDITIONS.items():
         res = run_method(tasks, "ewc", train_config(config, batchnorm=bn, lam=fixed))

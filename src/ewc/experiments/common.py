@@ -2,8 +2,8 @@
 
 An experiment module (``ewc.experiments.<name>``) defines
 
-- ``Config``: a dataclass whose fields are made with :func:`param` (a default and a help text);
-  the CLI turns each field into a flag (``hidden_size`` → ``--hidden-size``);
+- ``Config``: a dataclass whose fields are made with :func:`ewc.config.param` (a default, a help
+  text, a constraint); the CLI turns each field into a flag (``hidden_size`` → ``--hidden-size``);
 - ``run(config, out=None) -> dict``: computes and returns its record (:func:`finish`); with
   ``out`` it also writes ``results.json``, its PNG figure(s) and ``report.md`` there;
 - ``TITLE`` (one line) and ``CLAIM`` (what the paper found, to put our result next to).
@@ -13,7 +13,6 @@ Results are plain JSON; figures are drawn from the results, never from hidden st
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -27,12 +26,14 @@ import numpy as np
 import torch
 
 import ewc
+from ewc.config import command_line, config_dict, param
 from ewc.report import figure_style, md_table, new_figure, save_figure
 from ewc.state import atomic_write_bytes
 
 __all__ = [
     "check_out_dir",
     "command_line",
+    "config_dict",
     "figure_style",
     "fit_loglog",
     "md_table",
@@ -43,19 +44,6 @@ __all__ = [
     "write_json",
     "finish",
 ]
-
-
-def param(default: Any, help: str, *, choices: Sequence[Any] | None = None, type: Any = None) -> Any:
-    """A config field with its CLI help, optional choices, and its type where the default is None.
-
-    Tuples become comma-separated lists on the command line; booleans ``--flag/--no-flag``.
-    """
-    meta: dict[str, Any] = {"help": help}
-    if choices is not None:
-        meta["choices"] = tuple(choices)
-    if type is not None:
-        meta["type"] = type
-    return dataclasses.field(default=default, metadata=meta)
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:
@@ -75,29 +63,6 @@ def setup_runtime(seed: int, threads: int | None) -> torch.Generator:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def config_dict(config: Any) -> dict[str, Any]:
-    """A dataclass config as JSON-able values (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-
-
-def command_line(name: str, config: Any, prefix: Sequence[str] = ("ewc", "experiment")) -> str:
-    """The command (``ewc experiment NAME`` by default) that reproduces ``config``, with only the
-    non-default flags."""
-    parts = [*prefix, name]
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if value == f.default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, tuple | list):
-            parts += [flag, ",".join(str(v) for v in value)]
-        else:
-            parts += [flag, str(value)]
-    return " ".join(parts) + " --out OUT"
 
 
 def fit_loglog(x: Sequence[float], y: Sequence[float]) -> float:

@@ -12,14 +12,33 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ewc.config import names_parser, param
 from ewc.experiments.common import check_out_dir, write_json
-from ewc.experiments.sequence import run_sequence
+from ewc.experiments.sequence import RunConfig, methods_param, run_sequence, search_param
 from ewc.report import figure_style, md_table, method_color, method_label, new_figure, save_figure
+from ewc.scenario import SCENARIOS
 from ewc.state import atomic_write_bytes
 from ewc.train import TrainConfig
+
+
+@dataclass
+class CompareConfig(RunConfig):
+    """``ewc compare``: ``ewc run``'s settings, every method by default, searched by default, once
+    per scenario (``scenarios`` replaces the run's single ``--scenario``)."""
+
+    methods: str = methods_param("all")
+    search: bool = search_param(True)
+    scenarios: tuple[str, ...] = param(
+        SCENARIOS, "comma-separated scenarios to compare", type=names_parser(SCENARIOS)
+    )
+    train: TrainConfig = param(
+        help="training settings", default_factory=TrainConfig, nested=True, skip=("scenario",)
+    )
+
 
 _COLUMNS = ("average_accuracy", "forgetting", "bwt", "fwt", "seconds", "memory_bytes")
 
@@ -149,3 +168,17 @@ def run_compare(
     atomic_write_bytes(out_dir / "comparison.md", "\n".join(md).encode())
     record["table"] = table
     return record
+
+
+def run(config: CompareConfig, out: str | os.PathLike) -> dict[str, Any]:
+    """``ewc compare``: :func:`run_compare` with the settings of ``config``."""
+    return run_compare(
+        config.sequence,
+        config.data,
+        config.tasks,
+        config.method_names(),
+        list(config.scenarios),
+        config.training(),
+        out,
+        **config.options(),
+    )

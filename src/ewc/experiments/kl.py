@@ -53,7 +53,7 @@ from ewc.experiments.common import (
     setup_runtime,
 )
 from ewc.fisher import diagonal_fisher
-from ewc.train import make_mlp
+from ewc.models import make_mlp
 
 TITLE = "The quadratic penalty as an approximation of the KL divergence of the predictions"
 CLAIM = (

@@ -24,7 +24,7 @@ from typing import Any
 
 from ewc.data import DATASETS
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
-from ewc.experiments.sequence import _choose, _run_all
+from ewc.experiments.sequence import choose_lam, run_all
 from ewc.report import method_color
 from ewc.train import OPTIMIZERS, TrainConfig
 
@@ -111,7 +111,7 @@ def train_config(config: Any, **overrides: Any) -> TrainConfig:
 
 
 def data_key(config: Any) -> tuple:
-    """The task-sequence key of :func:`ewc.experiments.sequence._run_all`'s jobs (permuted tasks)."""
+    """The task-sequence key of :func:`ewc.experiments.sequence.run_all`'s jobs (permuted tasks)."""
     return ("permuted", config.data, config.tasks, config.max_train_per_task or None, None)
 
 
@@ -135,9 +135,9 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
         for m, grid in grids.items()
         for v in grid
     ]
-    scores = iter(_run_all(specs, config.jobs))
+    scores = iter(run_all(specs, config.jobs))
     selection = {
-        m: _choose(grid, {v: next(scores)["average_accuracy"] for v in grid}) for m, grid in grids.items()
+        m: choose_lam(grid, {v: next(scores)["average_accuracy"] for v in grid}) for m, grid in grids.items()
     }
     for m in grids:
         selection[m]["parameter"] = hyper[m]
@@ -148,7 +148,7 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
         chosen["sgd"] = {}
     specs = [(key, BASE_METHOD[m], train_config(config, **kw), False) for m, kw in chosen.items()]
     methods = {}
-    for (m, kw), res in zip(chosen.items(), _run_all(specs, config.jobs), strict=True):
+    for (m, kw), res in zip(chosen.items(), run_all(specs, config.jobs), strict=True):
         methods[m] = {"label": LABELS[m], **kw, **run_summary(res)}
         methods[m]["average_so_far"] = average_so_far(res["accuracy_matrix"])
         methods[m]["first_task"] = [row[0] for row in res["accuracy_matrix"]]

@@ -11,32 +11,182 @@ import dataclasses
 import os
 import platform
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 import ewc
-from ewc.data import Task, load_dataset, make_sequence
+from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers, Registered
+from ewc.config import param, parse_floats, parse_setting, validate
+from ewc.data import DATASETS, SEQUENCES, Task, load_dataset, make_sequence
 from ewc.experiments.common import check_out_dir, write_json
-from ewc.methods import METHOD_SPECS, METHODS, Method, MethodSpec, make_method
+from ewc.methods import METHOD_SPECS, METHODS, make_method
+from ewc.methods.registry import combinations
 from ewc.scenario import Scenario
 from ewc.train import TrainConfig, method_params, run_method
 
-LAM_METHODS = ("ewc", "online-ewc", "l2")
+DEFAULT_METHODS = "sgd,l2,ewc,online-ewc,joint"
+
+
+@dataclass(frozen=True)
+class MethodList(Constraint):
+    """Comma-separated registered method names, or ``all``."""
+
+    def accepts(self, value: Any) -> bool:
+        try:
+            method_names(value)
+        except (ValueError, AttributeError):
+            return False
+        return True
+
+    def describe(self) -> str:
+        return f"'all' or comma-separated names from {', '.join(METHODS)}"
+
+    def message(self, value: Any, what: str) -> str:
+        """Name the unknown methods (``method_names``'s own message)."""
+        try:
+            method_names(value)
+        except (ValueError, AttributeError) as err:
+            return f"{what}: {err}"
+        return super().message(value, what)
+
+
+def method_names(text: str) -> list[str]:
+    """``"ewc,sgd"`` → ``["ewc", "sgd"]``; ``"all"`` → every registered method."""
+    if text.strip() == "all":
+        return list(METHODS)
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHOD_SPECS]
+    if not names or unknown:
+        raise ValueError(
+            f"unknown method(s) {', '.join(unknown) or repr(text)}; expected some of {', '.join(METHODS)}"
+        )
+    return names
+
+
+def methods_param(default: str) -> Any:
+    """The ``--methods`` field (``ewc run`` and ``ewc compare`` differ only in its default)."""
+    return param(default, f"comma-separated, from: {', '.join(METHODS)}, or 'all'", check=MethodList())
+
+
+def search_param(default: bool) -> Any:
+    """The ``--search`` field (``ewc compare`` searches by default)."""
+    return param(
+        default,
+        "choose every method's hyper-parameters from its registered grid on the validation parts "
+        "before the test run (see docs/methods.md)",
+    )
+
+
+@dataclass
+class RunConfig:
+    """``ewc run``: a task sequence learned by several methods (the flags are these fields and
+    ``train``'s; each method's λ, γ and Fisher settings come from ``train`` through its spec)."""
+
+    sequence: str = param(help="how tasks are made from the dataset", choices=SEQUENCES, positional=True)
+    data: str = param(
+        "mnist-10k", "dataset", check=Registered(DATASETS), shown="mnist-10k, embedded in the package"
+    )
+    data_root: str | None = param(
+        None, "directory with the dataset files", type=str, shown="$EWC_DATA, cache, system"
+    )
+    tasks: int = param(10, "number of tasks", check=POSITIVE_INT)
+    methods: str = methods_param(DEFAULT_METHODS)
+    select_lam: tuple[float, ...] | None = param(
+        None,
+        "choose λ of every method that takes --lam or --l2-lam from this comma-separated grid on the "
+        "validation parts before the test run (e.g. 1,10,100,1000)",
+        type=parse_floats,
+        metavar="GRID",
+        check=Numbers(NON_NEGATIVE, allow_none=True),
+    )
+    select_l2_lam: tuple[float, ...] | None = param(
+        None,
+        "grid for λ of the methods that take --l2-lam",
+        type=parse_floats,
+        metavar="GRID",
+        check=Numbers(NON_NEGATIVE, allow_none=True),
+        shown="the --select-lam grid",
+    )
+    search: bool = search_param(False)
+    save_state: bool = param(
+        False, "save each trained learner (weights, method state, scenario) as OUT/checkpoints/METHOD.pt"
+    )
+    set: list[tuple[str, str, Any]] = param(
+        help="a method parameter, e.g. lwf.temperature=2 or replay.capacity=500 (repeatable)",
+        default_factory=list,
+        type=parse_setting,
+        action="append",
+        metavar="METHOD.PARAM=VALUE",
+    )
+    max_train_per_task: int | None = param(
+        None, "subsample train parts", type=int, check=Interval(int, 1, allow_none=True)
+    )
+    jobs: int = param(
+        1, "methods trained in parallel worker processes, one torch thread each", check=POSITIVE_INT
+    )
+    quiet: bool = param(False, "no progress bar")
+    train: TrainConfig = param(help="training settings", default_factory=TrainConfig, nested=True)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def method_names(self) -> list[str]:
+        """The methods to run (``all``: every registered one)."""
+        return method_names(self.methods)
+
+    def training(self) -> TrainConfig:
+        """The training settings with ``--set`` parameters and ``--quiet`` applied."""
+        params: dict[str, dict[str, Any]] = {}
+        for method, name, value in self.set:
+            params.setdefault(method, {})[name] = value
+        progress = False if self.quiet else self.train.progress
+        return dataclasses.replace(self.train, params={**self.train.params, **params}, progress=progress)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options of :func:`run_sequence` that this config sets."""
+        return {
+            "lam_grid": self.select_lam,
+            "l2_lam_grid": self.select_l2_lam,
+            "search": self.search,
+            "save_state": self.save_state,
+            "max_train_per_task": self.max_train_per_task,
+            "data_root": self.data_root,
+            "jobs": self.jobs,
+        }
+
+
+def run(config: RunConfig, out: str | os.PathLike | None) -> dict[str, Any]:
+    """``ewc run``: :func:`run_sequence` with the settings of ``config``."""
+    return run_sequence(
+        config.sequence,
+        config.data,
+        config.tasks,
+        config.method_names(),
+        config.training(),
+        out,
+        **config.options(),
+    )
 
 
 def search_grids(
     methods: list[str], search: bool, lam_grid: list[float] | None, l2_lam_grid: list[float] | None
 ) -> dict[str, list[dict[str, Any]]]:
-    """The validation grid of each method (a list of parameter dicts; methods without one omitted)."""
+    """The validation grid of each method (a list of parameter dicts; methods without one omitted).
+
+    ``lam_grid`` / ``l2_lam_grid`` apply to the methods whose spec takes λ from ``--lam`` /
+    ``--l2-lam`` (the L2 grid defaults to ``lam_grid``)."""
+    lam_grids = {"lam": lam_grid, "l2_lam": l2_lam_grid or lam_grid}
     grids: dict[str, list[dict[str, Any]]] = {}
     for m in methods:
-        grid = dict(METHOD_SPECS[m].grid) if search else {}
-        lams = (l2_lam_grid or lam_grid) if m == "l2" else lam_grid if m in LAM_METHODS else None
+        spec = METHOD_SPECS[m]
+        grid = dict(spec.grid) if search else {}
+        lams = lam_grids.get(spec.lam_setting) if spec.lam_setting else None
         if lams:
             grid["lam"] = tuple(lams)
         if grid:
-            grids[m] = MethodSpec(Method, grid=grid).combinations()
+            grids[m] = combinations(grid)
     return grids
 
 
@@ -51,7 +201,7 @@ def validation_tasks(tasks: list[Task]) -> list[Task]:
     return [dataclasses.replace(t, x_test=t.x_val, y_test=t.y_val) for t in tasks]
 
 
-def _choose(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
+def choose_lam(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
     """The λ with the best validation ACC (ties: the smaller λ)."""
     best = max(grid, key=lambda lam: (scores[lam], -lam))
     return {"grid": grid, "validation_acc": [scores[lam] for lam in grid], "chosen": best}
@@ -61,7 +211,7 @@ def _job(spec: tuple) -> dict[str, Any]:
     """One training run, in this process or a worker: (data key, method, config, on_validation
     [, checkpoint path]); with a path, the trained learner is saved there (ewc.checkpoint)."""
     (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *save = spec
-    tasks, _ = _tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
+    tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
     res = run_method(validation_tasks(tasks) if on_val else tasks, method, config)
     model, learner = res.pop("model"), res.pop("method")
     if save and save[0] is not None:
@@ -77,7 +227,7 @@ def _job(spec: tuple) -> dict[str, Any]:
 _TASK_CACHE: dict[tuple, tuple[list[Task], int]] = {}
 
 
-def _tasks(
+def build_tasks(
     sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
 ) -> tuple[list[Task], int]:
     """The task sequence and the number of classes (built once per process)."""
@@ -90,7 +240,7 @@ def _tasks(
     return _TASK_CACHE[key]
 
 
-def _run_all(specs: list[tuple], jobs: int) -> list[dict[str, Any]]:
+def run_all(specs: list[tuple], jobs: int) -> list[dict[str, Any]]:
     """Run independent training jobs, in parallel worker processes when ``jobs`` > 1.
 
     On CPU one torch thread per process and one process per core is the fast arrangement for
@@ -146,12 +296,12 @@ def run_sequence(
         make_method(m, **method_params(m, config))
     out_dir = check_out_dir(out) if out is not None else None
     key = (sequence, data, n_tasks, max_train_per_task, data_root)
-    tasks, _ = _tasks(sequence, data, n_tasks, config.seed, max_train_per_task, data_root)
+    tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train_per_task, data_root)
 
     # 1. hyper-parameters on the validation parts (never the test parts)
     grids = search_grids(methods, search, lam_grid, l2_lam_grid)
     specs = [(key, m, with_params(config, m, combo), True) for m, combos in grids.items() for combo in combos]
-    scores = iter(_run_all(specs, jobs))
+    scores = iter(run_all(specs, jobs))
     selection: dict[str, Any] = {}
     for m, combos in grids.items():
         accs = [next(scores)["average_accuracy"] for _ in combos]
@@ -164,7 +314,7 @@ def run_sequence(
     if save_state and out_dir is not None:
         (out_dir / "checkpoints").mkdir(exist_ok=True)
         saves = {m: out_dir / "checkpoints" / f"{m}.pt" for m in methods}
-    runs = _run_all([(key, m, configs[m], False, saves[m]) for m in methods], jobs)
+    runs = run_all([(key, m, configs[m], False, saves[m]) for m in methods], jobs)
     results: dict[str, Any] = {"methods": {}}
     for m, res in zip(methods, runs, strict=True):
         res["params"] = method_params(m, configs[m])

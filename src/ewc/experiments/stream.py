@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ewc.checks import POSITIVE, POSITIVE_INT, Interval, Registered, Sizes
+from ewc.config import validate
 from ewc.data import DATASETS, load_dataset, make_sequence
 from ewc.data.tabular import NAN_POLICIES, Table, load_table
 from ewc.experiments.common import (
@@ -39,10 +41,10 @@ from ewc.experiments.common import (
     param,
     setup_runtime,
 )
-from ewc.methods import METHODS
+from ewc.methods import METHOD_SPECS
+from ewc.models import make_mlp
 from ewc.stream import StreamLearner
 from ewc.taskid import TaskDetector, assignment_metrics, make_stream
-from ewc.train import make_mlp
 
 __all__ = ["CLAIM", "TITLE", "Config", "command", "parse_schedule", "run"]
 
@@ -69,81 +71,86 @@ def parse_schedule(text: str | Any) -> tuple[int, ...]:
         raise ValueError(f"--schedule must be integers separated by spaces or commas, got {text!r}") from None
 
 
+_OWN = "your own data: stream the rows of a CSV or .npz file instead of --data/--sequence/--schedule"
+
+
 @dataclass(frozen=True)
 class Config:
     """The stream, the learner and the data."""
 
-    data: str = param("mnist-10k", "dataset", choices=DATASETS)
+    data: str = param("mnist-10k", "dataset", check=Registered(DATASETS))
     sequence: str = param("permuted", "how tasks are made from the dataset", choices=SEQUENCE_KINDS)
-    tasks: int = param(5, "number of tasks in the sequence")
-    schedule: tuple[int, ...] = param((0, 1, 2, 0, 3, 1, 4), "task index of each segment (returns allowed)")
-    batch_size: int = param(32, "samples per stream batch")
-    min_len: int = param(20, "shortest segment, in batches")
-    max_len: int = param(60, "longest segment, in batches")
-    method: str = param("ewc", "continual-learning method (registry name)", choices=METHODS)
-    lr: float = param(0.003, "Adam learning rate of the learner")
-    hidden: tuple[int, ...] = param((100,), "hidden layer sizes of the MLP")
-    memory: int = param(500, "samples of a segment kept for its consolidation (Fisher)")
+    tasks: int = param(5, "number of tasks in the sequence", check=POSITIVE_INT)
+    schedule: tuple[int, ...] = param(
+        (0, 1, 2, 0, 3, 1, 4),
+        "task index of each segment, space or comma separated (returns allowed)",
+        type=str,  # parsed (spaces or commas) and checked by the config: one clear message
+        shown="'0 1 2 0 3 1 4'",
+    )
+    batch_size: int = param(32, "samples per stream batch", check=POSITIVE_INT)
+    min_len: int = param(20, "shortest segment, in batches", check=POSITIVE_INT)
+    max_len: int = param(60, "longest segment, in batches", check=POSITIVE_INT)
+    method: str = param("ewc", "continual-learning method (registry name)", check=Registered(METHOD_SPECS))
+    lr: float = param(0.003, "Adam learning rate of the learner", check=POSITIVE)
+    hidden: tuple[int, ...] = param((100,), "hidden layer sizes of the MLP", check=Sizes())
+    memory: int = param(500, "samples of a segment kept for its consolidation (Fisher)", check=POSITIVE_INT)
     seed: int = param(0, "seed of data, stream, initial weights")
-    threads: int = param(2, "torch threads")
-    max_train_per_task: int | None = param(None, "subsample each task's training part", type=int)
+    threads: int = param(2, "torch threads", check=POSITIVE_INT)
+    max_train_per_task: int | None = param(
+        None, "subsample each task's training part", type=int, check=Interval(int, 1, allow_none=True)
+    )
     baseline: str = param(
         "sgd", "also learn the same stream with this method ('none': skip)", choices=BASELINES
     )
     true_ids: bool = param(True, "also learn with the true task ids given (the control)")
-    csv: str | None = param(None, "a CSV (or .npz) file to stream instead of --data", type=str)
-    label_column: str | None = param(None, "the label column of --csv", type=str)
-    timestamp_column: str | None = param(None, "optional time column of --csv (rows sorted by it)", type=str)
-    task_column: str | None = param(None, "optional true-task column of --csv (evaluation only)", type=str)
-    test_fraction: float = param(0.2, "--csv rows held out (seeded) for the final test accuracy")
-    standardize: bool = param(False, "--csv: scale features by the first 1000 stream rows")
+    csv: str | None = param(
+        None,
+        "a CSV (or .npz) file to stream instead of --data",
+        type=str,
+        aliases=("--npz",),
+        metavar="FILE",
+        group=_OWN,
+    )
+    label_column: str | None = param(
+        None, "the label column (npz: array) of --csv", type=str, metavar="NAME", group=_OWN
+    )
+    timestamp_column: str | None = param(
+        None, "optional time column of --csv (rows sorted by it)", type=str, metavar="NAME", group=_OWN
+    )
+    task_column: str | None = param(
+        None, "optional true-task column of --csv (evaluation only)", type=str, metavar="NAME", group=_OWN
+    )
+    test_fraction: float = param(
+        0.2,
+        "--csv rows held out (seeded) for the final test accuracy",
+        group=_OWN,
+        check=Interval(float, 0, 1, closed="left"),
+    )
+    standardize: bool = param(False, "--csv: scale features by the first 1000 stream rows", group=_OWN)
     nan_policy: str = param(
-        "drop", "--csv rows with missing features: drop (count) or raise", choices=NAN_POLICIES
+        "drop", "--csv rows with missing features: drop (count) or raise", choices=NAN_POLICIES, group=_OWN
     )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse_schedule(self.schedule))
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if self.data not in DATASETS:
-            raise ValueError(f"--data must be one of {', '.join(DATASETS)}, got {self.data!r}")
-        if self.sequence not in SEQUENCE_KINDS:
-            raise ValueError(f"--sequence must be one of {', '.join(SEQUENCE_KINDS)}, got {self.sequence!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown --method {self.method!r}; expected one of {', '.join(METHODS)}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        if self.tasks < 1:
-            raise ValueError(f"--tasks must be >= 1, got {self.tasks}")
+        validate(self)
         bad = [t for t in self.schedule if not 0 <= t < self.tasks]
         if bad:
             raise ValueError(
                 f"--schedule names task(s) {', '.join(map(str, bad))}, but --tasks {self.tasks} gives "
                 f"tasks 0..{self.tasks - 1}"
             )
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 1 <= self.min_len <= self.max_len:
+        if self.min_len > self.max_len:
             raise ValueError(
                 f"need 1 <= --min-len <= --max-len (batches per segment), got {self.min_len}, {self.max_len}"
             )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ValueError(f"--hidden must be positive sizes, got {self.hidden}")
-        if self.memory < 1:
-            raise ValueError(f"--memory must be >= 1, got {self.memory}")
         if self.csv is not None and self.label_column is None:
             raise ValueError("--csv needs --label-column NAME (the column with the class labels)")
         if self.csv is None and any(
             v is not None for v in (self.label_column, self.timestamp_column, self.task_column)
         ):
             raise ValueError("--label-column, --timestamp-column and --task-column only apply with --csv")
-        if not (math.isfinite(self.test_fraction) and 0 <= self.test_fraction < 1):
-            raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
-        if self.nan_policy not in NAN_POLICIES:
-            raise ValueError(
-                f"--nan-policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}"
-            )
         if self.max_train_per_task is not None and self.max_train_per_task < self.batch_size:
             raise ValueError(
                 f"--max-train-per-task ({self.max_train_per_task}) must be >= "

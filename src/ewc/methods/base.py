@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ewc.data import Task
+from ewc.methods.registry import MethodSpec, register
 from ewc.scenario import Scenario
 
 
@@ -134,3 +135,35 @@ class Joint(Method):
         if self.budget == "task":
             return len(tasks[index].x_train)
         return sum(len(t.x_train) for t in tasks[: index + 1])
+
+
+register(
+    MethodSpec(
+        "sgd",
+        Method,
+        help="fine-tuning: no memory, no penalty (the lower bound)",
+        label="SGD",
+        color="#1f77b4",
+        order=0,
+    )
+)
+register(
+    MethodSpec(
+        "joint",
+        lambda: Joint("task"),
+        help="all tasks so far, as many updates as the others",
+        label="Joint",
+        color="#3a3a3a",
+        order=12,
+    )
+)
+register(
+    MethodSpec(
+        "joint-cumulative",
+        lambda: Joint("all"),
+        help="all tasks so far, every epoch over all",
+        label="Joint (cumulative)",
+        color="#000000",
+        order=13,
+    )
+)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from ewc.methods.base import Method
+from ewc.methods.registry import MethodSpec, register
 
 
 class DropoutMethod(Method):
@@ -21,3 +22,17 @@ class DropoutMethod(Method):
         if not (isinstance(rate, int | float) and math.isfinite(rate) and 0.0 <= rate < 1.0):
             raise ValueError(f"dropout: rate must be in [0, 1), got {rate!r}")
         self.dropout = float(rate)
+
+
+register(
+    MethodSpec(
+        "dropout",
+        DropoutMethod,
+        {"rate": 0.5},
+        {"rate": (0.2, 0.5)},
+        "fine-tuning with dropout",
+        label="SGD + dropout",
+        color="#17becf",
+        order=6,
+    )
+)

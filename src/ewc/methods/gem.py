@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from ewc.checks import check_count
 from ewc.memory import memory_loss
 from ewc.methods.base import check_number
-from ewc.methods.replay import EpisodicMethod
+from ewc.methods.registry import MethodSpec, register
+from ewc.methods.replay import MEMORY_DEFAULTS, EpisodicMethod
 from ewc.qp import nonneg_qp
 
 __all__ = ["AGEMMethod", "GEMMethod", "project_agem", "project_gem"]
@@ -151,3 +152,29 @@ class AGEMMethod(_Projected):
         projected = project_agem(g, g_ref)
         if projected is not g:
             _set_grad(params, projected)
+
+
+register(
+    MethodSpec(
+        "gem",
+        GEMMethod,
+        {**MEMORY_DEFAULTS, "memory_strength": 0.5},
+        {"memory_strength": (0.0, 0.5, 1.0)},
+        "Gradient Episodic Memory: project so no past task's memory loss increases",
+        label="GEM",
+        color="#7f7f7f",
+        order=9,
+    )
+)
+register(
+    MethodSpec(
+        "agem",
+        AGEMMethod,
+        {**MEMORY_DEFAULTS, "sample_size": 256},
+        {"sample_size": (64, 256)},
+        "Averaged GEM: one projection against the memory's mean gradient",
+        label="A-GEM",
+        color="#aec7e8",
+        order=10,
+    )
+)

@@ -19,6 +19,7 @@ from ewc.checks import check_count
 from ewc.data import Task
 from ewc.fisher import diagonal_importance
 from ewc.methods.base import Batch, Method, check_number, check_state_keys
+from ewc.methods.registry import MethodSpec, register
 from ewc.penalty import EWC
 from ewc.scenario import Scenario
 from ewc.state import tensor_bytes
@@ -235,3 +236,29 @@ class MASMethod(_Importance):
         self.reg.load_state_dict(state["penalty"])
         self.lam, self.max_samples, self.batch_size = lam, max_samples, batch_size
         self.reg.lam = lam
+
+
+register(
+    MethodSpec(
+        "si",
+        SIMethod,
+        {"c": 0.1, "xi": 0.1},
+        {"c": (0.1, 1.0, 10.0)},
+        "Synaptic Intelligence: path-integral importances, penalty c·ΣΩ(θ − θ*)²",
+        label="SI",
+        color="#9467bd",
+        order=4,
+    )
+)
+register(
+    MethodSpec(
+        "mas",
+        MASMethod,
+        {"lam": 1.0, "max_samples": 1000, "batch_size": 256},
+        {"lam": (0.1, 1.0, 10.0)},
+        "Memory Aware Synapses: importances |∂‖f(x)‖²/∂θ| on unlabelled data",
+        label="MAS",
+        color="#8c564b",
+        order=5,
+    )
+)

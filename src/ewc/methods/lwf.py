@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ewc.data import Task
 from ewc.methods.base import Batch, Method, check_number
+from ewc.methods.registry import MethodSpec, register
 from ewc.scenario import Scenario
 
 
@@ -128,3 +129,17 @@ class LwFMethod(Method):
             old.load_state_dict(state["old_model"])
             self.old_model = old
         self.tasks_done = tasks_done
+
+
+register(
+    MethodSpec(
+        "lwf",
+        LwFMethod,
+        {"alpha": 1.0, "temperature": 2.0},
+        {"alpha": (0.5, 1.0, 2.0)},
+        "Learning without Forgetting: distil the previous model's outputs",
+        label="LwF",
+        color="#e377c2",
+        order=7,
+    )
+)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ewc.data import Task
 from ewc.methods.base import Batch, Method
+from ewc.methods.registry import MethodSpec, register
 from ewc.penalty import EWC, L2
 from ewc.scenario import Scenario
 from ewc.state import tensor_bytes
@@ -80,3 +81,57 @@ class EWCMethod(L2Method):
 
     def after_task(self, index: int, task: Task) -> None:
         self.reg.consolidate((task.x_train, task.y_train))
+
+
+#: EWC's parameters and the run settings (``--lam``, ``--gamma``, ``--fisher``, ...) they come from
+EWC_DEFAULTS: dict[str, Any] = {"lam": 100.0, "gamma": 1.0, "fisher": "exact", "fisher_samples": 1000}
+EWC_RUN_PARAMS = {"lam": "lam", "gamma": "gamma", "fisher": "fisher", "fisher_samples": "fisher_samples"}
+EWC_LAM_GRID = (30.0, 100.0, 300.0, 1000.0)
+
+
+def _ewc(mode: str) -> Any:
+    def build(lam: float, gamma: float, fisher: str, fisher_samples: int | None) -> EWCMethod:
+        return EWCMethod(lam, mode, gamma, fisher, fisher_samples)
+
+    return build
+
+
+register(
+    MethodSpec(
+        "l2",
+        L2Method,
+        {"lam": 100.0},
+        {"lam": (0.01, 0.1, 1.0)},
+        "isotropic anchor λ/2‖θ − θ*‖²",
+        label="L2",
+        color="#2ca02c",
+        order=1,
+        run_params={"lam": "l2_lam"},
+    )
+)
+register(
+    MethodSpec(
+        "ewc",
+        _ewc("separate"),
+        EWC_DEFAULTS,
+        {"lam": EWC_LAM_GRID},
+        "EWC, one penalty per task",
+        label="EWC",
+        color="#d62728",
+        order=2,
+        run_params=EWC_RUN_PARAMS,
+    )
+)
+register(
+    MethodSpec(
+        "online-ewc",
+        _ewc("online"),
+        EWC_DEFAULTS,
+        {"lam": EWC_LAM_GRID},
+        "EWC merged into one penalty",
+        label="Online EWC",
+        color="#ff7f0e",
+        order=3,
+        run_params=EWC_RUN_PARAMS,
+    )
+)

@@ -27,6 +27,7 @@ from ewc.checks import check_count
 from ewc.data import Task
 from ewc.memory import Memory, memory_loss
 from ewc.methods.base import Batch, Method, check_number, check_state_keys
+from ewc.methods.registry import MethodSpec, register
 from ewc.scenario import Scenario
 
 __all__ = ["EpisodicMethod", "ReplayMethod"]
@@ -96,3 +97,27 @@ class ReplayMethod(EpisodicMethod):
             self.model, self.scenario, x.to(device), y.to(device), task.to(device), batch.task
         )
         return task_loss + self.weight * replay
+
+
+#: the bounded memory's parameters, shared by every method that keeps one
+MEMORY_DEFAULTS: dict[str, Any] = {"capacity": 1000, "policy": "balanced", "per": "task", "seed": 0}
+#: replay's own parameters on top of the memory's
+REPLAY_DEFAULTS: dict[str, Any] = {
+    **MEMORY_DEFAULTS,
+    "policy": "reservoir",
+    "replay_batch": None,
+    "weight": 1.0,
+}
+
+register(
+    MethodSpec(
+        "replay",
+        ReplayMethod,
+        REPLAY_DEFAULTS,
+        {"weight": (0.5, 1.0, 2.0)},
+        "experience replay from a bounded memory",
+        label="Replay",
+        color="#bcbd22",
+        order=8,
+    )
+)

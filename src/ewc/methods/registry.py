@@ -1,0 +1,65 @@
+"""The method registry: each method file declares its :class:`MethodSpec` with :func:`register`.
+
+A spec is everything the rest of the package knows about a method by name: how to build it,
+its default parameters, the grid ``--search`` tries on validation data, which run-level settings
+it takes (``run_params``: ``--lam``, ``--gamma``, ``--fisher``, ...; the same declaration tells
+``--select-lam`` which methods have a λ to choose), and its label and colour in figures.
+``ewc.methods`` imports every module of the package, so adding a method is one file.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: run-level λ settings and the grid flag that chooses each (``--lam`` / ``--select-lam``, ...)
+LAM_GRIDS: dict[str, str] = {"lam": "select_lam", "l2_lam": "select_l2_lam"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to build one registered method: ``build(**params)`` with ``defaults`` overridden.
+
+    ``run_params`` maps a parameter of the method to the run setting (a ``TrainConfig`` field)
+    it is taken from when the method runs in a sequence; ``order`` places the method in
+    ``METHODS`` (the order of ``--methods all``, tables and legends).
+    """
+
+    name: str
+    build: Callable[..., Any]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    help: str = ""
+    label: str = ""
+    color: str = "#7f7f7f"
+    order: int = 100
+    run_params: dict[str, str] = field(default_factory=dict)
+
+    def combinations(self) -> list[dict[str, Any]]:
+        """Every point of the search grid (one empty dict when there is nothing to search)."""
+        return combinations(self.grid)
+
+    @property
+    def lam_setting(self) -> str | None:
+        """The run setting this method's λ comes from (``lam`` / ``l2_lam``), or None."""
+        setting = self.run_params.get("lam")
+        return setting if setting in LAM_GRIDS else None
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry (a clear error for a name registered twice)."""
+    if spec.name in METHOD_SPECS and METHOD_SPECS[spec.name] is not spec:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    METHOD_SPECS[spec.name] = spec
+    return spec
+
+
+def combinations(grid: dict[str, tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """Every point of a parameter grid (one empty dict for an empty grid)."""
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
