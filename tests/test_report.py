@@ -166,12 +166,12 @@ def test_write_report_files(tmp_path: Path) -> None:
 def test_curves_height_scales_with_tasks_and_is_capped(tmp_path: Path) -> None:
     import matplotlib.image as mpimg
 
-    from ewc.report import _plot_curves  # only the curves figure: the full report is tested above
+    from ewc.report.figures import plot_curves  # only the curves figure: the full report is tested above
 
     heights = {}
     for T in (1, 3, 25):
         res = make_results(T=T, methods=("sgd", "ewc"), steps_per_task=10, eval_every=5)
-        heights[T] = mpimg.imread(_plot_curves(res, tmp_path / f"curves{T}.png")).shape[0]
+        heights[T] = mpimg.imread(plot_curves(res, tmp_path / f"curves{T}.png")).shape[0]
     assert heights[1] < heights[3] < heights[25] <= 17 * 130 + 1
 
 

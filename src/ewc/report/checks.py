@@ -1,0 +1,84 @@
+"""Reading and validating a run's ``results.json``: the one input of every report.
+
+Only the parts of the schema the report draws from are checked, so a malformed file fails here
+with the file and the offending key named, not deep inside a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+
+
+def validate_results(results: Any, source: str) -> dict[str, Any]:
+    """Check the parts of the schema the report relies on; raise ValueError naming ``source``."""
+
+    def fail(msg: str) -> ValueError:
+        return ValueError(f"{source}: {msg}")
+
+    if not isinstance(results, dict):
+        raise fail(f"top level must be a JSON object, got {type(results).__name__}")
+    for key, typ in (("config", dict), ("tasks", list), ("methods", dict)):
+        if key not in results:
+            raise fail(f"missing key {key!r}")
+        if not isinstance(results[key], typ):
+            raise fail(f"key {key!r} must be a {'object' if typ is dict else 'list'}")
+    T = len(results["tasks"])
+    if T == 0:
+        raise fail("'tasks' is empty; need at least one task")
+    for i, t in enumerate(results["tasks"]):
+        if not isinstance(t, dict):
+            raise fail(f"tasks[{i}] must be an object")
+    if not results["methods"]:
+        raise fail("'methods' is empty; need at least one method")
+    for name, m in results["methods"].items():
+        where = f"methods[{name!r}]"
+        if not isinstance(m, dict):
+            raise fail(f"{where} must be an object")
+        if "accuracy_matrix" not in m:
+            raise fail(f"{where}: missing key 'accuracy_matrix'")
+        R = m["accuracy_matrix"]
+        if not isinstance(R, list) or len(R) != T or any(not isinstance(r, list) or len(r) != T for r in R):
+            raise fail(f"{where}['accuracy_matrix'] must be a {T} x {T} list of lists (one row per task)")
+        curves = m.get("curves")
+        if curves is None:
+            continue
+        if not isinstance(curves, dict):
+            raise fail(f"{where}['curves'] must be an object")
+        if "accuracy" in curves or "steps" in curves:
+            for key in ("steps", "accuracy"):
+                if not isinstance(curves.get(key), list):
+                    raise fail(f"{where}['curves']: missing key {key!r}")
+            if len(curves["steps"]) != len(curves["accuracy"]):
+                raise fail(
+                    f"{where}['curves']: 'steps' has {len(curves['steps'])} points but 'accuracy' has "
+                    f"{len(curves['accuracy'])}"
+                )
+            for p, row in enumerate(curves["accuracy"]):
+                if not isinstance(row, list) or len(row) != T:
+                    raise fail(f"{where}['curves']['accuracy'][{p}] must list the accuracy of all {T} tasks")
+        ts = curves.get("task_starts")
+        if ts is not None and (not isinstance(ts, list) or len(ts) != T):
+            raise fail(f"{where}['curves']['task_starts'] must have one step per task ({T})")
+    return results
+
+
+def load_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate ``run_dir/results.json`` (``run_dir`` may also be the JSON file itself).
+
+    Raises FileNotFoundError naming the path when it is missing and ValueError naming the file
+    and the offending key when it is malformed.
+    """
+    p = Path(run_dir)
+    path = p if p.suffix == ".json" or p.is_file() else p / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file at {path}")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return validate_results(results, str(path))
