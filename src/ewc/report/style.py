@@ -15,43 +15,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ewc.methods import METHOD_SPECS
 from ewc.state import atomic_write_bytes
 
 DPI = 130
 
-# Colours follow the EWC paper (Kirkpatrick et al. 2017, Fig. 2): SGD blue, L2 green, EWC red.
-_KNOWN_COLORS: dict[str, str] = {
-    "sgd": "#1f77b4",
-    "l2": "#2ca02c",
-    "ewc": "#d62728",
-    "online-ewc": "#ff7f0e",
-    "joint": "#3a3a3a",
-    "si": "#9467bd",
-    "mas": "#8c564b",
-    "lwf": "#e377c2",
-    "dropout": "#17becf",
-    "replay": "#bcbd22",
-    "gem": "#7f7f7f",
-    "agem": "#aec7e8",
-    "ewc+replay": "#98df8a",
-    "joint-cumulative": "#000000",
-}
-_KNOWN_LABELS: dict[str, str] = {
-    "sgd": "SGD",
-    "l2": "L2",
-    "ewc": "EWC",
-    "online-ewc": "Online EWC",
-    "joint": "Joint",
-    "si": "SI",
-    "mas": "MAS",
-    "lwf": "LwF",
-    "dropout": "SGD + dropout",
-    "replay": "Replay",
-    "gem": "GEM",
-    "agem": "A-GEM",
-    "ewc+replay": "EWC + replay",
-    "joint-cumulative": "Joint (cumulative)",
-}
+# Every registered method's label and colour are declared in its spec (ewc.methods: SGD blue,
+# L2 green, EWC red, as in the paper's Fig. 2); unknown names get distinct extra colours.
+
+
+def _known_colors() -> dict[str, str]:
+    return {name: spec.color for name, spec in METHOD_SPECS.items()}
+
+
+def _known_labels() -> dict[str, str]:
+    return {name: spec.label for name, spec in METHOD_SPECS.items()}
+
+
 _EXTRA_COLORS = ["#9467bd", "#e377c2", "#17becf", "#bcbd22", "#8c564b", "#7f7f7f", "#aec7e8", "#98df8a"]
 
 _RC = {
@@ -75,7 +55,7 @@ def canonical_name(name: str) -> str:
 
 def method_label(name: str) -> str:
     """Human-readable label of a method (``online-ewc`` -> ``Online EWC``)."""
-    return _KNOWN_LABELS.get(canonical_name(name), name)
+    return _known_labels().get(canonical_name(name), name)
 
 
 def method_color(name: str, others: Sequence[str] = ()) -> str:
@@ -85,11 +65,12 @@ def method_color(name: str, others: Sequence[str] = ()) -> str:
     colours that stay the same in every figure of a report.
     """
     key = canonical_name(name)
-    if key in _KNOWN_COLORS:
-        return _KNOWN_COLORS[key]
-    used = {_KNOWN_COLORS[canonical_name(m)] for m in others if canonical_name(m) in _KNOWN_COLORS}
+    known = _known_colors()
+    if key in known:
+        return known[key]
+    used = {known[canonical_name(m)] for m in others if canonical_name(m) in known}
     free = [c for c in _EXTRA_COLORS if c not in used] or _EXTRA_COLORS
-    unknown = sorted({canonical_name(m) for m in others if canonical_name(m) not in _KNOWN_COLORS} | {key})
+    unknown = sorted({canonical_name(m) for m in others if canonical_name(m) not in known} | {key})
     return free[unknown.index(key) % len(free)]
 
 
