@@ -576,9 +576,9 @@ def test_sequence_from_name() -> None:
     ("kwargs", "match"),
     [
         ({"kind": "shuffled"}, "valid kinds: permuted, split, rotated"),
-        ({"n_tasks": 0}, "n_tasks must be an integer >= 1"),
-        ({"n_tasks": 2.0}, "n_tasks must be an integer"),
-        ({"n_tasks": True}, "n_tasks must be an integer"),
+        ({"n_tasks": 0}, "n_tasks must be a positive integer, got 0"),
+        ({"n_tasks": 2.0}, "n_tasks must be a positive integer, got 2.0"),
+        ({"n_tasks": True}, "n_tasks must be a positive integer, got True"),
         ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
         ({"val_fraction": -0.1}, r"val_fraction must be in \[0, 1\)"),
         ({"seed": -1}, "seed must be"),

@@ -26,9 +26,7 @@ from ewc.metrics import (
     backward_transfer,
     forgetting,
     forward_transfer,
-    intransigence,
     learning_curve_area,
-    mean_std,
     reduce_counts,
     summarize,
 )
@@ -51,7 +49,6 @@ R4 = [
     [0.50, 0.40, 0.95, 0.85],
 ]
 B4 = [0.10, 0.50, 0.10, 0.25]
-REF4 = [0.90, 0.80, 0.90, 0.95]
 
 CURVES = [
     [0.1, 0.5, 0.7],
@@ -120,23 +117,11 @@ def test_forgetting_4x4() -> None:
     assert close(forgetting(R4), 0.50 / 3)
 
 
-def test_intransigence_4x4() -> None:
-    # I_k = ref[k] - R[k][k] = [0.90-0.80, 0.80-0.60, 0.90-0.90, 0.95-0.85] = [0.1, 0.2, 0.0, 0.1]
-    assert close(intransigence(R4, REF4), 0.1)  # mean over k
-    assert close(intransigence(R4, REF4, task=1), 0.2)
-    assert close(intransigence(R4, REF4, task=-1), 0.95 - 0.85)  # the paper's I at the last task
-    with pytest.raises(ValueError, match="out of range"):
-        intransigence(R4, REF4, task=4)
-    with pytest.raises(ValueError, match="reference has 3 entries"):
-        intransigence(R4, REF4[:3])
-
-
 def test_numpy_and_list_inputs_agree() -> None:
     arr = np.array(R4)
     assert close(average_accuracy(arr), 0.675)
     assert close(backward_transfer(arr), -0.15)
     assert close(forward_transfer(arr, np.array(B4)), 0.35 / 3)
-    assert close(intransigence(arr, np.array(REF4)), 0.1)
     got32 = forgetting(arr.astype(np.float32))  # float32 input: float result, float32 rounding
     assert type(got32) is float and abs(got32 - 0.50 / 3) < 1e-6
 
@@ -160,7 +145,6 @@ def test_single_task() -> None:
     assert close(backward_transfer(R), 0.0)
     assert close(forgetting(R), 0.0)
     assert close(forward_transfer(R, [0.1]), 0.0)
-    assert close(intransigence(R, [0.9]), 0.9 - 0.7)
     s = summarize(R, b=[0.1], curves=[[0.2, 0.6]])
     assert s["final_accuracies"] == [0.7]
     assert close(s["lca"], (0.2 + 0.6) / 2)
@@ -292,7 +276,7 @@ def test_lca_validation(curves: object, beta: object, match: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# summarize, mean_std
+# summarize
 # ----------------------------------------------------------------------------------------------
 
 
@@ -319,17 +303,6 @@ def test_summarize_keys_and_values() -> None:
 def test_summarize_curve_count_must_match() -> None:
     with pytest.raises(ValueError, match="curves has 3 learning curves but R has T = 4"):
         summarize(R4, curves=CURVES)
-
-
-def test_mean_std() -> None:
-    # mean 0.7 ; sample variance ((-0.2)^2 + 0 + 0.2^2) / (3 - 1) = 0.04 ; std 0.2
-    m, s = mean_std([0.5, 0.7, 0.9])
-    assert close(m, 0.7) and abs(s - 0.2) < TOL
-    assert mean_std([0.3]) == (0.3, 0.0)
-    with pytest.raises(ValueError, match="non-empty"):
-        mean_std([])
-    with pytest.raises(ValueError, match="finite"):
-        mean_std([0.1, NAN])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ command line, the docs and the library refuse the same values with the same mess
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +36,8 @@ def _is_number(value: Any, kind: type) -> bool:
     if isinstance(value, bool):  # batch_size=True is a mistake, not 1
         return False
     if kind is int:
-        return isinstance(value, int)
-    return isinstance(value, int | float) and math.isfinite(value)
+        return isinstance(value, numbers.Integral)  # numpy integers too
+    return isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def _fmt(x: float) -> str:
@@ -147,6 +148,11 @@ def check(value: Any, constraint: Constraint, what: str) -> Any:
 def check_count(value: Any, what: str, *, allow_none: bool = False) -> int | None:
     """A positive int (or None when ``allow_none``), else a ValueError naming ``what``."""
     return check(value, Interval(int, 1, allow_none=allow_none), what)
+
+
+def check_int(value: Any, what: str, minimum: int) -> int:
+    """An integer >= ``minimum`` (numpy integers accepted) as a Python int, else a ValueError."""
+    return int(check(value, Interval(int, minimum), what))
 
 
 def check_counts(obj: Any, names: Iterable[str]) -> None:

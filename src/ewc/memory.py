@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc.checks import check_int
 from ewc.scenario import Scenario
 
 __all__ = ["FORMAT", "PER", "POLICIES", "Memory", "memory_loss"]
@@ -35,23 +36,17 @@ POLICIES = ("reservoir", "balanced")
 PER = ("task", "class")
 
 
-def _check_int(value: Any, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 class Memory:
     """At most ``capacity`` stored samples, chosen by ``policy`` (see the module docstring)."""
 
     def __init__(self, capacity: int, policy: str = "reservoir", per: str = "task", seed: int = 0):
-        self.capacity = _check_int(capacity, "capacity", 1)
+        self.capacity = check_int(capacity, "capacity", 1)
         if policy not in POLICIES:
             raise ValueError(f"unknown memory policy {policy!r}; expected one of {', '.join(POLICIES)}")
         if per not in PER:
             raise ValueError(f"unknown balancing {per!r}; expected one of {', '.join(PER)}")
         self.policy, self.per = policy, per
-        self.seed = _check_int(seed, "seed", 0)
+        self.seed = check_int(seed, "seed", 0)
         self.generator = torch.Generator().manual_seed(seed)
         self._keys: list[int] = []  # group keys (0 / task / class) in order of first appearance
         self._seen: list[int] = []  # samples offered to each group so far
@@ -214,7 +209,7 @@ class Memory:
         """``min(n, len(self))`` stored samples drawn uniformly without replacement, as (x, y, task).
 
         Draws from ``generator`` (a CPU generator), by default the memory's own."""
-        _check_int(n, "n", 1)
+        check_int(n, "n", 1)
         x, y, task = self.get()
         pick = torch.randperm(len(y), generator=generator or self.generator)[:n].to(y.device)
         return x[pick], y[pick], task[pick]

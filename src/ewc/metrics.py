@@ -9,8 +9,8 @@ Conventions (see ``docs/metrics.md`` for formulas, edge cases and references):
   be NaN when they were not measured; entries on and below the diagonal must be numbers.
 * ``b[j]`` is the accuracy on task ``j`` of the randomly initialised model (for FWT).
 
-Accuracies themselves should come from :func:`accuracy_from_counts`; under
-``torch.distributed`` the (correct, total) counts must first be summed over all ranks with
+Accuracies come from :func:`accuracy_from_counts` (``ewc.train.accuracy`` uses it); under
+``torch.distributed`` the (correct, total) counts are first summed over all ranks with
 :func:`reduce_counts`, *then* divided.
 """
 
@@ -30,9 +30,7 @@ __all__ = [
     "backward_transfer",
     "forgetting",
     "forward_transfer",
-    "intransigence",
     "learning_curve_area",
-    "mean_std",
     "reduce_counts",
     "summarize",
 ]
@@ -153,27 +151,6 @@ def forgetting(R: ArrayLike) -> float:
     return float(np.mean(f))
 
 
-def intransigence(R: ArrayLike, reference: Sequence[float] | np.ndarray, task: int | None = None) -> float:
-    """Intransigence (Chaudhry et al. 2018): I_k = reference[k] - R[k][k].
-
-    ``reference[k]`` is the accuracy on task ``k`` of a reference model trained jointly on tasks
-    ``0..k`` (``len(reference) == T``).  With ``task=k`` returns I_k (the paper reports
-    k = T-1); with ``task=None`` (default) returns the mean of I_k over all k.  Positive means
-    the incremental learner is worse at learning new tasks than the joint model.
-    """
-    arr = _validate_matrix(R)
-    T = arr.shape[0]
-    ref = _validate_vector(reference, T, "reference")
-    per_task = ref - np.diag(arr)
-    if task is None:
-        return float(per_task.mean())
-    if isinstance(task, bool) or not isinstance(task, int | np.integer):
-        raise ValueError(f"task must be an int or None, got {task!r}")
-    if not -T <= task < T:
-        raise ValueError(f"task = {task} is out of range for T = {T} tasks")
-    return float(per_task[task])
-
-
 # ----------------------------------------------------------------------------------------------
 # Learning curve area
 # ----------------------------------------------------------------------------------------------
@@ -240,17 +217,6 @@ def summarize(
         "lca": None if curves is None else learning_curve_area(curves),
         "final_accuracies": [float(v) for v in arr[-1]],
     }
-
-
-def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1) of per-seed values; std is 0.0 for one value."""
-    arr = _as_float_array(values, "values")
-    if arr.ndim != 1 or arr.shape[0] == 0:
-        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError("values must be finite")
-    std = float(arr.std(ddof=1)) if arr.shape[0] > 1 else 0.0
-    return float(arr.mean()), std
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from ewc.config import param, validate
 from ewc.data import Task
 from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
-from ewc.metrics import summarize
+from ewc.metrics import accuracy_from_counts, reduce_counts, summarize
 from ewc.models import MODELS, build_model
+from ewc.runtime import setup_runtime
 from ewc.scenario import SCENARIOS, Scenario
 
 OPTIMIZERS = ("sgd", "adam")
@@ -102,17 +103,6 @@ def method_params(name: str, config: TrainConfig) -> dict[str, Any]:
     return {**params, **config.params.get(name, {})}
 
 
-def setup_runtime(config: TrainConfig) -> torch.device:
-    """The one place that decides threads, seeds and device for a run."""
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    torch.manual_seed(config.seed)
-    return device
-
-
 @torch.no_grad()
 def accuracy(
     model: nn.Module,
@@ -139,7 +129,8 @@ def accuracy(
             out, target = scenario.view(out, target, task, seen)
         correct += int((out.argmax(-1) == target).sum())
     model.train(was)
-    return correct / max(1, len(x))
+    correct, total = reduce_counts(correct, len(x))  # summed over ranks under torch.distributed
+    return accuracy_from_counts(correct, total) if total else 0.0
 
 
 def accuracies(
@@ -203,7 +194,7 @@ def run_method(
         raise ValueError("no tasks to train on")
     if not isinstance(scenario, Scenario):
         scenario = Scenario.for_tasks(scenario or config.scenario, [t.classes for t in tasks])
-    device = setup_runtime(config)
+    device = setup_runtime(config.seed, config.threads, config.device)
     if isinstance(method, str):
         method = make_method(method, **method_params(method, config))
     input_shape = tuple(tasks[0].x_train.shape[1:])

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ewc.checks import check_int
 from ewc.data.datasets import Dataset, load_dataset, stratified_split
 
 __all__ = [
@@ -87,11 +88,11 @@ def patch_permutation(height: int, width: int, size: int, rng: np.random.Generat
     tasks of graded similarity this way: a small square gives similar tasks, a large one
     dissimilar tasks. ``rng`` is a numpy Generator or a seed.
     """
-    height, width = _check_int("height", height, 1), _check_int("width", width, 1)
-    size = _check_int("size", size, 1)
+    height, width = check_int(height, "height", 1), check_int(width, "width", 1)
+    size = check_int(size, "size", 1)
     if size > min(height, width):
         raise ValueError(f"patch size {size} does not fit in a {height}x{width} image")
-    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(_check_int("seed", rng, 0))
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(check_int(rng, "seed", 0))
     top, left = (height - size) // 2, (width - size) // 2
     grid = np.arange(height * width).reshape(height, width)
     inside = grid[top : top + size, left : left + size].ravel()
@@ -127,12 +128,6 @@ def rotate_images(x: torch.Tensor, angle: float) -> torch.Tensor:
     flat = x.reshape(1, n * c, h, w)
     out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.reshape(n, c, h, w).clamp_(0.0, 1.0)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _subsample(idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -176,13 +171,13 @@ def make_sequence(
     """
     if kind not in SEQUENCES:
         raise ValueError(f"unknown sequence kind {kind!r}; valid kinds: {', '.join(SEQUENCES)}")
-    n_tasks = _check_int("n_tasks", n_tasks, 1)
-    seed = _check_int("seed", seed, 0)
-    classes_per_task = _check_int("classes_per_task", classes_per_task, 1)
+    n_tasks = check_int(n_tasks, "n_tasks", 1)
+    seed = check_int(seed, "seed", 0)
+    classes_per_task = check_int(classes_per_task, "classes_per_task", 1)
     if max_train_per_task is not None:
-        max_train_per_task = _check_int("max_train_per_task", max_train_per_task, 1)
+        max_train_per_task = check_int(max_train_per_task, "max_train_per_task", 1)
     if max_eval_per_task is not None:
-        max_eval_per_task = _check_int("max_eval_per_task", max_eval_per_task, 1)
+        max_eval_per_task = check_int(max_eval_per_task, "max_eval_per_task", 1)
     if not isinstance(val_fraction, int | float) or not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if angles is not None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import ewc
+from ewc import runtime
 from ewc.config import command_line, config_dict, param
 from ewc.report import figure_style, md_table, new_figure, save_figure
 from ewc.state import atomic_write_bytes
@@ -56,12 +57,9 @@ def check_out_dir(out: str | os.PathLike) -> Path:
 
 
 def setup_runtime(seed: int, threads: int | None) -> torch.Generator:
-    """Fix torch threads and seeds for a run; return a seeded CPU generator for the data."""
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    """Threads and seeds for an experiment (:func:`ewc.runtime.setup_runtime`); return a seeded
+    CPU generator for its data."""
+    runtime.setup_runtime(seed, threads)
     return torch.Generator().manual_seed(seed)
 
 

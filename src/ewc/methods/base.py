@@ -19,7 +19,6 @@ the point. Methods that need the model on other data (replay, LwF, GEM) call ``s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc.checks import NON_NEGATIVE, POSITIVE, check
 from ewc.data import Task
 from ewc.methods.registry import MethodSpec, register
 from ewc.scenario import Scenario
@@ -34,10 +34,7 @@ from ewc.scenario import Scenario
 
 def check_number(value: Any, what: str, *, positive: bool = False) -> float:
     """A finite float >= 0 (> 0 if ``positive``), else a ValueError naming ``what``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise ValueError(f"{what} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
+    return float(check(value, POSITIVE if positive else NON_NEGATIVE, what))
 
 
 def check_state_keys(state: Any, expected: set[str], who: str) -> None:
