@@ -28,7 +28,8 @@ import torch
 from ewc.data import load_dataset, make_sequence
 from ewc.experiments.stream import Config, run
 from ewc.state import atomic_write_bytes
-from ewc.taskid import TaskCapWarning, TaskDetector, assignment_metrics, make_stream
+from ewc.taskid import TaskCapWarning, TaskDetector
+from ewc.taskid_eval import assignment_metrics, make_stream
 
 SCHEDULE = [0, 1, 2, 0, 3, 1, 4, 2, 0]
 KINDS = ("permuted", "split")

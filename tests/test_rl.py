@@ -24,7 +24,8 @@ from ewc.rl.agent import (  # noqa: E402
 from ewc.rl.env import GAMES, Game, max_channels, random_policy_score  # noqa: E402
 from ewc.rl.qnet import QNetwork  # noqa: E402
 from ewc.rl.replay import ReplayBuffer, TaskReplay, pack_bits, unpack_bits  # noqa: E402
-from ewc.taskid import TaskDetector, assignment_metrics  # noqa: E402
+from ewc.taskid import TaskDetector  # noqa: E402
+from ewc.taskid_eval import assignment_metrics  # noqa: E402
 
 torch.set_num_threads(1)
 

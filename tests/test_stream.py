@@ -11,7 +11,8 @@ from torch import nn
 from ewc.data import load_dataset, make_sequence
 from ewc.methods import Method, make_method
 from ewc.stream import StreamLearner
-from ewc.taskid import TaskDetector, make_stream
+from ewc.taskid import TaskDetector
+from ewc.taskid_eval import make_stream
 
 torch.set_num_threads(1)
 

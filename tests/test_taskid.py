@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ewc.data import load_dataset, make_sequence
-from ewc.taskid import TaskCapWarning, TaskDetector, assignment_metrics, best_matching, make_stream
+from ewc.taskid import TaskCapWarning, TaskDetector
+from ewc.taskid_eval import assignment_metrics, best_matching, make_stream
 
 torch.set_num_threads(1)
 

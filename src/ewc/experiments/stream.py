@@ -2,13 +2,13 @@
 
 The tasks of a sequence (permuted or split) are replayed as a stream of mini-batches following a
 ``schedule`` of task indices (returns allowed); each segment lasts a random number of batches in
-``[min_len, max_len]`` (:func:`ewc.taskid.make_stream`). Nobody tells the learner where a segment
+``[min_len, max_len]`` (:func:`ewc.taskid_eval.make_stream`). Nobody tells the learner where a segment
 ends: :class:`ewc.stream.StreamLearner` asks its :class:`ewc.taskid.TaskDetector` for every
 batch's task id and consolidates (EWC: Fisher and anchor) when the inferred id changes.
 
 Per batch we record the true id, the inferred id and the prequential accuracy (test-then-train:
 the batch is predicted *before* ``partial_fit`` learns from it). At the end: the assignment metrics
-(:func:`ewc.taskid.assignment_metrics`) and the accuracy on every task's test set. With
+(:func:`ewc.taskid_eval.assignment_metrics`) and the accuracy on every task's test set. With
 ``baseline="sgd"`` the same stream is also learned by plain SGD (no consolidation) for comparison.
 
 Not an ``ewc experiment``: it is its own subcommand, ``ewc stream``, with the same outputs
@@ -44,7 +44,8 @@ from ewc.experiments.common import (
 from ewc.methods import METHOD_SPECS
 from ewc.models import make_mlp
 from ewc.stream import StreamLearner
-from ewc.taskid import TaskDetector, assignment_metrics, make_stream
+from ewc.taskid import TaskDetector
+from ewc.taskid_eval import assignment_metrics, make_stream
 
 __all__ = ["CLAIM", "TITLE", "Config", "command", "parse_schedule", "run"]
 

@@ -2,8 +2,10 @@
 
 ``env`` (padded MinAtar games, full action set), ``qnet`` (Q-network with per-task gains and
 biases), ``replay`` (per-task circular buffers), ``agent`` (``DQNConfig``, ``Agent``,
-``train_sequence``). Needs the optional ``minatar`` package (``pip install 'ewc[rl]'``, or
-``pip install --no-deps minatar`` without its GUI dependencies). See docs/rl.md.
+``train_sequence``), ``protocol`` (schedule, normalised scores, forgetting, reference cache of
+``ewc rl``), ``perturb`` (the Fisher perturbation test). Needs the optional ``minatar`` package
+(``pip install 'ewc[rl]'``, or ``pip install --no-deps minatar`` without its GUI dependencies).
+See docs/rl.md.
 """
 
 from ewc.rl.agent import Agent, DQNConfig, policy_fisher, td_targets, train_sequence

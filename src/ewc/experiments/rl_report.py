@@ -1,0 +1,274 @@
+"""The report of ``ewc rl``: figures, findings and tables from its results (:mod:`ewc.experiments.rl`).
+
+Reads only the results dictionary that :func:`ewc.experiments.rl.run` builds, so a finished run's
+``results.json`` can be rendered again without training anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ewc.experiments.common import figure_style, md_table, new_figure
+from ewc.report import method_color
+from ewc.rl.perturb import PERTURB_KINDS
+
+__all__ = ["figure_per_game", "figure_perturb", "figure_total", "findings", "tables"]
+
+_KIND_LABELS = {"isotropic": "isotropic", "fisher": "inverse Fisher, 1/√(F+ε)"}
+_KIND_COLORS = {"isotropic": "#1f77b4", "fisher": "#d62728"}
+_METHOD_COLORS = {"dqn": "#1f77b4", "ewc": method_color("ewc"), "ewc-true-labels": "#2ca02c"}
+_METHOD_LABELS = {"dqn": "DQN (λ = 0)", "ewc": "EWC, inferred labels", "ewc-true-labels": "EWC, true labels"}
+_GAME_SHADES = ("#e8e8e8", "#fbe6c9", "#d9ecf7", "#e3f2dc", "#f2def0")
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+def _shade_visits(ax: Any, schedule: Sequence[str], spv: int, legend: bool) -> None:
+    games = list(dict.fromkeys(schedule))
+    shown: set[str] = set()
+    for v, g in enumerate(schedule):
+        label = f"training {g}" if legend and g not in shown else None
+        shown.add(g)
+        ax.axvspan(
+            v * spv,
+            (v + 1) * spv,
+            color=_GAME_SHADES[games.index(g) % len(_GAME_SHADES)],
+            lw=0,
+            zorder=0,
+            label=label,
+        )
+
+
+def _curve(
+    runs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None]
+) -> tuple[np.ndarray, ...]:
+    """(env steps, mean, min, max) over the runs, at the env steps every run evaluated."""
+    per_run = []
+    for r in runs:
+        by_step = {e["env_step"]: value(e) for e in r["record"]["evaluations"]}  # later duplicate wins
+        per_run.append(by_step)
+    steps = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
+    ys = np.array([[np.nan if d[s] is None else d[s] for s in steps] for d in per_run], dtype=float)
+    if not steps:
+        return np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0)
+    return np.array(steps), ys.mean(0), ys.min(0), ys.max(0)
+
+
+def figure_total(results: dict[str, Any]) -> Any:
+    schedule, spv = results["schedule"], results["steps_per_visit"]
+    n = len(results["normalised_games"])
+    with figure_style():
+        fig = new_figure((9, 4.5))
+        ax = fig.subplots()
+        _shade_visits(ax, schedule, spv, legend=True)
+        for method, runs in results["runs"].items():
+            x, mean, lo, hi = _curve(runs, lambda e: e["total"])
+            color = _METHOD_COLORS[method]
+            ax.plot(x, mean, color=color, lw=1.8, marker="o", ms=3, label=_METHOD_LABELS[method])
+            if len(runs) > 1:
+                ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+        ax.axhline(n, color="black", lw=0.8, ls="--")
+        ax.set_xlim(0, len(schedule) * spv)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(f"total normalised score (max {n})")
+        seeds = len(next(iter(results["runs"].values()))) if results["runs"] else 0
+        ax.set_title(f"Total normalised score over {n} game(s): mean and min–max over {seeds} seed(s)")
+        fig.legend(loc="outside lower center", fontsize=8, ncol=5)
+    return fig
+
+
+def figure_per_game(results: dict[str, Any]) -> Any:
+    schedule, spv = results["schedule"], results["steps_per_visit"]
+    games = results["games"]
+    with figure_style():
+        fig = new_figure((5 * len(games), 4))
+        axes = np.atleast_1d(fig.subplots(1, len(games), squeeze=False)[0])
+        for ax, game in zip(axes, games, strict=True):
+            _shade_visits(ax, schedule, spv, legend=False)
+            for method, runs in results["runs"].items():
+                x, mean, lo, hi = _curve(runs, lambda e, g=game: e["scores"][g])
+                color = _METHOD_COLORS[method]
+                ax.plot(x, mean, color=color, lw=1.6, marker="o", ms=3, label=_METHOD_LABELS[method])
+                if len(runs) > 1:
+                    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+            norm = results["normalisation"][game]
+            ax.axhline(norm["random"], color="grey", ls="--", lw=1, label="random")
+            ax.axhline(norm["reference"], color="black", ls="--", lw=1, label="single-task reference")
+            ax.set_xlim(0, len(schedule) * spv)
+            ax.set_title(game)
+            ax.set_xlabel("env steps")
+            ax.set_ylabel("mean return")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncol=5)
+    return fig
+
+
+def figure_perturb(p: dict[str, Any], norm: dict[str, Any]) -> Any:
+    with figure_style():
+        fig = new_figure((6, 4))
+        ax = fig.subplots()
+        for kind in PERTURB_KINDS:
+            ax.plot(
+                p["norms"], p["scores"][kind], marker="o", color=_KIND_COLORS[kind], label=_KIND_LABELS[kind]
+            )
+        ax.axhline(p["unperturbed"], color="black", lw=1, ls=":", label="unperturbed")
+        ax.axhline(norm["random"], color="grey", lw=1, ls="--", label="random policy")
+        ax.set_xscale("log")
+        ax.set_xlabel("‖z‖ (L2 norm of the perturbation of the shared parameters)")
+        ax.set_ylabel(f"mean return ({p['episodes']} episodes × {p['draws']} draws)")
+        ax.set_title(f"Perturbing the {p['method']} agent (seed {p['seed']}) on {p['game']}")
+        ax.legend(fontsize=8)
+    return fig
+
+
+# ------------------------------------------------------------------------ findings, tables
+
+
+def _pm(s: dict[str, Any], digits: int = 3) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    std = "n/a" if s["std"] is None else f"{s['std']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {std}"
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    out = [
+        f"Schedule ({len(results['schedule'])} visits of {results['steps_per_visit']} env steps): "
+        + " → ".join(results["schedule"])
+        + "."
+    ]
+    excluded = results["excluded_games"]
+    for g in excluded:
+        n = results["normalisation"][g]
+        out.append(
+            f"{g} cannot be normalised: its reference score {n['reference']:.3f} is not above the random "
+            f"score {n['random']:.3f}; it is left out of the total."
+        )
+    n_games = len(results["normalised_games"])
+    summary = results["summary"]
+    for method, s in summary.items():
+        t = s["final_total"]
+        if t["mean"] is None:
+            continue
+        out.append(
+            f"{method}: final total normalised score {_pm(t)} (mean ± std over {t['n']} seed(s); min "
+            f"{t['min']:.3f}, max {t['max']:.3f}; maximum possible {n_games})."
+        )
+    if "dqn" in summary and summary["dqn"]["final_total"]["mean"] is not None:
+        base = summary["dqn"]["final_total"]
+        for method in ("ewc", "ewc-true-labels"):
+            if method not in summary or summary[method]["final_total"]["mean"] is None:
+                continue
+            t = summary[method]["final_total"]
+            diff = f"{method} − dqn, final total: {t['mean'] - base['mean']:+.3f} (difference of means"
+            if t["n"] < 2 or base["n"] < 2:
+                out.append(f"{diff}; a single seed on one side, so no spread to compare it with).")
+            else:
+                overlap = t["min"] <= base["max"] and base["min"] <= t["max"]
+                base_by_seed = {r["seed"]: r["final_total"] for r in results["runs"]["dqn"]}
+                pairs = [
+                    (r["final_total"], base_by_seed[r["seed"]])
+                    for r in results["runs"][method]
+                    if r["seed"] in base_by_seed
+                ]
+                above = sum(a > b for a, b in pairs)
+                out.append(
+                    f"{diff} over {t['n']} and {base['n']} seeds); the seeds' min–max ranges "
+                    + ("overlap" if overlap else "do not overlap")
+                    + f"; {method} ends above the same-seed dqn run in {above} of {len(pairs)} seeds."
+                )
+    for method, s in summary.items():
+        parts = []
+        for g in results["normalised_games"]:
+            pg = s["per_game"][g]
+            parts.append(f"{g} {_pm(pg['final'])} (forgetting {_pm(pg['forgetting'])})")
+        if parts:
+            out.append(f"{method}, final normalised score per game: " + "; ".join(parts) + ".")
+    det = [r["record"].get("detector") for r in results["runs"].get("ewc", [])]
+    if det and all(d is not None for d in det):
+        found = ", ".join(str(d["num_tasks"]) for d in det)
+        out.append(
+            f"ewc's task detector ended with {found} task(s) per seed for {len(results['games'])} games."
+        )
+    if results.get("perturb_skipped"):
+        out.append(f"Perturbation test skipped: {results['perturb_skipped']}.")
+    p = results.get("perturb")
+    if p:
+        pairs = ", ".join(
+            f"{r:g}: {a:.2f} vs {b:.2f}"
+            for r, a, b in zip(p["norms"], p["scores"]["isotropic"], p["scores"]["fisher"], strict=True)
+        )
+        out.append(
+            f"Perturbation test ({p['method']}, seed {p['seed']}, {p['game']}, unperturbed "
+            f"{p['unperturbed']:.2f}): "
+            f"mean return at ‖z‖ = {pairs} (isotropic vs inverse-Fisher noise)."
+        )
+    return out
+
+
+def tables(results: dict[str, Any]) -> list[str]:
+    games = results["games"]
+    norm = results["normalisation"]
+    t1 = md_table(
+        ["game", "visits", "budget (env steps)", "random", "reference", "reference from"],
+        [
+            [
+                g,
+                str(results["schedule"].count(g)),
+                str(results["budgets"][g]),
+                f"{norm[g]['random']:.3f}",
+                f"{norm[g]['reference']:.3f}",
+                norm[g]["reference_source"],
+            ]
+            for g in games
+        ],
+        align=["---", "---:", "---:", "---:", "---:", "---"],
+    )
+    rows = []
+    for method, s in results["summary"].items():
+        t = s["final_total"]
+        rows.append(
+            [
+                method,
+                _pm(t),
+                "n/a" if t["min"] is None else f"{t['min']:.3f} / {t['max']:.3f}",
+                *[_pm(s["per_game"][g]["final"]) for g in results["normalised_games"]],
+                f"{s['env_steps_per_s']['mean']:.0f}",
+                f"{s['updates_per_s']['mean']:.0f}",
+            ]
+        )
+    t2 = md_table(
+        [
+            "method",
+            "final total (mean ± std)",
+            "min / max",
+            *[f"{g} final" for g in results["normalised_games"]],
+            "env steps/s",
+            "updates/s",
+        ],
+        rows,
+    )
+    out = [t1, t2]
+    p = results.get("perturb")
+    if p:
+        out.append(
+            md_table(
+                ["‖z‖", "isotropic", "inverse Fisher", "Σ F z² isotropic", "Σ F z² inverse Fisher"],
+                [
+                    [f"{r:g}", f"{a:.2f}", f"{b:.2f}", f"{qa:.3g}", f"{qb:.3g}"]
+                    for r, a, b, qa, qb in zip(
+                        p["norms"],
+                        p["scores"]["isotropic"],
+                        p["scores"]["fisher"],
+                        p["fisher_quadratic"]["isotropic"],
+                        p["fisher_quadratic"]["fisher"],
+                        strict=True,
+                    )
+                ],
+            )
+        )
+    return out

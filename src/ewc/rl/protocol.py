@@ -1,0 +1,283 @@
+"""The continual-RL protocol of ``ewc rl``: schedule, normalised scores, forgetting, reference cache.
+
+Schedule: seeded; the first ``len(games)`` visits are a random permutation of the games, every
+later visit a random game other than the previous one. Scores are normalised per game:
+``min(1, (score - random) / (reference - random))`` where ``random`` is the uniform policy's mean
+return and ``reference`` the final score of a single-task agent trained on that game for the
+game's budget (steps per visit × its visits in the schedule), cached under the user cache by a
+hash of everything that determines it. Kept apart from the experiment so that other runs of
+:func:`ewc.rl.agent.train_sequence` can be scored the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ewc.rl.agent import DQNConfig
+
+__all__ = [
+    "MIN_RANGE",
+    "RANDOM_EPISODES",
+    "REFERENCE_FORMAT",
+    "budgets",
+    "forgetting",
+    "make_schedule",
+    "normalisation_table",
+    "normalise",
+    "read_cached_reference",
+    "read_reference_file",
+    "reference_cache_path",
+    "reference_key",
+    "score_run",
+    "stats",
+    "summarise",
+    "total_score",
+    "trim_record",
+    "write_cached_reference",
+]
+
+RANDOM_EPISODES = 100  # episodes of the uniform policy per game (seed 0) for the "random" score
+MIN_RANGE = 1e-6  # reference - random at or below this: the game cannot be normalised
+REFERENCE_FORMAT = "ewc.rl-reference/1"
+
+
+def make_schedule(games: Sequence[str], visits: int, seed: int) -> list[str]:
+    """A seeded game order: a random permutation of ``games``, then random games each different
+    from the previous one, ``visits`` in all (ValueError if a game would never be visited)."""
+    games = list(games)
+    if not games:
+        raise ValueError("no games to schedule")
+    if visits < len(games):
+        raise ValueError(f"{visits} visits cannot cover {len(games)} games")
+    if len(games) == 1 and visits > 1:
+        raise ValueError("one game cannot be visited twice in a row")
+    rng = np.random.default_rng(seed)
+    schedule = [games[i] for i in rng.permutation(len(games))]
+    while len(schedule) < visits:
+        others = [g for g in games if g != schedule[-1]]
+        schedule.append(others[int(rng.integers(len(others)))])
+    return schedule
+
+
+def budgets(schedule: Sequence[str], steps_per_visit: int) -> dict[str, int]:
+    """Per game: env steps it is trained for in the schedule (the reference's budget)."""
+    return {g: steps_per_visit * list(schedule).count(g) for g in dict.fromkeys(schedule)}
+
+
+def normalise(score: float, random: float, reference: float) -> float | None:
+    """min(1, (score − random) / (reference − random)); None when reference − random <= 1e-6."""
+    span = reference - random
+    if not span > MIN_RANGE:
+        return None
+    return min(1.0, (score - random) / span)
+
+
+def total_score(scores: dict[str, float], norm: dict[str, dict[str, Any]]) -> float:
+    """Sum of the normalised scores over the games that can be normalised."""
+    total = 0.0
+    for game, s in scores.items():
+        v = normalise(s, norm[game]["random"], norm[game]["reference"])
+        if v is not None:
+            total += v
+    return total
+
+
+def forgetting(
+    evaluations: Sequence[dict[str, Any]], game: str, last_visit_end: int
+) -> tuple[float, float, float] | None:
+    """(best normalised score of ``game`` up to the end of its last visit, final one, best − final)
+    from evaluations carrying ``normalised`` scores; None if the game is not normalised."""
+    before = [e["normalised"][game] for e in evaluations if e["env_step"] <= last_visit_end]
+    final = evaluations[-1]["normalised"][game] if evaluations else None
+    before = [v for v in before if v is not None]
+    if final is None or not before:
+        return None
+    best = max(before)
+    return best, final, best - final
+
+
+# ------------------------------------------------------------------------------ references
+
+
+def reference_key(game: str, budget: int, dqn: DQNConfig, eval_episodes: int, eval_epsilon: float) -> str:
+    """sha256 of the canonical JSON of what determines a reference score."""
+    spec = {
+        "format": REFERENCE_FORMAT,
+        "game": game,
+        "budget": budget,
+        "dqn": asdict(dqn),
+        "eval_episodes": eval_episodes,
+        "eval_epsilon": eval_epsilon,
+    }
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def reference_cache_path(key: str) -> Path:
+    """Where the reference score with cache key ``key`` is kept (under the user cache)."""
+    from ewc.data.sources import cache_dir
+
+    return cache_dir() / "rl-reference" / f"{key}.json"
+
+
+def read_cached_reference(path: Path) -> float:
+    """The score in a cache file (ValueError, KeyError or TypeError when it is unreadable)."""
+    return float(json.loads(path.read_text())["score"])
+
+
+def write_cached_reference(
+    key: str, game: str, budget: int, score: float, dqn: DQNConfig, eval_episodes: int, eval_epsilon: float
+) -> Path:
+    """Cache a computed reference score (atomically) under ``key``; returns the file."""
+    from ewc.state import atomic_write_bytes
+
+    path = reference_cache_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {
+        "format": REFERENCE_FORMAT,
+        "game": game,
+        "budget": budget,
+        "score": score,
+        "dqn": asdict(dqn),
+        "eval_episodes": eval_episodes,
+        "eval_epsilon": eval_epsilon,
+    }
+    atomic_write_bytes(path, json.dumps(entry, indent=1).encode("utf-8"))
+    return path
+
+
+def read_reference_file(path: str | os.PathLike, games: Sequence[str]) -> dict[str, float]:
+    """``{game: score}`` from a JSON file; every game must be there with a finite number."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--reference {str(p)!r}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--reference {str(p)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f'--reference {str(p)!r} must hold a JSON object {{"game": score, ...}}')
+    missing = [g for g in games if g not in data]
+    if missing:
+        raise ValueError(f"--reference {str(p)!r} has no score for {', '.join(missing)}")
+    out = {}
+    for g in games:
+        v = data[g]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(f"--reference {str(p)!r}: the score of {g} must be a finite number, got {v!r}")
+        out[g] = float(v)
+    return out
+
+
+# ---------------------------------------------------------------------------- scoring runs
+
+
+def normalisation_table(
+    games: Sequence[str], references: dict[str, float], sources: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Per game: the random policy's score (RANDOM_EPISODES episodes, seed 0), the reference, where
+    the reference came from, and whether the game can be normalised."""
+    from ewc.rl.env import random_policy_score
+
+    table = {}
+    for g in games:
+        rnd = random_policy_score(g, RANDOM_EPISODES, 0)
+        table[g] = {
+            "random": rnd,
+            "reference": references[g],
+            "reference_source": sources[g],
+            "normalisable": references[g] - rnd > MIN_RANGE,
+        }
+    return table
+
+
+def _binned(values: Sequence[float], bins: int = 20) -> list[float]:
+    """Means of up to ``bins`` consecutive chunks (a compact learning curve)."""
+    if not values:
+        return []
+    return [
+        float(np.mean(c)) for c in np.array_split(np.asarray(values, dtype=float), min(bins, len(values)))
+    ]
+
+
+def trim_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The train_sequence record without the per-episode lists (kept as ≤ 20 binned means per visit)."""
+    out = {k: v for k, v in record.items() if k != "episode_returns"}
+    out["episode_returns_binned"] = [_binned(r) for r in record.get("episode_returns", [])]
+    return out
+
+
+def score_run(
+    record: dict[str, Any],
+    seed: int,
+    schedule: Sequence[str],
+    steps_per_visit: int,
+    normalisation: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """One run of the schedule, scored: its trimmed record with normalised scores and totals added to
+    every evaluation, the final total and scores, and each game's forgetting."""
+    games = list(dict.fromkeys(schedule))
+    last_end = {g: (max(i for i, x in enumerate(schedule) if x == g) + 1) * steps_per_visit for g in games}
+    rec = trim_record(record)
+    for e in rec["evaluations"]:
+        e["normalised"] = {
+            g: normalise(e["scores"][g], normalisation[g]["random"], normalisation[g]["reference"])
+            for g in games
+        }
+        e["total"] = total_score(e["scores"], normalisation)
+    final = rec["evaluations"][-1]
+    fg = {g: forgetting(rec["evaluations"], g, last_end[g]) for g in games}
+    return {
+        "seed": seed,
+        "record": rec,
+        "final_total": final["total"],
+        "final_normalised": final["normalised"],
+        "final_scores": final["scores"],
+        "best_before_last_visit_end": {g: None if v is None else v[0] for g, v in fg.items()},
+        "forgetting": {g: None if v is None else v[2] for g, v in fg.items()},
+        "env_steps_per_s": rec.get("env_steps_per_s"),
+        "updates_per_s": rec.get("updates_per_s"),
+    }
+
+
+def stats(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample std (None for one value), min, max and count of the values that are not None."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": float(np.mean(v)),
+        "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+        "min": float(min(v)),
+        "max": float(max(v)),
+        "n": len(v),
+    }
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], games: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per method: statistics over its seeds' scored runs (:func:`score_run`)."""
+    return {
+        m: {
+            "final_total": stats([r["final_total"] for r in rs]),
+            "per_game": {
+                g: {
+                    "final": stats([r["final_normalised"][g] for r in rs]),
+                    "final_raw": stats([r["final_scores"][g] for r in rs]),
+                    "forgetting": stats([r["forgetting"][g] for r in rs]),
+                }
+                for g in games
+            },
+            "env_steps_per_s": stats([r["env_steps_per_s"] for r in rs]),
+            "updates_per_s": stats([r["updates_per_s"] for r in rs]),
+        }
+        for m, rs in runs.items()
+    }
