@@ -1,4 +1,5 @@
-"""Standard layers must get their fast per-layer rule, anything else the torch.func fallback."""
+"""Standard layers must get their fast per-layer rule, registered layers their user rule, anything else
+the torch.func fallback."""
 
 import pytest
 import torch
@@ -10,6 +11,15 @@ from ewc import fisher_rules as R
 class MyLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # overridden: the Linear rule may not apply
         return super().forward(x) * 2
+
+
+class PlainConv(nn.Conv2d):  # keeps forward and _conv_forward: the conv rule applies
+    pass
+
+
+class OwnConvForward(nn.Conv2d):  # overrides a method the conv rule follows
+    def _conv_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(x, w, b)
 
 
 @pytest.mark.parametrize(
@@ -30,11 +40,123 @@ class MyLinear(nn.Linear):
         (nn.Embedding(5, 3, max_norm=1.0), R.FuncRule),
         (nn.Bilinear(2, 3, 4), R.FuncRule),
         (nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), R.FuncRule),
+        (PlainConv(2, 4, 3), R.ConvRule),
+        (OwnConvForward(2, 4, 3), R.FuncRule),
+        (nn.SyncBatchNorm(4), R.FuncRule),  # overrides _BatchNorm.forward
+        (nn.Embedding(5, 3, scale_grad_by_freq=True), R.FuncRule),
+        (nn.InstanceNorm2d(3, affine=True), R.FuncRule),
     ],
 )
 def test_rule_choice(module: nn.Module, rule: type) -> None:
     names = [n for n, _ in module.named_parameters(recurse=False)]
     assert type(R.rule_for(module, names)) is rule
+
+
+class Scale(nn.Module):
+    """A user's layer: y = x * weight + bias, one weight and bias per feature (the last axis)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+        self.bias = nn.Parameter(torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + self.bias
+
+
+class ScaleRule(R.Rule):
+    """Per-sample gradients of Scale: Σ over positions of g·x (weight) and of g (bias)."""
+
+    def per_sample(self, module: nn.Module, call: R.Call, n: slice | None = None) -> dict[str, torch.Tensor]:
+        x, g = call.args[0], call.grads[0]  # x [N, ..., d]; g [K, N, ..., d]
+        if n is not None:
+            x, g = x[n], g[:, n]
+        k, nb, d = g.shape[0], g.shape[1], g.shape[-1]
+        return {
+            "weight": (g * x).reshape(k, nb, -1, d).sum(2),
+            "bias": g.reshape(k, nb, -1, d).sum(2),
+        }
+
+
+class WithScale(nn.Module):
+    """Linear → Scale → tanh → Linear, Scale called ``calls`` times (twice: shared contributions)."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.a, self.s, self.b, self.calls = nn.Linear(5, 6), Scale(6), nn.Linear(6, 3), calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        for _ in range(self.calls):
+            h = torch.tanh(self.s(h))
+        return self.b(h)
+
+
+@pytest.fixture
+def own_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registrations go into a copy of the rule table, dropped after the test."""
+    monkeypatch.setattr(R, "RULES", dict(R.RULES))
+
+
+@pytest.mark.parametrize("calls", [1, 2], ids=["once", "twice"])
+@pytest.mark.parametrize("mode", ["exact", "sample", "empirical"])
+def test_registered_rule_matches_reference(
+    own_table: None, mode: str, calls: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's rule, registered for a user's layer, is used and gives the per-sample Fisher."""
+    from conftest import assert_fisher_close, reference_fisher, split_batches
+
+    from ewc import diagonal_fisher
+
+    R.register_rule(Scale, ScaleRule)
+    assert type(R.rule_for(Scale(2), ["weight", "bias"])) is ScaleRule
+    used = []
+    original = ScaleRule.per_sample
+    monkeypatch.setattr(ScaleRule, "per_sample", lambda self, *a: used.append(1) or original(self, *a))
+    torch.manual_seed(8)
+    model = WithScale(calls).double()
+    x, y = torch.randn(11, 5, dtype=torch.float64), torch.randint(0, 3, (11,))
+    batches = split_batches(x, y, 4)
+    gen = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    got = diagonal_fisher(model, batches, mode, generator=gen())
+    assert used
+    assert_fisher_close(got, reference_fisher(model, batches, mode, generator=gen()), model)
+
+
+def test_registered_rule_follows_forward(own_table: None) -> None:
+    """Subclasses of a registered type get its rule unless they override its forward."""
+
+    class Kept(Scale):
+        pass
+
+    class Overridden(Scale):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) ** 2
+
+    R.register_rule(Scale, ScaleRule)
+    names = ["weight", "bias"]
+    assert type(R.rule_for(Kept(2), names)) is ScaleRule
+    assert type(R.rule_for(Overridden(2), names)) is R.FuncRule
+
+
+def test_register_rule_errors(own_table: None) -> None:
+    with pytest.raises(ValueError, match="Linear already has a rule"):
+        R.register_rule(nn.Linear, ScaleRule)
+    R.register_rule(Scale, ScaleRule)
+    with pytest.raises(ValueError, match="Scale already has a rule"):
+        R.register_rule(Scale, ScaleRule)
+    with pytest.raises(TypeError, match="subclass of nn.Module"):
+        R.register_rule(int, ScaleRule)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="subclass of nn.Module"):
+        R.register_rule(Scale(2), ScaleRule)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="subclass of ewc.fisher_rules.Rule"):
+        R.register_rule(MyLinear, lambda names: ScaleRule(names))  # type: ignore[arg-type]
+
+    class Helper(ScaleRule):
+        follows = ("forward", "_helper")
+
+    with pytest.raises(TypeError, match="_helper"):
+        R.register_rule(MyLinear, Helper)
 
 
 class InPlace(nn.Module):

@@ -1,37 +1,47 @@
-"""Per-layer rules for per-sample squared (or absolute) gradients (BackPACK-style extensions).
+"""The built-in per-layer Fisher rules and the table that picks a module's rule (BackPACK-style).
 
-A rule turns what a module saw in one call (its inputs) and the per-sample gradients of the
-objective with respect to its outputs into per-sample gradients of the module's own parameters.
-Rules receive output gradients with a leading ``K`` axis: ``K`` backpropagated vectors per sample
-(``K = 1`` for the empirical / sampled Fisher, ``K = C`` classes for the exact Fisher), so ``G``
-has shape ``[K, N, *out]``. Two entry points:
+``RULES`` maps a module type to its rule class (:class:`~ewc.fisher_rule_base.Rule`); a module
+gets the rule of the nearest registered type along its MRO, provided it keeps that type's
+``forward`` (and the other methods the rule ``follows``). Everything else takes
+:class:`~ewc.fisher_fallback.FuncRule`, a ``torch.func`` vmap of the module's own
+vector-Jacobian product, so every model works. :func:`register_rule` adds a user's rule.
 
-* ``sum_sq``: Σ_k Σ_n (per-sample gradient)², without materialising per-sample gradients where
-  the layer's structure allows it (``nn.Linear`` on 2-D inputs: one matmul (G∘G)ᵀ(A∘A));
-* ``sum_abs``: Σ_k Σ_n |per-sample gradient| (MAS importances), by the same means (``nn.Linear``
-  on 2-D inputs: |g aᵀ| = |g| |a|ᵀ, one matmul |G|ᵀ|A|);
-* ``per_sample``: the per-sample gradients themselves, ``[K, N, *param.shape]``, needed when a
-  parameter receives several contributions per sample (a module called twice, tied weights).
+The built-in rules avoid per-sample gradients where the layer's structure allows it:
 
-Modules without a dedicated rule use :class:`FuncRule`, a ``torch.func`` vmap of the module's
-own vector-Jacobian product, so every model works.
+* ``nn.Linear`` on 2-D inputs: Σ_n (g∘g)(a∘a)ᵀ is one matmul (G∘G)ᵀ(A∘A), and |g aᵀ| = |g| |a|ᵀ
+  makes MAS one matmul |G|ᵀ|A|;
+* ``nn.Conv1d/2d/3d``: per-sample weight gradients from one grouped ``convolution_backward`` (or
+  the unfolded input for thin convolutions), a few samples per call;
+* ``nn.Embedding``, affine ``LayerNorm`` / ``GroupNorm`` / ``BatchNorm`` (eval): closed forms.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-# Per-sample gradient chunks are bounded to this many bytes so that big batches do not turn into
-# page-fault storms (see shared/README.md: fresh large allocations dominate vmap timings).
-CHUNK_BYTES = 64 * 2**20
+from ewc.fisher_fallback import FuncRule
+from ewc.fisher_rule_base import Call, Rule, chunks, first_grad, slice_samples
+
+__all__ = [
+    "CONV_GROUP_BYTES",
+    "RULES",
+    "THIN_MIN_OUT",
+    "THIN_PATCH",
+    "BatchNormRule",
+    "Call",
+    "ConvRule",
+    "EmbeddingRule",
+    "FuncRule",
+    "GroupNormRule",
+    "LayerNormRule",
+    "LinearRule",
+    "Rule",
+    "register_rule",
+    "rule_for",
+]
+
 # Samples per grouped convolution call: their per-sample weight gradients span about this many
 # bytes (cache-sized; see ConvRule._groups).
 CONV_GROUP_BYTES = 2 * 2**20
@@ -43,87 +53,6 @@ CONV_GROUP_BYTES = 2 * 2**20
 # this off.
 THIN_PATCH = 32
 THIN_MIN_OUT = 8
-
-
-@dataclass
-class Call:
-    """One call of a module during the forward pass: its inputs and tensor outputs."""
-
-    args: tuple
-    kwargs: dict
-    outputs: list[Tensor]  # floating tensor leaves of the module's output, in pytree order
-    grads: list[Tensor | None] = field(default_factory=list)  # [K, *out] per output
-    batch: int = 0  # N, the number of samples in the call
-    squared: bool = False  # grads[0] already holds Σ_k G_k² (see Rule.presquare)
-    passes: int = 1  # how many times gradients arrive for this call (K vectors, one at a time)
-    cache: dict[str, Tensor] = field(default_factory=dict)  # rules' per-call values (all passes)
-
-
-def _chunks(n: int, per_sample_bytes: int, budget: int = CHUNK_BYTES) -> list[slice]:
-    """Slices of the sample axis whose per-sample tensors take about ``budget`` bytes each."""
-    size = max(1, budget // max(1, per_sample_bytes))
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-def _first_grad(call: Call) -> Tensor | None:
-    return call.grads[0] if call.grads else None
-
-
-class Rule:
-    """Base rule: ``sum_sq`` / ``sum_abs`` default to reducing ``per_sample`` chunk by chunk."""
-
-    def __init__(self, names: list[str]):
-        self.names = names  # parameter names relative to the module
-
-    def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def presquare(self, module: nn.Module, call: Call) -> bool:
-        """True if ``sum_sq`` only needs Σ_k G_k² (then set ``call.squared``), not each G_k."""
-        return False
-
-    def sum_sq(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
-        """Σ_k Σ_n (per-sample gradient)², the Fisher's reduction."""
-        return self._reduce_per_sample(module, call, torch.square)
-
-    def sum_abs(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
-        """Σ_k Σ_n |per-sample gradient|, the reduction of MAS importances."""
-        return self._reduce_per_sample(module, call, torch.abs)
-
-    def _accumulated(self, module: nn.Module, call: Call, absolute: bool) -> dict[str, Tensor]:
-        """``sum_sq`` / ``sum_abs`` of a rule whose ``accumulate`` writes into the sums: run it on
-        zeros."""
-        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
-        self.accumulate(module, call, out, absolute)
-        return out
-
-    def accumulate(self, module: nn.Module, call: Call, into: dict[str, Tensor], absolute: bool) -> None:
-        """Add ``sum_sq`` (or ``sum_abs``) to the running sums ``into`` (local names), in place.
-
-        Rules may override this to write into the sums directly (no temporary per batch).
-        """
-        sums = self.sum_abs(module, call) if absolute else self.sum_sq(module, call)
-        for name, t in sums.items():
-            into[name] += t
-
-    def _reduce_per_sample(
-        self, module: nn.Module, call: Call, op: Callable[[Tensor], Tensor]
-    ) -> dict[str, Tensor]:
-        g = _first_grad(call)
-        k, n_samples = g.shape[0], g.shape[1]
-        n_params = sum(module.get_parameter(nm).numel() for nm in self.names)
-        out: dict[str, Tensor] = {}
-        for sl in _chunks(n_samples, k * n_params * g.element_size()):
-            for name, ps in self.per_sample(module, call, sl).items():
-                sq = op(ps).sum(dim=(0, 1))
-                out[name] = out[name] + sq if name in out else sq
-        return out
-
-
-def _slice_n(t: Tensor, sl: slice | None, dim: int = 0) -> Tensor:
-    if sl is None:
-        return t
-    return t.narrow(dim, sl.start, sl.stop - sl.start)
 
 
 class LinearRule(Rule):
@@ -139,7 +68,7 @@ class LinearRule(Rule):
 
     def accumulate(self, module: nn.Linear, call: Call, into: dict[str, Tensor], absolute: bool) -> None:
         """On 2-D inputs: ``into += (Σ_k G_k²)ᵀ (A∘A)`` as one in-place ``addmm_`` (or |G|ᵀ|A|)."""
-        a, g = call.args[0], _first_grad(call)
+        a, g = call.args[0], first_grad(call)
         if a.dim() != 2 or (absolute and call.squared):
             return super().accumulate(module, call, into, absolute)
         if absolute:
@@ -162,7 +91,7 @@ class LinearRule(Rule):
         return self._accumulated(module, call, absolute=True)
 
     def per_sample(self, module: nn.Linear, call: Call, n: slice | None = None) -> dict[str, Tensor]:
-        a, g = _slice_n(call.args[0], n), _slice_n(_first_grad(call), n, 1)
+        a, g = slice_samples(call.args[0], n), slice_samples(first_grad(call), n, 1)
         k, nb = g.shape[0], g.shape[1]
         a3 = a.reshape(nb, -1, a.shape[-1])  # [N, T, in]
         g4 = g.reshape(k, nb, -1, g.shape[-1])  # [K, N, T, out]
@@ -175,13 +104,16 @@ class LinearRule(Rule):
 
 
 class ConvRule(Rule):
-    """``nn.Conv1d/2d/3d``: per-sample weight gradients from one grouped ``convolution_backward``.
+    """``nn.Conv1d/2d/3d``: per-sample weight gradients from grouped ``convolution_backward`` calls.
 
-    Treating the batch (and the K backpropagated vectors) as extra convolution groups gives every
-    sample's weight gradient in one call, for any stride, padding, dilation and groups. Thin
-    convolutions (a first layer on 1-3 channels) run that call far below peak; when gradients
-    arrive in several passes they use the unfolded input instead (see :meth:`_thin`).
+    Treating the samples (and the K backpropagated vectors) as extra convolution groups gives
+    their weight gradients in one call, for any stride, padding, dilation and groups; calls take a
+    few samples each (see :meth:`_groups`). Thin convolutions (a first layer on 1-3 channels) run
+    that call far below peak; when gradients arrive in several passes they use the unfolded input
+    instead (see :meth:`_thin`).
     """
+
+    follows = ("forward", "_conv_forward")
 
     def _geometry(self, module: nn.modules.conv._ConvNd, a: Tensor) -> tuple[Tensor, list[int]]:
         d = len(module.kernel_size)
@@ -199,11 +131,11 @@ class ConvRule(Rule):
 
     def _weight_grads(self, module: nn.modules.conv._ConvNd, call: Call, sl: slice) -> Tensor:
         """Per-sample weight gradients [K, n, *w.shape] of samples ``sl`` of the call."""
-        g = _slice_n(_first_grad(call), sl, 1)
+        g = slice_samples(first_grad(call), sl, 1)
         if self._is_thin(module, call):
             return self._thin(module, call, sl, g)
         k, nb = g.shape[0], g.shape[1]
-        a, padding = self._geometry(module, _slice_n(call.args[0], sl))
+        a, padding = self._geometry(module, slice_samples(call.args[0], sl))
         dtype = torch.promote_types(a.dtype, g.dtype)  # autocast: float32 inputs, bfloat16 grads
         a, g = a.to(dtype), g.to(dtype)
         w = module.weight
@@ -249,7 +181,7 @@ class ConvRule(Rule):
         if u is None:
             u = self._unfold(module, call.args[0])
             call.cache["unfolded"] = u
-        u = _slice_n(u, sl)
+        u = slice_samples(u, sl)
         k, nb = g.shape[0], g.shape[1]
         w = module.weight
         groups, cout, patch = module.groups, w.shape[0], w[0].numel()
@@ -276,7 +208,7 @@ class ConvRule(Rule):
     def _groups(self, module: nn.modules.conv._ConvNd, k: int, nb: int) -> list[slice]:
         # Grouped convolutions with hundreds of groups run far below peak on CPU; calls of a few
         # samples (about 2 MB of per-sample gradients per call) were measured 2.5x faster.
-        return _chunks(nb, k * module.weight.numel() * module.weight.element_size(), CONV_GROUP_BYTES)
+        return chunks(nb, k * module.weight.numel() * module.weight.element_size(), CONV_GROUP_BYTES)
 
     def _check(self, module: nn.modules.conv._ConvNd, a: Tensor) -> None:
         if a.dim() == len(module.kernel_size) + 1:
@@ -285,7 +217,7 @@ class ConvRule(Rule):
     def per_sample(
         self, module: nn.modules.conv._ConvNd, call: Call, n: slice | None = None
     ) -> dict[str, Tensor]:
-        a, g = _slice_n(call.args[0], n), _slice_n(_first_grad(call), n, 1)
+        a, g = slice_samples(call.args[0], n), slice_samples(first_grad(call), n, 1)
         self._check(module, a)
         out = {}
         if "weight" in self.names:
@@ -313,7 +245,7 @@ class ConvRule(Rule):
         The squares are summed over samples and the K vectors by one ``vecdot`` along the
         flattened (K·n) axis.
         """
-        g = _first_grad(call)
+        g = first_grad(call)
         self._check(module, call.args[0])
         if "weight" in self.names:
             acc = into["weight"]
@@ -328,8 +260,13 @@ class ConvRule(Rule):
 class EmbeddingRule(Rule):
     """``nn.Embedding``: a sample's gradient for row v sums the output gradients where it used v."""
 
+    @classmethod
+    def applies_to(cls, module: nn.Module) -> bool:
+        """Not with ``max_norm`` (renormalises rows in the forward) or ``scale_grad_by_freq``."""
+        return module.max_norm is None and not module.scale_grad_by_freq
+
     def sum_sq(self, module: nn.Embedding, call: Call) -> dict[str, Tensor]:
-        idx, g = call.args[0], _first_grad(call)
+        idx, g = call.args[0], first_grad(call)
         k, nb, dim = g.shape[0], g.shape[1], g.shape[-1]
         vocab = module.num_embeddings
         idx = idx.reshape(nb, -1)
@@ -345,7 +282,7 @@ class EmbeddingRule(Rule):
         return {"weight": out}
 
     def per_sample(self, module: nn.Embedding, call: Call, n: slice | None = None) -> dict[str, Tensor]:
-        idx, g = _slice_n(call.args[0], n), _slice_n(_first_grad(call), n, 1)
+        idx, g = slice_samples(call.args[0], n), slice_samples(first_grad(call), n, 1)
         k, nb, dim = g.shape[0], g.shape[1], g.shape[-1]
         idx = idx.reshape(nb, -1)
         g = g.reshape(k, nb, -1, dim)
@@ -372,7 +309,7 @@ class _AffineNormRule(Rule):
         return (2,) + tuple(range(4, g.dim()))  # [K, N, C, *spatial] → sum all but K, N, C
 
     def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
-        a, g = _slice_n(call.args[0], n), _slice_n(_first_grad(call), n, 1)
+        a, g = slice_samples(call.args[0], n), slice_samples(first_grad(call), n, 1)
         dims = self.reduce_dims(module, g)
         out = {}
         if "weight" in self.names:
@@ -410,151 +347,60 @@ class BatchNormRule(_AffineNormRule):
         return tuple(range(3, g.dim()))
 
 
-class FuncRule(Rule):
-    """Fallback for any module: vmap over samples of the module's own vector-Jacobian product.
+# ----------------------------------------------------------------------------------- the table
 
-    Calls the module functionally on each sample (with a batch axis of one) and pulls the output
-    gradient back to the named parameters (which may live in submodules that the forward uses
-    without calling them, e.g. ``MultiheadAttention.out_proj``). If the module cannot be vmapped
-    (data-dependent control flow, ``.item()``), a per-sample autograd loop gives the same answer.
+RULES: dict[type[nn.Module], type[Rule]] = {
+    nn.Linear: LinearRule,
+    nn.Conv1d: ConvRule,
+    nn.Conv2d: ConvRule,
+    nn.Conv3d: ConvRule,
+    nn.Embedding: EmbeddingRule,
+    nn.LayerNorm: LayerNormRule,
+    nn.GroupNorm: GroupNormRule,
+    nn.modules.batchnorm._BatchNorm: BatchNormRule,  # BatchNorm1d/2d/3d keep its forward
+}
+
+
+def register_rule(module_type: type[nn.Module], rule: type[Rule]) -> None:
+    """Give ``module_type`` (and its subclasses that keep the methods ``rule.follows``) ``rule``.
+
+    ``rule`` is a :class:`Rule` subclass; it is instantiated once per module with the names of
+    the module's own parameters. A type already in ``RULES`` (a built-in one included) is an
+    error: register a subclass instead.
     """
-
-    def __init__(self, names: list[str]):
-        super().__init__(names)
-        self._warned = False
-
-    def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
-        n_all = call.batch
-        k = next(g for g in call.grads if g is not None).shape[0]
-        sl = n if n is not None else slice(0, n_all)
-        nb = sl.stop - sl.start
-        leaves, spec = tree_flatten((call.args, call.kwargs))
-        in_dims = [_batch_dim(t, n_all) for t in leaves]
-        params = {nm: module.get_parameter(nm).detach() for nm in self.names}
-
-        def fn(p: dict[str, Tensor], sample_leaves: list[Tensor]) -> tuple[Tensor, ...]:
-            it = iter(sample_leaves)
-            full = [t if d is None else next(it).unsqueeze(d) for t, d in zip(leaves, in_dims, strict=True)]
-            args, kwargs = tree_unflatten(full, spec)
-            out = torch.func.functional_call(module, p, tuple(args), kwargs)
-            return tuple(t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point())
-
-        b_dims = [d for d in in_dims if d is not None]
-        b_leaves = [
-            t.detach().narrow(d, sl.start, nb) for t, d in zip(leaves, in_dims, strict=True) if d is not None
-        ]
-        out_dims = self._out_dims(
-            call, fn, params, [t.select(d, 0) for t, d in zip(b_leaves, b_dims, strict=True)]
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be a subclass of nn.Module, got {module_type!r}")
+    if not (isinstance(rule, type) and issubclass(rule, Rule)):
+        raise TypeError(f"rule must be a subclass of ewc.fisher_rules.Rule, got {rule!r}")
+    if module_type in RULES:
+        raise ValueError(
+            f"{module_type.__qualname__} already has a rule ({RULES[module_type].__qualname__}); "
+            "register a subclass of it instead"
         )
-        gs = []
-        for g, o, od in zip(call.grads, call.outputs, out_dims, strict=True):
-            g = torch.zeros((k, *o.shape), dtype=o.dtype, device=o.device) if g is None else g
-            gs.append(g.narrow(od + 1, sl.start, nb))
-
-        def one(sample_leaves: list[Tensor], sample_grads: list[Tensor]) -> dict[str, Tensor]:
-            _, vjp_fn = torch.func.vjp(lambda p: fn(p, sample_leaves), params)
-            return vjp_fn(tuple(g.unsqueeze(od) for g, od in zip(sample_grads, out_dims, strict=True)))[0]
-
-        try:
-            per_k = [
-                torch.func.vmap(one, in_dims=(b_dims, out_dims))(b_leaves, [g[kk] for g in gs])
-                for kk in range(k)
-            ]
-        except Exception as err:  # noqa: BLE001 - any vmap limitation → exact per-sample loop
-            if not self._warned:
-                warnings.warn(
-                    f"{type(module).__name__}: torch.func.vmap failed ({err.__class__.__name__}: {err}); "
-                    "using a per-sample loop for this module (correct, slower)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self._warned = True
-            with torch.enable_grad():
-                per_k = [
-                    self._loop(params, fn, b_leaves, b_dims, [g[kk] for g in gs], out_dims, nb)
-                    for kk in range(k)
-                ]
-        return {nm: torch.stack([pk[nm] for pk in per_k]) for nm in self.names}
-
-    @staticmethod
-    def _out_dims(call: Call, fn: Callable, params: dict[str, Tensor], first: list[Tensor]) -> list[int]:
-        """Batch axis of each output: where the full call has N and a one-sample call has 1."""
-        n = call.batch
-        cands = [[d for d, size in enumerate(o.shape) if size == n] for o in call.outputs]
-        if all(len(c) == 1 for c in cands):
-            return [c[0] for c in cands]
-        with torch.no_grad():
-            probe = fn(params, first)
-        dims = []
-        for o, q in zip(call.outputs, probe, strict=True):
-            found = [d for d in range(o.dim()) if o.shape[d] == n and q.shape[d] == 1]
-            if not found:
-                raise ValueError(f"cannot find the batch axis of an output of shape {tuple(o.shape)}")
-            dims.append(found[0])
-        return dims
-
-    @staticmethod
-    def _loop(
-        params: dict[str, Tensor],
-        fn: Callable,
-        b_leaves: list[Tensor],
-        b_dims: list[int],
-        grads: list[Tensor],
-        out_dims: list[int],
-        nb: int,
-    ) -> dict[str, Tensor]:
-        names = list(params)
-        rows: dict[str, list[Tensor]] = {nm: [] for nm in names}
-        for i in range(nb):
-            p = {nm: t.clone().requires_grad_(True) for nm, t in params.items()}
-            outs = fn(p, [t.select(d, i) for t, d in zip(b_leaves, b_dims, strict=True)])
-            total = sum(
-                (o * g.select(od, i).unsqueeze(od)).sum()
-                for o, g, od in zip(outs, grads, out_dims, strict=True)
-            )
-            gr = torch.autograd.grad(total, [p[nm] for nm in names], allow_unused=True)
-            for nm, gi in zip(names, gr, strict=True):
-                rows[nm].append(torch.zeros_like(params[nm]) if gi is None else gi)
-        return {nm: torch.stack(v) for nm, v in rows.items()}
-
-
-def _batch_dim(t: Any, n: int) -> int | None:
-    """Batch axis of an input: 0, or 1 for RNN-style hidden states [layers, N, H]."""
-    if not isinstance(t, Tensor) or t.dim() == 0:
-        return None
-    if t.shape[0] == n:
-        return 0
-    if t.dim() >= 3 and t.shape[1] == n:
-        return 1
-    return None
-
-
-def _plain(module: nn.Module, base: type, *methods: str) -> bool:
-    """True if ``module`` is a ``base`` whose forward (and named helpers) are not overridden."""
-    if not isinstance(module, base):
-        return False
-    return all(getattr(type(module), m) is getattr(base, m) for m in ("forward", *methods))
+    missing = [m for m in rule.follows if not callable(getattr(module_type, m, None))]
+    if missing:
+        raise TypeError(f"{rule.__qualname__} follows {missing}, which {module_type.__qualname__} lacks")
+    RULES[module_type] = rule
 
 
 def rule_for(module: nn.Module, names: list[str]) -> Rule:
-    """Choose the fast rule for a module's own parameters, or the torch.func fallback."""
+    """The table's rule for a module's own parameters ``names``, or the torch.func fallback.
+
+    The nearest type along the module's MRO that is in ``RULES`` decides: its rule applies if the
+    module's class still has that type's ``follows`` methods (a subclass that overrides
+    ``forward`` computes something else) and the rule accepts the instance. Parametrised modules
+    and parameters of submodules always take the fallback.
+    """
     from torch.nn.utils import parametrize
 
     own = {n for n, _ in module.named_parameters(recurse=False)}
     if parametrize.is_parametrized(module) or not set(names) <= own:
         return FuncRule(names)
-    if _plain(module, nn.Linear):
-        return LinearRule(names)
-    if any(_plain(module, base, "_conv_forward") for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return ConvRule(names)
-    if _plain(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
-        return EmbeddingRule(names)
-    if _plain(module, nn.LayerNorm):
-        return LayerNormRule(names)
-    if _plain(module, nn.GroupNorm):
-        return GroupNormRule(names)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and _plain(
-        module, nn.modules.batchnorm._BatchNorm
-    ):
-        return BatchNormRule(names)
+    cls = type(module)
+    base = next((t for t in cls.__mro__ if t in RULES), None)
+    if base is not None:
+        rule = RULES[base]
+        kept = all(getattr(cls, m) is getattr(base, m) for m in rule.follows)
+        if kept and rule.applies_to(module):
+            return rule(names)
     return FuncRule(names)

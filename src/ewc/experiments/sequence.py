@@ -243,8 +243,8 @@ def build_tasks(
 def run_all(specs: list[tuple], jobs: int) -> list[dict[str, Any]]:
     """Run independent training jobs, in parallel worker processes when ``jobs`` > 1.
 
-    On CPU one torch thread per process and one process per core is the fast arrangement for
-    MLP-sized work (shared/README.md). Every run is seeded: with the same thread count (e.g.
+    On CPU each worker runs one torch thread, so that ``jobs`` processes use ``jobs`` cores
+    without oversubscribing them. Every run is seeded: with the same thread count (e.g.
     ``--threads 1``) the results do not depend on ``jobs``.
     """
     if jobs <= 1 or len(specs) <= 1:

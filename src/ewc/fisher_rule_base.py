@@ -1,0 +1,131 @@
+"""What a per-layer Fisher rule is: the record of one module call and the ``Rule`` interface.
+
+A rule turns what a module saw in one call (its inputs) and the per-sample gradients of the
+objective with respect to its outputs into per-sample gradients of the module's own parameters.
+Rules receive output gradients with a leading ``K`` axis, one entry per backpropagated vector
+(``K = 1`` for the empirical / sampled Fisher and MAS; for the exact Fisher ``K = C − 1``
+columns of the softmax Hessian's factor, or ``D`` for a gaussian output of size D), so ``G`` has
+shape ``[K, N, *out]``. Three entry points:
+
+* ``per_sample``: the per-sample gradients themselves, ``[K, N, *param.shape]``. Enough for a
+  rule: the others default to reducing it chunk by chunk, and a parameter with several
+  contributions per sample (a module called twice, tied weights) always goes through it;
+* ``sum_sq``: Σ_k Σ_n (per-sample gradient)², the Fisher's reduction, which a rule may compute
+  without materialising per-sample gradients where the layer's structure allows it;
+* ``sum_abs``: Σ_k Σ_n |per-sample gradient| (MAS importances), likewise.
+
+The engine calls ``accumulate``, which adds ``sum_sq`` or ``sum_abs`` into the running sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+# Per-sample gradient chunks are bounded to this many bytes so that big batches do not turn into
+# page-fault storms: glibc trims and regrows the heap around large fresh allocations, each regrown
+# page a minor fault (docs/benchmarks.md, "Allocator effect").
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class Call:
+    """One call of a module during the forward pass: its inputs and tensor outputs."""
+
+    args: tuple
+    kwargs: dict
+    outputs: list[Tensor]  # floating tensor leaves of the module's output, in pytree order
+    grads: list[Tensor | None] = field(default_factory=list)  # [K, *out] per output
+    batch: int = 0  # N, the number of samples in the call
+    squared: bool = False  # grads[0] already holds Σ_k G_k² (see Rule.presquare)
+    passes: int = 1  # how many times gradients arrive for this call (K vectors, one at a time)
+    cache: dict[str, Tensor] = field(default_factory=dict)  # rules' per-call values (all passes)
+
+
+def chunks(n: int, per_sample_bytes: int, budget: int | None = None) -> list[slice]:
+    """Slices of the sample axis whose per-sample tensors take about ``budget`` bytes each
+    (default ``CHUNK_BYTES``)."""
+    size = max(1, (CHUNK_BYTES if budget is None else budget) // max(1, per_sample_bytes))
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def first_grad(call: Call) -> Tensor | None:
+    """The gradient of the call's first output, ``[K, N, *out]``: the one rules read."""
+    return call.grads[0] if call.grads else None
+
+
+def slice_samples(t: Tensor, sl: slice | None, dim: int = 0) -> Tensor:
+    """Samples ``sl`` of ``t`` along ``dim`` (a view; all of ``t`` when ``sl`` is None)."""
+    if sl is None:
+        return t
+    return t.narrow(dim, sl.start, sl.stop - sl.start)
+
+
+class Rule:
+    """Base rule: ``sum_sq`` / ``sum_abs`` default to reducing ``per_sample`` chunk by chunk.
+
+    A rule instance serves one module's parameters (``names``, relative to the module). For the
+    rule table (:func:`ewc.fisher_rules.register_rule`), ``follows`` names the methods of the
+    registered module type whose computation the rule reproduces: a subclass that overrides one
+    of them gets the torch.func fallback instead.
+    """
+
+    follows: tuple[str, ...] = ("forward",)
+
+    def __init__(self, names: list[str]):
+        self.names = names  # parameter names relative to the module
+
+    @classmethod
+    def applies_to(cls, module: nn.Module) -> bool:
+        """True if the rule covers this instance of its module type (e.g. no Embedding max_norm)."""
+        return True
+
+    def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
+        """Per-sample gradients ``[K, n, *param.shape]`` of samples ``n`` (all when None)."""
+        raise NotImplementedError
+
+    def presquare(self, module: nn.Module, call: Call) -> bool:
+        """True if ``sum_sq`` only needs Σ_k G_k², not each G_k: for the Fisher with several
+        vectors, the engine then runs ``accumulate`` once, after the passes, with that sum as
+        ``grads[0]`` and ``call.squared`` set."""
+        return False
+
+    def sum_sq(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
+        """Σ_k Σ_n (per-sample gradient)², the Fisher's reduction."""
+        return self._reduce_per_sample(module, call, torch.square)
+
+    def sum_abs(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
+        """Σ_k Σ_n |per-sample gradient|, the reduction of MAS importances."""
+        return self._reduce_per_sample(module, call, torch.abs)
+
+    def _accumulated(self, module: nn.Module, call: Call, absolute: bool) -> dict[str, Tensor]:
+        """``sum_sq`` / ``sum_abs`` of a rule whose ``accumulate`` writes into the sums: run it on
+        zeros."""
+        out = {nm: torch.zeros_like(module.get_parameter(nm)) for nm in self.names}
+        self.accumulate(module, call, out, absolute)
+        return out
+
+    def accumulate(self, module: nn.Module, call: Call, into: dict[str, Tensor], absolute: bool) -> None:
+        """Add ``sum_sq`` (or ``sum_abs``) to the running sums ``into`` (local names), in place.
+
+        Rules may override this to write into the sums directly (no temporary per batch).
+        """
+        sums = self.sum_abs(module, call) if absolute else self.sum_sq(module, call)
+        for name, t in sums.items():
+            into[name] += t
+
+    def _reduce_per_sample(
+        self, module: nn.Module, call: Call, op: Callable[[Tensor], Tensor]
+    ) -> dict[str, Tensor]:
+        g = first_grad(call)
+        k, n_samples = g.shape[0], g.shape[1]
+        n_params = sum(module.get_parameter(nm).numel() for nm in self.names)
+        out: dict[str, Tensor] = {}
+        for sl in chunks(n_samples, k * n_params * g.element_size()):
+            for name, ps in self.per_sample(module, call, sl).items():
+                sq = op(ps).sum(dim=(0, 1))
+                out[name] = out[name] + sq if name in out else sq
+        return out
