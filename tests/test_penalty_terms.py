@@ -306,3 +306,42 @@ def test_bad_saved_keys_are_rejected_and_change_nothing(keys: object, match: str
     with pytest.raises(ValueError, match=match):
         target.load_state_dict({**state, "keys": keys})
     assert target.keys == () and target.num_tasks == 0
+
+
+# ---------------------------------------------------------------- methods on top of the terms
+
+
+def test_methods_key_terms_by_task_and_forget_a_returning_task() -> None:
+    from ewc.methods import Compose, EWCMethod, L2Method, Method, ReplayMethod
+
+    model = tiny_model()
+    data = (torch.randn(8, 3), torch.tensor([0, 1] * 4))
+
+    class T:  # the fields after_task reads
+        x_train, y_train = data
+
+    ewc = EWCMethod(lam=1.0)
+    both = Compose(ewc, ReplayMethod(capacity=4))
+    both.setup(model)
+    for index in (3, 1):
+        both.after_task(index, T())
+    assert ewc.reg.keys == (3, 1)
+    with pytest.raises(ValueError, match="already a term with key 1"):
+        ewc.after_task(1, T())  # a task that still owns its term cannot end again
+    both.forget_task(3)  # Compose forwards to its parts
+    assert ewc.reg.keys == (1,)
+    both.forget_task(7)  # a task without a term: nothing to drop
+    assert ewc.reg.keys == (1,)
+    online = EWCMethod(lam=1.0, mode="online")
+    online.setup(model)
+    online.after_task(0, T())
+    online.after_task(1, T())
+    online.forget_task(1)  # online: the merged term cannot be split; nothing happens
+    assert online.reg.keys == (1,) and online.reg.num_tasks == 2
+    l2 = L2Method(lam=1.0)
+    l2.setup(model)
+    l2.after_task(5, T())
+    assert l2.reg.keys == (5,)
+    l2.forget_task(5)
+    assert l2.reg.keys == ()
+    Method().forget_task(0)  # the default hook does nothing
