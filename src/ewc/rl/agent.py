@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from ewc.checks import check_count
 from ewc.fisher import diagonal_fisher
-from ewc.penalty import EWC
+from ewc.penalty import EWC, Term
 from ewc.rl.env import GAMES, NUM_ACTIONS, OBS_SIZE, Game, check_game, max_channels
 from ewc.rl.qnet import TASK_PREFIX, QNetwork
 from ewc.rl.replay import TaskReplay
@@ -305,8 +305,7 @@ class Agent:
         )
         self.replay = TaskReplay(c.replay_capacity, self.obs_shape)
         self.gen = torch.Generator().manual_seed(c.seed)
-        self.owners: list[int] = []  # separate mode: the context owning each EWC term, in order
-        self.set_aside: dict[int, dict[str, Any]] = {}  # terms of contexts active in this visit
+        self.set_aside: dict[int, Term] = {}  # separate mode: terms of contexts active in this visit
         self.consolidations: list[int] = []  # contexts consolidated, in order
         self.env_steps = self.updates = self.episodes = self.visits = 0
         self.last_loss = math.nan
@@ -380,7 +379,7 @@ class Agent:
                     continue
                 skipped.append(ctx)
             if ctx in self.set_aside:
-                self._add_term(ctx, self.set_aside.pop(ctx))
+                self.ewc.restore(ctx, self.set_aside.pop(ctx))
                 restored.append(ctx)
         self.set_aside = {}
         summary = {
@@ -400,25 +399,12 @@ class Agent:
         self.context = ctx
         self.context_steps.setdefault(ctx, 0)
         if ctx in self.owners:
-            self.set_aside[ctx] = self._remove_term(ctx)
+            self.set_aside[ctx] = self.ewc.pop(ctx)
 
-    # -- EWC terms through the penalty's public state (as ewc.stream does) ---------------------
-
-    def _remove_term(self, ctx: int) -> dict[str, Any]:
-        k = self.owners.index(ctx)
-        state = self.ewc.state_dict()
-        term = state["tasks"].pop(k)
-        state["num_tasks"] -= 1
-        self.ewc.load_state_dict(state)
-        self.owners.pop(k)
-        return term
-
-    def _add_term(self, ctx: int, term: dict[str, Any]) -> None:
-        state = self.ewc.state_dict()
-        state["tasks"].append(term)
-        state["num_tasks"] += 1
-        self.ewc.load_state_dict(state)
-        self.owners.append(ctx)
+    @property
+    def owners(self) -> list[int]:
+        """``separate`` mode: the context owning each EWC term (its key), oldest first; else []."""
+        return [int(k) for k in self.ewc.keys] if self.config.ewc_mode == "separate" else []
 
     def _consolidate(self, ctx: int) -> bool:
         """Anchor the shared parameters with context ``ctx``'s normalised policy Fisher."""
@@ -428,9 +414,7 @@ class Agent:
         except ValueError as exc:
             warnings.warn(f"context {ctx} not consolidated: {exc}", RuntimeWarning, stacklevel=3)
             return False
-        self.ewc.consolidate(fisher_diag=fisher)
-        if self.config.ewc_mode == "separate":
-            self.owners.append(ctx)
+        self.ewc.consolidate(fisher_diag=fisher, key=ctx)  # online: the merged term takes the key
         self.consolidations.append(ctx)
         return True
 
@@ -495,7 +479,7 @@ class Agent:
             self.target.reset_task(gone)
             self.context_steps.pop(gone, None)
             if gone in self.owners:
-                self._remove_term(gone)
+                self.ewc.drop(gone)
             self.set_aside.pop(gone, None)
         self._activate(ctx)
         for t in self.pending:
@@ -605,7 +589,6 @@ class Agent:
             "target": {k: v.clone() for k, v in self.target.state_dict().items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "ewc": self.ewc.state_dict(),
-            "owners": list(self.owners),
             "set_aside": {str(k): v for k, v in self.set_aside.items()},
             "consolidations": list(self.consolidations),
             "detector": None if self.detector is None else self.detector.state_dict(),
@@ -630,7 +613,8 @@ class Agent:
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ewc.load_state_dict(state["ewc"])
-        self.owners = [int(t) for t in state["owners"]]
+        if "owners" in state and self.config.ewc_mode == "separate":
+            self._key_terms_by_owner([int(t) for t in state["owners"]])
         self.set_aside = {int(k): v for k, v in state["set_aside"].items()}
         self.consolidations = [int(t) for t in state["consolidations"]]
         if self.detector is not None:
@@ -661,6 +645,15 @@ class Agent:
                     )
                     for i in range(p["obs"].shape[0])
                 ]
+
+    def _key_terms_by_owner(self, owners: list[int]) -> None:
+        """Checkpoints saved before penalty terms had keys kept the owners beside terms keyed
+        0, 1, ...: key each term by its context (pop all, restore in order: bit-identical)."""
+        if len(owners) != len(self.ewc.keys):
+            raise ValueError(f"state has {len(self.ewc.keys)} EWC terms but {len(owners)} owners")
+        terms = [self.ewc.pop(k) for k in self.ewc.keys]
+        for ctx, term in zip(owners, terms, strict=True):
+            self.ewc.restore(ctx, term)
 
     def save(self, path: PathLike) -> None:
         """:meth:`state_dict` to ``path``, atomically (a crash mid-save keeps the old file)."""
