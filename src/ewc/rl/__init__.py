@@ -1,8 +1,9 @@
 """Continual reinforcement learning: a DQN agent with EWC over a sequence of MinAtar games.
 
 ``env`` (padded MinAtar games, full action set), ``qnet`` (Q-network with per-task gains and
-biases), ``replay`` (per-task circular buffers), ``agent`` (``DQNConfig``, ``Agent``,
-``train_sequence``). Needs the optional ``minatar`` package (``pip install 'ewc[rl]'``, or
+biases), ``replay`` (per-task circular buffers), ``config`` (``DQNConfig``), ``consolidation``
+(the policy Fisher EWC anchors with), ``dqn`` (``Agent``) and ``agent`` (every public name above,
+and ``train_sequence``). Needs the optional ``minatar`` package (``pip install 'ewc[rl]'``, or
 ``pip install --no-deps minatar`` without its GUI dependencies). See docs/rl.md.
 """
 
