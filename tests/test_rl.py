@@ -306,6 +306,31 @@ def test_returning_task_term_is_dropped_then_readded() -> None:
 # -------------------------------------------------------------------------------- save / load
 
 
+def test_checkpoint_saved_before_term_keys_is_keyed_by_its_owners(tmp_path) -> None:  # noqa: ANN001
+    """Old checkpoints: EWC terms keyed 0, 1, ... and their contexts in a separate "owners" list."""
+    agent = Agent(TINY)
+    for game in ("asterix", "breakout"):
+        agent.begin_visit(game)
+        for _ in range(120):
+            agent.step()
+        agent.end_visit()
+    a, b = GAMES.index("asterix"), GAMES.index("breakout")
+    assert agent.owners == [a, b] == list(agent.ewc.keys)
+    state = agent.state_dict()
+    assert "owners" not in state
+    state["ewc"] = {k: v for k, v in state["ewc"].items() if k != "keys"}
+    state["owners"] = [a, b]
+    path = tmp_path / "old.pt"
+    torch.save(state, path)
+    old = Agent.load(path)
+    assert old.owners == [a, b]
+    assert torch.equal(old.ewc.penalty().detach(), agent.ewc.penalty().detach())
+    old.begin_visit("asterix")  # its own term is set aside, the other stays
+    assert old.owners == [b] and a in old.set_aside
+    with pytest.raises(ValueError, match="owners"):
+        Agent(TINY).load_state_dict({**state, "owners": [a]})
+
+
 def _params(agent: Agent) -> dict[str, torch.Tensor]:
     return {
         **{f"q.{k}": v for k, v in agent.qnet.state_dict().items()},

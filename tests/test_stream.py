@@ -86,20 +86,45 @@ def test_ewc_returning_task_replaces_its_own_term(stream):
     back = _switches(true_ids)[1]  # first batch of task 0's return
     for x, y in batches[:back]:
         learner.partial_fit(x, y)
-    assert reg.num_tasks == 1 and learner.owners == {0: [0]}  # task 1 is still running
+    assert reg.keys == (0,)  # task 1 is still running; terms are keyed by their task
     anchor1 = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     # task 0 returns: task 1 is consolidated at its final parameters, task 0's own term dropped
     learner.partial_fit(*batches[back])
-    assert reg.num_tasks == 1 and learner.owners == {0: [1]}
-    kept = reg.state_dict()["tasks"][0]["anchor"]
+    assert reg.keys == (1,)
+    kept = reg.anchors(1)
     assert all(torch.equal(kept[n], anchor1[n]) for n in anchor1)
     with torch.no_grad():
         assert float(reg.penalty()) > 0
     for x, y in batches[back + 1 :]:
         learner.partial_fit(x, y)
     # task 0 left again: re-consolidated at its new parameters, one term per task
-    assert reg.num_tasks == 2 and learner.owners == {0: [1, 0]}
+    assert reg.keys == (1, 0) and reg.num_tasks == 2
     assert learner.consolidations == [0, 1, 0]
+
+
+def test_state_saved_before_term_keys_resumes_with_its_owners(stream):
+    """Old states: penalty terms keyed 0, 1, ... and the owners beside them in "owners"."""
+    batches, true_ids = stream
+    start = _switches(true_ids)[2] + 1  # task 2 began: the terms are owned by tasks 1 and 0, in order
+    a = _learner("ewc", lam=100.0)
+    for x, y in batches[:start]:
+        a.partial_fit(x, y)
+    assert a.method.reg.keys == (1, 0)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)  # a copy: the optimiser's state_dict shares a's tensors
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    state["method"] = {k: v for k, v in state["method"].items() if k != "keys"}
+    state["owners"] = {"0": [1, 0]}
+    b = _learner("ewc", lam=100.0, seed=1)
+    b.load_state_dict(state)
+    assert b.method.reg.keys == (1, 0)
+    for x, y in batches[start:]:
+        assert a.partial_fit(x, y) == b.partial_fit(x, y)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    with pytest.raises(ValueError, match="separate-penalty parts"):
+        _learner("ewc").load_state_dict({**state, "owners": {"0": [1, 0, 2]}})
 
 
 @pytest.mark.parametrize(
@@ -184,9 +209,9 @@ def test_retracted_tentative_task_is_not_consolidated(tasks):
     assert ids[10] == 1 and set(ids[:10] + ids[11:]) == {0}
     assert learner.detector.retracted == 1
     assert learner.consolidations == [0]  # task 0 left for the odd batch; id 1 never consolidated
-    assert learner.owners == {0: []}  # task 0 is back: its own term is dropped while it trains
+    assert learner.method.reg.keys == ()  # task 0 is back: its own term is dropped while it trains
     learner.finish()
-    assert learner.consolidations == [0, 0] and learner.owners == {0: [0]}
+    assert learner.consolidations == [0, 0] and learner.method.reg.keys == (0,)
 
 
 def test_bad_input(stream):

@@ -20,6 +20,14 @@ Modes:
   θ* ← the latest parameters. With γ = 1 its curvature equals ``separate``'s, but it is centred
   on the latest parameters rather than on the Fisher-weighted mean of all anchors.
 
+Terms and keys: every consolidation adds a term named by a key (``consolidate(..., key=k)``;
+by default the running task count, so a regulariser that is never edited has keys 0, 1, 2, ...).
+``keys`` lists them in order, :meth:`~_AnchoredPenalty.anchors` and
+:meth:`~_AnchoredPenalty.precisions` read θ* and F, and in ``separate`` mode
+:meth:`~_AnchoredPenalty.drop` removes one task's term and :meth:`~_AnchoredPenalty.pop` /
+:meth:`~_AnchoredPenalty.restore` set one aside and put it back unchanged. ``online`` mode has one
+merged term (keyed by its latest consolidation) that cannot be split: those three refuse there.
+
 Parameters are matched by name (``model.named_parameters()``). A parameter added after the last
 consolidation (a new head) is not penalised; a consolidated parameter that disappeared or changed
 shape is an error. Moving the model to another device or dtype after consolidation is followed.
@@ -41,13 +49,15 @@ from ewc.checks import check_count
 from ewc.fisher import FISHER_MODES, LIKELIHOODS, diagonal_fisher
 from ewc.state import PathLike, atomic_save, safe_load
 
-__all__ = ["EWC", "FORMAT", "L2", "MODES"]
+__all__ = ["EWC", "FORMAT", "L2", "MODES", "Term", "TermKey"]
 
 FORMAT = "ewc.penalty/1"
 MODES = ("separate", "online")
 
 # One consolidated quadratic as stored: {"anchor": {name: θ*}, "fisher": {name: F}}.
-Task = dict[str, dict[str, Tensor]]
+Term = dict[str, dict[str, Tensor]]
+# What names a term: an int (the default, the running task count) or a str.
+TermKey = int | str
 
 
 # ------------------------------------------------------------------------------ validation
@@ -86,7 +96,7 @@ def _as_float(value: Any, what: str) -> float:
 
 
 @dataclass
-class _Term:
+class _Merged:
     """The merged quadratic of one parameter, plus the scratch buffer penalty() writes into."""
 
     name: str
@@ -200,9 +210,10 @@ class _AnchoredPenalty:
         self._lam = _check_lam(lam)
         self._mode = _check_mode(mode)
         self._gamma = _check_gamma(gamma)
-        self._tasks: list[Task] = []  # separate: one per task; online: at most one (merged)
+        self._tasks: list[Term] = []  # separate: one per task; online: at most one (merged)
+        self._keys: list[TermKey] = []  # the key of each entry of _tasks
         self._num_tasks = 0
-        self._terms: list[_Term] = []
+        self._merged: list[_Merged] = []
         self._const = 0.0
         self._lists: tuple | None = None  # (terms, params, anchors, fishers, diffs, zeros) of penalty()
 
@@ -235,6 +246,11 @@ class _AnchoredPenalty:
         """Number of consolidated tasks (in ``online`` mode: merged into the one quadratic)."""
         return self._num_tasks
 
+    @property
+    def keys(self) -> tuple[TermKey, ...]:
+        """The terms' keys, oldest first (``online``: the merged term's, i.e. its latest one)."""
+        return tuple(self._keys)
+
     def _config(self) -> dict[str, Any]:
         return {"lam": self._lam, "mode": self._mode, "gamma": self._gamma}
 
@@ -262,11 +278,24 @@ class _AnchoredPenalty:
 
     def reset(self) -> None:
         """Forget every consolidated task; the penalty is zero again."""
-        self._tasks, self._num_tasks = [], 0
-        self._terms, self._const = [], 0.0
+        self._tasks, self._keys, self._num_tasks = [], [], 0
+        self._merged, self._const = [], 0.0
 
-    def _add_task(self, fisher: Mapping[str, Tensor]) -> None:
+    def _new_key(self, key: Any) -> TermKey:
+        """``key`` checked (an int or a str, not taken in ``separate`` mode), or the default:
+        the running task count, or one more than the largest int key if that is taken."""
+        if key is None:
+            ints = [k for k in self._keys if isinstance(k, int)]
+            return max([self._num_tasks, *(k + 1 for k in ints)])
+        if isinstance(key, bool) or not isinstance(key, int | str):
+            raise ValueError(f"a term key must be an int or a str, got {key!r}")
+        if self._mode == "separate" and key in self._keys:
+            raise ValueError(f"there is already a term with key {key!r} (keys: {self._keys})")
+        return key
+
+    def _add_task(self, fisher: Mapping[str, Tensor], key: TermKey | None = None) -> None:
         """Consolidate at the current parameters with precision ``fisher`` (checked, copied)."""
+        key = self._new_key(key)
         if not isinstance(fisher, Mapping) or not fisher:
             raise ValueError("the Fisher must be a non-empty dict {parameter name: tensor}")
         named = dict(self._model.named_parameters(remove_duplicate=False))
@@ -290,12 +319,91 @@ class _AnchoredPenalty:
         else:
             tasks = [self._merge_online(anchor, precision, named)]
         terms, const, tasks = self._build(tasks)
-        self._tasks, self._terms, self._const = tasks, terms, const
+        self._tasks, self._merged, self._const = tasks, terms, const
+        self._keys = [*self._keys, key] if self._mode == "separate" else [key]
         self._num_tasks += 1
+
+    # -- editing and reading terms ---------------------------------------------------------
+
+    def _index(self, key: Any, what: str) -> int:
+        """Position of the term ``key``; ValueError for an unknown key or (if ``what`` names an
+        edit) in ``online`` mode, whose merged term cannot be split."""
+        if what and self._mode != "separate":
+            raise ValueError(
+                f"{what} needs mode='separate': online mode keeps one merged term that cannot be "
+                "split into tasks (reset() clears it)"
+            )
+        try:
+            return self._keys.index(key)
+        except ValueError:
+            raise ValueError(f"no term with key {key!r} (keys: {self._keys})") from None
+
+    def drop(self, key: TermKey) -> None:
+        """Remove the term ``key`` (``separate`` mode): the penalty is then that of the other terms,
+        as if ``key`` had never been consolidated. ValueError for an unknown key or online mode."""
+        self.pop(key)
+
+    def pop(self, key: TermKey) -> Term:
+        """Remove the term ``key`` and return it, ``{"anchor": {name: θ*}, "fisher": {name: F}}``,
+        for :meth:`restore` (``separate`` mode). The tensors are the stored ones, not copies."""
+        k = self._index(key, "pop/drop")
+        tasks = self._tasks[:k] + self._tasks[k + 1 :]
+        terms, const, tasks = self._build(tasks)
+        term = self._tasks[k]
+        self._tasks, self._merged, self._const = tasks, terms, const
+        self._keys = self._keys[:k] + self._keys[k + 1 :]
+        self._num_tasks -= 1
+        return {"anchor": dict(term["anchor"]), "fisher": dict(term["fisher"])}
+
+    def restore(self, key: TermKey, term: Mapping[str, Any]) -> None:
+        """Add a term from :meth:`pop` (or any ``{"anchor", "fisher"}`` of name→tensor dicts)
+        back as the newest one, under ``key`` (``separate`` mode; a key in use is an error).
+
+        The tensors are checked and copied to each parameter's device and dtype. The penalty is
+        then the one of consolidating the terms in the order of :attr:`keys`: restoring the term
+        just popped from the end gives back a bit-identical penalty; one popped from the middle
+        comes back last, which changes the merged quadratic only by float64 summation order.
+        """
+        if self._mode != "separate":
+            self._index(key, "restore")
+        key = self._new_key(key)
+        checked = _check_task(term, "the restored term")
+        copied = {part: {n: t.detach().clone() for n, t in checked[part].items()} for part in checked}
+        terms, const, tasks = self._build([*self._tasks, copied])
+        self._tasks, self._merged, self._const = tasks, terms, const
+        self._keys = [*self._keys, key]
+        self._num_tasks += 1
+
+    def anchors(self, key: TermKey | None = None) -> dict[str, Tensor]:
+        """{name: θ*} of the term ``key``; with no key, of the one quadratic the penalty evaluates
+        (online: the merged term; separate: the Fisher-weighted mean anchor θ̄ of all terms).
+
+        The stored tensors, on the parameters' devices, not copies: read them, do not modify them.
+        Empty before the first consolidation (with no key).
+        """
+        return self._read("anchor", key)
+
+    def precisions(self, key: TermKey | None = None) -> dict[str, Tensor]:
+        """{name: F} of the term ``key`` (the Fisher, Ω for SI/MAS, ones for L2); with no key, the
+        precision the penalty applies (online: the merged F; separate: Σ_k F_k). Stored tensors,
+        not copies, as for :meth:`anchors`."""
+        return self._read("fisher", key)
+
+    def _read(self, part: str, key: TermKey | None) -> dict[str, Tensor]:
+        merged = self._current_merged()  # follows a model moved to another device or dtype
+        if key is None:
+            return {t.name: getattr(t, part) for t in merged}
+        return dict(self._tasks[self._index(key, "")][part])
+
+    def memory_bytes(self) -> int:
+        """Bytes of the stored terms' anchors and precisions (what :meth:`state_dict` holds)."""
+        return sum(
+            t.numel() * t.element_size() for task in self._tasks for d in task.values() for t in d.values()
+        )
 
     def _merge_online(
         self, anchor: dict[str, Tensor], fisher: dict[str, Tensor], named: dict[str, Tensor]
-    ) -> Task:
+    ) -> Term:
         """F ← γ·F_old + F_new and θ* ← the current parameters, for the union of both names."""
         if not self._tasks:
             return {"anchor": anchor, "fisher": fisher}
@@ -320,7 +428,7 @@ class _AnchoredPenalty:
                 merged_f[name], merged_a[name] = f_new, anchor[name]
         return {"anchor": merged_a, "fisher": merged_f}
 
-    def _build(self, tasks: list[Task], *, copy: bool = False) -> tuple[list[_Term], float, list[Task]]:
+    def _build(self, tasks: list[Term], *, copy: bool = False) -> tuple[list[_Merged], float, list[Term]]:
         """Resolve every stored name in the model and merge the tasks into one quadratic.
 
         Returns the terms, the constant C (``separate``) and the tasks with their tensors moved
@@ -328,7 +436,7 @@ class _AnchoredPenalty:
         parameter that is missing from the model or whose shape changed.
         """
         named = dict(self._model.named_parameters(remove_duplicate=False))
-        moved: list[Task] = [{"anchor": {}, "fisher": {}} for _ in tasks]
+        moved: list[Term] = [{"anchor": {}, "fisher": {}} for _ in tasks]
         per_name: dict[str, list[tuple[Tensor, Tensor]]] = {}
         for k, task in enumerate(tasks):
             for name, a in task["anchor"].items():
@@ -345,7 +453,7 @@ class _AnchoredPenalty:
                 f = f.detach().to(device=p.device, dtype=p.dtype, copy=copy)
                 moved[k]["anchor"][name], moved[k]["fisher"][name] = a, f
                 per_name.setdefault(name, []).append((a, f))
-        terms: list[_Term] = []
+        terms: list[_Merged] = []
         const = 0.0
         for name, pairs in per_name.items():
             p = named[name]
@@ -357,15 +465,15 @@ class _AnchoredPenalty:
             else:
                 anchor, fisher, c = _merge_separate(pairs)
                 const += c
-            terms.append(_Term(name, path, p, anchor, fisher))
+            terms.append(_Merged(name, path, p, anchor, fisher))
         return terms, const, moved
 
     # -- the penalty -----------------------------------------------------------------------
 
-    def _current_terms(self) -> list[_Term]:
+    def _current_merged(self) -> list[_Merged]:
         """The terms, re-resolved if the model's parameters were replaced, moved or reshaped."""
         named: dict[str, Tensor] | None = None
-        for t in self._terms:
+        for t in self._merged:
             if t.path is not None:
                 p = _lookup(self._model, t.path)
             else:
@@ -378,14 +486,14 @@ class _AnchoredPenalty:
                 or p.device != t.anchor.device
                 or p.dtype != t.anchor.dtype
             ):
-                self._terms, self._const, self._tasks = self._build(self._tasks)
+                self._merged, self._const, self._tasks = self._build(self._tasks)
                 break
-        return self._terms
+        return self._merged
 
     def _penalty_lists(self) -> tuple[list[Tensor], ...]:
         """Per-parameter (params, anchors, fishers, diff buffers, zeros), built once per set of
         terms (any consolidation, load or parameter change makes a new list of terms)."""
-        terms = self._current_terms()
+        terms = self._current_merged()
         if self._lists is None or self._lists[0] is not terms:
             for t in terms:
                 if t.diff is None or t.zero is None:
@@ -404,7 +512,7 @@ class _AnchoredPenalty:
         θ − θ* into a preallocated buffer and λ·F·(θ − θ*), which is the gradient, into a fresh
         tensor (see :class:`_QuadraticPenalty`).
         """
-        if not self._terms:
+        if not self._merged:
             first = next(self._model.parameters(), None)
             return torch.zeros((), device=first.device if first is not None else None)
         params, anchors, fishers, diffs, zeros = self._penalty_lists()
@@ -423,8 +531,8 @@ class _AnchoredPenalty:
         """Everything needed to rebuild the regulariser, as plain dicts, lists and tensors.
 
         ``{"format", "class", "config", "num_tasks", "tasks": [{"anchor": {name: T},
-        "fisher": {name: T}}, ...]}``; ``online`` keeps a single merged entry. The tensors are
-        the stored ones (not copies): do not modify them in place.
+        "fisher": {name: T}}, ...], "keys": [key of each task]}``; ``online`` keeps a single
+        merged entry. The tensors are the stored ones (not copies): do not modify them in place.
         """
         return {
             "format": FORMAT,
@@ -432,6 +540,7 @@ class _AnchoredPenalty:
             "config": self._config(),
             "num_tasks": self._num_tasks,
             "tasks": [{"anchor": dict(t["anchor"]), "fisher": dict(t["fisher"])} for t in self._tasks],
+            "keys": list(self._keys),
         }
 
     @classmethod
@@ -440,8 +549,8 @@ class _AnchoredPenalty:
         if not isinstance(state, Mapping):
             raise ValueError(f"state must be a dict, got {type(state).__name__}")
         expected = {"format", "class", "config", "num_tasks", "tasks"}
-        if set(state) != expected:
-            raise ValueError(f"state keys {sorted(map(str, state))} != {sorted(expected)}")
+        if set(state) - {"keys"} != expected:  # states saved before term keys have no "keys"
+            raise ValueError(f"state keys {sorted(map(str, state))} != {sorted(expected | {'keys'})}")
         if state["format"] != FORMAT:
             raise ValueError(f"unsupported state format {state['format']!r}; expected {FORMAT!r}")
         if state["class"] != cls._KIND:
@@ -471,11 +580,12 @@ class _AnchoredPenalty:
                 f"online state must hold one merged task when num_tasks > 0 and none "
                 f"otherwise; got {len(tasks)} entries for num_tasks={num_tasks}"
             )
-        checked = [_check_task(t, k) for k, t in enumerate(tasks)]
+        checked = [_check_task(t, f"task {k}") for k, t in enumerate(tasks)]
+        keys = _check_keys(state.get("keys"), len(tasks), num_tasks)
         terms, const, moved = self._build(checked, copy=True)
         self._config_from(probe)
-        self._tasks, self._terms, self._const = moved, terms, const
-        self._num_tasks = num_tasks
+        self._tasks, self._merged, self._const = moved, terms, const
+        self._keys, self._num_tasks = keys, num_tasks
 
     def _config_from(self, other: Self) -> None:
         """Adopt the settings of ``other`` (an instance built from a loaded config)."""
@@ -495,6 +605,21 @@ class _AnchoredPenalty:
         return obj
 
 
+def _check_keys(keys: Any, n_terms: int, num_tasks: int) -> list[TermKey]:
+    """Saved term keys: one distinct int or str per stored term. Absent (a state saved before
+    keys existed): the keys the old code implied, 0..n-1, or num_tasks - 1 for a merged term."""
+    if keys is None:
+        return [num_tasks - 1] if n_terms == 1 else list(range(n_terms))
+    if not isinstance(keys, list) or len(keys) != n_terms:
+        raise ValueError(f"state 'keys' must be a list of one key per task ({n_terms}), got {keys!r}")
+    for key in keys:
+        if isinstance(key, bool) or not isinstance(key, int | str):
+            raise ValueError(f"state 'keys': a term key must be an int or a str, got {key!r}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"state 'keys' has duplicates: {keys}")
+    return list(keys)
+
+
 def _check_precision(f: Tensor, name: str) -> None:
     if not f.is_floating_point():
         raise ValueError(f"Fisher of parameter {name!r} must be a floating-point tensor")
@@ -504,31 +629,34 @@ def _check_precision(f: Tensor, name: str) -> None:
         raise ValueError(f"Fisher of parameter {name!r} has negative values")
 
 
-def _check_task(task: Mapping[str, Any], k: int) -> Task:
-    """Type checks of one stored task: matching anchor/fisher names, finite tensors, F >= 0."""
+def _check_task(task: Any, what: str) -> Term:
+    """Type checks of one stored term (``what`` names it in errors): matching anchor/fisher
+    names, finite tensors, F >= 0."""
+    if not isinstance(task, Mapping):
+        raise ValueError(f"{what} must be a dict, got {type(task).__name__}")
     if set(task) != {"anchor", "fisher"}:
-        raise ValueError(f"task {k} must have keys ['anchor', 'fisher'], got {sorted(task)}")
+        raise ValueError(f"{what} must have keys ['anchor', 'fisher'], got {sorted(task)}")
     anchor, fisher = task["anchor"], task["fisher"]
     if not isinstance(anchor, Mapping) or not isinstance(fisher, Mapping):
-        raise ValueError(f"task {k}: 'anchor' and 'fisher' must be dicts of tensors")
+        raise ValueError(f"{what}: 'anchor' and 'fisher' must be dicts of tensors")
     if set(anchor) != set(fisher):
         raise ValueError(
-            f"task {k}: anchor and fisher name different parameters: "
+            f"{what}: anchor and fisher name different parameters: "
             f"{sorted(set(anchor) ^ set(fisher), key=str)}"
         )
     if not anchor:
-        raise ValueError(f"task {k} is empty")
+        raise ValueError(f"{what} is empty")
     for name in anchor:
         a, f = anchor[name], fisher[name]
         if not isinstance(a, Tensor) or not isinstance(f, Tensor):
-            raise ValueError(f"task {k}: anchor and fisher of {name!r} must be tensors")
+            raise ValueError(f"{what}: anchor and fisher of {name!r} must be tensors")
         if a.shape != f.shape:
             raise ValueError(
-                f"task {k}: anchor and fisher of {name!r} have different shapes "
+                f"{what}: anchor and fisher of {name!r} have different shapes "
                 f"{tuple(a.shape)} and {tuple(f.shape)}"
             )
         if not a.is_floating_point() or not bool(torch.isfinite(a).all()):
-            raise ValueError(f"task {k}: anchor of {name!r} must be finite floating-point")
+            raise ValueError(f"{what}: anchor of {name!r} must be finite floating-point")
         _check_precision(f, name)
     return {"anchor": dict(anchor), "fisher": dict(fisher)}
 
@@ -621,14 +749,19 @@ class EWC(_AnchoredPenalty):
         *,
         fisher_diag: Mapping[str, Tensor] | None = None,
         generator: torch.Generator | None = None,
+        key: TermKey | None = None,
     ) -> dict[str, Tensor]:
         """End of a task: anchor the current parameters with their diagonal Fisher on ``data``.
 
         ``data`` is anything :func:`ewc.fisher.diagonal_fisher` accepts (``generator`` is passed
         on for ``fisher="sample"``). Alternatively pass a precomputed ``fisher_diag``
-        ``{name: F}`` (names of the model's parameters, F >= 0); parameters it leaves out are
-        not anchored. Returns this task's Fisher (``online`` merges it into the stored one).
+        ``{name: F}`` (names of the model's parameters, F >= 0; any precision computed
+        elsewhere, e.g. a normalised policy Fisher or SI/MAS importances); parameters it leaves
+        out are not anchored. ``key`` names the new term (default: the running task count; in
+        ``separate`` mode a key in use is a ValueError). Returns this task's Fisher (``online``
+        merges it into the stored one).
         """
+        self._new_key(key)  # a bad or duplicate key fails before the Fisher is computed
         if fisher_diag is None:
             if data is None:
                 raise ValueError(
@@ -646,7 +779,7 @@ class EWC(_AnchoredPenalty):
             )
         elif data is not None:
             raise ValueError("pass either data or fisher_diag to consolidate, not both")
-        self._add_task(fisher_diag)
+        self._add_task(fisher_diag, key)
         return {name: f.detach() for name, f in fisher_diag.items()}
 
 
@@ -661,8 +794,9 @@ class L2(_AnchoredPenalty):
     ) -> None:
         super().__init__(model, lam, mode, gamma)
 
-    def consolidate(self, data: Any = None) -> dict[str, Tensor]:
-        """Anchor every parameter that requires grad at its current value; ``data`` is ignored."""
+    def consolidate(self, data: Any = None, *, key: TermKey | None = None) -> dict[str, Tensor]:
+        """Anchor every parameter that requires grad at its current value; ``data`` is ignored.
+        ``key`` names the new term, as for :meth:`EWC.consolidate`."""
         ones = {
             n: torch.ones_like(p, memory_format=torch.contiguous_format).detach()
             for n, p in self._model.named_parameters()
@@ -670,5 +804,5 @@ class L2(_AnchoredPenalty):
         }
         if not ones:
             raise ValueError("the model has no parameters that require grad")
-        self._add_task(ones)
+        self._add_task(ones, key)
         return ones

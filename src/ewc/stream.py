@@ -12,15 +12,15 @@ batches whose task boundaries nobody announces. Every ``partial_fit(x, y)``:
 3. takes one optimiser step on ``(x, y)`` through the method hooks, in the trainer's order
    (``loss`` → ``backward`` → ``after_backward`` → ``step`` → ``after_step``).
 
-**A returning task's own constraint.** With EWC or L2 in ``separate`` mode (alone or inside a
-:class:`ewc.methods.Compose`), each inferred task owns at most one quadratic: when a task returns,
-its own earlier term is removed from the penalty (through the penalty's public
-``state_dict``/``load_state_dict``), so it does not pull the task back towards its old solution
-while it learns more of itself; when the task ends again it is consolidated afresh at its new
-parameters. The other tasks' terms stay. Merged penalties (online EWC, SI, MAS) cannot subtract one
-task's share: there a returning task keeps its old share in the quadratic while it trains, and
-re-consolidation on leave merges it again (online-EWC semantics: the anchor moves to the latest
-parameters). Replay stores each segment's samples when it ends.
+**A returning task's own constraint.** When a task returns the learner calls
+``method.forget_task(index)``. With EWC or L2 in ``separate`` mode (alone or inside a
+:class:`ewc.methods.Compose`), each inferred task owns at most one quadratic, keyed by its id:
+``forget_task`` drops it, so it does not pull the task back towards its old solution while it
+learns more of itself; when the task ends again it is consolidated afresh at its new parameters.
+The other tasks' terms stay. Merged penalties (online EWC, SI, MAS) cannot subtract one task's
+share (their ``forget_task`` does nothing): there a returning task keeps its old share in the
+quadratic while it trains, and re-consolidation on leave merges it again (online-EWC semantics:
+the anchor moves to the latest parameters). Replay stores each segment's samples when it ends.
 
 **Tentative ids.** A new id from the detector is tentative; if the detector retracts it (the next
 batch went elsewhere), the learner drops that id's samples and does not consolidate it. The task
@@ -101,12 +101,6 @@ class StreamLearner:
         opt_class = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
         self.optimizer: torch.optim.Optimizer = opt_class(params, lr=self.lr)
         self.method.setup(model, Scenario.shared(num_classes))
-        parts = method.methods if isinstance(method, Compose) else (method,)
-        # parts whose penalty keeps one term per task: {part index: [owner task id of each term]}
-        self._separate = {
-            i: m for i, m in enumerate(parts) if isinstance(m, L2Method) and m.reg.mode == "separate"
-        }
-        self.owners: dict[int, list[int]] = {i: [] for i in self._separate}
         self.current = -1
         self.consolidations: list[int] = []  # task ids passed to after_task, in order
         self.n_batches = 0
@@ -160,11 +154,7 @@ class StreamLearner:
         if self.current < 0 or self._buf_x is None or self._buf_y is None:
             self._clear()
             return
-        before = {i: m.reg.num_tasks for i, m in self._separate.items()}
         self.method.after_task(self.current, self._task(self.current, self._buf_x, self._buf_y))
-        for i, m in self._separate.items():
-            if m.reg.num_tasks == before[i] + 1:
-                self.owners[i].append(self.current)
         self.consolidations.append(self.current)
         self._clear()
 
@@ -172,16 +162,9 @@ class StreamLearner:
         self._buf_x = self._buf_y = None
 
     def _start_task(self, index: int, x: Tensor, y: Tensor) -> None:
-        """Activate ``index``: drop its own separate-mode terms, then ``method.before_task``."""
-        for i, m in self._separate.items():
-            owned = self.owners[i]
-            if index in owned:
-                state = m.reg.state_dict()
-                keep = [k for k, o in enumerate(owned) if o != index]
-                state["tasks"] = [state["tasks"][k] for k in keep]
-                state["num_tasks"] = len(keep)
-                m.reg.load_state_dict(state)
-                self.owners[i] = [owned[k] for k in keep]
+        """Activate ``index``: ``method.forget_task`` (a returning task drops its own terms), then
+        ``method.before_task``."""
+        self.method.forget_task(index)
         self.method.before_task(index, self._task(index, x, y))
         self.current = index
 
@@ -279,7 +262,6 @@ class StreamLearner:
             "detector": self.detector.state_dict(),
             "buffer": None if self._buf_x is None else (self._buf_x.clone(), self._buf_y.clone()),  # type: ignore[union-attr]
             "current": self.current,
-            "owners": {str(i): list(o) for i, o in self.owners.items()},
             "consolidations": list(self.consolidations),
             "n_batches": self.n_batches,
             "given_ids": self._given,
@@ -292,23 +274,34 @@ class StreamLearner:
             raise ValueError(f"not a StreamLearner state (expected format {FORMAT!r})")
         if state["config"] != {"memory": self.memory, "lr": self.lr, "optimizer": self.optimizer_name}:
             raise ValueError(f"state was saved with config {state['config']}, this learner differs")
-        owners = {int(i): [int(t) for t in o] for i, o in state["owners"].items()}
-        if set(owners) != set(self.owners):
-            raise ValueError("state's separate-penalty parts do not match this learner's method")
         self.model.load_state_dict(state["model"])  # before the method: SI reads the parameters
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
+        if "owners" in state:  # saved before penalty terms had keys: key each term by its owner
+            self._key_terms_by_owner(state["owners"])
         self.detector.load_state_dict(state["detector"])
         buf = state["buffer"]
         self._buf_x, self._buf_y = (None, None) if buf is None else (buf[0].clone(), buf[1].clone())
         self.current = int(state["current"])
-        self.owners = owners
         self.consolidations = [int(t) for t in state["consolidations"]]
         self.n_batches = int(state["n_batches"])
         given = state.get("given_ids")
         self._given = None if given is None else bool(given)
         fs = state["feature_shape"]
         self._feature_shape = None if fs is None else tuple(int(d) for d in fs)
+
+    def _key_terms_by_owner(self, owners: dict[str, list[int]]) -> None:
+        """Old states kept {part index: [task id owning each term]} beside penalties whose terms
+        were keyed 0, 1, ...: rekey each term by its owning task (pop all, restore in order, which
+        leaves the penalty bit-identical)."""
+        parts = self.method.methods if isinstance(self.method, Compose) else (self.method,)
+        for i, owned in owners.items():
+            part = parts[int(i)]
+            if not isinstance(part, L2Method) or len(part.reg.keys) != len(owned):
+                raise ValueError("state's separate-penalty parts do not match this learner's method")
+            terms = [part.reg.pop(k) for k in part.reg.keys]
+            for task, term in zip(owned, terms, strict=True):
+                part.reg.restore(int(task), term)
 
     def __repr__(self) -> str:
         return (

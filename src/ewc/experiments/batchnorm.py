@@ -205,9 +205,8 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
         res = run_method(tasks, "ewc", train_config(config, batchnorm=bn, lam=fixed))
         runs[c]["ewc_fixed"] = {"lam": fixed, **run_summary(res)}
         runs[c].setdefault("ewc_chosen", dict(runs[c]["ewc_fixed"]))
-        fisher[c] = fisher_summary(
-            res["method"].state_dict()["tasks"][0]["fisher"], res["model"], config.bins
-        )
+        reg = res["method"].reg
+        fisher[c] = fisher_summary(reg.precisions(reg.keys[0]), res["model"], config.bins)
         if bn:
             runs[c]["ewc_fixed"]["own_statistics_final"] = own_statistics_accuracy(res["model"], tasks)
 

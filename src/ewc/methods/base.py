@@ -95,6 +95,11 @@ class Method:
     def after_task(self, index: int, task: Task) -> None:
         """Called after the last update on a task (consolidation goes here)."""
 
+    def forget_task(self, index: int) -> None:
+        """Called when task ``index``, already ended once, starts training again (a stream's
+        returning task), before ``before_task``: drop what the method keeps of that task alone
+        that would pull it back to its old solution. No-op by default."""
+
     def memory_bytes(self) -> int:
         """Bytes this method keeps between tasks (anchors, importances, samples); 0 for none."""
         return 0

@@ -81,6 +81,10 @@ class Compose(Method):
         for m in self.methods:
             m.after_task(index, task)
 
+    def forget_task(self, index: int) -> None:
+        for m in self.methods:
+            m.forget_task(index)
+
     def memory_bytes(self) -> int:
         return sum(m.memory_bytes() for m in self.methods)
 

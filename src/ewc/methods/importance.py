@@ -22,7 +22,6 @@ from ewc.methods.base import Batch, Method, check_number, check_state_keys
 from ewc.methods.registry import MethodSpec, register
 from ewc.penalty import EWC
 from ewc.scenario import Scenario
-from ewc.state import tensor_bytes
 
 
 class _Importance(Method):
@@ -32,11 +31,10 @@ class _Importance(Method):
 
     def importance(self) -> dict[str, Tensor]:
         """The cumulative Ω (empty before the first task ends)."""
-        stored = self.reg.state_dict()["tasks"]
-        return dict(stored[0]["fisher"]) if stored else {}
+        return self.reg.precisions()
 
     def memory_bytes(self) -> int:
-        return tensor_bytes(self.reg.state_dict()["tasks"])
+        return self.reg.memory_bytes()
 
 
 class SIMethod(_Importance):
@@ -96,8 +94,7 @@ class SIMethod(_Importance):
     @torch.no_grad()
     def after_backward(self) -> None:
         """Keep the task-loss gradient: p.grad minus the penalty's gradient 2c·Ω·(θ − θ*)."""
-        stored = self.reg.state_dict()["tasks"]
-        anchor, omega = (stored[0]["anchor"], stored[0]["fisher"]) if stored else ({}, {})
+        anchor, omega = self.reg.anchors(), self.reg.precisions()  # the live θ* and Ω, not copies
         for n, p in self.params.items():
             if p.grad is None:
                 self._grad.pop(n, None)

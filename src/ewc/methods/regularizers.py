@@ -1,4 +1,12 @@
-"""Methods that add a quadratic anchor penalty: L2 (F ≡ 1), EWC (separate) and online EWC."""
+"""Methods that add a quadratic anchor penalty: L2 (F ≡ 1), EWC (separate) and online EWC.
+
+Each task's term is keyed by the task's index. In ``separate`` mode a task owns at most one term:
+:meth:`~L2Method.forget_task` drops it when the task returns (so it does not pull the task back to
+its old solution while it learns more of itself) and ``after_task`` consolidates it afresh; ending
+a task that still owns a term is an error. ``online`` merges every task into one term, from which
+one task's share cannot be removed: there ``forget_task`` does nothing and a returning task's
+re-consolidation merges again.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,6 @@ from ewc.methods.base import Batch, Method
 from ewc.methods.registry import MethodSpec, register
 from ewc.penalty import EWC, L2
 from ewc.scenario import Scenario
-from ewc.state import tensor_bytes
 
 
 class L2Method(Method):
@@ -31,10 +38,15 @@ class L2Method(Method):
 
     def memory_bytes(self) -> int:
         """Anchors and importances kept between tasks."""
-        return tensor_bytes(self.reg.state_dict())
+        return self.reg.memory_bytes()
 
     def after_task(self, index: int, task: Task) -> None:
-        self.reg.consolidate()
+        self.reg.consolidate(key=index)
+
+    def forget_task(self, index: int) -> None:
+        """``separate``: drop the returning task's own term (if it has one); ``online``: nothing."""
+        if self.reg.mode == "separate" and index in self.reg.keys:
+            self.reg.drop(index)
 
     def state_dict(self) -> dict[str, Any]:
         return self.reg.state_dict()
@@ -80,7 +92,7 @@ class EWCMethod(L2Method):
         )
 
     def after_task(self, index: int, task: Task) -> None:
-        self.reg.consolidate((task.x_train, task.y_train))
+        self.reg.consolidate((task.x_train, task.y_train), key=index)
 
 
 #: EWC's parameters and the run settings (``--lam``, ``--gamma``, ``--fisher``, ...) they come from

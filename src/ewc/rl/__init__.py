@@ -1,9 +1,10 @@
 """Continual reinforcement learning: a DQN agent with EWC over a sequence of MinAtar games.
 
 ``env`` (padded MinAtar games, full action set), ``qnet`` (Q-network with per-task gains and
-biases), ``replay`` (per-task circular buffers), ``agent`` (``DQNConfig``, ``Agent``,
-``train_sequence``), ``protocol`` (schedule, normalised scores, forgetting, reference cache of
-``ewc rl``), ``perturb`` (the Fisher perturbation test). Needs the optional ``minatar`` package
+biases), ``replay`` (per-task circular buffers), ``config`` (``DQNConfig``), ``consolidation``
+(the policy Fisher EWC anchors with), ``dqn`` (``Agent``), ``agent`` (every public name above,
+and ``train_sequence``), ``protocol`` (schedule, normalised scores, forgetting, reference cache of
+``ewc rl``) and ``perturb`` (the Fisher perturbation test). Needs the optional ``minatar`` package
 (``pip install 'ewc[rl]'``, or ``pip install --no-deps minatar`` without its GUI dependencies).
 See docs/rl.md.
 """

@@ -1,0 +1,484 @@
+"""The continual DQN agent for a sequence of MinAtar games in one network (EWC paper, RL section).
+
+One :class:`~ewc.rl.qnet.QNetwork` plays every game. Each task context ``t`` has its own gains
+and biases, its own replay buffer and (after a long enough visit) its own EWC term on the shared
+parameters. The context is the game's index in :data:`~ewc.rl.env.GAMES` with
+``true_task_labels``, otherwise the id a :class:`~ewc.taskid.TaskDetector` gives each block of
+``detect_every`` consecutive observations (the paper inferred it with a Forget-Me-Not process).
+
+Learning (per env step, :meth:`Agent.step`): ε-greedy action in the current context (ε decays
+linearly from ``eps_start`` to ``eps_end`` over ``eps_decay_steps`` steps, restarting at every
+visit of a game) -> transition stored in the context's replay -> every ``train_every`` steps, once
+the context's buffer holds ``learning_starts`` transitions, one Adam step on
+
+    Huber(Q(s, a; t) - [r + γ (1 - done) Q_target(s', argmax_a' Q(s', a'; t); t)]) + EWC penalty
+
+on a batch from that buffer (Double DQN; plain max with ``double_dqn=False``), gradient norm
+clipped; the target network is copied every ``target_update`` env steps.
+
+EWC (:meth:`Agent.end_visit`): every context that received at least ``ewc_min_steps`` transitions
+during the visit is consolidated: anchor = current shared parameters, precision = the diagonal
+Fisher of the Boltzmann policy softmax(Q(s; t)/τ) on ``fisher_samples`` states of its replay
+buffer with its own gains/biases active, divided by its mean over the shared parameters (mean 1;
+see docs/rl.md). Per-task gains and biases are never anchored. In ``separate`` mode a context owns
+at most one term: when it becomes active again its term is set aside (it would pull the task back
+to its old solution while it learns more of itself); at the end of the visit it is consolidated
+afresh, or, if it got fewer than ``ewc_min_steps`` transitions, its old term is put back.
+
+Checkpoints (:meth:`Agent.save` / :meth:`Agent.load`) hold networks, optimiser, EWC terms,
+detector, replay buffers, counters and the RNG state. The game's internal state is not saved: a
+resumed run starts a fresh episode (seeded by the episode counter), so a run saved at an episode
+boundary continues exactly as it would have without the interruption.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ewc.penalty import EWC, Term
+from ewc.rl.config import DQNConfig, derive_seed
+from ewc.rl.consolidation import policy_fisher
+from ewc.rl.env import GAMES, NUM_ACTIONS, OBS_SIZE, Game, block_features, check_game, max_channels
+from ewc.rl.qnet import QNetwork
+from ewc.rl.replay import TaskReplay
+from ewc.state import PathLike, atomic_save, safe_load
+from ewc.taskid import TaskDetector
+
+__all__ = ["FORMAT", "Agent", "td_targets"]
+
+FORMAT = "ewc.rl.agent/1"
+
+
+@torch.no_grad()
+def td_targets(
+    online: Callable[[Tensor, int], Tensor],
+    target: Callable[[Tensor, int], Tensor],
+    next_obs: Tensor,
+    rewards: Tensor,
+    dones: Tensor,
+    task: int,
+    gamma: float,
+    double: bool = True,
+) -> Tensor:
+    """r + γ (1 − done) Q_target(s', a*; t) with a* = argmax Q_online(s'; t) (Double DQN) or the
+    target's own argmax (``double=False``, i.e. max_a Q_target)."""
+    q_target = target(next_obs, task)
+    if double:
+        best = online(next_obs, task).argmax(1, keepdim=True)
+        q_next = q_target.gather(1, best).squeeze(1)
+    else:
+        q_next = q_target.max(1).values
+    return rewards + gamma * (1.0 - dones) * q_next
+
+
+# -------------------------------------------------------------------------------- the agent
+
+
+class Agent:
+    """DQN + EWC + per-task gains/biases and replay over MinAtar games (see the module doc).
+
+    Typical use: ``begin_visit(game)``, ``step()`` repeatedly, ``end_visit()``; ``evaluate`` at any
+    time between steps (it does not touch the training RNG or the game in progress).
+    """
+
+    def __init__(self, config: DQNConfig) -> None:
+        if not isinstance(config, DQNConfig):
+            raise ValueError(f"config must be a DQNConfig, got {type(config).__name__}")
+        c = self.config = config
+        self.obs_shape = (max_channels(), OBS_SIZE, OBS_SIZE)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            self.qnet = QNetwork(self.obs_shape[0], NUM_ACTIONS, c.max_tasks, c.conv_channels, c.hidden)
+        self.device = torch.device(c.device)
+        self.qnet.to(self.device)
+        self.target = copy.deepcopy(self.qnet).requires_grad_(False)
+        # fused: one kernel over all tensors, ~3x faster than the default loop for this small net
+        self.optimizer = torch.optim.Adam(self.qnet.parameters(), lr=c.lr, eps=c.adam_eps, fused=True)
+        self._params = list(self.qnet.parameters())
+        self.ewc = EWC(self.qnet, lam=c.ewc_lam, mode=c.ewc_mode, gamma=c.ewc_gamma)
+        self.detector = (
+            None
+            if c.true_task_labels
+            else TaskDetector(
+                max_tasks=c.max_tasks,
+                seed=c.seed,
+                temperature=c.detector_temperature,
+                hazard=c.detector_hazard,
+                kappa0=c.detector_kappa0,
+                proj_dim=None,
+            )
+        )
+        self.replay = TaskReplay(c.replay_capacity, self.obs_shape)
+        self.gen = torch.Generator().manual_seed(c.seed)
+        self.set_aside: dict[int, Term] = {}  # separate mode: terms of contexts active in this visit
+        self.consolidations: list[int] = []  # contexts consolidated, in order
+        self.env_steps = self.updates = self.episodes = self.visits = 0
+        self.last_loss = math.nan
+        # the visit in progress
+        self.game: Game | None = None
+        self.game_name: str | None = None
+        self.visit_steps = 0
+        self.context = -1  # -1: not known yet (inferred labels, first block of a visit)
+        self.context_steps: dict[int, int] = {}  # transitions stored per context in this visit
+        self.obs: Tensor | None = None  # None: the next step starts an episode
+        self.episode_return = 0.0
+        self.pending: list[tuple[Tensor, int, float, Tensor, bool]] = []  # block awaiting its task id
+
+    # -- acting -------------------------------------------------------------------------------
+
+    def epsilon(self) -> float:
+        """ε of the current visit's linear schedule."""
+        c = self.config
+        frac = min(1.0, self.visit_steps / c.eps_decay_steps)
+        return c.eps_start + frac * (c.eps_end - c.eps_start)
+
+    @torch.no_grad()
+    def act(
+        self,
+        obs: Tensor,
+        epsilon: float,
+        context: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> int:
+        """ε-greedy action for one observation ``[C, 10, 10]`` in ``context`` (default: current)."""
+        gen = self.gen if generator is None else generator
+        if float(torch.rand((), generator=gen)) < epsilon:
+            return int(torch.randint(NUM_ACTIONS, (), generator=gen))
+        ctx = self._acting_context() if context is None else context
+        return int(self.qnet(obs.unsqueeze(0).to(self.device), ctx).argmax(1))
+
+    def _acting_context(self) -> int:
+        """The current context; before the first block of a visit is labelled (inferred labels),
+        the known task that best explains the visit's observations so far (0 if none is known)."""
+        if self.context >= 0:
+            return self.context
+        seen = [t[0] for t in self.pending] + ([self.obs] if self.obs is not None else [])
+        return self._scored_context(seen)
+
+    # -- visits -------------------------------------------------------------------------------
+
+    def begin_visit(self, game: str) -> None:
+        """Start playing ``game``: new episode on the next step, ε schedule restarted."""
+        check_game(game)
+        if self.game is not None:
+            raise RuntimeError(f"a visit of {self.game_name!r} is in progress: call end_visit() first")
+        self.game_name = game
+        self.game = Game(game, seed=0, sticky_action_prob=self.config.sticky_action_prob)
+        self.visit_steps, self.context_steps, self.obs, self.pending = 0, {}, None, []
+        self.context = -1
+        if self.config.true_task_labels:
+            self._activate(GAMES.index(game))
+
+    def end_visit(self) -> dict[str, Any]:
+        """End the visit: label the last partial block, consolidate each context that got at least
+        ``ewc_min_steps`` transitions, put back the set-aside terms of the others."""
+        if self.game is None:
+            raise RuntimeError("no visit in progress")
+        self._flush()
+        consolidated, restored, skipped = [], [], []
+        for ctx, n in sorted(self.context_steps.items()):
+            if n >= self.config.ewc_min_steps and self.replay.size(ctx) > 0:
+                if self._consolidate(ctx):
+                    consolidated.append(ctx)
+                    self.set_aside.pop(ctx, None)
+                    continue
+                skipped.append(ctx)
+            if ctx in self.set_aside:
+                self.ewc.restore(ctx, self.set_aside.pop(ctx))
+                restored.append(ctx)
+        self.set_aside = {}
+        summary = {
+            "game": self.game_name,
+            "steps": self.visit_steps,
+            "contexts": {str(k): v for k, v in sorted(self.context_steps.items())},
+            "consolidated": consolidated,
+            "restored": restored,
+            "skipped": skipped,
+        }
+        self.game = self.game_name = self.obs = None
+        self.context, self.context_steps, self.visits = -1, {}, self.visits + 1
+        return summary
+
+    def _activate(self, ctx: int) -> None:
+        """Make ``ctx`` the current context; set its own EWC term aside for the rest of the visit."""
+        self.context = ctx
+        self.context_steps.setdefault(ctx, 0)
+        if ctx in self.owners:
+            self.set_aside[ctx] = self.ewc.pop(ctx)
+
+    @property
+    def owners(self) -> list[int]:
+        """``separate`` mode: the context owning each EWC term (its key), oldest first; else []."""
+        return [int(k) for k in self.ewc.keys] if self.config.ewc_mode == "separate" else []
+
+    def _consolidate(self, ctx: int) -> bool:
+        """Anchor the shared parameters with context ``ctx``'s normalised policy Fisher."""
+        states = self.replay.buffer(ctx).observations(self.config.fisher_samples, self.gen)
+        try:
+            fisher = policy_fisher(self.qnet, states, ctx, self.config.fisher_temperature)
+        except ValueError as exc:
+            warnings.warn(f"context {ctx} not consolidated: {exc}", RuntimeWarning, stacklevel=3)
+            return False
+        self.ewc.consolidate(fisher_diag=fisher, key=ctx)  # online: the merged term takes the key
+        self.consolidations.append(ctx)
+        return True
+
+    # -- interaction and learning -------------------------------------------------------------
+
+    def step(self) -> dict[str, Any]:
+        """One env step (starting an episode if needed) and, when due, one update and target copy.
+
+        Returns ``{"reward", "done", "context", "epsilon"}`` and ``"episode_return"`` when an
+        episode ends.
+        """
+        if self.game is None:
+            raise RuntimeError("no visit in progress: call begin_visit(game) first")
+        c = self.config
+        if self.obs is None:
+            self.obs = self.game.reset(seed=derive_seed(c.seed, 1, self.episodes))
+            self.episodes += 1
+            self.episode_return = 0.0
+        eps = self.epsilon()
+        action = self.act(self.obs, eps)
+        next_obs, reward, done = self.game.step(action)
+        self._store(self.obs, action, reward, next_obs, done)
+        self.env_steps += 1
+        self.visit_steps += 1
+        self.episode_return += reward
+        info: dict[str, Any] = {"reward": reward, "done": done, "context": self.context, "epsilon": eps}
+        if done:
+            info["episode_return"] = self.episode_return
+        self.obs = None if done else next_obs
+        ctx = self.context
+        if (
+            ctx >= 0
+            and self.env_steps % c.train_every == 0
+            and self.replay.size(ctx) >= max(c.learning_starts, c.batch_size)
+        ):
+            self._update(ctx)
+        if self.env_steps % c.target_update == 0:
+            self.target.load_state_dict(self.qnet.state_dict())
+        return info
+
+    def _store(self, obs: Tensor, action: int, reward: float, next_obs: Tensor, done: bool) -> None:
+        """True labels: into the context's replay now. Inferred: once the block has its task id."""
+        if self.detector is None:
+            self.replay.add(self.context, obs, action, reward, next_obs, done)
+            self.context_steps[self.context] += 1
+            return
+        self.pending.append((obs, action, reward, next_obs, done))
+        if len(self.pending) >= self.config.detect_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Label the pending block with the detector, store it in that context's replay, switch."""
+        if self.detector is None or not self.pending:
+            return
+        block = block_features(torch.stack([t[0] for t in self.pending]))
+        retracted = self.detector.retracted
+        ctx = self.detector.update(block)
+        if self.detector.retracted != retracted:  # the tentative id we were in did not exist
+            gone = int(self.detector.history[-1]["retracted"])
+            self.replay.clear(gone)
+            self.qnet.reset_task(gone)
+            self.target.reset_task(gone)
+            self.context_steps.pop(gone, None)
+            if gone in self.owners:
+                self.ewc.drop(gone)
+            self.set_aside.pop(gone, None)
+        self._activate(ctx)
+        for t in self.pending:
+            self.replay.add(ctx, *t)
+        self.context_steps[ctx] += len(self.pending)
+        self.pending = []
+
+    def _update(self, ctx: int) -> None:
+        """One Adam step of the Double-DQN Huber loss (+ EWC penalty) on a batch of ``ctx``'s replay."""
+        c = self.config
+        batch = self.replay.buffer(ctx).sample(c.batch_size, self.gen)
+        obs, actions, rewards, next_obs, dones = (t.to(self.device, non_blocking=True) for t in batch)
+        y = td_targets(self.qnet, self.target, next_obs, rewards, dones, ctx, c.gamma, c.double_dqn)
+        q = self.qnet(obs, ctx).gather(1, actions.unsqueeze(1)).squeeze(1)
+        loss = F.huber_loss(q, y, delta=c.huber_delta)
+        total = loss + self.ewc.penalty()
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if math.isfinite(c.grad_clip):
+            params = [p for p in self._params if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        self.last_loss = float(loss.detach())
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        game: str,
+        episodes: int = 10,
+        epsilon: float = 0.05,
+        seed: int = 0,
+        max_steps: int = 27_000,
+        window: int = 1_024,
+    ) -> dict[str, Any]:
+        """Play ``episodes`` of ``game`` without learning; ``{"mean_return", "returns", "contexts"}``.
+
+        Context: the game's index (true labels) or, with inferred labels, the argmax over known
+        tasks of the detector's ``score`` of the episode's last ``window`` observations, re-chosen
+        every ``detect_every`` steps (no detector update). ``contexts`` counts steps per context.
+        Uses its own RNG and game, so training is unaffected.
+        """
+        check_game(game)
+        if episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {episodes!r}")
+        env = Game(game, seed=seed, sticky_action_prob=self.config.sticky_action_prob)
+        gen = torch.Generator().manual_seed(derive_seed(seed, 2))
+        returns: list[float] = []
+        counts: dict[int, int] = {}
+        for ep in range(episodes):
+            obs = env.reset(seed=derive_seed(seed, 3, ep))
+            seen: list[Tensor] = []
+            total, ctx = 0.0, 0
+            for t in range(max_steps):
+                if self.detector is None:
+                    ctx = GAMES.index(game)
+                elif t % self.config.detect_every == 0:
+                    seen = (seen + [obs])[-window:]
+                    ctx = self._scored_context(seen)
+                else:
+                    seen = (seen + [obs])[-window:]
+                counts[ctx] = counts.get(ctx, 0) + 1
+                obs, reward, done = env.step(self.act(obs, epsilon, ctx, gen))
+                total += reward
+                if done:
+                    break
+            returns.append(total)
+        return {
+            "mean_return": float(np.mean(returns)),
+            "returns": returns,
+            "contexts": {str(k): v for k, v in sorted(counts.items())},
+        }
+
+    def _scored_context(self, seen: list[Tensor]) -> int:
+        """The known task that best explains observations ``seen`` (0 before any task exists)."""
+        assert self.detector is not None
+        return max(self.detector.predict(block_features(torch.stack(seen))), 0)
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training, as tensors and plain values (weights_only)."""
+        visit = None
+        if self.game is not None:
+            pending = None
+            if self.pending:
+                pending = {
+                    "obs": torch.stack([t[0] for t in self.pending]),
+                    "actions": torch.tensor([t[1] for t in self.pending]),
+                    "rewards": torch.tensor([t[2] for t in self.pending], dtype=torch.float32),
+                    "next_obs": torch.stack([t[3] for t in self.pending]),
+                    "dones": torch.tensor([t[4] for t in self.pending]),
+                }
+            visit = {
+                "game": self.game_name,
+                "visit_steps": self.visit_steps,
+                "context": self.context,
+                "context_steps": {str(k): v for k, v in self.context_steps.items()},
+                "pending": pending,
+            }
+        return {
+            "format": FORMAT,
+            "config": asdict(self.config),
+            "qnet": {k: v.clone() for k, v in self.qnet.state_dict().items()},
+            "target": {k: v.clone() for k, v in self.target.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "ewc": self.ewc.state_dict(),
+            "set_aside": {str(k): v for k, v in self.set_aside.items()},
+            "consolidations": list(self.consolidations),
+            "detector": None if self.detector is None else self.detector.state_dict(),
+            "replay": self.replay.state_dict(),
+            "rng": self.gen.get_state(),
+            "counters": {
+                "env_steps": self.env_steps,
+                "updates": self.updates,
+                "episodes": self.episodes,
+                "visits": self.visits,
+            },
+            "visit": visit,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (same config); a visit in progress resumes with a new episode."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"not an agent state (expected format {FORMAT!r})")
+        if state["config"] != asdict(self.config):
+            raise ValueError("the state was saved with another DQNConfig")
+        self.qnet.load_state_dict(state["qnet"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ewc.load_state_dict(state["ewc"])
+        if "owners" in state and self.config.ewc_mode == "separate":
+            self._key_terms_by_owner([int(t) for t in state["owners"]])
+        self.set_aside = {int(k): v for k, v in state["set_aside"].items()}
+        self.consolidations = [int(t) for t in state["consolidations"]]
+        if self.detector is not None:
+            self.detector.load_state_dict(state["detector"])
+        self.replay.load_state_dict(state["replay"])
+        self.gen.set_state(state["rng"])
+        counters = state["counters"]
+        self.env_steps, self.updates = int(counters["env_steps"]), int(counters["updates"])
+        self.episodes, self.visits = int(counters["episodes"]), int(counters["visits"])
+        self.game = self.game_name = self.obs = None
+        self.context, self.context_steps, self.pending = -1, {}, []
+        visit = state["visit"]
+        if visit is not None:
+            self.game_name = str(visit["game"])
+            self.game = Game(self.game_name, seed=0, sticky_action_prob=self.config.sticky_action_prob)
+            self.visit_steps = int(visit["visit_steps"])
+            self.context = int(visit["context"])
+            self.context_steps = {int(k): int(v) for k, v in visit["context_steps"].items()}
+            p = visit["pending"]
+            if p is not None:
+                self.pending = [
+                    (
+                        p["obs"][i],
+                        int(p["actions"][i]),
+                        float(p["rewards"][i]),
+                        p["next_obs"][i],
+                        bool(p["dones"][i]),
+                    )
+                    for i in range(p["obs"].shape[0])
+                ]
+
+    def _key_terms_by_owner(self, owners: list[int]) -> None:
+        """Checkpoints saved before penalty terms had keys kept the owners beside terms keyed
+        0, 1, ...: key each term by its context (pop all, restore in order: bit-identical)."""
+        if len(owners) != len(self.ewc.keys):
+            raise ValueError(f"state has {len(self.ewc.keys)} EWC terms but {len(owners)} owners")
+        terms = [self.ewc.pop(k) for k in self.ewc.keys]
+        for ctx, term in zip(owners, terms, strict=True):
+            self.ewc.restore(ctx, term)
+
+    def save(self, path: PathLike) -> None:
+        """:meth:`state_dict` to ``path``, atomically (a crash mid-save keeps the old file)."""
+        atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: PathLike) -> Agent:
+        """An agent rebuilt from :meth:`save` output (weights_only: no code is run)."""
+        state = safe_load(path)
+        known = {f.name for f in fields(DQNConfig)}
+        agent = cls(DQNConfig(**{k: v for k, v in state["config"].items() if k in known}))
+        agent.load_state_dict(state)
+        return agent
