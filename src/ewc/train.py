@@ -23,6 +23,7 @@ from ewc.config import param, validate
 from ewc.data import Task
 from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
+from ewc.methods.regularizers import EWC_DEFAULTS
 from ewc.metrics import accuracy_from_counts, reduce_counts, summarize
 from ewc.models import MODELS, build_model
 from ewc.runtime import setup_runtime
@@ -51,7 +52,7 @@ class TrainConfig:
         choices=SCENARIOS,
         shown="domain when the tasks share their classes, as in permuted; class otherwise",
     )
-    lam: float = param(100.0, "EWC strength λ (penalty λ/2·ΣF(θ−θ*)²)", check=NON_NEGATIVE)
+    lam: float = param(EWC_DEFAULTS["lam"], "EWC strength λ (penalty λ/2·ΣF(θ−θ*)²)", check=NON_NEGATIVE)
     l2_lam: float | None = param(
         None,
         "L2 strength",
@@ -60,10 +61,15 @@ class TrainConfig:
         fallback="lam",
         shown="--lam",
     )
-    gamma: float = param(1.0, "online EWC decay γ in (0, 1]", check=Interval(float, 0, 1, closed="right"))
-    fisher: str = param("exact", "Fisher mode", choices=FISHER_MODES)
+    gamma: float = param(
+        EWC_DEFAULTS["gamma"], "online EWC decay γ in (0, 1]", check=Interval(float, 0, 1, closed="right")
+    )
+    fisher: str = param(EWC_DEFAULTS["fisher"], "Fisher mode", choices=FISHER_MODES)
     fisher_samples: int | None = param(
-        1000, "samples per task for the Fisher", type=int, check=Interval(int, 1, allow_none=True)
+        EWC_DEFAULTS["fisher_samples"],
+        "samples per task for the Fisher",
+        type=int,
+        check=Interval(int, 1, allow_none=True),
     )
     eval_every: int = param(50, "mini-batches between evaluations of every task", check=POSITIVE_INT)
     curve_samples: int = param(500, "test samples per task used for the curves", check=POSITIVE_INT)

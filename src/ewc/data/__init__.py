@@ -6,7 +6,7 @@ ds = load_dataset("mnist-10k")            # embedded, no download
 tasks = make_sequence(ds, "permuted", 5, seed=0)
 """
 
-from ewc.data.datasets import DATASETS, Dataset, load_dataset
+from ewc.data.datasets import DATASETS, Dataset, DatasetSpec, load_dataset, register_dataset
 from ewc.data.idx import check_pair, read_idx
 from ewc.data.sequences import SEQUENCES, Task, make_sequence, patch_permutation, permute_patch
 from ewc.data.sources import ChecksumError, DataNotFoundError
@@ -17,6 +17,7 @@ __all__ = [
     "ChecksumError",
     "DataNotFoundError",
     "Dataset",
+    "DatasetSpec",
     "Task",
     "check_pair",
     "load_dataset",
@@ -24,4 +25,5 @@ __all__ = [
     "patch_permutation",
     "permute_patch",
     "read_idx",
+    "register_dataset",
 ]

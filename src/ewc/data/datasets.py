@@ -23,29 +23,45 @@ from ewc.data.sources import DEFAULT_TIMEOUT, FILES, find_files, read_verified
 
 __all__ = [
     "DATASETS",
+    "DatasetSpec",
     "MNIST10K_DIGEST",
     "Dataset",
     "array_digest",
     "load_dataset",
     "load_npz_dataset",
+    "register_dataset",
     "stratified_split",
 ]
 
 PathLike = str | os.PathLike[str]
 
-#: ``{name: loader}``: each loader below registers itself with :func:`register_dataset`; a loader
-#: takes the keyword options of :func:`load_dataset` (``root``, ``download``, ``timeout``,
-#: ``mirrors``) and returns a :class:`Dataset`.
-DATASETS: dict[str, Callable[..., Dataset]] = {}
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: its loader and the shapes it declares (checked on every load).
+
+    ``load(root=, download=, timeout=, mirrors=)`` returns a :class:`Dataset`; the keyword
+    options are those of :func:`load_dataset` (only file-based datasets use them).
+    """
+
+    name: str
+    load: Callable[..., Dataset]
+    image_shape: tuple[int, ...]
+    num_classes: int
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
-    """Decorator: make ``loader`` the dataset ``name`` (a clear error for a name taken twice)."""
+#: ``{name: DatasetSpec}``: each loader below registers itself with :func:`register_dataset`.
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(
+    name: str, *, image_shape: tuple[int, ...], num_classes: int
+) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Decorator: make ``loader`` the dataset ``name`` with the shapes it declares."""
 
     def add(loader: Callable[..., Dataset]) -> Callable[..., Dataset]:
-        if name in DATASETS and DATASETS[name] is not loader:
+        if name in DATASETS and DATASETS[name].load is not loader:
             raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = loader
+        DATASETS[name] = DatasetSpec(name, loader, tuple(image_shape), num_classes)
         return loader
 
     return add
@@ -156,7 +172,7 @@ def load_npz_dataset(
         raise ValueError(f"{os.fspath(path)}: {exc}; {hint}") from exc
 
 
-@register_dataset("mnist-10k")
+@register_dataset("mnist-10k", image_shape=(28, 28), num_classes=10)
 def _load_mnist10k(**_: object) -> Dataset:
     """The first 10 000 MNIST training digits, embedded in the package (no download)."""
     ref = importlib.resources.files("ewc.data") / "mnist10k.npz"
@@ -204,14 +220,14 @@ def _load_idx(name: str) -> Callable[..., Dataset]:
         return _load_idx_dataset(name, root=root, download=download, timeout=timeout, mirrors=mirrors)
 
     load.__doc__ = f"{name} from IDX files on disk or a checksummed download (ewc.data.sources)."
-    return register_dataset(name)(load)
+    return register_dataset(name, image_shape=(28, 28), num_classes=10)(load)
 
 
 _load_idx("fashion-mnist")
 _load_idx("mnist")
 
 
-@register_dataset("digits")
+@register_dataset("digits", image_shape=(8, 8), num_classes=10)
 def _load_digits(seed: int = 0, test_fraction: float = 0.2, **_: object) -> Dataset:
     """scikit-learn's 8x8 digits (needs scikit-learn), a stratified seeded train/test split."""
     try:
@@ -243,4 +259,11 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    return DATASETS[name](root=root, download=download, timeout=timeout, mirrors=mirrors)
+    spec = DATASETS[name]
+    dataset = spec.load(root=root, download=download, timeout=timeout, mirrors=mirrors)
+    if dataset.image_shape != spec.image_shape or dataset.num_classes != spec.num_classes:
+        raise ValueError(
+            f"dataset {name!r} loaded images {dataset.image_shape} with {dataset.num_classes} classes; "
+            f"it declares {spec.image_shape} with {spec.num_classes}"
+        )
+    return dataset

@@ -23,6 +23,7 @@ from ewc.data import DATASETS, SEQUENCES, Task, load_dataset, make_sequence
 from ewc.experiments.common import check_out_dir, write_json
 from ewc.methods import METHOD_SPECS, METHODS, make_method
 from ewc.methods.registry import combinations
+from ewc.pool import run_jobs
 from ewc.scenario import Scenario
 from ewc.train import TrainConfig, method_params, run_method
 
@@ -247,14 +248,13 @@ def run_all(specs: list[tuple], jobs: int) -> list[dict[str, Any]]:
     without oversubscribing them. Every run is seeded: with the same thread count (e.g.
     ``--threads 1``) the results do not depend on ``jobs``.
     """
-    if jobs <= 1 or len(specs) <= 1:
-        return [_job(s) for s in specs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    return run_jobs(_job, specs, jobs, for_workers=_one_thread)
 
-    specs = [(k, m, dataclasses.replace(c, threads=1, progress=False), *rest) for k, m, c, *rest in specs]
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(_job, specs))
+
+def _one_thread(spec: tuple) -> tuple:
+    """A job spec as a worker runs it: one torch thread, no progress bar."""
+    key, method, config, *rest = spec
+    return (key, method, dataclasses.replace(config, threads=1, progress=False), *rest)
 
 
 def run_sequence(

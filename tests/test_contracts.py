@@ -1,0 +1,156 @@
+"""Contract tests over the registries: every registered method, dataset and model, whatever its name.
+
+The model is scikit-learn's ``check_estimator``: a new entry in a registry is tested here without a
+line of test code of its own. Methods train two tiny tasks through the real loop, round-trip their
+state and a saved checkpoint, and come back with identical predictions and an identical loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from ewc.checkpoint import load_checkpoint, save_checkpoint
+from ewc.data import DATASETS, DataNotFoundError, Task, load_dataset
+from ewc.methods import METHOD_SPECS, METHODS, Batch, make_method
+from ewc.models import MODELS, build_model
+from ewc.train import TrainConfig, method_params, run_method
+
+CONFIG = TrainConfig(
+    epochs=1,
+    batch_size=16,
+    hidden=(12,),
+    eval_every=4,
+    curve_samples=8,
+    fisher_samples=32,
+    seed=3,
+    threads=1,
+    progress=False,
+    # small memories so that the memory methods store a part of each task, not all of it
+    params={m: {"capacity": 20} for m in METHODS if "capacity" in METHOD_SPECS[m].defaults},
+)
+
+
+def tiny_tasks(n_tasks: int = 2, n: int = 48, dim: int = 10, classes: int = 4) -> list[Task]:
+    """Linearly separable Gaussian blobs per task (a different direction per task), seeded."""
+    gen = torch.Generator().manual_seed(0)
+    tasks = []
+    for t in range(n_tasks):
+        centres = torch.randn(classes, dim, generator=gen) * 3
+        parts = []
+        for size in (n, 16, 16):  # train, validation, test
+            y = torch.arange(size) % classes
+            parts += [centres[y] + torch.randn(size, dim, generator=gen), y]
+        tasks.append(Task(f"t{t}", t, *parts, tuple(range(classes))))
+    return tasks
+
+
+def _state_equal(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_state_equal(u, v) for u, v in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_round_trips_and_reloads(name: str, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    tasks = tiny_tasks()
+    res = run_method(tasks, name, CONFIG)
+    model, method = res.pop("model"), res.pop("method")
+    assert method.name == name
+    matrix = torch.tensor(res["accuracy_matrix"])
+    assert matrix.shape == (2, 2) and bool(((matrix >= 0) & (matrix <= 1)).all())
+    assert res["memory_bytes"] == method.memory_bytes() >= 0
+
+    # state_dict → a fresh learner on a copy of the network: the same state, the same loss
+    state = method.state_dict()
+    twin_model = copy.deepcopy(model)
+    twin = make_method(name, **method_params(name, CONFIG))
+    twin.setup(twin_model, method.scenario)
+    twin.load_state_dict(state)
+    assert _state_equal(twin.state_dict(), state)
+
+    # a saved checkpoint: identical predictions, memory and loss on a batch of the next task
+    path = tmp_path / f"{name}.pt"
+    arch = res["architecture"]
+    params = method_params(name, CONFIG)
+    save_checkpoint(
+        path, model, method, name=name, params=params, scenario=method.scenario, architecture=arch
+    )
+    loaded_model, loaded, scenario = load_checkpoint(path)
+    assert scenario.kind == method.scenario.kind
+    x, y = tasks[1].x_test, tasks[1].y_test
+    model.eval(), loaded_model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded_model(x))
+    assert loaded.memory_bytes() == method.memory_bytes()
+    for net in (model, loaded_model, twin_model):
+        net.train()
+    with torch.no_grad():
+        for net in (model, loaded_model, twin_model):  # move off the anchors: penalties are > 0
+            for p in net.parameters():
+                p.add_(0.01)
+    losses = []
+    for learner, net in ((method, model), (loaded, loaded_model), (twin, twin_model)):
+        torch.manual_seed(0)  # methods that sample (replay) draw the same batch
+        out = net(x)
+        task_loss = torch.nn.functional.cross_entropy(out, y)
+        losses.append(float(learner.loss(task_loss, Batch(x, y, out, 1)).detach()))
+    assert losses[0] == losses[1] == losses[2]
+
+
+def test_every_method_spec_is_complete() -> None:
+    for name in METHODS:
+        spec = METHOD_SPECS[name]
+        assert spec.name == name and spec.label and spec.help and spec.color.startswith("#")
+        assert set(spec.grid) <= set(spec.defaults), f"{name}: a grid names an unknown parameter"
+        assert set(spec.run_params) <= set(spec.defaults), f"{name}: run_params names an unknown parameter"
+        run_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        assert set(spec.run_params.values()) <= run_fields, f"{name}: run_params names an unknown setting"
+        make_method(name, **spec.combinations()[0])  # every grid point builds
+    colours = [METHOD_SPECS[m].color for m in METHODS]
+    assert len(set(colours)) == len(colours), "two methods share a colour"
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_every_dataset_loads_with_its_declared_shapes(name: str) -> None:
+    spec = DATASETS[name]
+    try:
+        ds = load_dataset(name, download=False)
+    except DataNotFoundError as err:  # file-based data that is not on this machine: a clear message
+        assert "not found" in str(err) and name.replace("-", "").lower()[:5] in str(err).lower().replace(
+            "-", ""
+        )
+        return
+    assert ds.name == name
+    assert ds.image_shape == spec.image_shape and tuple(ds.x_train.shape[1:]) == spec.image_shape
+    assert tuple(ds.x_test.shape[1:]) == spec.image_shape
+    assert ds.num_classes == spec.num_classes
+    assert int(ds.y_train.min()) == 0 and int(ds.y_train.max()) == spec.num_classes - 1
+    assert len(ds.x_train) == len(ds.y_train) > 0 and len(ds.x_test) == len(ds.y_test) > 0
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_builds_for_any_input_shape(name: str) -> None:
+    torch.manual_seed(0)
+    for shape in ((28, 28), (1, 28, 28), (20,)):
+        net = build_model(name, shape, 7)
+        out = net(torch.randn(5, *shape))
+        assert out.shape == (5, 7)
+        torch.manual_seed(1)
+        a = build_model(name, shape, 7)
+        torch.manual_seed(1)
+        b = build_model(name, shape, 7)
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(ValueError, match="takes no option"):
+        build_model(name, (4,), 2, no_such_option=1)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("no-such-model", (4,), 2)
