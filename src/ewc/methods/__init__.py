@@ -26,7 +26,10 @@ from ewc.methods.replay import ReplayMethod
 for _module in pkgutil.iter_modules(__path__):  # discovery: a new method file registers itself
     importlib.import_module(f"{__name__}.{_module.name}")
 
-METHODS: tuple[str, ...] = tuple(sorted(METHOD_SPECS, key=lambda n: (METHOD_SPECS[n].order, n)))
+_ordered = sorted(METHOD_SPECS.items(), key=lambda item: (item[1].order, item[0]))
+METHOD_SPECS.clear()  # the registry in its declared order (--methods all, choices, tables)
+METHOD_SPECS.update(_ordered)
+METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
 
 
 def make_method(name: str, **params: Any) -> Method:
