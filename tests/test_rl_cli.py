@@ -205,13 +205,20 @@ def test_reference_file_is_used_as_given(tiny_run: dict, tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--games", "breakout,pong"], "unknown game(s) pong; expected some of breakout"),
-        (["--methods", "dqn,sgd"], "unknown method(s) sgd; expected some of dqn, ewc, ewc-true-labels"),
+        (
+            ["--games", "breakout,pong"],
+            "games must be distinct names from breakout, space_invaders, freeway, asterix, seaquest, "
+            "at least one, got ('breakout', 'pong')",
+        ),
+        (
+            ["--methods", "dqn,sgd"],
+            "methods must be distinct names from dqn, ewc, ewc-true-labels, at least one, got ('dqn', 'sgd')",
+        ),
         (["--visits", "1"], "--visits 1 is fewer than the 2 games"),
-        (["--jobs", "0"], "--jobs must be an integer >= 1"),
-        (["--games", "breakout,breakout"], "names a game twice"),
-        (["--eval-epsilon", "1.5"], "--eval-epsilon must be in [0, 1]"),
-        (["--perturb-norms", "1,0"], "--perturb-norms must be positive"),
+        (["--jobs", "0"], "jobs must be a positive integer, got 0"),
+        (["--games", "breakout,breakout"], "at least one, got ('breakout', 'breakout')"),
+        (["--eval-epsilon", "1.5"], "eval_epsilon must be a finite number in [0, 1], got 1.5"),
+        (["--perturb-norms", "1,0"], "perturb_norms must be a non-empty list, each a finite number > 0"),
         (["--replay-capacity", "8"], "invalid DQN setting: replay_capacity (8) must be >= batch_size"),
         (["--reference", "/nonexistent/ref.json"], "no such file"),
     ],

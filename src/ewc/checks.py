@@ -1,6 +1,7 @@
 """Argument checks shared by the package: one constraint vocabulary, one wording everywhere.
 
-A constraint (:class:`Interval`, :class:`Options`, :class:`Sizes`) says what a value must be;
+A constraint (:class:`Interval`, :class:`Options`, :class:`Sizes`, :class:`Numbers`, :class:`Subset`,
+:class:`Boolean`, :class:`Registered`) says what a value must be;
 :func:`check` raises ``ValueError("NAME must be DESCRIPTION, got VALUE")`` when it is not. Config
 fields declare their constraint next to their default (``ewc.config.param(check=...)``), so the
 command line, the docs and the library refuse the same values with the same message
@@ -32,12 +33,12 @@ class Constraint:
         return f"{what} must be {self.describe()}{' or None' if self.allow_none else ''}, got {value!r}"
 
 
-def _is_number(value: Any, kind: type) -> bool:
+def _is_number(value: Any, kind: type, finite: bool = True) -> bool:
     if isinstance(value, bool):  # batch_size=True is a mistake, not 1
         return False
     if kind is int:
         return isinstance(value, numbers.Integral)  # numpy integers too
-    return isinstance(value, numbers.Real) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and (math.isfinite(value) if finite else not math.isnan(value))
 
 
 def _fmt(x: float) -> str:
@@ -46,18 +47,20 @@ def _fmt(x: float) -> str:
 
 @dataclass(frozen=True)
 class Interval(Constraint):
-    """An int or a finite float between ``low`` and ``high`` (None: unbounded), ends closed or not."""
+    """An int or a finite float between ``low`` and ``high`` (None: unbounded), ends closed or not;
+    ``finite=False`` also admits ±inf (where inf means "no limit", e.g. a gradient-norm clip)."""
 
     kind: type = float
     low: float | None = None
     high: float | None = None
     closed: str = "both"  # both | left | right | neither
     allow_none: bool = False
+    finite: bool = True
 
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.allow_none
-        if not _is_number(value, self.kind):
+        if not _is_number(value, self.kind, self.finite):
             return False
         lo_ok = self.low is None or (
             value >= self.low if self.closed in ("both", "left") else value > self.low
@@ -68,7 +71,7 @@ class Interval(Constraint):
         return lo_ok and hi_ok
 
     def describe(self) -> str:
-        noun = "an integer" if self.kind is int else "a finite number"
+        noun = "an integer" if self.kind is int else "a finite number" if self.finite else "a number"
         left = self.closed in ("both", "left")
         right = self.closed in ("both", "right")
         if self.kind is int and self.high is None and (self.low, left) in ((1, True), (0, False)):
@@ -119,21 +122,65 @@ class Sizes(Constraint):
 
 @dataclass(frozen=True)
 class Numbers(Constraint):
-    """A non-empty sequence of finite numbers within ``each`` (a grid of λ values, noise norms)."""
+    """A non-empty sequence of finite numbers within ``each`` (a grid of λ values, noise norms);
+    ``distinct``: no value twice (seeds, patch sizes)."""
 
     each: Interval = Interval(float)
+    allow_none: bool = False
+    distinct: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.allow_none
+        return (
+            isinstance(value, tuple | list)
+            and len(value) > 0
+            and all(self.each.accepts(v) for v in value)
+            and (not self.distinct or len(set(value)) == len(value))
+        )
+
+    def describe(self) -> str:
+        return (
+            f"a non-empty list{' of distinct values' if self.distinct else ''}, each {self.each.describe()}"
+        )
+
+
+@dataclass(frozen=True)
+class Subset(Constraint):
+    """A non-empty sequence of distinct values from a fixed set (the games or methods of a run)."""
+
+    values: tuple[Any, ...] = ()
     allow_none: bool = False
 
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.allow_none
-        return isinstance(value, tuple | list) and len(value) > 0 and all(self.each.accepts(v) for v in value)
+        return (
+            isinstance(value, tuple | list)
+            and len(value) > 0
+            and all(v in self.values for v in value)
+            and len(set(value)) == len(value)  # hashable: each is one of the values
+        )
 
     def describe(self) -> str:
-        return f"a non-empty list, each {self.each.describe()}"
+        return "distinct names from " + ", ".join(map(str, self.values)) + ", at least one"
+
+
+@dataclass(frozen=True)
+class Boolean(Constraint):
+    """True or False itself (1 or a numpy bool is refused: a flag given a count is a mistake)."""
+
+    allow_none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        return (value is None and self.allow_none) or isinstance(value, bool)
+
+    def describe(self) -> str:
+        return "True or False"
 
 
 POSITIVE_INT = Interval(int, 1)
+NON_NEGATIVE_INT = Interval(int, 0)
 POSITIVE = Interval(float, 0, closed="neither")
 NON_NEGATIVE = Interval(float, 0)
 

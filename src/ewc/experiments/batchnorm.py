@@ -24,9 +24,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ewc.checks import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Interval,
+    Numbers,
+    Registered,
+    Sizes,
+)
+from ewc.config import validate
 from ewc.data import DATASETS, Task
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
-from ewc.experiments.many_tasks import check_sequence_config, data_key, pct, run_summary, train_config
+from ewc.experiments.many_tasks import data_key, pct, run_summary, train_config
 from ewc.experiments.sequence import build_tasks, choose_lam, run_all
 from ewc.report import method_color
 from ewc.train import OPTIMIZERS, accuracy, run_method
@@ -49,37 +60,38 @@ TOP = 0.01  # the "top 1%" of parameters
 class Config:
     """The task sequence, the network, the training, the fixed λ and the validation grid."""
 
-    data: str = param("mnist-10k", "dataset the permuted tasks are made from", choices=DATASETS)
-    tasks: int = param(5, "number of permuted tasks")
-    max_train_per_task: int = param(2000, "training images per task (0: all of the dataset's)")
-    epochs: int = param(3, "epochs per task")
-    batch_size: int = param(64, "mini-batch size")
-    lr: float = param(1e-3, "learning rate")
+    data: str = param("mnist-10k", "dataset the permuted tasks are made from", check=Registered(DATASETS))
+    tasks: int = param(5, "number of permuted tasks", check=Interval(int, 2))  # retention: 2 at least
+    max_train_per_task: int = param(
+        2000, "training images per task (0: all of the dataset's)", check=NON_NEGATIVE_INT
+    )
+    epochs: int = param(3, "epochs per task", check=POSITIVE_INT)
+    batch_size: int = param(64, "mini-batch size", check=POSITIVE_INT)
+    lr: float = param(1e-3, "learning rate", check=POSITIVE)
     optimizer: str = param("adam", "optimiser (fresh state per task)", choices=OPTIMIZERS)
-    hidden: tuple[int, ...] = param((400, 400), "hidden layer sizes")
+    hidden: tuple[int, ...] = param((400, 400), "hidden layer sizes", check=Sizes())
     lam: float = param(
         0.0,
         "the fixed EWC λ for both networks; 0: the λ chosen on validation for the network without BatchNorm",
+        check=NON_NEGATIVE,
     )
     lam_grid: tuple[float, ...] = param(
-        (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0), "EWC λ values searched on validation data, per network"
+        (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0),
+        "EWC λ values searched on validation data, per network",
+        check=Numbers(POSITIVE),
     )
-    fisher_samples: int = param(1000, "samples per task for EWC's Fisher")
-    bins: int = param(52, f"histogram bins of log10 F over [{LOG10_RANGE[0]:g}, {LOG10_RANGE[1]:g}]")
-    seed: int = param(0, "seed for data, permutations and initial weights")
-    threads: int = param(1, "torch threads per process")
-    jobs: int = param(2, "training runs in parallel worker processes")
+    fisher_samples: int = param(1000, "samples per task for EWC's Fisher", check=POSITIVE_INT)
+    bins: int = param(
+        52, f"histogram bins of log10 F over [{LOG10_RANGE[0]:g}, {LOG10_RANGE[1]:g}]", check=POSITIVE_INT
+    )
+    seed: int = param(0, "seed for data, permutations and initial weights", check=NON_NEGATIVE_INT)
+    threads: int = param(1, "torch threads per process", check=POSITIVE_INT)
+    jobs: int = param(2, "training runs in parallel worker processes", check=POSITIVE_INT)
 
     def __post_init__(self) -> None:
-        check_sequence_config(self)
-        if self.tasks < 2:
-            raise ValueError(f"tasks must be >= 2 to measure retention, got {self.tasks}")
-        if self.bins < 1:
-            raise ValueError(f"bins must be >= 1, got {self.bins}")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(
-                f"lam must be a finite number >= 0 (0: chosen without BatchNorm), got {self.lam}"
-            )
+        validate(self)
+        self.hidden = tuple(self.hidden)
+        self.lam_grid = tuple(float(lam) for lam in self.lam_grid)
 
 
 # ------------------------------------------------------------------------------ the Fisher

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp
 
-from ewc.checks import check_counts
+from ewc.checks import POSITIVE, POSITIVE_INT, Interval
+from ewc.config import validate
 from ewc.data import load_dataset
 from ewc.experiments.common import (
     figure_style,
@@ -69,54 +70,41 @@ POOLS = (1, 2, 4, 7, 14)
 class Config:
     """The two classifiers, their training, the data average and the grid of steps."""
 
-    hidden: int = param(100, "hidden units of the MLP on 28×28 images (diagonal Fisher)")
-    small_hidden: int = param(16, "hidden units of the small model (full Fisher formed)")
+    hidden: int = param(100, "hidden units of the MLP on 28×28 images (diagonal Fisher)", check=POSITIVE_INT)
+    small_hidden: int = param(16, "hidden units of the small model (full Fisher formed)", check=POSITIVE_INT)
     pool: int = param(4, "the small model sees images average-pooled by this factor", choices=POOLS)
-    train_samples: int = param(8000, "training images (mnist-10k has 8000)")
-    epochs: int = param(5, "training epochs (Adam)")
-    lr: float = param(3e-3, "Adam learning rate")
-    batch_size: int = param(64, "mini-batch size")
-    fisher_samples: int = param(1000, "training images over which F and the KL are averaged")
-    random_directions: int = param(3, "isotropic random directions per model")
-    step_min: float = param(1e-3, "smallest step ε (parameter-space norm)")
-    step_max: float = param(100.0, "largest step ε")
-    steps: int = param(31, "log-spaced steps between step_min and step_max")
-    band: float = param(2.0, "the quadratic holds while quadratic/KL is within [1/band, band]")
-    tolerance: float = param(0.1, "the quadratic is accurate while |quadratic/KL − 1| ≤ tolerance")
+    train_samples: int = param(8000, "training images (mnist-10k has 8000)", check=Interval(int, 1, 8000))
+    epochs: int = param(5, "training epochs (Adam)", check=POSITIVE_INT)
+    lr: float = param(3e-3, "Adam learning rate", check=POSITIVE)
+    batch_size: int = param(64, "mini-batch size", check=POSITIVE_INT)
+    fisher_samples: int = param(
+        1000, "training images over which F and the KL are averaged", check=POSITIVE_INT
+    )
+    random_directions: int = param(3, "isotropic random directions per model", check=POSITIVE_INT)
+    step_min: float = param(1e-3, "smallest step ε (parameter-space norm)", check=POSITIVE)
+    step_max: float = param(100.0, "largest step ε", check=POSITIVE)
+    steps: int = param(31, "log-spaced steps between step_min and step_max", check=Interval(int, 2))
+    band: float = param(
+        2.0,
+        "the quadratic holds while quadratic/KL is within [1/band, band]",
+        check=Interval(float, 1, closed="neither"),
+    )
+    tolerance: float = param(
+        0.1,
+        "the quadratic is accurate while |quadratic/KL − 1| ≤ tolerance",
+        check=Interval(float, 0, 1, closed="neither"),
+    )
     seed: int = param(0, "seed of data order, initial weights and directions")
-    threads: int = param(2, "torch threads")
+    threads: int = param(2, "torch threads", check=POSITIVE_INT)
 
     def __post_init__(self) -> None:
-        check_counts(
-            self,
-            (
-                "hidden",
-                "small_hidden",
-                "train_samples",
-                "epochs",
-                "batch_size",
-                "fisher_samples",
-                "random_directions",
-                "steps",
-                "threads",
-            ),
-        )
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS} (divisors of 28), got {self.pool!r}")
-        if self.train_samples > 8000 or self.fisher_samples > self.train_samples:
+        validate(self)
+        if self.fisher_samples > self.train_samples:
             raise ValueError(
-                f"need fisher_samples ≤ train_samples ≤ 8000, got {self.fisher_samples}, {self.train_samples}"
+                f"need fisher_samples ≤ train_samples, got {self.fisher_samples}, {self.train_samples}"
             )
-        for name in ("lr", "step_min", "step_max"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if self.step_max <= self.step_min or self.steps < 2:
-            raise ValueError("need step_min < step_max and at least 2 steps")
-        if not (math.isfinite(self.band) and self.band > 1):
-            raise ValueError(f"band must be a number > 1, got {self.band!r}")
-        if not (math.isfinite(self.tolerance) and 0 < self.tolerance < 1):
-            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
+        if self.step_max <= self.step_min:
+            raise ValueError(f"need step_min < step_max, got {self.step_min!r} and {self.step_max!r}")
 
 
 # ------------------------------------------------------------------------- flat-parameter tools

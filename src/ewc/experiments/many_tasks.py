@@ -16,12 +16,13 @@ stopping). Flags scale it up (``--data mnist``, ``--epochs``, ``--hidden``, the 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ewc.checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Numbers, Registered, Sizes
+from ewc.config import validate
 from ewc.data import DATASETS
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
 from ewc.experiments.sequence import choose_lam, run_all
@@ -39,57 +40,40 @@ CLAIM = (
 # Method keys in the results, their labels, and the method each one trains with.
 LABELS = {"ewc": "EWC", "dropout": "SGD + dropout", "sgd": "SGD (no dropout)"}
 BASE_METHOD = {"ewc": "ewc", "dropout": "sgd", "sgd": "sgd"}
+RATE = Interval(float, 0, 1, closed="neither")  # a dropout rate
 
 
 @dataclass
 class Config:
     """The task sequence, the network, the training and the two validation grids."""
 
-    data: str = param("mnist-10k", "dataset the permuted tasks are made from", choices=DATASETS)
-    tasks: int = param(10, "number of permuted tasks (the paper: 10)")
-    max_train_per_task: int = param(0, "training images per task (0: all of the dataset's)")
-    epochs: int = param(2, "epochs per task")
-    batch_size: int = param(64, "mini-batch size")
-    lr: float = param(1e-3, "learning rate")
-    optimizer: str = param("adam", "optimiser (fresh state per task)", choices=OPTIMIZERS)
-    hidden: tuple[int, ...] = param((800, 800), "hidden layer sizes")
-    dropout_grid: tuple[float, ...] = param((0.2, 0.5), "dropout rates searched on validation data")
-    lam_grid: tuple[float, ...] = param(
-        (30.0, 100.0, 300.0, 1000.0), "EWC λ values searched on validation data"
+    data: str = param("mnist-10k", "dataset the permuted tasks are made from", check=Registered(DATASETS))
+    tasks: int = param(10, "number of permuted tasks (the paper: 10)", check=POSITIVE_INT)
+    max_train_per_task: int = param(
+        0, "training images per task (0: all of the dataset's)", check=NON_NEGATIVE_INT
     )
-    fisher_samples: int = param(1000, "samples per task for EWC's Fisher")
+    epochs: int = param(2, "epochs per task", check=POSITIVE_INT)
+    batch_size: int = param(64, "mini-batch size", check=POSITIVE_INT)
+    lr: float = param(1e-3, "learning rate", check=POSITIVE)
+    optimizer: str = param("adam", "optimiser (fresh state per task)", choices=OPTIMIZERS)
+    hidden: tuple[int, ...] = param((800, 800), "hidden layer sizes", check=Sizes())
+    dropout_grid: tuple[float, ...] = param(
+        (0.2, 0.5), "dropout rates searched on validation data", check=Numbers(RATE)
+    )
+    lam_grid: tuple[float, ...] = param(
+        (30.0, 100.0, 300.0, 1000.0), "EWC λ values searched on validation data", check=Numbers(POSITIVE)
+    )
+    fisher_samples: int = param(1000, "samples per task for EWC's Fisher", check=POSITIVE_INT)
     baseline: bool = param(True, "also train plain SGD (no dropout) as a reference")
-    seed: int = param(0, "seed for data, permutations and initial weights")
-    threads: int = param(1, "torch threads per process")
-    jobs: int = param(2, "training runs in parallel worker processes")
+    seed: int = param(0, "seed for data, permutations and initial weights", check=NON_NEGATIVE_INT)
+    threads: int = param(1, "torch threads per process", check=POSITIVE_INT)
+    jobs: int = param(2, "training runs in parallel worker processes", check=POSITIVE_INT)
 
     def __post_init__(self) -> None:
+        validate(self)
+        self.hidden = tuple(self.hidden)
+        self.lam_grid = tuple(float(lam) for lam in self.lam_grid)
         self.dropout_grid = tuple(float(p) for p in self.dropout_grid)
-        check_sequence_config(self)
-        if not self.dropout_grid or any(not 0.0 < p < 1.0 for p in self.dropout_grid):
-            raise ValueError(f"dropout_grid needs rates in (0, 1), got {self.dropout_grid}")
-
-
-def check_sequence_config(config: Any) -> None:
-    """Normalise and check the fields this experiment shares with others (clear ValueErrors).
-
-    ``tasks``, ``epochs``, ``batch_size``, ``fisher_samples``, ``threads``, ``jobs`` >= 1;
-    ``max_train_per_task``, ``seed`` >= 0; ``lr`` > 0; positive ``hidden`` sizes and ``lam_grid``.
-    """
-    config.hidden = tuple(config.hidden)
-    config.lam_grid = tuple(float(lam) for lam in config.lam_grid)
-    for name in ("tasks", "epochs", "batch_size", "fisher_samples", "threads", "jobs"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("max_train_per_task", "seed"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if not (math.isfinite(config.lr) and config.lr > 0):
-        raise ValueError(f"lr must be a positive number, got {config.lr}")
-    if not config.hidden or any(h < 1 for h in config.hidden):
-        raise ValueError(f"hidden sizes must be positive, got {config.hidden}")
-    if not config.lam_grid or any(not (math.isfinite(lam) and lam > 0) for lam in config.lam_grid):
-        raise ValueError(f"lam_grid needs positive finite values, got {config.lam_grid}")
 
 
 def average_so_far(matrix: Sequence[Sequence[float]]) -> list[float]:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ewc.checks import check_counts
+from ewc.checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Numbers
+from ewc.config import validate
 from ewc.data import Dataset, Task, load_dataset, make_sequence, permute_patch
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
 from ewc.fisher import diagonal_fisher
@@ -52,47 +53,31 @@ CLAIM = (
 class Config:
     """Settings of the overlap experiment (defaults: the paper's 6×100 network, 7200 MNIST images)."""
 
-    patch_sizes: tuple[int, ...] = param((8, 16, 26), "side of the centred square each task permutes")
-    depth: int = param(6, "hidden layers (paper: 6)")
-    width: int = param(100, "units per hidden layer (paper: 100)")
-    repeats: int = param(3, "task pairs per patch size (new permutations and initial weights each)")
-    train_samples: int = param(7200, "training images per task (7200: all of mnist-10k's training part)")
-    epochs: int = param(5, "epochs per task")
-    batch_size: int = param(64, "mini-batch size")
-    lr: float = param(1e-3, "Adam learning rate")
-    lam: float = param(100.0, "EWC strength λ while learning task 2")
-    fisher_samples: int = param(1000, "training images per task for each Fisher")
-    test_samples: int = param(1000, "test images per task for the accuracies")
-    seed: int = param(0, "seed for data, permutations and initial weights")
-    threads: int = param(1, "torch threads (one is fastest for networks this small)")
+    patch_sizes: tuple[int, ...] = param(
+        (8, 16, 26),
+        "side of the centred square each task permutes",
+        check=Numbers(Interval(int, 1, 28), distinct=True),  # MNIST is 28x28
+    )
+    depth: int = param(6, "hidden layers (paper: 6)", check=POSITIVE_INT)
+    width: int = param(100, "units per hidden layer (paper: 100)", check=POSITIVE_INT)
+    repeats: int = param(
+        3, "task pairs per patch size (new permutations and initial weights each)", check=POSITIVE_INT
+    )
+    train_samples: int = param(
+        7200, "training images per task (7200: all of mnist-10k's training part)", check=POSITIVE_INT
+    )
+    epochs: int = param(5, "epochs per task", check=POSITIVE_INT)
+    batch_size: int = param(64, "mini-batch size", check=POSITIVE_INT)
+    lr: float = param(1e-3, "Adam learning rate", check=POSITIVE)
+    lam: float = param(100.0, "EWC strength λ while learning task 2", check=NON_NEGATIVE)
+    fisher_samples: int = param(1000, "training images per task for each Fisher", check=POSITIVE_INT)
+    test_samples: int = param(1000, "test images per task for the accuracies", check=POSITIVE_INT)
+    seed: int = param(0, "seed for data, permutations and initial weights", check=NON_NEGATIVE_INT)
+    threads: int = param(1, "torch threads (one is fastest for networks this small)", check=POSITIVE_INT)
 
     def __post_init__(self) -> None:
+        validate(self)
         self.patch_sizes = tuple(self.patch_sizes)
-        if not self.patch_sizes or any(not 1 <= s <= 28 for s in self.patch_sizes):
-            raise ValueError(f"patch_sizes must be between 1 and 28 (MNIST is 28x28), got {self.patch_sizes}")
-        if len(set(self.patch_sizes)) != len(self.patch_sizes):
-            raise ValueError(f"patch_sizes must be distinct, got {self.patch_sizes}")
-        check_counts(
-            self,
-            (
-                "depth",
-                "width",
-                "repeats",
-                "train_samples",
-                "epochs",
-                "batch_size",
-                "fisher_samples",
-                "test_samples",
-            ),
-        )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"lam must be a number >= 0, got {self.lam!r}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 def fisher_overlap(f1: Tensor, f2: Tensor) -> float:

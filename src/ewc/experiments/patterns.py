@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ewc.checks import check_counts
+from ewc.checks import POSITIVE, POSITIVE_INT, Interval
+from ewc.config import validate
 from ewc.experiments.common import (
     figure_style,
     finish,
@@ -74,28 +75,28 @@ CHUNK_FLOATS = 16_000_000  # patterns held at once: draws per chunk × patterns 
 class Config:
     """Size of the network, length of the sequence, number of draws and the two methods' steps."""
 
-    n_inputs: int = param(100, "inputs N of the linear unit (its capacity is ~N patterns)")
-    load: float = param(10.0, "patterns learned, as a multiple of N (T = load·N)")
-    draws: int = param(10000, "independent pattern sequences averaged over")
-    lam: float = param(1.0, "EWC strength λ (1: the exact Gaussian posterior precision)")
-    sgd_step: float = param(1.0, "SGD step in units of 1/N (1 learns each pattern exactly; 0 < α < 2)")
-    threshold: float = param(0.5, "a memory is retained while its SNR exceeds this")
-    early_end: float = param(0.25, "early-regime fit range: 1 ≤ t ≤ early_end·N")
-    late_start: float = param(1.0, "late-regime fit range: late_start·N ≤ t ≤ T")
-    grid_points: int = param(60, "log-spaced numbers of patterns at which curves are recorded")
+    n_inputs: int = param(
+        100, "inputs N of the linear unit (its capacity is ~N patterns)", check=Interval(int, 4)
+    )
+    load: float = param(10.0, "patterns learned, as a multiple of N (T = load·N)", check=POSITIVE)
+    draws: int = param(10000, "independent pattern sequences averaged over", check=POSITIVE_INT)
+    lam: float = param(1.0, "EWC strength λ (1: the exact Gaussian posterior precision)", check=POSITIVE)
+    sgd_step: float = param(
+        1.0,
+        "SGD step in units of 1/N (1 learns each pattern exactly; 0 < α < 2)",
+        check=Interval(float, 0, 2, closed="neither"),  # larger steps diverge
+    )
+    threshold: float = param(0.5, "a memory is retained while its SNR exceeds this", check=POSITIVE)
+    early_end: float = param(0.25, "early-regime fit range: 1 ≤ t ≤ early_end·N", check=POSITIVE)
+    late_start: float = param(1.0, "late-regime fit range: late_start·N ≤ t ≤ T", check=POSITIVE)
+    grid_points: int = param(
+        60, "log-spaced numbers of patterns at which curves are recorded", check=POSITIVE_INT
+    )
     seed: int = param(0, "seed of the pattern draws")
-    threads: int = param(1, "torch threads")
+    threads: int = param(1, "torch threads", check=POSITIVE_INT)
 
     def __post_init__(self) -> None:
-        check_counts(self, ("n_inputs", "draws", "grid_points", "threads"))
-        if self.n_inputs < 4:
-            raise ValueError(f"n_inputs must be at least 4, got {self.n_inputs}")
-        for name in ("load", "lam", "threshold", "early_end", "late_start"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not 0 < self.sgd_step < 2:
-            raise ValueError(f"sgd_step must be in (0, 2) (larger steps diverge), got {self.sgd_step!r}")
+        validate(self)
         if self.patterns < 2:
             raise ValueError(f"load·n_inputs must give at least 2 patterns, got {self.patterns}")
         if self.early_end * self.n_inputs < 2:

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ewc.checks import check_counts
+from ewc.checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Sizes
+from ewc.config import validate
 from ewc.data import load_dataset, make_sequence
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
 from ewc.fisher import diagonal_fisher
@@ -51,52 +52,43 @@ CLAIM = (
 KINDS = ("isotropic", "fisher", "null")
 _LABELS = {"isotropic": "isotropic (uniform)", "fisher": "inverse Fisher", "null": "Fisher null space"}
 _COLORS = {"isotropic": "#1f77b4", "fisher": "#d62728", "null": "#ff7f0e"}
+FRACTION = Interval(float, 0, 1, closed="neither")
 
 
 @dataclass
 class Config:
     """Settings of the perturbation test (defaults: a 2×400 MLP on 7200 MNIST images)."""
 
-    hidden: tuple[int, ...] = param((400, 400), "hidden layer sizes of the MLP")
-    train_samples: int = param(7200, "training images (7200: all of mnist-10k's training part)")
-    epochs: int = param(5, "training epochs")
-    batch_size: int = param(64, "mini-batch size")
-    lr: float = param(1e-3, "Adam learning rate")
-    fisher_samples: int = param(1000, "training images for the Fisher (and the KL check)")
-    test_samples: int = param(1000, "test images for accuracy and loss")
-    norm_min: float = param(1.0, "smallest perturbation norm ‖z‖")
-    norm_max: float = param(1000.0, "largest perturbation norm ‖z‖")
-    norms: int = param(13, "norms on a log grid from norm_min to norm_max")
-    draws: int = param(10, "noise draws per norm and kind")
-    damping: float = param(1e-3, "ε of the inverse-Fisher noise, as a multiple of the mean Fisher")
-    null_mass: float = param(0.01, "share of the Fisher's trace held by the 'null space' parameters")
-    drop: float = param(0.1, "accuracy drop (0.1 = 10 points) whose norm the report gives per kind")
-    seed: int = param(0, "seed for data, initial weights and noise")
-    threads: int = param(1, "torch threads (one is fastest for networks this small)")
+    hidden: tuple[int, ...] = param((400, 400), "hidden layer sizes of the MLP", check=Sizes())
+    train_samples: int = param(
+        7200, "training images (7200: all of mnist-10k's training part)", check=POSITIVE_INT
+    )
+    epochs: int = param(5, "training epochs", check=POSITIVE_INT)
+    batch_size: int = param(64, "mini-batch size", check=POSITIVE_INT)
+    lr: float = param(1e-3, "Adam learning rate", check=POSITIVE)
+    fisher_samples: int = param(1000, "training images for the Fisher (and the KL check)", check=POSITIVE_INT)
+    test_samples: int = param(1000, "test images for accuracy and loss", check=POSITIVE_INT)
+    norm_min: float = param(1.0, "smallest perturbation norm ‖z‖", check=POSITIVE)
+    norm_max: float = param(1000.0, "largest perturbation norm ‖z‖", check=POSITIVE)
+    norms: int = param(13, "norms on a log grid from norm_min to norm_max", check=Interval(int, 2))
+    draws: int = param(10, "noise draws per norm and kind", check=POSITIVE_INT)
+    damping: float = param(
+        1e-3, "ε of the inverse-Fisher noise, as a multiple of the mean Fisher", check=POSITIVE
+    )
+    null_mass: float = param(
+        0.01, "share of the Fisher's trace held by the 'null space' parameters", check=FRACTION
+    )
+    drop: float = param(
+        0.1, "accuracy drop (0.1 = 10 points) whose norm the report gives per kind", check=FRACTION
+    )
+    seed: int = param(0, "seed for data, initial weights and noise", check=NON_NEGATIVE_INT)
+    threads: int = param(1, "torch threads (one is fastest for networks this small)", check=POSITIVE_INT)
 
     def __post_init__(self) -> None:
+        validate(self)
         self.hidden = tuple(self.hidden)
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden sizes must be positive, got {self.hidden}")
-        check_counts(
-            self, ("train_samples", "epochs", "batch_size", "fisher_samples", "test_samples", "draws")
-        )
-        if isinstance(self.norms, bool) or not isinstance(self.norms, int) or self.norms < 2:
-            raise ValueError(f"norms must be an integer >= 2, got {self.norms!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (0 < self.norm_min < self.norm_max < math.inf):
-            raise ValueError(f"need 0 < norm_min < norm_max, got {self.norm_min!r} and {self.norm_max!r}")
-        if not (math.isfinite(self.damping) and self.damping > 0):
-            raise ValueError(f"damping must be a positive number, got {self.damping!r}")
-        if not 0 < self.null_mass < 1:
-            raise ValueError(f"null_mass must be in (0, 1), got {self.null_mass!r}")
-        if not 0 < self.drop < 1:
-            raise ValueError(f"drop must be in (0, 1), got {self.drop!r}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.norm_min >= self.norm_max:
+            raise ValueError(f"need norm_min < norm_max, got {self.norm_min!r} and {self.norm_max!r}")
 
 
 def null_space_mask(fisher: Tensor, mass: float) -> Tensor:

@@ -31,7 +31,6 @@ worker processes :func:`ewc.pool.run_jobs`.
 from __future__ import annotations
 
 import contextlib
-import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +40,8 @@ from typing import Any
 
 import torch
 
+from ewc.checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Numbers, Subset
+from ewc.config import validate
 from ewc.experiments.common import check_out_dir, command_line, finish, param
 from ewc.experiments.rl_report import figure_per_game, figure_perturb, figure_total, findings, tables
 from ewc.pool import run_jobs
@@ -122,6 +123,7 @@ NEVER = 10**18  # dqn's ewc_min_steps: λ = 0, so a consolidation would only cos
 
 
 def _names(values: Any) -> tuple[str, ...]:
+    """``"a, b"`` or ``("a", " b")`` → ``("a", "b")`` (the flag's comma list, stripped)."""
     if isinstance(values, str):
         values = values.split(",")
     return tuple(str(v).strip() for v in values if str(v).strip())
@@ -131,101 +133,93 @@ def _names(values: Any) -> tuple[str, ...]:
 class Config:
     """The games and schedule, the methods and seeds, the DQN knobs, evaluation and the tests."""
 
-    games: tuple[str, ...] = param(DEFAULT_GAMES, f"MinAtar games, from: {', '.join(GAMES)}")
-    visits: int = param(DEFAULT_VISITS, "visits in the schedule (>= number of games; revisits after)")
-    steps_per_visit: int = param(DEFAULT_STEPS_PER_VISIT, "env steps per visit")
-    order_seed: int = param(DEFAULT_ORDER_SEED, "seed of the game order (one schedule for all runs)")
-    methods: tuple[str, ...] = param(DEFAULT_METHODS, f"methods, from: {', '.join(METHODS)}")
-    seeds: tuple[int, ...] = param(DEFAULT_SEEDS, "agent seeds (one run per method and seed)")
-    jobs: int = param(DEFAULT_JOBS, "runs in parallel worker processes, one torch thread each")
-    eval_every: int = param(DEFAULT_EVAL_EVERY, "env steps between evaluations of every game")
-    eval_episodes: int = param(DEFAULT_EVAL_EPISODES, "episodes per game and evaluation")
-    eval_epsilon: float = param(DEFAULT_EVAL_EPSILON, "ε of the evaluation policy")
-    checkpoint_every: int = param(
-        DEFAULT_CHECKPOINT_EVERY, "env steps between checkpoints (and after each visit)"
+    games: tuple[str, ...] = param(
+        DEFAULT_GAMES, f"MinAtar games, from: {', '.join(GAMES)}", check=Subset(GAMES)
     )
-    lam: float = param(DEFAULT_LAM, "EWC λ (the Fisher is normalised to mean 1 over shared parameters)")
-    lr: float = param(DEFAULT_LR, "Adam learning rate")
-    train_every: int = param(DEFAULT_TRAIN_EVERY, "env steps per DQN update")
-    learning_starts: int = param(DEFAULT_LEARNING_STARTS, "transitions in a context's replay before updates")
+    visits: int = param(
+        DEFAULT_VISITS, "visits in the schedule (>= number of games; revisits after)", check=POSITIVE_INT
+    )
+    steps_per_visit: int = param(DEFAULT_STEPS_PER_VISIT, "env steps per visit", check=POSITIVE_INT)
+    order_seed: int = param(
+        DEFAULT_ORDER_SEED, "seed of the game order (one schedule for all runs)", check=NON_NEGATIVE_INT
+    )
+    methods: tuple[str, ...] = param(
+        DEFAULT_METHODS, f"methods, from: {', '.join(METHODS)}", check=Subset(METHODS)
+    )
+    seeds: tuple[int, ...] = param(
+        DEFAULT_SEEDS,
+        "agent seeds (one run per method and seed)",
+        check=Numbers(NON_NEGATIVE_INT, distinct=True),
+    )
+    jobs: int = param(
+        DEFAULT_JOBS, "runs in parallel worker processes, one torch thread each", check=POSITIVE_INT
+    )
+    eval_every: int = param(
+        DEFAULT_EVAL_EVERY, "env steps between evaluations of every game", check=POSITIVE_INT
+    )
+    eval_episodes: int = param(DEFAULT_EVAL_EPISODES, "episodes per game and evaluation", check=POSITIVE_INT)
+    eval_epsilon: float = param(
+        DEFAULT_EVAL_EPSILON, "ε of the evaluation policy", check=Interval(float, 0, 1)
+    )
+    checkpoint_every: int = param(
+        DEFAULT_CHECKPOINT_EVERY, "env steps between checkpoints (and after each visit)", check=POSITIVE_INT
+    )
+    lam: float = param(
+        DEFAULT_LAM, "EWC λ (the Fisher is normalised to mean 1 over shared parameters)", check=NON_NEGATIVE
+    )
+    lr: float = param(DEFAULT_LR, "Adam learning rate", check=POSITIVE)
+    train_every: int = param(DEFAULT_TRAIN_EVERY, "env steps per DQN update", check=POSITIVE_INT)
+    learning_starts: int = param(
+        DEFAULT_LEARNING_STARTS, "transitions in a context's replay before updates", check=NON_NEGATIVE_INT
+    )
     eps_decay_steps: int | None = param(
-        None, "steps of the ε decay, restarted every visit (None: steps_per_visit // 3)", type=int
+        None,
+        "steps of the ε decay, restarted every visit (None: steps_per_visit // 3)",
+        type=int,
+        check=Interval(int, 1, allow_none=True),
     )
     ewc_min_steps: int | None = param(
         None,
         "transitions in one visit before a context is consolidated (None: steps_per_visit // 2)",
         type=int,
+        check=Interval(int, 0, allow_none=True),
     )
-    replay_capacity: int = param(DEFAULT_REPLAY_CAPACITY, "replay transitions per task context")
-    hidden: int = param(DEFAULT_HIDDEN, "hidden units of the Q-network")
-    conv_channels: int = param(DEFAULT_CONV_CHANNELS, "filters of the Q-network's convolution")
-    fisher_samples: int = param(DEFAULT_FISHER_SAMPLES, "replay states the Fisher is averaged over")
-    detect_every: int = param(DEFAULT_DETECT_EVERY, "observations per task-detector block (ewc)")
+    replay_capacity: int = param(
+        DEFAULT_REPLAY_CAPACITY, "replay transitions per task context", check=POSITIVE_INT
+    )
+    hidden: int = param(DEFAULT_HIDDEN, "hidden units of the Q-network", check=POSITIVE_INT)
+    conv_channels: int = param(
+        DEFAULT_CONV_CHANNELS, "filters of the Q-network's convolution", check=POSITIVE_INT
+    )
+    fisher_samples: int = param(
+        DEFAULT_FISHER_SAMPLES, "replay states the Fisher is averaged over", check=POSITIVE_INT
+    )
+    detect_every: int = param(
+        DEFAULT_DETECT_EVERY, "observations per task-detector block (ewc)", check=POSITIVE_INT
+    )
     reference: str | None = param(
         None, 'JSON file {"game": reference score, ...}: use these instead of training references', type=str
     )
     cache: bool = param(True, "read and write computed reference scores in the user cache")
     perturb: bool = param(True, "run the Fisher perturbation test on the final agent")
-    perturb_episodes: int = param(DEFAULT_PERTURB_EPISODES, "evaluation episodes per perturbation")
-    perturb_norms: tuple[float, ...] = param(DEFAULT_PERTURB_NORMS, "L2 norms of the perturbations")
-    perturb_draws: int = param(DEFAULT_PERTURB_DRAWS, "noise draws per norm and kind")
-    perturb_damping: float = param(DEFAULT_PERTURB_DAMPING, "ε in 1/√(F + ε) (the Fisher has mean 1)")
+    perturb_episodes: int = param(
+        DEFAULT_PERTURB_EPISODES, "evaluation episodes per perturbation", check=POSITIVE_INT
+    )
+    perturb_norms: tuple[float, ...] = param(
+        DEFAULT_PERTURB_NORMS, "L2 norms of the perturbations", check=Numbers(POSITIVE)
+    )
+    perturb_draws: int = param(DEFAULT_PERTURB_DRAWS, "noise draws per norm and kind", check=POSITIVE_INT)
+    perturb_damping: float = param(
+        DEFAULT_PERTURB_DAMPING, "ε in 1/√(F + ε) (the Fisher has mean 1)", check=POSITIVE
+    )
     device: str = param("cpu", "where the networks train: cpu or cuda (one GPU shared by the --jobs runs)")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "games", _names(self.games))
+        object.__setattr__(self, "games", _names(self.games))  # before the checks: "a,b" is a list
         object.__setattr__(self, "methods", _names(self.methods))
+        validate(self)
         object.__setattr__(self, "seeds", tuple(self.seeds))
         object.__setattr__(self, "perturb_norms", tuple(float(v) for v in self.perturb_norms))
-
-        def positive(name: str, lo: int = 1) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
-
-        if not self.games:
-            raise ValueError("--games is empty: name at least one MinAtar game")
-        bad = [g for g in self.games if g not in GAMES]
-        if bad:
-            raise ValueError(f"unknown game(s) {', '.join(bad)}; expected some of {', '.join(GAMES)}")
-        if len(set(self.games)) != len(self.games):
-            raise ValueError(f"--games names a game twice: {','.join(self.games)}")
-        if not self.methods:
-            raise ValueError(f"--methods is empty: name some of {', '.join(METHODS)}")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"unknown method(s) {', '.join(bad)}; expected some of {', '.join(METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"--methods names a method twice: {','.join(self.methods)}")
-        if not self.seeds:
-            raise ValueError("--seeds is empty: give at least one seed")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ValueError(f"--seeds must be integers >= 0, got {self.seeds}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"--seeds names a seed twice: {self.seeds}")
-        for name in (
-            "visits",
-            "steps_per_visit",
-            "jobs",
-            "eval_every",
-            "eval_episodes",
-            "checkpoint_every",
-            "train_every",
-            "replay_capacity",
-            "hidden",
-            "conv_channels",
-            "fisher_samples",
-            "detect_every",
-            "perturb_episodes",
-            "perturb_draws",
-        ):
-            positive(name)
-        positive("order_seed", 0)
-        positive("learning_starts", 0)
-        if self.eps_decay_steps is not None:
-            positive("eps_decay_steps")
-        if self.ewc_min_steps is not None:
-            positive("ewc_min_steps", 0)
         if self.visits < len(self.games):
             raise ValueError(
                 f"--visits {self.visits} is fewer than the {len(self.games)} games: a game would never be "
@@ -235,16 +229,6 @@ class Config:
             raise ValueError(
                 "with one game there can be only one visit (a visit never repeats the previous game)"
             )
-        if not (0.0 <= self.eval_epsilon <= 1.0):
-            raise ValueError(f"--eval-epsilon must be in [0, 1], got {self.eval_epsilon}")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"--lam must be a finite number >= 0, got {self.lam}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
-        if not self.perturb_norms or any(not (math.isfinite(r) and r > 0) for r in self.perturb_norms):
-            raise ValueError(f"--perturb-norms must be positive numbers, got {self.perturb_norms}")
-        if not (math.isfinite(self.perturb_damping) and self.perturb_damping > 0):
-            raise ValueError(f"--perturb-damping must be a positive number, got {self.perturb_damping}")
         for method in self.methods:  # the agent's own checks (e.g. replay_capacity >= batch size)
             try:
                 dqn_config(self, method, self.seeds[0])

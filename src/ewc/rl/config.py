@@ -2,101 +2,96 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ewc.checks import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Boolean,
+    Interval,
+)
+from ewc.config import param, validate
 from ewc.rl.env import GAMES
 
 __all__ = ["DQNConfig", "derive_seed"]
+
+UNIT = Interval(float, 0, 1)  # a discount or a probability
+EWC_MODES = ("separate", "online")
 
 
 @dataclass
 class DQNConfig:
     """Hyper-parameters of :class:`Agent` (defaults: MinAtar DQN with Adam, see docs/rl.md)."""
 
-    gamma: float = 0.99  # discount
-    lr: float = 1e-4  # Adam learning rate
-    adam_eps: float = 3.125e-4  # Adam epsilon (the value Obando-Ceron & Castro 2021 use on MinAtar)
-    batch_size: int = 32
-    replay_capacity: int = 100_000  # transitions per task context
-    learning_starts: int = 5_000  # transitions in the current context's buffer before updates
-    train_every: int = 1  # env steps per update
-    target_update: int = 1_000  # env steps between target-network copies
-    eps_start: float = 1.0
-    eps_end: float = 0.1
-    eps_decay_steps: int = 100_000  # per visit: the schedule restarts whenever a game is visited
-    huber_delta: float = 1.0
-    grad_clip: float = 10.0  # max global gradient norm (inf: no clipping)
-    double_dqn: bool = True
-    ewc_lam: float = 10.0  # λ with the Fisher normalised to mean 1 over shared parameters
-    ewc_mode: str = "separate"  # or "online"
-    ewc_gamma: float = 1.0  # online-mode decay
-    ewc_min_steps: int = 50_000  # a visit's context is consolidated only after this many transitions
-    fisher_temperature: float = 1.0  # τ of the Boltzmann policy softmax(Q/τ)
-    fisher_samples: int = 1_024  # replay states the Fisher is averaged over
-    detect_every: int = 64  # block length (observations) for the task detector
-    detector_temperature: float = 1.0  # divides block log-likelihoods (one sample per block)
-    detector_hazard: float = 0.02  # prior probability of a task switch between two blocks
-    detector_kappa0: float = 0.1  # prior precision of a task's mean features (see block_features)
-    true_task_labels: bool = True  # context = game index; False: TaskDetector ids
-    max_tasks: int = 10  # task-context slots of the network (and the detector's cap)
-    conv_channels: int = 16
-    hidden: int = 128
-    sticky_action_prob: float = 0.1
-    seed: int = 0
-    device: str = "cpu"  # where the networks and updates run ("cuda": a GPU; replay stays in CPU memory)
+    gamma: float = param(0.99, "discount", check=UNIT)
+    lr: float = param(1e-4, "Adam learning rate", check=POSITIVE)
+    adam_eps: float = param(
+        3.125e-4, "Adam epsilon (the value Obando-Ceron & Castro 2021 use on MinAtar)", check=POSITIVE
+    )
+    batch_size: int = param(32, "transitions per update", check=POSITIVE_INT)
+    replay_capacity: int = param(100_000, "transitions per task context", check=POSITIVE_INT)
+    learning_starts: int = param(
+        5_000, "transitions in the current context's buffer before updates", check=NON_NEGATIVE_INT
+    )
+    train_every: int = param(1, "env steps per update", check=POSITIVE_INT)
+    target_update: int = param(1_000, "env steps between target-network copies", check=POSITIVE_INT)
+    eps_start: float = param(1.0, "ε of the behaviour policy at the start of a visit", check=UNIT)
+    eps_end: float = param(0.1, "ε at the end of its decay", check=UNIT)
+    eps_decay_steps: int = param(
+        100_000, "env steps of the ε decay, restarted whenever a game is visited", check=POSITIVE_INT
+    )
+    huber_delta: float = param(1.0, "δ of the Huber TD loss", check=POSITIVE)
+    grad_clip: float = param(
+        10.0,
+        "max global gradient norm (inf: no clipping)",
+        check=Interval(float, 0, closed="neither", finite=False),
+    )
+    double_dqn: bool = param(True, "double DQN targets", check=Boolean())
+    ewc_lam: float = param(
+        10.0, "λ with the Fisher normalised to mean 1 over shared parameters", check=NON_NEGATIVE
+    )
+    ewc_mode: str = param("separate", "one penalty per context, or one merged (online)", choices=EWC_MODES)
+    ewc_gamma: float = param(1.0, "online-mode decay", check=Interval(float, 0, 1, closed="right"))
+    ewc_min_steps: int = param(
+        50_000, "a visit's context is consolidated only after this many transitions", check=NON_NEGATIVE_INT
+    )
+    fisher_temperature: float = param(1.0, "τ of the Boltzmann policy softmax(Q/τ)", check=POSITIVE)
+    fisher_samples: int = param(1_024, "replay states the Fisher is averaged over", check=POSITIVE_INT)
+    detect_every: int = param(64, "block length (observations) for the task detector", check=POSITIVE_INT)
+    detector_temperature: float = param(
+        1.0, "divides block log-likelihoods (one sample per block)", check=POSITIVE
+    )
+    detector_hazard: float = param(
+        0.02,
+        "prior probability of a task switch between two blocks",
+        check=Interval(float, 0, 1, closed="neither"),
+    )
+    detector_kappa0: float = param(
+        0.1, "prior precision of a task's mean features (see block_features)", check=POSITIVE
+    )
+    true_task_labels: bool = param(True, "context = game index; False: TaskDetector ids", check=Boolean())
+    max_tasks: int = param(
+        10, "task-context slots of the network (and the detector's cap)", check=POSITIVE_INT
+    )
+    conv_channels: int = param(16, "filters of the Q-network's convolution", check=POSITIVE_INT)
+    hidden: int = param(128, "hidden units of the Q-network", check=POSITIVE_INT)
+    sticky_action_prob: float = param(
+        0.1,
+        "probability that the game repeats the previous action (MinAtar's sticky actions)",
+        check=Interval(float, 0, 1, closed="left"),
+    )
+    seed: int = param(0, "seed of the agent (networks, exploration, replay)", check=NON_NEGATIVE_INT)
+    device: str = param(
+        "cpu", "where the networks and updates run ('cuda': a GPU; replay stays in CPU memory)"
+    )
 
     def __post_init__(self) -> None:
-        def number(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
-                raise ValueError(f"{name} must be a number, got {v!r}")
-            if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
-                left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-                raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {v!r}")
-
-        def integer(name: str, lo: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-
-        number("gamma", 0.0, 1.0)
-        number("lr", 0.0, math.inf, lo_open=True, hi_open=True)
-        number("adam_eps", 0.0, math.inf, lo_open=True, hi_open=True)
-        for name in (
-            "batch_size",
-            "replay_capacity",
-            "train_every",
-            "target_update",
-            "eps_decay_steps",
-            "fisher_samples",
-            "detect_every",
-            "max_tasks",
-            "conv_channels",
-            "hidden",
-        ):
-            integer(name, 1)
-        for name in ("learning_starts", "ewc_min_steps", "seed"):
-            integer(name, 0)
-        number("eps_start", 0.0, 1.0)
-        number("eps_end", 0.0, 1.0)
-        number("huber_delta", 0.0, math.inf, lo_open=True, hi_open=True)
-        number("grad_clip", 0.0, math.inf, lo_open=True)
-        number("ewc_lam", 0.0, math.inf, hi_open=True)
-        number("ewc_gamma", 0.0, 1.0, lo_open=True)
-        number("fisher_temperature", 0.0, math.inf, lo_open=True, hi_open=True)
-        number("sticky_action_prob", 0.0, 1.0, hi_open=True)
-        number("detector_temperature", 0.0, math.inf, lo_open=True, hi_open=True)
-        number("detector_hazard", 0.0, 1.0, lo_open=True, hi_open=True)
-        number("detector_kappa0", 0.0, math.inf, lo_open=True, hi_open=True)
-        if self.ewc_mode not in ("separate", "online"):
-            raise ValueError(f"ewc_mode must be 'separate' or 'online', got {self.ewc_mode!r}")
-        for name in ("double_dqn", "true_task_labels"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        validate(self)
         if self.true_task_labels and self.max_tasks < len(GAMES):
             raise ValueError(
                 f"true_task_labels needs max_tasks >= {len(GAMES)} (one slot per game), got {self.max_tasks}"
