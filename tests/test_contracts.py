@@ -1,4 +1,4 @@
-"""Contract tests over the registries: every registered method, dataset and model, whatever its name.
+"""Contract tests over the registries: every method, dataset, model and experiment, whatever its name.
 
 The model is scikit-learn's ``check_estimator``: a new entry in a registry is tested here without a
 line of test code of its own. Methods train two tiny tasks through the real loop, round-trip their
@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
 from ewc.checkpoint import load_checkpoint, save_checkpoint
+from ewc.cli import build_parser, config_from
+from ewc.config import config_dict
 from ewc.data import DATASETS, DataNotFoundError, Task, load_dataset
+from ewc.experiments import EXPERIMENTS, get_experiment
+from ewc.experiments import stream as stream_experiment
 from ewc.methods import METHOD_SPECS, METHODS, Batch, make_method
 from ewc.models import MODELS, build_model
 from ewc.train import TrainConfig, method_params, run_method
@@ -154,3 +160,27 @@ def test_every_model_builds_for_any_input_shape(name: str) -> None:
         build_model(name, (4,), 2, no_such_option=1)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("no-such-model", (4,), 2)
+
+
+EXPERIMENT_MODULES = [*EXPERIMENTS, "stream"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_MODULES)
+def test_every_experiment_runs_at_its_smallest_size(name: str, tmp_path: Path) -> None:
+    """Each writes its record, figures and report; its recorded command rebuilds its config."""
+    torch.set_num_threads(1)
+    module = stream_experiment if name == "stream" else get_experiment(name)
+    assert module.TITLE and module.CLAIM
+    config = module.Config(**module.SMALLEST)
+    out = tmp_path / name
+    record = module.run(config, out)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"] == config_dict(config) == json.loads(json.dumps(record["config"]))
+    assert saved["findings"] and all(isinstance(s, str) and s for s in saved["findings"])
+    report = (out / "report.md").read_text()
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures and all(f"]({f})" in report for f in figures)
+    # the recorded command, through the real parser, gives back the same config
+    argv = shlex.split(saved["command"].replace("OUT", str(out)))[1:]
+    args = build_parser().parse_args(argv)
+    assert config_from(args, args.config_cls) == config

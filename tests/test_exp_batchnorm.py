@@ -16,17 +16,7 @@ from ewc.models import make_mlp
 
 torch.set_num_threads(1)
 
-TINY = dict(
-    tasks=2,
-    max_train_per_task=300,
-    epochs=2,
-    hidden=(32,),
-    lr=3e-3,
-    lam=100.0,
-    lam_grid=(100.0, 1000.0),
-    fisher_samples=200,
-    jobs=1,
-)
+TINY = dict(batchnorm.SMALLEST)  # the smallest settings the experiment declares
 
 
 def test_top_mass() -> None:

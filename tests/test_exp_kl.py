@@ -17,18 +17,7 @@ torch.set_num_threads(1)
 # torch's forward-mode AD registers its decompositions with torch.jit.script on first use
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
-TINY = dict(
-    hidden=16,
-    small_hidden=8,
-    pool=7,
-    train_samples=400,
-    epochs=1,
-    fisher_samples=100,
-    random_directions=2,
-    step_min=1e-4,
-    step_max=1.0,
-    steps=5,
-)
+TINY = dict(kl.SMALLEST)  # the smallest settings the experiment declares
 
 
 def _tiny_model() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

@@ -14,17 +14,7 @@ from ewc.experiments.many_tasks import Config, average_so_far, run
 
 torch.set_num_threads(1)
 
-TINY = dict(
-    tasks=3,
-    max_train_per_task=300,
-    epochs=2,
-    hidden=(32,),
-    lr=3e-3,
-    dropout_grid=(0.2,),
-    lam_grid=(10.0, 1000.0),
-    fisher_samples=200,
-    jobs=1,
-)
+TINY = dict(many_tasks.SMALLEST)  # the smallest settings the experiment declares
 
 
 def test_average_so_far() -> None:

@@ -11,21 +11,12 @@ import torch
 from torch import nn
 
 from ewc.cli import main
+from ewc.experiments import overlap as experiment
 from ewc.experiments.overlap import Config, fisher_overlap, layer_fishers, run
 
 torch.set_num_threads(1)
 
-TINY = dict(
-    patch_sizes=(4, 20),
-    depth=2,
-    width=16,
-    repeats=1,
-    train_samples=300,
-    epochs=1,
-    fisher_samples=100,
-    test_samples=100,
-    threads=1,
-)
+TINY = dict(experiment.SMALLEST)  # the smallest settings the experiment declares
 
 
 def test_overlap_by_hand() -> None:

@@ -14,7 +14,7 @@ from ewc.experiments import patterns
 
 torch.set_num_threads(1)
 
-TINY = dict(n_inputs=32, load=6.0, draws=3000, grid_points=30)
+TINY = dict(patterns.SMALLEST)  # the smallest settings the experiment declares
 
 
 def test_theory_matches_closed_forms() -> None:

@@ -11,23 +11,12 @@ import pytest
 import torch
 
 from ewc.cli import main
+from ewc.experiments import perturb as experiment
 from ewc.experiments.perturb import KINDS, Config, draw, noise_scales, norm_at_drop, null_space_mask, run
 
 torch.set_num_threads(1)
 
-TINY = dict(
-    hidden=(32,),
-    train_samples=1000,
-    epochs=2,
-    lr=3e-3,
-    fisher_samples=200,
-    test_samples=300,
-    norm_min=3.0,
-    norm_max=300.0,
-    norms=5,
-    draws=3,
-    threads=1,
-)
+TINY = dict(experiment.SMALLEST)  # the smallest settings the experiment declares
 
 
 def test_null_space_holds_the_smallest_fisher_mass() -> None:

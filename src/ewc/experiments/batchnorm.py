@@ -56,6 +56,20 @@ LOG10_RANGE = (-12.0, 1.0)  # histogram range of log10 F; values outside are cou
 TOP = 0.01  # the "top 1%" of parameters
 
 
+#: the smallest settings that still exercise every part of the experiment (contract tests)
+SMALLEST = {
+    "tasks": 2,
+    "max_train_per_task": 300,
+    "epochs": 2,
+    "hidden": (32,),
+    "lr": 3e-3,
+    "lam": 100.0,
+    "lam_grid": (100.0, 1000.0),
+    "fisher_samples": 200,
+    "jobs": 1,
+}
+
+
 @dataclass
 class Config:
     """The task sequence, the network, the training, the fixed λ and the validation grid."""

@@ -66,6 +66,21 @@ CLAIM = (
 POOLS = (1, 2, 4, 7, 14)
 
 
+#: the smallest settings that still exercise every part of the experiment (contract tests)
+SMALLEST = {
+    "hidden": 16,
+    "small_hidden": 8,
+    "pool": 7,
+    "train_samples": 400,
+    "epochs": 1,
+    "fisher_samples": 100,
+    "random_directions": 2,
+    "step_min": 1e-4,
+    "step_max": 1.0,
+    "steps": 5,
+}
+
+
 @dataclass
 class Config:
     """The two classifiers, their training, the data average and the grid of steps."""

@@ -43,6 +43,20 @@ BASE_METHOD = {"ewc": "ewc", "dropout": "sgd", "sgd": "sgd"}
 RATE = Interval(float, 0, 1, closed="neither")  # a dropout rate
 
 
+#: the smallest settings that still exercise every part of the experiment (contract tests)
+SMALLEST = {
+    "tasks": 3,
+    "max_train_per_task": 300,
+    "epochs": 2,
+    "hidden": (32,),
+    "lr": 3e-3,
+    "dropout_grid": (0.2,),
+    "lam_grid": (10.0, 1000.0),
+    "fisher_samples": 200,
+    "jobs": 1,
+}
+
+
 @dataclass
 class Config:
     """The task sequence, the network, the training and the two validation grids."""

@@ -49,6 +49,20 @@ CLAIM = (
 )
 
 
+#: the smallest settings that still exercise every part of the experiment (contract tests)
+SMALLEST = {
+    "patch_sizes": (4, 20),
+    "depth": 2,
+    "width": 16,
+    "repeats": 1,
+    "train_samples": 300,
+    "epochs": 1,
+    "fisher_samples": 100,
+    "test_samples": 100,
+    "threads": 1,
+}
+
+
 @dataclass
 class Config:
     """Settings of the overlap experiment (defaults: the paper's 6×100 network, 7200 MNIST images)."""

@@ -71,6 +71,10 @@ METHODS = ("sgd", "ewc")
 CHUNK_FLOATS = 16_000_000  # patterns held at once: draws per chunk × patterns × N (64 MB in float32)
 
 
+#: the smallest settings that still exercise every part of the experiment (contract tests)
+SMALLEST = {"n_inputs": 32, "load": 6.0, "draws": 3000, "grid_points": 30}
+
+
 @dataclass
 class Config:
     """Size of the network, length of the sequence, number of draws and the two methods' steps."""

@@ -55,6 +55,22 @@ _COLORS = {"isotropic": "#1f77b4", "fisher": "#d62728", "null": "#ff7f0e"}
 FRACTION = Interval(float, 0, 1, closed="neither")
 
 
+#: the smallest settings that still exercise every part of the experiment (contract tests)
+SMALLEST = {
+    "hidden": (32,),
+    "train_samples": 1000,
+    "epochs": 2,
+    "lr": 3e-3,
+    "fisher_samples": 200,
+    "test_samples": 300,
+    "norm_min": 3.0,
+    "norm_max": 300.0,
+    "norms": 5,
+    "draws": 3,
+    "threads": 1,
+}
+
+
 @dataclass
 class Config:
     """Settings of the perturbation test (defaults: a 2×400 MLP on 7200 MNIST images)."""

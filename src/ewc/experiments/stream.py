@@ -75,6 +75,18 @@ def parse_schedule(text: str | Any) -> tuple[int, ...]:
 _OWN = "your own data: stream the rows of a CSV or .npz file instead of --data/--sequence/--schedule"
 
 
+#: the smallest settings that still exercise every part of the experiment (contract tests)
+SMALLEST = {
+    "tasks": 3,
+    "schedule": (0, 1, 0, 2),
+    "hidden": (16,),
+    "min_len": 8,
+    "max_len": 12,
+    "max_train_per_task": 300,
+    "threads": 1,
+}
+
+
 @dataclass(frozen=True)
 class Config:
     """The stream, the learner and the data."""
