@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,25 +101,6 @@ class Options(Constraint):
 
 
 @dataclass(frozen=True)
-class Sizes(Constraint):
-    """A non-empty sequence of positive integers (layer widths, a λ grid's companion counts)."""
-
-    allow_none: bool = False
-
-    def accepts(self, value: Any) -> bool:
-        if value is None:
-            return self.allow_none
-        return (
-            isinstance(value, tuple | list)
-            and len(value) > 0
-            and all(_is_number(v, int) and v > 0 for v in value)
-        )
-
-    def describe(self) -> str:
-        return "positive integers, at least one"
-
-
-@dataclass(frozen=True)
 class Numbers(Constraint):
     """A non-empty sequence of finite numbers within ``each`` (a grid of λ values, noise norms);
     ``distinct``: no value twice (seeds, patch sizes)."""
@@ -143,6 +123,16 @@ class Numbers(Constraint):
         return (
             f"a non-empty list{' of distinct values' if self.distinct else ''}, each {self.each.describe()}"
         )
+
+
+@dataclass(frozen=True)
+class Sizes(Numbers):
+    """A non-empty sequence of positive integers (layer widths)."""
+
+    each: Interval = Interval(int, 1)
+
+    def describe(self) -> str:
+        return "positive integers, at least one"
 
 
 @dataclass(frozen=True)
@@ -201,11 +191,6 @@ def check_int(value: Any, what: str, minimum: int) -> int:
     """An integer >= ``minimum`` (numpy integers accepted) as a Python int, else a ValueError."""
     return int(check(value, Interval(int, minimum), what))
 
-
-def check_counts(obj: Any, names: Iterable[str]) -> None:
-    """``check_count`` on each named attribute of ``obj`` (a config dataclass)."""
-    for name in names:
-        check_count(getattr(obj, name), name)
 
 
 @dataclass(frozen=True)
