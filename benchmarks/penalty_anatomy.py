@@ -53,9 +53,16 @@ class _Handed(torch.autograd.Function):
         return (None, *ctx.ws)
 
 
+def penalty_lists(reg: EWC) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The anchored parameters with the merged θ* and F the penalty applies (the stored tensors)."""
+    anchors, fishers = reg.anchors(), reg.precisions()
+    named = dict(reg.model.named_parameters())
+    return [named[n] for n in anchors], list(anchors.values()), [fishers[n] for n in anchors]
+
+
 def chunked_penalty(reg: EWC, chunk: int) -> Callable[[], torch.Tensor]:
     """λ/2 Σ F (θ − θ*)² with value and gradient computed chunk by chunk (same maths)."""
-    params, anchors, fishers, _, _ = reg._penalty_lists()
+    params, anchors, fishers = penalty_lists(reg)
     lam = reg.lam
 
     def compute(ps: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -75,7 +82,7 @@ def chunked_penalty(reg: EWC, chunk: int) -> Callable[[], torch.Tensor]:
 
 def flat_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
     """The same penalty over flat copies of θ* and λF: fewer, longer kernel calls."""
-    params, anchors, fishers, _, _ = reg._penalty_lists()
+    params, anchors, fishers = penalty_lists(reg)
     sizes, shapes = [p.numel() for p in params], [p.shape for p in params]
     anchor = torch.cat([a.reshape(-1) for a in anchors])
     lam_f = torch.cat([f.reshape(-1) for f in fishers]) * reg.lam
@@ -94,7 +101,7 @@ def flat_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
 
 def compiled_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
     """The same penalty as one ``torch.compile``d kernel (value and gradient in one loop)."""
-    params, anchors, fishers, _, _ = reg._penalty_lists()
+    params, anchors, fishers = penalty_lists(reg)
     lam = reg.lam
 
     @torch.compile(dynamic=False, fullgraph=True)
@@ -175,7 +182,7 @@ def native_penalty(reg: EWC) -> Callable[[], torch.Tensor]:
         functions=["penalty_pass"],
         extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
     )
-    params, anchors, fishers, _, _ = reg._penalty_lists()
+    params, anchors, fishers = penalty_lists(reg)
     lam = reg.lam
 
     def compute(ps: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -221,11 +228,9 @@ def main() -> None:
         model = copy.deepcopy(base)
         reg = filled_ewc(model, "online", args.tasks, gen)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        params = list(model.parameters())
+        params, anchors, fishers = penalty_lists(reg)
         with torch.no_grad():
-            grad_w = [
-                reg.lam * f * (p - a) for p, a, f in zip(params, *reg._penalty_lists()[1:3], strict=True)
-            ]
+            grad_w = [reg.lam * f * (p - a) for p, a, f in zip(params, anchors, fishers, strict=True)]
         own_penalty = builders[kind](reg) if kind in builders else None
 
         def step() -> None:

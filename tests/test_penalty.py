@@ -7,6 +7,7 @@ float64 from tensors the tests chose themselves.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -392,24 +393,34 @@ def test_lam_is_settable_and_scales_linearly() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"lam": -1.0}, "lam"),
-        ({"lam": float("nan")}, "lam"),
-        ({"lam": float("inf")}, "lam"),
-        ({"gamma": 0.0}, "gamma"),
+        ({"lam": -1.0}, "lam must be a finite number >= 0, got -1.0"),
+        ({"lam": float("nan")}, "lam must be a finite number >= 0, got nan"),
+        ({"lam": float("inf")}, "lam must be a finite number >= 0, got inf"),
+        ({"lam": True}, "lam must be a finite number >= 0, got True"),
+        ({"lam": None}, "lam must be a finite number >= 0, got None"),
+        ({"gamma": 0.0}, r"gamma must be a finite number in \(0, 1\], got 0.0"),
         ({"gamma": 1.5}, "gamma"),
         ({"gamma": -0.2}, "gamma"),
         ({"gamma": float("nan")}, "gamma"),
-        ({"mode": "sum"}, "mode"),
-        ({"fisher": "diagonal"}, "Fisher mode"),
-        ({"likelihood": "poisson"}, "likelihood"),
+        ({"mode": "sum"}, "mode must be one of separate, online, got 'sum'"),
+        ({"fisher": "diagonal"}, "fisher must be one of exact, sample, empirical, batched, got 'diagonal'"),
+        ({"likelihood": "poisson"}, "likelihood must be one of .*, got 'poisson'"),
         ({"max_samples": 0}, "max_samples"),
         ({"batch_size": 0}, "batch_size"),
-        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": 0.0}, "sigma must be a finite number > 0, got 0.0"),
+        ({"sigma": "x"}, "sigma must be a finite number > 0, got 'x'"),
     ],
 )
 def test_invalid_configuration_is_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         EWC(tiny_model(), **kwargs)
+
+
+def test_numbers_are_read_with_float() -> None:
+    """What float() reads is a valid λ, γ or σ (a numpy scalar, a 0-dim tensor, a numeric string)."""
+    reg = EWC(tiny_model(), lam=np.float32(2.0), gamma=torch.tensor(0.5), sigma="1.5")
+    assert (reg.lam, reg.gamma) == (2.0, 0.5) and type(reg.lam) is float
+    assert reg.state_dict()["config"]["sigma"] == 1.5
 
 
 @pytest.mark.parametrize(

@@ -329,7 +329,7 @@ def _unmatched_names(state: dict) -> dict:
         (_set("tasks", "nope"), "tasks"),
         (_edit_config(mode="online"), "mode"),
         (_edit_config(lam=-3.0), "lam"),
-        (_edit_config(fisher="bogus"), "Fisher mode"),
+        (_edit_config(fisher="bogus"), "fisher must be one of .*, got 'bogus'"),
         (_edit_config(extra=1), "extra"),
         (_drop_config("gamma"), "gamma"),
         (_negative_fisher, "negative"),

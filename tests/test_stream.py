@@ -182,17 +182,17 @@ def test_state_round_trip_resumes_exactly(stream, tasks, method):
         assert torch.equal(pa, pb)
 
 
-def test_predict_and_predict_task_do_not_change_state(stream, tasks):
+def test_predict_and_detector_predict_do_not_change_state(stream, tasks):
     batches, true_ids = stream
     learner = _learner("ewc")
-    assert learner.predict_task(batches[0][0]) == -1
+    assert learner.detector.predict(batches[0][0]) == -1
     for x, y in batches:
         learner.partial_fit(x, y)
     det = learner.detector
     n, hist, counts = det.n_batches, len(det.history), det._count.clone()
     learner.model.train()
     for k, t in enumerate(tasks):
-        assert learner.predict_task(t.x_test[:64]) == k  # true task k got id k on this stream
+        assert learner.detector.predict(t.x_test[:64]) == k  # true task k got id k on this stream
         assert learner.predict(t.x_test[:10]).shape == (10,)
     assert learner.model.training
     assert det.n_batches == n and len(det.history) == hist and torch.equal(det._count, counts)
@@ -266,3 +266,93 @@ def test_given_task_ids_are_the_control(stream):
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     with pytest.raises(ValueError, match="for every batch or for none"):
         resumed.partial_fit(x, y)
+
+
+def _copied(state: dict) -> dict:
+    """A deep copy of a state, as a resumed run would read it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _same(a, b) -> bool:
+    """Equal nested dicts / lists / tensors (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _corrupt(kind: str, state: dict) -> dict:
+    if kind == "model shape":
+        state["model"]["3.weight"] = torch.zeros(10, 31)
+    elif kind == "model key":
+        state["model"]["9.weight"] = state["model"].pop("3.weight")
+    elif kind == "optimizer groups":
+        state["optimizer"]["param_groups"][0]["params"] = [0]
+    elif kind == "method state":  # a negative Fisher, found by the penalty after the model loaded
+        fisher = state["method"]["tasks"][0]["fisher"]
+        fisher["1.weight"] = -torch.ones_like(fisher["1.weight"])
+    elif kind == "detector state":
+        del state["detector"]["counters"]["current"]
+    elif kind == "buffer":
+        x, y = state["buffer"]
+        state["buffer"] = (x, y[:-1])
+    elif kind == "counter":
+        state["n_batches"] = None
+    elif kind == "owners":
+        state["owners"] = {"0": [5, 6, 7]}
+    return state
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "other method",
+        "other method, old state",
+        "model shape",
+        "model key",
+        "optimizer groups",
+        "method state",
+        "detector state",
+        "buffer",
+        "counter",
+        "owners",
+    ],
+)
+def test_failed_load_leaves_the_learner_unchanged(stream, kind: str) -> None:
+    """Everything is checked before anything is loaded: a state that does not fit raises
+    ValueError, and model, optimiser, penalty, detector and counters are exactly as before."""
+    batches, true_ids = stream
+    start = _switches(true_ids)[1] + 3  # two tasks consolidated, a third one training
+    learner, source = _learner("ewc", lam=100.0), _learner("ewc", lam=100.0, seed=1)
+    if kind.startswith("other method"):
+        source = _learner("si", c=1.0)
+    for x, y in batches[:start]:
+        learner.partial_fit(x, y)
+    for x, y in batches[: start + 2]:
+        source.partial_fit(x, y)
+    state = _copied(source.state_dict())
+    if kind == "other method, old state":
+        del state["method_name"]  # states saved before the name was recorded: the trial load tells
+    state = _corrupt(kind, state)
+    before = _copied(learner.state_dict())
+    value = float(learner.method.reg.penalty().detach())
+    params = [p.detach().clone() for p in learner.model.parameters()]
+    with pytest.raises(ValueError):
+        learner.load_state_dict(state)
+    assert all(torch.equal(p, q) for p, q in zip(learner.model.parameters(), params, strict=True))
+    assert float(learner.method.reg.penalty().detach()) == value
+    assert _same(learner.state_dict(), before)  # optimiser, penalty terms, detector, buffer, counters
+    # and the learner goes on as if nothing happened: like one that never saw the bad state
+    twin = _learner("ewc", lam=100.0)
+    twin.load_state_dict(before)
+    for x, y in batches[start : start + 3]:
+        assert learner.partial_fit(x, y) == twin.partial_fit(x, y)
+    assert all(
+        torch.equal(p, q) for p, q in zip(learner.model.parameters(), twin.model.parameters(), strict=True)
+    )

@@ -113,6 +113,12 @@ def test_bad_input() -> None:
     for bad in ({"hazard": 0.0}, {"hazard": 1.0}, {"max_tasks": 0}, {"nan_policy": "x"}, {"proj_dim": 0}):
         with pytest.raises(ValueError):
             TaskDetector(**bad)
+    with pytest.raises(ValueError, match=r"^hazard must be a finite number in \(0, 1\), got 1.0$"):
+        TaskDetector(hazard=1)
+    with pytest.raises(ValueError, match=r"^kappa0 must be a finite number > 0, got -2.0$"):
+        TaskDetector(kappa0=-2)
+    with pytest.raises(ValueError, match=r"^var_floor must be a finite number >= 0, got nan$"):
+        TaskDetector(var_floor=float("nan"))
 
 
 @pytest.mark.parametrize("features", ["linear", "cos"])

@@ -182,6 +182,20 @@ def check(value: Any, constraint: Constraint, what: str) -> Any:
     return value
 
 
+def check_float(value: Any, constraint: Constraint, what: str) -> float:
+    """``float(value)`` if ``constraint`` accepts it, else a ValueError in the one wording.
+
+    For arguments read with ``float()`` (a numpy scalar, a 0-dim tensor, a numeric string are
+    numbers there); a bool is refused, as by :func:`check`."""
+    try:
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or not constraint.accepts(number):
+        raise ValueError(constraint.message(value, what))
+    return number
+
+
 def check_count(value: Any, what: str, *, allow_none: bool = False) -> int | None:
     """A positive int (or None when ``allow_none``), else a ValueError naming ``what``."""
     return check(value, Interval(int, 1, allow_none=allow_none), what)

@@ -12,10 +12,9 @@ Code that drops the ½ needs a λ half as large for the same penalty.
 Modes:
 
 * ``separate`` (the paper): one quadratic per consolidated task. The state grows with the number
-  of tasks, but :meth:`penalty` does not: a sum of diagonal quadratics is one diagonal quadratic,
-  Σ_k F_k (θ − θ*_k)² = F̄ (θ − θ̄)² + C with F̄ = Σ_k F_k, θ̄ = Σ_k F_k θ*_k / F̄ and a constant C,
-  all computed in float64 when a task is consolidated. Only the rounding of θ̄ to the parameter
-  dtype differs from the term-by-term sum: it is as if each anchor moved by at most half an ulp.
+  of tasks, but :meth:`penalty` does not: the terms are merged into one diagonal quadratic per
+  parameter in float64 when they change (:mod:`ewc.quadratic`, the numeric kernel; only the
+  rounding of the merged anchor to the parameter dtype differs from the term-by-term sum).
 * ``online`` (Schwarz et al. 2018; Huszár 2018): one merged quadratic, F ← γ·F + F_new and
   θ* ← the latest parameters. With γ = 1 its curvature equals ``separate``'s, but it is centred
   on the latest parameters rather than on the Fisher-weighted mean of all anchors.
@@ -37,16 +36,15 @@ Memory: the stored tasks, plus one scratch tensor the size of the anchored param
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
 
-from ewc.checks import check_count
+from ewc.checks import NON_NEGATIVE, POSITIVE, Interval, Options, check, check_count, check_float
 from ewc.fisher import FISHER_MODES, LIKELIHOODS, diagonal_fisher
+from ewc.quadratic import Quadratic, Term, check_precision, check_term, merge_online
 from ewc.state import PathLike, atomic_save, safe_load
 
 __all__ = ["EWC", "FORMAT", "L2", "MODES", "Term", "TermKey"]
@@ -54,144 +52,14 @@ __all__ = ["EWC", "FORMAT", "L2", "MODES", "Term", "TermKey"]
 FORMAT = "ewc.penalty/1"
 MODES = ("separate", "online")
 
-# One consolidated quadratic as stored: {"anchor": {name: θ*}, "fisher": {name: F}}.
-Term = dict[str, dict[str, Tensor]]
 # What names a term: an int (the default, the running task count) or a str.
 TermKey = int | str
 
 
-# ------------------------------------------------------------------------------ validation
-
-
-def _check_lam(lam: Any) -> float:
-    value = _as_float(lam, "lam")
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    return value
-
-
-def _check_gamma(gamma: Any) -> float:
-    value = _as_float(gamma, "gamma")
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
-    return value
-
-
-def _check_mode(mode: Any) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    return str(mode)
-
-
-def _as_float(value: Any, what: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
-
-
-# ------------------------------------------------------------------------- merged quadratics
-
-
-@dataclass
-class _Merged:
-    """The merged quadratic of one parameter, plus the scratch buffer penalty() writes into."""
-
-    name: str
-    path: tuple[str, ...] | None  # module path for a fast lookup; None: use named_parameters()
-    param: Tensor
-    anchor: Tensor
-    fisher: Tensor
-    diff: Tensor | None = None  # θ − θ*, scratch only (never saved for backward)
-    zero: Tensor | None = None  # 0-dim zero, the "input" of addcmul
-
-
-def _lookup(model: nn.Module, path: tuple[str, ...]) -> Tensor | None:
-    module: nn.Module | None = model
-    for part in path[:-1]:
-        module = module._modules.get(part)  # type: ignore[union-attr]
-        if module is None:
-            return None
-    return module._parameters.get(path[-1])  # type: ignore[union-attr]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _sum(parts: list[Tensor]) -> Tensor:
-    """Sum of 0-dim tensors (on the first one's device)."""
-    device = parts[0].device
-    if all(t.device == device for t in parts):
-        return torch.stack(parts).sum()
-    return torch.stack([t.to(device) for t in parts]).sum()
-
-
-def _scale_(tensors: list[Tensor], factor: Tensor) -> None:
-    """tensors *= factor (a 0-dim tensor), in place, on whatever devices they live."""
-    if all(t.device == factor.device for t in tensors):
-        torch._foreach_mul_(tensors, factor)
-    else:
-        for t in tensors:
-            t.mul_(factor.to(t.device))
-
-
-class _QuadraticPenalty(torch.autograd.Function):
-    """λ/2 · (Σ F·(θ − θ*)² + C) with a hand-written backward.
-
-    The forward computes w = λ·F·(θ − θ*) once, for the value (½·⟨w, θ − θ*⟩) and as the
-    gradient: the backward hands w itself to autograd (scaled in place only if the incoming
-    gradient is not 1), so it costs no pass over memory, and the first gradient to arrive can be
-    stored as ``.grad`` without a copy. Autograd would instead save θ − θ* and redo two
-    multiplies. The only parameter-sized allocation is w: θ − θ* goes into a reused buffer.
-    Under ``create_graph=True`` (or a second backward through a retained graph) the gradient is
-    rebuilt from differentiable ops, so Hessian-vector products through the penalty work.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        lam: float,
-        const: float,
-        anchors: list[Tensor],
-        fishers: list[Tensor],
-        diffs: list[Tensor],
-        zeros: list[Tensor],
-        *params: Tensor,
-    ) -> Tensor:
-        ws, parts = [], []
-        for p, a, f, d, z in zip(params, anchors, fishers, diffs, zeros, strict=True):
-            torch.sub(p, a, out=d)
-            w = torch.addcmul(z, d, f, value=lam)  # λ·F·(θ − θ*), fresh, in one pass
-            ws.append(w)
-            parts.append(torch.dot(w.view(-1), d.view(-1)))
-        total = _sum(parts)
-        ctx.lam, ctx.anchors, ctx.fishers = lam, anchors, fishers
-        ctx.ws = ws  # handed over to autograd by backward; not a saved tensor on purpose
-        ctx.save_for_backward(*params)
-        return total.add_(lam * const).mul_(0.5)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        params = ctx.saved_tensors
-        needs = ctx.needs_input_grad[6:]
-        idx = [i for i in range(len(params)) if needs[i]]
-        ws, ctx.ws = ctx.ws, None
-        grads: list[Tensor | None] = [None] * len(params)
-        if ws is None or torch.is_grad_enabled():
-            # create_graph=True, or w was already given away by an earlier backward.
-            for i in idx:
-                grads[i] = (params[i] - ctx.anchors[i]) * ctx.fishers[i] * (grad_out * ctx.lam)
-        else:
-            # Skip the multiply when grad_out is 1 (loss.backward()); only checked on the CPU,
-            # where reading it costs no device synchronisation.
-            if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
-                _scale_([ws[i] for i in idx], grad_out)
-            for i in idx:
-                grads[i] = ws[i]
-        return (None,) * 6 + tuple(grads)
+# What λ, γ and σ may be (read with float(), so a numpy scalar or a 0-dim tensor works too).
+LAM = NON_NEGATIVE
+GAMMA = Interval(float, 0, 1, closed="right")
+SIGMA = POSITIVE
 
 
 # ---------------------------------------------------------------------------- base class
@@ -207,15 +75,13 @@ class _AnchoredPenalty:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._model = model
-        self._lam = _check_lam(lam)
-        self._mode = _check_mode(mode)
-        self._gamma = _check_gamma(gamma)
-        self._tasks: list[Term] = []  # separate: one per task; online: at most one (merged)
-        self._keys: list[TermKey] = []  # the key of each entry of _tasks
+        self._lam = check_float(lam, LAM, "lam")
+        self._mode = str(check(mode, Options(MODES), "mode"))
+        self._gamma = check_float(gamma, GAMMA, "gamma")
+        # the terms (separate: one per task; online: at most one, merged) and their quadratic
+        self._quad = Quadratic(model)
+        self._keys: list[TermKey] = []  # the key of each term
         self._num_tasks = 0
-        self._merged: list[_Merged] = []
-        self._const = 0.0
-        self._lists: tuple | None = None  # (terms, params, anchors, fishers, diffs, zeros) of penalty()
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -230,7 +96,7 @@ class _AnchoredPenalty:
 
     @lam.setter
     def lam(self, value: float) -> None:
-        self._lam = _check_lam(value)
+        self._lam = check_float(value, LAM, "lam")
 
     @property
     def mode(self) -> str:
@@ -278,8 +144,8 @@ class _AnchoredPenalty:
 
     def reset(self) -> None:
         """Forget every consolidated task; the penalty is zero again."""
-        self._tasks, self._keys, self._num_tasks = [], [], 0
-        self._merged, self._const = [], 0.0
+        self._quad.set([])
+        self._keys, self._num_tasks = [], 0
 
     def _new_key(self, key: Any) -> TermKey:
         """``key`` checked (an int or a str, not taken in ``separate`` mode), or the default:
@@ -311,15 +177,14 @@ class _AnchoredPenalty:
                     f"Fisher of parameter {name!r} has shape {shape}, the parameter has {tuple(p.shape)}"
                 )
             f = f.detach().to(device=p.device, dtype=p.dtype, copy=True)
-            _check_precision(f, name)
+            check_precision(f, name)
             precision[name] = f
             anchor[name] = p.detach().clone()
         if self._mode == "separate":
-            tasks = [*self._tasks, {"anchor": anchor, "fisher": precision}]
+            self._quad.set([*self._quad.terms, {"anchor": anchor, "fisher": precision}])
         else:
-            tasks = [self._merge_online(anchor, precision, named)]
-        terms, const, tasks = self._build(tasks)
-        self._tasks, self._merged, self._const = tasks, terms, const
+            old = self._quad.terms[0] if self._quad.terms else None
+            self._quad.set([merge_online(old, anchor, precision, named, self._gamma)])
         self._keys = [*self._keys, key] if self._mode == "separate" else [key]
         self._num_tasks += 1
 
@@ -347,10 +212,9 @@ class _AnchoredPenalty:
         """Remove the term ``key`` and return it, ``{"anchor": {name: θ*}, "fisher": {name: F}}``,
         for :meth:`restore` (``separate`` mode). The tensors are the stored ones, not copies."""
         k = self._index(key, "pop/drop")
-        tasks = self._tasks[:k] + self._tasks[k + 1 :]
-        terms, const, tasks = self._build(tasks)
-        term = self._tasks[k]
-        self._tasks, self._merged, self._const = tasks, terms, const
+        terms = self._quad.terms
+        term = terms[k]
+        self._quad.set(terms[:k] + terms[k + 1 :])
         self._keys = self._keys[:k] + self._keys[k + 1 :]
         self._num_tasks -= 1
         return {"anchor": dict(term["anchor"]), "fisher": dict(term["fisher"])}
@@ -367,10 +231,9 @@ class _AnchoredPenalty:
         if self._mode != "separate":
             self._index(key, "restore")
         key = self._new_key(key)
-        checked = _check_task(term, "the restored term")
+        checked = check_term(term, "the restored term")
         copied = {part: {n: t.detach().clone() for n, t in checked[part].items()} for part in checked}
-        terms, const, tasks = self._build([*self._tasks, copied])
-        self._tasks, self._merged, self._const = tasks, terms, const
+        self._quad.set([*self._quad.terms, copied])
         self._keys = [*self._keys, key]
         self._num_tasks += 1
 
@@ -390,119 +253,19 @@ class _AnchoredPenalty:
         return self._read("fisher", key)
 
     def _read(self, part: str, key: TermKey | None) -> dict[str, Tensor]:
-        merged = self._current_merged()  # follows a model moved to another device or dtype
+        merged = self._quad.current()  # follows a model moved to another device or dtype
         if key is None:
             return {t.name: getattr(t, part) for t in merged}
-        return dict(self._tasks[self._index(key, "")][part])
+        return dict(self._quad.terms[self._index(key, "")][part])
 
     def memory_bytes(self) -> int:
         """Bytes of the stored terms' anchors and precisions (what :meth:`state_dict` holds)."""
         return sum(
-            t.numel() * t.element_size() for task in self._tasks for d in task.values() for t in d.values()
+            t.numel() * t.element_size()
+            for task in self._quad.terms
+            for d in task.values()
+            for t in d.values()
         )
-
-    def _merge_online(
-        self, anchor: dict[str, Tensor], fisher: dict[str, Tensor], named: dict[str, Tensor]
-    ) -> Term:
-        """F ← γ·F_old + F_new and θ* ← the current parameters, for the union of both names."""
-        if not self._tasks:
-            return {"anchor": anchor, "fisher": fisher}
-        old = self._tasks[0]["fisher"]
-        merged_f: dict[str, Tensor] = {}
-        merged_a: dict[str, Tensor] = {}
-        for name, f_old in old.items():
-            p = named.get(name)
-            if p is None:
-                raise ValueError(f"consolidated parameter {name!r} is missing from the model")
-            if p.shape != f_old.shape:
-                raise ValueError(
-                    f"parameter {name!r} changed shape since consolidation: "
-                    f"{tuple(f_old.shape)} then, {tuple(p.shape)} now"
-                )
-            f_old = f_old.to(device=p.device, dtype=p.dtype)
-            new = fisher.get(name)
-            merged_f[name] = f_old * self._gamma if new is None else torch.add(new, f_old, alpha=self._gamma)
-            merged_a[name] = anchor[name] if name in anchor else p.detach().clone()
-        for name, f_new in fisher.items():
-            if name not in merged_f:
-                merged_f[name], merged_a[name] = f_new, anchor[name]
-        return {"anchor": merged_a, "fisher": merged_f}
-
-    def _build(self, tasks: list[Term], *, copy: bool = False) -> tuple[list[_Merged], float, list[Term]]:
-        """Resolve every stored name in the model and merge the tasks into one quadratic.
-
-        Returns the terms, the constant C (``separate``) and the tasks with their tensors moved
-        to each parameter's device and dtype (copied if ``copy``). Raises ValueError naming a
-        parameter that is missing from the model or whose shape changed.
-        """
-        named = dict(self._model.named_parameters(remove_duplicate=False))
-        moved: list[Term] = [{"anchor": {}, "fisher": {}} for _ in tasks]
-        per_name: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        for k, task in enumerate(tasks):
-            for name, a in task["anchor"].items():
-                f = task["fisher"][name]
-                p = named.get(name)
-                if p is None:
-                    raise ValueError(f"consolidated parameter {name!r} is missing from the model")
-                if a.shape != p.shape or f.shape != p.shape:
-                    raise ValueError(
-                        f"parameter {name!r} changed shape since consolidation: "
-                        f"{tuple(a.shape)} in task {k}, {tuple(p.shape)} now"
-                    )
-                a = a.detach().to(device=p.device, dtype=p.dtype, copy=copy)
-                f = f.detach().to(device=p.device, dtype=p.dtype, copy=copy)
-                moved[k]["anchor"][name], moved[k]["fisher"][name] = a, f
-                per_name.setdefault(name, []).append((a, f))
-        terms: list[_Merged] = []
-        const = 0.0
-        for name, pairs in per_name.items():
-            p = named[name]
-            path = tuple(name.split("."))
-            if _lookup(self._model, path) is not p:
-                path = None  # exotic module layout: resolve through named_parameters()
-            if len(pairs) == 1:
-                anchor, fisher = pairs[0]
-            else:
-                anchor, fisher, c = _merge_separate(pairs)
-                const += c
-            terms.append(_Merged(name, path, p, anchor, fisher))
-        return terms, const, moved
-
-    # -- the penalty -----------------------------------------------------------------------
-
-    def _current_merged(self) -> list[_Merged]:
-        """The terms, re-resolved if the model's parameters were replaced, moved or reshaped."""
-        named: dict[str, Tensor] | None = None
-        for t in self._merged:
-            if t.path is not None:
-                p = _lookup(self._model, t.path)
-            else:
-                if named is None:
-                    named = dict(self._model.named_parameters(remove_duplicate=False))
-                p = named.get(t.name)
-            if (
-                p is not t.param
-                or p.shape != t.anchor.shape
-                or p.device != t.anchor.device
-                or p.dtype != t.anchor.dtype
-            ):
-                self._merged, self._const, self._tasks = self._build(self._tasks)
-                break
-        return self._merged
-
-    def _penalty_lists(self) -> tuple[list[Tensor], ...]:
-        """Per-parameter (params, anchors, fishers, diff buffers, zeros), built once per set of
-        terms (any consolidation, load or parameter change makes a new list of terms)."""
-        terms = self._current_merged()
-        if self._lists is None or self._lists[0] is not terms:
-            for t in terms:
-                if t.diff is None or t.zero is None:
-                    dtype = _compute_dtype(t.anchor.dtype)
-                    t.diff = torch.empty(t.anchor.shape, dtype=dtype, device=t.anchor.device)
-                    t.zero = torch.zeros((), dtype=dtype, device=t.anchor.device)
-            fields = ("param", "anchor", "fisher", "diff", "zero")
-            self._lists = (terms, *([getattr(t, f) for t in terms] for f in fields))
-        return self._lists[1:]
 
     def penalty(self) -> Tensor:
         """λ/2 · Σ_k Σ_i F_k,i (θ_i − θ*_k,i)², a 0-dim tensor differentiable w.r.t. the model.
@@ -510,20 +273,9 @@ class _AnchoredPenalty:
         Zero (a tensor on the model's device) before the first consolidation. The cost does not
         depend on the number of tasks: one pass over the anchored parameters that writes
         θ − θ* into a preallocated buffer and λ·F·(θ − θ*), which is the gradient, into a fresh
-        tensor (see :class:`_QuadraticPenalty`).
+        tensor (see :class:`ewc.quadratic.QuadraticPenalty`).
         """
-        if not self._merged:
-            first = next(self._model.parameters(), None)
-            return torch.zeros((), device=first.device if first is not None else None)
-        params, anchors, fishers, diffs, zeros = self._penalty_lists()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return _QuadraticPenalty.apply(self._lam, self._const, anchors, fishers, diffs, zeros, *params)
-        with torch.no_grad():
-            parts = []
-            for p, a, f, d in zip(params, anchors, fishers, diffs, strict=True):
-                torch.sub(p, a, out=d)
-                parts.append(torch.dot(torch.mul(d, f).view(-1), d.view(-1)))
-            return _sum(parts).add_(self._const).mul_(0.5 * self._lam)
+        return self._quad.value(self._lam)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -539,7 +291,7 @@ class _AnchoredPenalty:
             "class": self._KIND,
             "config": self._config(),
             "num_tasks": self._num_tasks,
-            "tasks": [{"anchor": dict(t["anchor"]), "fisher": dict(t["fisher"])} for t in self._tasks],
+            "tasks": [{"anchor": dict(t["anchor"]), "fisher": dict(t["fisher"])} for t in self._quad.terms],
             "keys": list(self._keys),
         }
 
@@ -580,11 +332,10 @@ class _AnchoredPenalty:
                 f"online state must hold one merged task when num_tasks > 0 and none "
                 f"otherwise; got {len(tasks)} entries for num_tasks={num_tasks}"
             )
-        checked = [_check_task(t, f"task {k}") for k, t in enumerate(tasks)]
+        checked = [check_term(t, f"task {k}") for k, t in enumerate(tasks)]
         keys = _check_keys(state.get("keys"), len(tasks), num_tasks)
-        terms, const, moved = self._build(checked, copy=True)
+        self._quad.set(checked, copy=True)  # checked against the model: the last step that can fail
         self._config_from(probe)
-        self._tasks, self._merged, self._const = moved, terms, const
         self._keys, self._num_tasks = keys, num_tasks
 
     def _config_from(self, other: Self) -> None:
@@ -620,68 +371,6 @@ def _check_keys(keys: Any, n_terms: int, num_tasks: int) -> list[TermKey]:
     return list(keys)
 
 
-def _check_precision(f: Tensor, name: str) -> None:
-    if not f.is_floating_point():
-        raise ValueError(f"Fisher of parameter {name!r} must be a floating-point tensor")
-    if not bool(torch.isfinite(f).all()):
-        raise ValueError(f"Fisher of parameter {name!r} has NaN or infinite values")
-    if bool((f < 0).any()):
-        raise ValueError(f"Fisher of parameter {name!r} has negative values")
-
-
-def _check_task(task: Any, what: str) -> Term:
-    """Type checks of one stored term (``what`` names it in errors): matching anchor/fisher
-    names, finite tensors, F >= 0."""
-    if not isinstance(task, Mapping):
-        raise ValueError(f"{what} must be a dict, got {type(task).__name__}")
-    if set(task) != {"anchor", "fisher"}:
-        raise ValueError(f"{what} must have keys ['anchor', 'fisher'], got {sorted(task)}")
-    anchor, fisher = task["anchor"], task["fisher"]
-    if not isinstance(anchor, Mapping) or not isinstance(fisher, Mapping):
-        raise ValueError(f"{what}: 'anchor' and 'fisher' must be dicts of tensors")
-    if set(anchor) != set(fisher):
-        raise ValueError(
-            f"{what}: anchor and fisher name different parameters: "
-            f"{sorted(set(anchor) ^ set(fisher), key=str)}"
-        )
-    if not anchor:
-        raise ValueError(f"{what} is empty")
-    for name in anchor:
-        a, f = anchor[name], fisher[name]
-        if not isinstance(a, Tensor) or not isinstance(f, Tensor):
-            raise ValueError(f"{what}: anchor and fisher of {name!r} must be tensors")
-        if a.shape != f.shape:
-            raise ValueError(
-                f"{what}: anchor and fisher of {name!r} have different shapes "
-                f"{tuple(a.shape)} and {tuple(f.shape)}"
-            )
-        if not a.is_floating_point() or not bool(torch.isfinite(a).all()):
-            raise ValueError(f"{what}: anchor of {name!r} must be finite floating-point")
-        _check_precision(f, name)
-    return {"anchor": dict(anchor), "fisher": dict(fisher)}
-
-
-def _merge_separate(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, float]:
-    """Σ_k F_k (θ − a_k)² = F̄ (θ − ā)² + C: return ā, F̄ (parameter dtype) and C (float64 sum).
-
-    ā is the Fisher-weighted mean of the anchors (the latest anchor where F̄ = 0) and
-    C = Σ_k Σ_i F_k (a_k − ā)² with the rounded ā, so the identity holds up to the rounding of ā.
-    """
-    ref = pairs[-1][0]
-    work = torch.float64 if ref.device.type != "mps" else torch.float32
-    f_sum = torch.zeros(ref.shape, dtype=work, device=ref.device)
-    fa_sum = torch.zeros_like(f_sum)
-    for a, f in pairs:
-        f64 = f.to(work)
-        f_sum += f64
-        fa_sum += f64 * a.to(work)
-    mean = torch.where(f_sum > 0, fa_sum / f_sum.clamp_min(torch.finfo(work).tiny), ref.to(work))
-    anchor = mean.to(ref.dtype)
-    anchor64 = anchor.to(work)
-    const = sum(float((f.to(work) * (a.to(work) - anchor64).square()).sum()) for a, f in pairs)
-    return anchor, f_sum.to(ref.dtype), const
-
-
 # ------------------------------------------------------------------------------ public API
 
 
@@ -711,14 +400,9 @@ class EWC(_AnchoredPenalty):
         sigma: float = 1.0,
     ) -> None:
         super().__init__(model, lam, mode, gamma)
-        if fisher not in FISHER_MODES:
-            raise ValueError(f"unknown Fisher mode {fisher!r}; expected one of {FISHER_MODES}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
-        sigma_value = _as_float(sigma, "sigma")
-        if not (math.isfinite(sigma_value) and sigma_value > 0):
-            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
-        self._fisher = str(fisher)
+        self._fisher = str(check(fisher, Options(FISHER_MODES), "fisher"))
+        likelihood = check(likelihood, Options(LIKELIHOODS), "likelihood")
+        sigma_value = check_float(sigma, SIGMA, "sigma")
         self._max_samples = check_count(max_samples, "max_samples", allow_none=True)
         self._batch_size = check_count(batch_size, "batch_size")
         self._likelihood = str(likelihood)

@@ -30,11 +30,13 @@ a returning task's term is replaced; an extra merge for online penalties).
 The scenario is shared (all outputs, labels as they are): a stream has no task id at test time.
 ``state_dict()`` holds model, optimiser, method, detector, the segment buffer and counters, all as
 tensors and plain values (``torch.load(weights_only=True)`` loads it), so a stream can stop and
-resume exactly.
+resume exactly; ``load_state_dict`` checks a state fully before it changes anything. The task of
+a batch at prediction time, from its inputs alone, is ``learner.detector.predict(x)``.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -239,14 +241,6 @@ class StreamLearner:
         finally:
             self.model.train(was)
 
-    def predict_task(self, x: Tensor) -> int:
-        """The known task whose input model fits batch ``x`` best (-1 before any task); no update.
-
-        :meth:`TaskDetector.predict`: the argmax of ``log p(x | task k)`` over known tasks, without
-        the switch prior and without a "new task" option; the detector is not changed.
-        """
-        return self.detector.predict(self._check_x(x))
-
     # ------------------------------------------------------------------------------------------
     # state
     # ------------------------------------------------------------------------------------------
@@ -258,6 +252,7 @@ class StreamLearner:
             "config": {"memory": self.memory, "lr": self.lr, "optimizer": self.optimizer_name},
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
+            "method_name": self.method.name,
             "method": self.method.state_dict(),
             "detector": self.detector.state_dict(),
             "buffer": None if self._buf_x is None else (self._buf_x.clone(), self._buf_y.clone()),  # type: ignore[union-attr]
@@ -269,42 +264,111 @@ class StreamLearner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` into a learner built with the same model and method kinds."""
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"not a StreamLearner state (expected format {FORMAT!r})")
-        if state["config"] != {"memory": self.memory, "lr": self.lr, "optimizer": self.optimizer_name}:
-            raise ValueError(f"state was saved with config {state['config']}, this learner differs")
+        """Restore a :meth:`state_dict` into a learner built with the same model and method kinds.
+
+        Everything is checked before anything changes: format, config, method name, counters,
+        and a trial load of the model, optimiser, method and detector states into copies of
+        them (briefly twice the model's and the method's memory). A state that does not fit
+        raises ValueError and leaves the learner exactly as it was.
+        """
+        buffer, current, consolidations, n_batches, given, feature_shape = self._check_state(state)
         self.model.load_state_dict(state["model"])  # before the method: SI reads the parameters
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
         if "owners" in state:  # saved before penalty terms had keys: key each term by its owner
-            self._key_terms_by_owner(state["owners"])
+            _key_terms_by_owner(self.method, state["owners"])
         self.detector.load_state_dict(state["detector"])
-        buf = state["buffer"]
-        self._buf_x, self._buf_y = (None, None) if buf is None else (buf[0].clone(), buf[1].clone())
-        self.current = int(state["current"])
-        self.consolidations = [int(t) for t in state["consolidations"]]
-        self.n_batches = int(state["n_batches"])
-        given = state.get("given_ids")
-        self._given = None if given is None else bool(given)
-        fs = state["feature_shape"]
-        self._feature_shape = None if fs is None else tuple(int(d) for d in fs)
+        self._buf_x, self._buf_y = buffer
+        self.current, self.consolidations, self.n_batches = current, consolidations, n_batches
+        self._given, self._feature_shape = given, feature_shape
 
-    def _key_terms_by_owner(self, owners: dict[str, list[int]]) -> None:
-        """Old states kept {part index: [task id owning each term]} beside penalties whose terms
-        were keyed 0, 1, ...: rekey each term by its owning task (pop all, restore in order, which
-        leaves the penalty bit-identical)."""
-        parts = self.method.methods if isinstance(self.method, Compose) else (self.method,)
-        for i, owned in owners.items():
-            part = parts[int(i)]
-            if not isinstance(part, L2Method) or len(part.reg.keys) != len(owned):
-                raise ValueError("state's separate-penalty parts do not match this learner's method")
-            terms = [part.reg.pop(k) for k in part.reg.keys]
-            for task, term in zip(owned, terms, strict=True):
-                part.reg.restore(int(task), term)
+    def _check_state(self, state: Any) -> tuple:
+        """A ValueError unless ``state`` loads into this learner; else its parsed counters
+        ``((buf_x, buf_y), current, consolidations, n_batches, given, feature_shape)``."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"not a StreamLearner state (expected format {FORMAT!r})")
+        missing = sorted(set(_STATE_KEYS) - set(state))
+        if missing:
+            raise ValueError(f"StreamLearner state is missing {missing}")
+        if state["config"] != {"memory": self.memory, "lr": self.lr, "optimizer": self.optimizer_name}:
+            raise ValueError(f"state was saved with config {state['config']}, this learner differs")
+        name = state.get("method_name")  # absent in states saved before it was recorded
+        if name is not None and name != self.method.name:
+            raise ValueError(f"state was saved by method {name!r}, this learner uses {self.method.name!r}")
+        # copies to load into, the optimiser and the method bound to the model's copy
+        model, optimizer, method, detector = copy.deepcopy(
+            (self.model, self.optimizer, self.method, self.detector)
+        )
+        try:
+            counters = _parse_counters(state)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            method.load_state_dict(state["method"])
+            if "owners" in state:
+                _key_terms_by_owner(method, state["owners"])
+            detector.load_state_dict(state["detector"])
+        except Exception as exc:  # anything the trial load raises means the state does not fit
+            if isinstance(exc, ValueError):
+                raise
+            raise ValueError(f"StreamLearner state does not fit this learner: {exc!r}") from exc
+        return counters
 
     def __repr__(self) -> str:
         return (
             f"StreamLearner(method={self.method.name!r}, current={self.current}, "
             f"tasks={self.detector.num_tasks}, batches={self.n_batches})"
         )
+
+
+_STATE_KEYS = (
+    "config",
+    "model",
+    "optimizer",
+    "method",
+    "detector",
+    "buffer",
+    "current",
+    "consolidations",
+    "n_batches",
+    "feature_shape",
+)
+
+
+def _parse_counters(state: dict[str, Any]) -> tuple:
+    """The segment buffer and counters of a saved state, converted (errors: ValueError/TypeError)."""
+    buf = state["buffer"]
+    if buf is None:
+        buffer: tuple[Tensor | None, Tensor | None] = (None, None)
+    elif (
+        isinstance(buf, tuple | list)
+        and len(buf) == 2
+        and all(isinstance(t, Tensor) for t in buf)
+        and len(buf[0]) == len(buf[1])
+    ):
+        buffer = (buf[0].clone(), buf[1].clone())
+    else:
+        raise ValueError("state 'buffer' must be None or a pair of tensors with as many rows")
+    given = state.get("given_ids")
+    fs = state["feature_shape"]
+    return (
+        buffer,
+        int(state["current"]),
+        [int(t) for t in state["consolidations"]],
+        int(state["n_batches"]),
+        None if given is None else bool(given),
+        None if fs is None else tuple(int(d) for d in fs),
+    )
+
+
+def _key_terms_by_owner(method: Method, owners: dict[str, list[int]]) -> None:
+    """Old states kept {part index: [task id owning each term]} beside penalties whose terms
+    were keyed 0, 1, ...: rekey each term by its owning task (pop all, restore in order, which
+    leaves the penalty bit-identical)."""
+    parts = method.methods if isinstance(method, Compose) else (method,)
+    for i, owned in owners.items():
+        part = parts[int(i)]
+        if not isinstance(part, L2Method) or len(part.reg.keys) != len(owned):
+            raise ValueError("state's separate-penalty parts do not match this learner's method")
+        terms = [part.reg.pop(k) for k in part.reg.keys]
+        for task, term in zip(owned, terms, strict=True):
+            part.reg.restore(int(task), term)

@@ -6,47 +6,8 @@ scored under every known model and under a fresh "new task" model, and a Bayesia
 (hazard rate) turns the scores into a posterior over "same task / switch to known task k / new
 task". The batch gets the MAP task id.
 
-Design choices, and why:
-
-- **Fixed random projection** (``proj_dim`` = 128 dims, seeded Gaussian, fixed at the first batch).
-  Raw pixels make a per-pixel model ill-conditioned (constant border pixels, 784 nearly collinear
-  features) and, for permuted tasks, a per-feature model on raw pixels only sees the *marginals*
-  of the pixels, which a permutation merely shuffles between features. Each projected feature mixes
-  all pixels, so a new permutation moves the mean and variance of every projected feature (and a
-  split task, with other digits, does too), while 128 dims keep scoring cheap and well-conditioned.
-  (64 dims merge similar split tasks; the margin between "own task" and "nearest wrong task"
-  grows with the dimension, roughly as its square root relative to the batch-to-batch noise.)
-  Projected features are standardised by the first non-empty batch, so the priors below are
-  scale-free.
-- **Per-feature Gaussian with a conjugate Normal-Gamma prior** (``mu0 = 0, kappa0 = 3, alpha0 = 3,
-  beta0 = alpha0``, i.e. prior variance 1 in standardised units; ``kappa0`` and ``alpha0`` set the
-  Occam penalty of a new task and were chosen on the shipped streams). Each task stores only
-  sufficient statistics (count, sum, sum of squares), updated online. A batch is scored by its exact
-  *joint* posterior predictive ``log p(batch | data of task k)`` (a ratio of Normal-Gamma
-  normalisers), so a task seen only once (32 samples) is automatically scored with a broad Student-t
-  predictive and a long-lived task with a sharp one: no separate warm-up rule is needed.
-  ``var_floor`` adds a minimum observation-noise variance to the Gamma rate, so constant features
-  cannot produce infinite scores.
-- **"New task" model** = the same prior with no data: its score is the Bayesian evidence of the
-  batch, which includes an Occam penalty for fitting fresh means and variances. A batch must fit a
-  known task worse than that penalty before a new id is made; no hand-set likelihood threshold.
-- **Switch prior** with hazard ``h``: stay with the current task ``1 - h``; a new task
-  ``h * p_new``; each other known task ``h * (1 - p_new) / (K - 1)``. ``temperature`` divides the
-  batch log-likelihoods, compensating for the diagonal model's over-confidence (projected features
-  are correlated) without changing which model fits best.
-- **Tentative new tasks**: a new id is created at once (detection delay 0, which the 99 % accuracy
-  target needs with 20-60-batch segments), but stays *tentative* until a later batch is assigned to
-  it again. If the next non-empty batch goes elsewhere, the tentative task is retracted (its id is
-  reused), so a single odd batch cannot leave a spurious task behind and a pure-noise stream, where
-  every batch looks new, does not grow ids.
-- **Labels, when given** (``update(x, y)``): each task also keeps label counts with a symmetric
-  Dirichlet prior (``label_prior`` per class, over the classes seen so far), and a batch's score is
-  the joint ``log p(x | k) + log p(y | k)`` (Dirichlet-multinomial posterior predictive). A task
-  whose labels differ from the known tasks' (a split task) is then told apart by its labels too, and
-  an odd-looking batch of a young task stays with it when its labels fit. Labels are optional per
-  batch; ``score(x)`` and prediction-time use need none.
-- **Cap**: at most ``max_tasks`` ids; when reached, a batch that looks new is given the best known
-  task and a ``TaskCapWarning`` is issued (once; ``cap_hits`` counts them).
+The design choices and the reasons for them (projection, Normal-Gamma model, "new task"
+evidence, switch prior, tentative ids, labels, cap) are in ``docs/taskid.md``.
 
 Bad input: the feature dimension is fixed by the first non-empty batch and a change raises
 ``ValueError``; rows with NaN/inf are dropped and counted (``n_dropped``) under the default
@@ -65,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ewc.checks import NON_NEGATIVE, POSITIVE, Interval, check
+
 __all__ = ["TaskCapWarning", "TaskDetector"]
 
 
@@ -79,12 +42,9 @@ def _standardiser(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return center, torch.where(sd > 1e-8, sd, torch.ones_like(sd))
 
 
-def _check_pos(name: str, value: float, *, upper: float | None = None) -> float:
-    v = float(value)
-    if not math.isfinite(v) or v <= 0 or (upper is not None and v >= upper):
-        bound = f"(0, {upper})" if upper is not None else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return v
+# What the probabilities and the prior's numbers may be. They are read with float() first, as
+# they always were, so a numeric string or a 0-dim tensor is a number here.
+PROBABILITY = Interval(float, 0, 1, closed="neither")
 
 
 class TaskDetector:
@@ -130,21 +90,19 @@ class TaskDetector:
         bandwidth: float = 1.0,
         seed: int = 0,
     ) -> None:
-        self.hazard = _check_pos("hazard", hazard, upper=1.0)
-        self.p_new = _check_pos("p_new", p_new, upper=1.0)
+        self.hazard = check(float(hazard), PROBABILITY, "hazard")
+        self.p_new = check(float(p_new), PROBABILITY, "p_new")
         if proj_dim is not None and (not isinstance(proj_dim, int) or proj_dim < 1):
             raise ValueError(f"proj_dim must be a positive int or None, got {proj_dim!r}")
         self.proj_dim = proj_dim
-        self.kappa0 = _check_pos("kappa0", kappa0)
-        self.alpha0 = _check_pos("alpha0", alpha0)
-        self.var_floor = float(var_floor)
-        if not math.isfinite(self.var_floor) or self.var_floor < 0:
-            raise ValueError(f"var_floor must be a finite number >= 0, got {var_floor!r}")
-        self.temperature = _check_pos("temperature", temperature)
+        self.kappa0 = check(float(kappa0), POSITIVE, "kappa0")
+        self.alpha0 = check(float(alpha0), POSITIVE, "alpha0")
+        self.var_floor = check(float(var_floor), NON_NEGATIVE, "var_floor")
+        self.temperature = check(float(temperature), POSITIVE, "temperature")
         if not isinstance(max_tasks, int) or max_tasks < 1:
             raise ValueError(f"max_tasks must be a positive int, got {max_tasks!r}")
         self.max_tasks = max_tasks
-        self.label_prior = _check_pos("label_prior", label_prior)
+        self.label_prior = check(float(label_prior), POSITIVE, "label_prior")
         if nan_policy not in ("drop", "raise"):
             raise ValueError(f"nan_policy must be 'drop' or 'raise', got {nan_policy!r}")
         self.nan_policy = nan_policy
@@ -153,7 +111,7 @@ class TaskDetector:
         if features == "cos" and proj_dim is None:
             raise ValueError("features='cos' needs a projection (proj_dim), not None")
         self.features = features
-        self.bandwidth = _check_pos("bandwidth", bandwidth)
+        self.bandwidth = check(float(bandwidth), POSITIVE, "bandwidth")
         self.seed = int(seed)
         self.reset()
 
