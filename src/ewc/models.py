@@ -16,9 +16,11 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "make_mlp", "mlp", "register_model"]
+__all__ = ["MLP_HIDDEN", "MODELS", "build_model", "make_mlp", "mlp", "register_model"]
 
 ModelFactory = Callable[..., nn.Module]
+#: the paper's MLP width (two hidden layers of 400), the default of ``mlp`` and of ``ewc run``
+MLP_HIDDEN: tuple[int, ...] = (400, 400)
 MODELS: dict[str, ModelFactory] = {}
 
 
@@ -65,7 +67,7 @@ def mlp(
     input_shape: Sequence[int],
     num_outputs: int,
     *,
-    hidden: Sequence[int] = (400, 400),
+    hidden: Sequence[int] = MLP_HIDDEN,
     dropout: float = 0.0,
     batchnorm: bool = False,
 ) -> nn.Sequential:

@@ -25,7 +25,7 @@ from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
 from ewc.metrics import accuracy_from_counts, reduce_counts, summarize
-from ewc.models import MODELS, build_model
+from ewc.models import MLP_HIDDEN, MODELS, build_model
 from ewc.runtime import setup_runtime
 from ewc.scenario import SCENARIOS, Scenario
 
@@ -43,7 +43,7 @@ class TrainConfig:
     optimizer: str = param("adam", "optimiser, fresh state per task", choices=OPTIMIZERS)
     momentum: float = param(0.0, "SGD momentum", check=NON_NEGATIVE)
     model: str = param("mlp", "network (registry name, ewc.models)", check=Registered(MODELS))
-    hidden: tuple[int, ...] = param((400, 400), "hidden sizes, e.g. 400,400", check=Sizes())
+    hidden: tuple[int, ...] = param(MLP_HIDDEN, "hidden sizes, e.g. 400,400", check=Sizes())
     dropout: float = param(0.0, "dropout after each hidden layer", check=Interval(float, 0, 1, closed="left"))
     batchnorm: bool = param(False, "BatchNorm after each hidden layer (the BatchNorm experiment)", cli=False)
     scenario: str | None = param(

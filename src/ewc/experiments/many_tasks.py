@@ -26,6 +26,7 @@ from ewc.config import validate
 from ewc.data import DATASETS
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
 from ewc.experiments.sequence import choose_lam, run_all
+from ewc.methods.regularizers import EWC_LAM_GRID
 from ewc.report import method_color
 from ewc.train import OPTIMIZERS, TrainConfig
 
@@ -75,7 +76,7 @@ class Config:
         (0.2, 0.5), "dropout rates searched on validation data", check=Numbers(RATE)
     )
     lam_grid: tuple[float, ...] = param(
-        (30.0, 100.0, 300.0, 1000.0), "EWC λ values searched on validation data", check=Numbers(POSITIVE)
+        EWC_LAM_GRID, "EWC λ values searched on validation data", check=Numbers(POSITIVE)
     )
     fisher_samples: int = param(1000, "samples per task for EWC's Fisher", check=POSITIVE_INT)
     baseline: bool = param(True, "also train plain SGD (no dropout) as a reference")
