@@ -49,6 +49,7 @@ from ewc.rl.agent import DQNConfig
 from ewc.rl.env import GAMES
 from ewc.rl.perturb import perturbation_test
 from ewc.rl.protocol import (
+    AGENTS,
     RANDOM_EPISODES,
     budgets,
     forgetting,
@@ -90,7 +91,7 @@ CLAIM = (
     "same norm."
 )
 
-METHODS = ("dqn", "ewc", "ewc-true-labels")
+METHODS = tuple(AGENTS)
 
 # ---- defaults: sized so that the default run fits in 40 min on 2 cores (docs/results.md) ----------
 DEFAULT_GAMES = ("breakout", "space_invaders")
@@ -246,6 +247,7 @@ def dqn_config(config: Config, method: str, seed: int) -> DQNConfig:
     only cost time)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    agent = AGENTS[method]
     spv = config.steps_per_visit
     min_steps = spv // 2 if config.ewc_min_steps is None else config.ewc_min_steps
     return DQNConfig(
@@ -254,11 +256,11 @@ def dqn_config(config: Config, method: str, seed: int) -> DQNConfig:
         learning_starts=config.learning_starts,
         train_every=config.train_every,
         eps_decay_steps=max(1, spv // 3) if config.eps_decay_steps is None else config.eps_decay_steps,
-        ewc_lam=0.0 if method == "dqn" else config.lam,
-        ewc_min_steps=NEVER if method == "dqn" else min_steps,
+        ewc_lam=config.lam if agent.ewc else 0.0,
+        ewc_min_steps=min_steps if agent.ewc else NEVER,
         fisher_samples=config.fisher_samples,
         detect_every=config.detect_every,
-        true_task_labels=method != "ewc",
+        true_task_labels=agent.true_labels,
         conv_channels=config.conv_channels,
         hidden=config.hidden,
         seed=seed,

@@ -12,15 +12,13 @@ from typing import Any
 import numpy as np
 
 from ewc.experiments.common import figure_style, md_table, new_figure
-from ewc.report import method_color
 from ewc.rl.perturb import PERTURB_KINDS
+from ewc.rl.protocol import AGENTS
 
 __all__ = ["figure_per_game", "figure_perturb", "figure_total", "findings", "tables"]
 
 _KIND_LABELS = {"isotropic": "isotropic", "fisher": "inverse Fisher, 1/√(F+ε)"}
 _KIND_COLORS = {"isotropic": "#1f77b4", "fisher": "#d62728"}
-_METHOD_COLORS = {"dqn": "#1f77b4", "ewc": method_color("ewc"), "ewc-true-labels": "#2ca02c"}
-_METHOD_LABELS = {"dqn": "DQN (λ = 0)", "ewc": "EWC, inferred labels", "ewc-true-labels": "EWC, true labels"}
 _GAME_SHADES = ("#e8e8e8", "#fbe6c9", "#d9ecf7", "#e3f2dc", "#f2def0")
 
 
@@ -67,8 +65,8 @@ def figure_total(results: dict[str, Any]) -> Any:
         _shade_visits(ax, schedule, spv, legend=True)
         for method, runs in results["runs"].items():
             x, mean, lo, hi = _curve(runs, lambda e: e["total"])
-            color = _METHOD_COLORS[method]
-            ax.plot(x, mean, color=color, lw=1.8, marker="o", ms=3, label=_METHOD_LABELS[method])
+            color = AGENTS[method].color
+            ax.plot(x, mean, color=color, lw=1.8, marker="o", ms=3, label=AGENTS[method].label)
             if len(runs) > 1:
                 ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
         ax.axhline(n, color="black", lw=0.8, ls="--")
@@ -91,8 +89,8 @@ def figure_per_game(results: dict[str, Any]) -> Any:
             _shade_visits(ax, schedule, spv, legend=False)
             for method, runs in results["runs"].items():
                 x, mean, lo, hi = _curve(runs, lambda e, g=game: e["scores"][g])
-                color = _METHOD_COLORS[method]
-                ax.plot(x, mean, color=color, lw=1.6, marker="o", ms=3, label=_METHOD_LABELS[method])
+                color = AGENTS[method].color
+                ax.plot(x, mean, color=color, lw=1.6, marker="o", ms=3, label=AGENTS[method].label)
                 if len(runs) > 1:
                     ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
             norm = results["normalisation"][game]

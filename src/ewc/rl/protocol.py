@@ -16,15 +16,18 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ewc.methods import METHOD_SPECS
 from ewc.rl.agent import DQNConfig
 
 __all__ = [
+    "AGENTS",
+    "AgentVariant",
     "MIN_RANGE",
     "RANDOM_EPISODES",
     "REFERENCE_FORMAT",
@@ -44,6 +47,25 @@ __all__ = [
     "trim_record",
     "write_cached_reference",
 ]
+
+
+@dataclass(frozen=True)
+class AgentVariant:
+    """One agent of the comparison: whether it consolidates (EWC with ``--lam``; otherwise λ = 0
+    and no consolidation at all), whether it is given the true task labels, and how figures draw it."""
+
+    ewc: bool
+    true_labels: bool
+    label: str
+    color: str
+
+
+#: the agents ``ewc rl --methods`` chooses from, in the order of tables and legends
+AGENTS: dict[str, AgentVariant] = {
+    "dqn": AgentVariant(False, True, "DQN (λ = 0)", "#1f77b4"),
+    "ewc": AgentVariant(True, False, "EWC, inferred labels", METHOD_SPECS["ewc"].color),
+    "ewc-true-labels": AgentVariant(True, True, "EWC, true labels", "#2ca02c"),
+}
 
 RANDOM_EPISODES = 100  # episodes of the uniform policy per game (seed 0) for the "random" score
 MIN_RANGE = 1e-6  # reference - random at or below this: the game cannot be normalised
