@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import numpy as np
@@ -62,6 +63,7 @@ def test_constraints_accept_what_they_describe() -> None:
 
 
 def test_train_config_validates_every_declared_field() -> None:
+    assert TrainConfig(hidden=()).hidden == ()  # no hidden layer: a linear model, as always
     for kwargs, message in [
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"lr": -1.0}, "lr must be a finite number > 0"),
@@ -69,7 +71,7 @@ def test_train_config_validates_every_declared_field() -> None:
         ({"dropout": 1.0}, "dropout must be a finite number in [0, 1)"),
         ({"gamma": 0.0}, "gamma must be a finite number in (0, 1]"),
         ({"fisher": "diag"}, "fisher must be one of exact, sample, empirical, batched"),
-        ({"hidden": ()}, "hidden must be positive integers"),
+        ({"hidden": (4, 0)}, "hidden must be positive integers"),
         ({"model": "resnet-1000"}, "model must be one of mlp"),
         ({"threads": 0}, "threads must be a positive integer or None"),
     ]:
@@ -91,6 +93,21 @@ def test_every_config_field_has_exactly_one_flag_with_its_default() -> None:
                 assert not hasattr(args, name)  # compare replaces it with --scenarios
                 continue
             assert getattr(args, name) == getattr(TrainConfig(), name)
+
+
+def test_every_setting_has_one_flag_and_every_flag_one_setting() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, cls in (("run", RunConfig), ("compare", CompareConfig)):
+        dests = [a.dest for a in sub.choices[command]._actions if a.dest not in ("help", "out")]
+        assert len(dests) == len(set(dests)), f"{command}: a setting has two flags"
+        fields = {
+            f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name != "train"
+        }
+        fields |= {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
+        if command == "compare":
+            fields.discard("scenario")
+        assert set(dests) == fields, f"{command}: flags and settings differ"
 
 
 def test_a_flag_reaches_the_method_through_its_spec() -> None:

@@ -162,6 +162,49 @@ def test_every_model_builds_for_any_input_shape(name: str) -> None:
         build_model("no-such-model", (4,), 2)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_trains_through_the_loop(name: str) -> None:
+    res = run_method(tiny_tasks(), "ewc", dataclasses.replace(CONFIG, model=name))
+    assert res["architecture"]["model"] == name and len(res["accuracy_matrix"]) == 2
+
+
+def test_a_user_registered_model_method_and_dataset_run() -> None:
+    """Entries registered after import, with the smallest signatures the docs allow, just work."""
+    import ewc.data.datasets as datasets
+    import ewc.methods.registry as registry
+    import ewc.models as models
+    from ewc.experiments.sequence import run_sequence
+    from ewc.methods import Method
+    from ewc.methods.registry import MethodSpec, register
+
+    saved = [(r, dict(r)) for r in (models.MODELS, registry.METHOD_SPECS, datasets.DATASETS)]
+    try:
+
+        @models.register_model("linear")
+        def linear(input_shape: tuple[int, ...], num_outputs: int) -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_outputs))
+
+        class Mine(Method):
+            name = "mine"
+
+        register(MethodSpec("mine", Mine, help="plain fine-tuning again", label="Mine", order=-1))
+        source = load_dataset("digits")
+
+        @datasets.register_dataset("tiny-digits", image_shape=(8, 8), num_classes=10)
+        def tiny() -> datasets.Dataset:
+            return source
+
+        assert list(registry.METHOD_SPECS)[0] == "mine"  # placed by its declared order
+        config = dataclasses.replace(CONFIG, model="linear", params={})
+        res = run_sequence("split", "tiny-digits", 2, ["mine", "sgd"], config, report=False)
+        assert set(res["methods"]) == {"mine", "sgd"}
+        assert res["methods"]["mine"]["architecture"]["model"] == "linear"
+    finally:  # the registries as they were
+        for live, before in saved:
+            live.clear()
+            live.update(before)
+
+
 EXPERIMENT_MODULES = [*EXPERIMENTS, "stream"]
 
 

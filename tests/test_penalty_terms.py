@@ -326,8 +326,9 @@ def test_methods_key_terms_by_task_and_forget_a_returning_task() -> None:
     for index in (3, 1):
         both.after_task(index, T())
     assert ewc.reg.keys == (3, 1)
-    with pytest.raises(ValueError, match="already a term with key 1"):
-        ewc.after_task(1, T())  # a task that still owns its term cannot end again
+    ewc.after_task(1, T())  # ends again without forget_task: one more term, the next free key
+    assert ewc.reg.keys == (3, 1, 4)  # the default key: max(task count, largest int key + 1)
+    ewc.reg.drop(4)
     both.forget_task(3)  # Compose forwards to its parts
     assert ewc.reg.keys == (1,)
     both.forget_task(7)  # a task without a term: nothing to drop

@@ -1,6 +1,7 @@
 """A trained continual learner saved with its run: the network, the method's state, and the recipe.
 
-A checkpoint holds the MLP's architecture and weights, the method's registry name, parameters
+A checkpoint holds the network's architecture record (registry name, input shape, output width,
+the factory's options) and weights, the method's registry name, parameters
 and ``state_dict()`` (anchors, importances, replay memory, frozen copies …) and the scenario, so
 that :func:`load_checkpoint` rebuilds a learner that carries on where the run stopped: its
 penalty, memory and heads are exactly those of the end of the run. Written atomically; read with

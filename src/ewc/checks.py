@@ -108,21 +108,21 @@ class Numbers(Constraint):
     each: Interval = Interval(float)
     allow_none: bool = False
     distinct: bool = False
+    allow_empty: bool = False
 
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.allow_none
         return (
             isinstance(value, tuple | list)
-            and len(value) > 0
+            and (len(value) > 0 or self.allow_empty)
             and all(self.each.accepts(v) for v in value)
             and (not self.distinct or len(set(value)) == len(value))
         )
 
     def describe(self) -> str:
-        return (
-            f"a non-empty list{' of distinct values' if self.distinct else ''}, each {self.each.describe()}"
-        )
+        kind = "a list" if self.allow_empty else "a non-empty list"
+        return f"{kind}{' of distinct values' if self.distinct else ''}, each {self.each.describe()}"
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Sizes(Numbers):
     each: Interval = Interval(int, 1)
 
     def describe(self) -> str:
-        return "positive integers, at least one"
+        return "positive integers" + ("" if self.allow_empty else ", at least one")
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,6 @@ def check_count(value: Any, what: str, *, allow_none: bool = False) -> int | Non
 def check_int(value: Any, what: str, minimum: int) -> int:
     """An integer >= ``minimum`` (numpy integers accepted) as a Python int, else a ValueError."""
     return int(check(value, Interval(int, minimum), what))
-
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,12 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: Se
         default = default_of(f)
         help_text = meta.get("help", "")
         if meta.get("positional"):
-            target.add_argument(f.name, choices=meta.get("choices"), help=help_text)
+            constraint = field_check(f)
+            choices = (
+                tuple(constraint.registry) if isinstance(constraint, Registered) else meta.get("choices")
+            )
+            extra = {k: meta[k] for k in ("type", "metavar") if k in meta}
+            target.add_argument(f.name, choices=choices, help=help_text, **extra)
             continue
         flags = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
         kwargs: dict[str, Any] = {"dest": f.name}

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ewc.checks import Constraint, Options, check
 
 __all__ = [
+    "accepted_options",
     "command_line",
     "config_dict",
     "field_check",
@@ -59,6 +61,16 @@ def param(
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def accepted_options(fn: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword options ``fn`` declares (all of them when it takes ``**kwargs``): a registered
+    factory or loader receives the settings it knows and is not handed the others."""
+    parameters = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(options)
+    names = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in options.items() if k in names}
 
 
 def field_check(f: dataclasses.Field) -> Constraint | None:

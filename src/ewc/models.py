@@ -9,14 +9,15 @@ arguments (the MLP: ``hidden``, ``dropout``, ``batchnorm``). Register a new one 
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
-__all__ = ["MLP_HIDDEN", "MODELS", "build_model", "make_mlp", "mlp", "register_model"]
+from ewc.config import accepted_options
+
+__all__ = ["MLP_HIDDEN", "MODELS", "build_model", "make_mlp", "mlp", "model_options", "register_model"]
 
 ModelFactory = Callable[..., nn.Module]
 #: the paper's MLP width (two hidden layers of 400), the default of ``mlp`` and of ``ewc run``
@@ -75,13 +76,23 @@ def mlp(
     return make_mlp(math.prod(input_shape), tuple(hidden), num_outputs, dropout, batchnorm)
 
 
-def build_model(name: str, input_shape: Sequence[int], num_outputs: int, **options: Any) -> nn.Module:
-    """A fresh registered model; options the factory does not take are a clear error."""
+def build_model(
+    name: str, input_shape: Sequence[int], num_outputs: int, *, strict: bool = True, **options: Any
+) -> nn.Module:
+    """A fresh registered model. ``options`` the factory does not declare are a clear error, or,
+    with ``strict=False`` (the training loop, which offers every architecture setting), left out."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     factory = MODELS[name]
-    accepted = inspect.signature(factory).parameters
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
+    taken = accepted_options(factory, options)
+    unknown = sorted(set(options) - set(taken))
+    if unknown and strict:
         raise ValueError(f"model {name!r} takes no option(s) {', '.join(unknown)}")
-    return factory(tuple(input_shape), num_outputs, **options)
+    return factory(tuple(input_shape), num_outputs, **taken)
+
+
+def model_options(name: str, **options: Any) -> dict[str, Any]:
+    """The subset of ``options`` that model ``name``'s factory takes (what a run records)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return accepted_options(MODELS[name], options)

@@ -149,7 +149,7 @@ class _AnchoredPenalty:
 
     def _new_key(self, key: Any) -> TermKey:
         """``key`` checked (an int or a str, not taken in ``separate`` mode), or the default:
-        the running task count, or one more than the largest int key if that is taken."""
+        the larger of the running task count and one more than the largest int key."""
         if key is None:
             ints = [k for k in self._keys if isinstance(k, int)]
             return max([self._num_tasks, *(k + 1 for k in ints)])

@@ -1,6 +1,8 @@
-"""The one place that decides threads, seeds and device for a run."""
+"""The one place that decides threads, seeds and device for a run, and how optimisers are built."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -19,3 +21,18 @@ def setup_runtime(seed: int, threads: int | None = None, device: str = "cpu") ->
         raise ValueError("device 'cuda' requested but CUDA is not available")
     torch.manual_seed(seed)
     return dev
+
+
+#: the optimisers a run or a stream learner can use (a fresh one per task in ``ewc run``)
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+
+
+def make_optimizer(
+    name: str, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.0
+) -> torch.optim.Optimizer:
+    """``sgd`` (with ``momentum``) or ``adam`` over ``params``; momentum must be 0 for Adam."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")

@@ -45,13 +45,13 @@ from torch import Tensor, nn
 
 from ewc.data import Task
 from ewc.methods import Batch, Compose, L2Method, Method, make_method
+from ewc.runtime import OPTIMIZERS, make_optimizer
 from ewc.scenario import Scenario
 from ewc.taskid import TaskDetector
 
 __all__ = ["FORMAT", "StreamLearner"]
 
 FORMAT = "ewc.stream/1"
-OPTIMIZERS = ("sgd", "adam")
 
 
 class StreamLearner:
@@ -100,8 +100,7 @@ class StreamLearner:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no parameters that require grad")
-        opt_class = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
-        self.optimizer: torch.optim.Optimizer = opt_class(params, lr=self.lr)
+        self.optimizer: torch.optim.Optimizer = make_optimizer(optimizer, params, self.lr)
         self.method.setup(model, Scenario.shared(num_classes))
         self.current = -1
         self.consolidations: list[int] = []  # task ids passed to after_task, in order

@@ -25,11 +25,9 @@ from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
 from ewc.metrics import accuracy_from_counts, reduce_counts, summarize
-from ewc.models import MLP_HIDDEN, MODELS, build_model
-from ewc.runtime import setup_runtime
+from ewc.models import MLP_HIDDEN, MODELS, build_model, model_options
+from ewc.runtime import OPTIMIZERS, make_optimizer, setup_runtime
 from ewc.scenario import SCENARIOS, Scenario
-
-OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass
@@ -43,7 +41,9 @@ class TrainConfig:
     optimizer: str = param("adam", "optimiser, fresh state per task", choices=OPTIMIZERS)
     momentum: float = param(0.0, "SGD momentum", check=NON_NEGATIVE)
     model: str = param("mlp", "network (registry name, ewc.models)", check=Registered(MODELS))
-    hidden: tuple[int, ...] = param(MLP_HIDDEN, "hidden sizes, e.g. 400,400", check=Sizes())
+    hidden: tuple[int, ...] = param(
+        MLP_HIDDEN, "hidden sizes, e.g. 400,400 (none: a linear model)", check=Sizes(allow_empty=True)
+    )
     dropout: float = param(0.0, "dropout after each hidden layer", check=Interval(float, 0, 1, closed="left"))
     batchnorm: bool = param(False, "BatchNorm after each hidden layer (the BatchNorm experiment)", cli=False)
     scenario: str | None = param(
@@ -207,7 +207,7 @@ def run_method(
     input_dim = math.prod(input_shape)
     dropout = config.dropout if method.dropout is None else method.dropout
     torch.manual_seed(config.seed)  # the same initial weights for every method
-    options = {"hidden": config.hidden, "dropout": dropout, "batchnorm": config.batchnorm}
+    options = model_options(config.model, hidden=config.hidden, dropout=dropout, batchnorm=config.batchnorm)
     model = build_model(config.model, input_shape, scenario.num_outputs, **options).to(device)
     method.setup(model, scenario)
 
@@ -296,10 +296,8 @@ def run_method(
                 "model": config.model,
                 "input_shape": list(input_shape),
                 "input_dim": input_dim,
-                "hidden": list(config.hidden),
                 "num_classes": scenario.num_outputs,
-                "dropout": dropout,
-                "batchnorm": config.batchnorm,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
             },
             "memory_bytes": method.memory_bytes(),
             "curves": asdict(curves),
@@ -312,6 +310,4 @@ def run_method(
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-    return torch.optim.Adam(params, lr=config.lr)
+    return make_optimizer(config.optimizer, params, config.lr, config.momentum)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ewc.config import accepted_options
 from ewc.data.idx import check_pair, parse_idx
 from ewc.data.sources import DEFAULT_TIMEOUT, FILES, find_files, read_verified
 
@@ -35,12 +36,13 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A registered dataset: its loader and the shapes it declares (checked on every load).
 
-    ``load(root=, download=, timeout=, mirrors=)`` returns a :class:`Dataset`; the keyword
-    options are those of :func:`load_dataset` (only file-based datasets use them).
+    ``load(**options)`` returns a :class:`Dataset`; it is given those of :func:`load_dataset`'s
+    options (``root``, ``download``, ``timeout``, ``mirrors``) that it declares.
     """
 
     name: str
@@ -173,7 +175,7 @@ def load_npz_dataset(
 
 
 @register_dataset("mnist-10k", image_shape=(28, 28), num_classes=10)
-def _load_mnist10k(**_: object) -> Dataset:
+def _load_mnist10k() -> Dataset:
     """The first 10 000 MNIST training digits, embedded in the package (no download)."""
     ref = importlib.resources.files("ewc.data") / "mnist10k.npz"
     with importlib.resources.as_file(ref) as path:
@@ -228,7 +230,7 @@ _load_idx("mnist")
 
 
 @register_dataset("digits", image_shape=(8, 8), num_classes=10)
-def _load_digits(seed: int = 0, test_fraction: float = 0.2, **_: object) -> Dataset:
+def _load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's 8x8 digits (needs scikit-learn), a stratified seeded train/test split."""
     try:
         from sklearn.datasets import load_digits
@@ -260,7 +262,8 @@ def load_dataset(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    dataset = spec.load(root=root, download=download, timeout=timeout, mirrors=mirrors)
+    offered = {"root": root, "download": download, "timeout": timeout, "mirrors": mirrors}
+    dataset = spec.load(**accepted_options(spec.load, offered))
     if dataset.image_shape != spec.image_shape or dataset.num_classes != spec.num_classes:
         raise ValueError(
             f"dataset {name!r} loaded images {dataset.image_shape} with {dataset.num_classes} classes; "

@@ -39,8 +39,10 @@ from ewc.data import DATASETS, Task
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
 from ewc.experiments.many_tasks import data_key, pct, run_summary, train_config
 from ewc.experiments.sequence import build_tasks, choose_lam, run_all
+from ewc.models import MLP_HIDDEN
 from ewc.report import method_color
-from ewc.train import OPTIMIZERS, accuracy, run_method
+from ewc.runtime import OPTIMIZERS
+from ewc.train import accuracy, run_method
 
 NAME = "batchnorm"
 TITLE = "BatchNorm and the Fisher: EWC's anchor and retention with and without BatchNorm"
@@ -83,7 +85,7 @@ class Config:
     batch_size: int = param(64, "mini-batch size", check=POSITIVE_INT)
     lr: float = param(1e-3, "learning rate", check=POSITIVE)
     optimizer: str = param("adam", "optimiser (fresh state per task)", choices=OPTIMIZERS)
-    hidden: tuple[int, ...] = param((400, 400), "hidden layer sizes", check=Sizes())
+    hidden: tuple[int, ...] = param(MLP_HIDDEN, "hidden layer sizes", check=Sizes())
     lam: float = param(
         0.0,
         "the fixed EWC λ for both networks; 0: the λ chosen on validation for the network without BatchNorm",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ewc.checks import Subset
 from ewc.config import names_parser, param
 from ewc.experiments.common import check_out_dir, write_json
 from ewc.experiments.sequence import RunConfig, methods_param, run_sequence, search_param
@@ -33,7 +34,10 @@ class CompareConfig(RunConfig):
     methods: str = methods_param("all")
     search: bool = search_param(True)
     scenarios: tuple[str, ...] = param(
-        SCENARIOS, "comma-separated scenarios to compare", type=names_parser(SCENARIOS)
+        SCENARIOS,
+        "comma-separated scenarios to compare",
+        type=names_parser(SCENARIOS),
+        check=Subset(SCENARIOS),
     )
     train: TrainConfig = param(
         help="training settings", default_factory=TrainConfig, nested=True, skip=("scenario",)

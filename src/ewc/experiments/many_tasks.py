@@ -28,7 +28,8 @@ from ewc.experiments.common import figure_style, finish, md_table, new_figure, p
 from ewc.experiments.sequence import choose_lam, run_all
 from ewc.methods.regularizers import EWC_LAM_GRID
 from ewc.report import method_color
-from ewc.train import OPTIMIZERS, TrainConfig
+from ewc.runtime import OPTIMIZERS
+from ewc.train import TrainConfig
 
 NAME = "many-tasks"
 TITLE = "EWC vs SGD with dropout as permuted tasks accumulate (Fig. 2C)"

@@ -38,6 +38,7 @@ from ewc.config import validate
 from ewc.data import load_dataset, make_sequence
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
 from ewc.fisher import diagonal_fisher
+from ewc.models import MLP_HIDDEN
 from ewc.train import TrainConfig, run_method
 
 TITLE = "Perturbing a trained network along the inverse Fisher, isotropically, or in its null space"
@@ -75,7 +76,7 @@ SMALLEST = {
 class Config:
     """Settings of the perturbation test (defaults: a 2×400 MLP on 7200 MNIST images)."""
 
-    hidden: tuple[int, ...] = param((400, 400), "hidden layer sizes of the MLP", check=Sizes())
+    hidden: tuple[int, ...] = param(MLP_HIDDEN, "hidden layer sizes of the MLP", check=Sizes())
     train_samples: int = param(
         7200, "training images (7200: all of mnist-10k's training part)", check=POSITIVE_INT
     )

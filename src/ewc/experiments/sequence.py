@@ -21,8 +21,8 @@ from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers
 from ewc.config import param, parse_floats, parse_setting, validate
 from ewc.data import DATASETS, SEQUENCES, Task, load_dataset, make_sequence
 from ewc.experiments.common import check_out_dir, write_json
-from ewc.methods import METHOD_SPECS, METHODS, make_method
-from ewc.methods.registry import combinations
+from ewc.methods import METHOD_SPECS, make_method
+from ewc.methods.registry import LAM_SETTINGS, combinations
 from ewc.pool import run_jobs
 from ewc.scenario import Scenario
 from ewc.train import TrainConfig, method_params, run_method
@@ -42,33 +42,32 @@ class MethodList(Constraint):
         return True
 
     def describe(self) -> str:
-        return f"'all' or comma-separated names from {', '.join(METHODS)}"
+        return f"'all' or comma-separated names from {', '.join(METHOD_SPECS)}"
 
     def message(self, value: Any, what: str) -> str:
-        """Name the unknown methods (``method_names``'s own message)."""
-        try:
-            method_names(value)
-        except (ValueError, AttributeError) as err:
-            return f"{what}: {err}"
-        return super().message(value, what)
+        """The one wording, naming the unknown methods."""
+        names = [n.strip() for n in value.split(",")] if isinstance(value, str) else []
+        unknown = [n for n in names if n and n != "all" and n not in METHOD_SPECS]
+        return super().message(value, what) + (
+            f" (unknown method(s): {', '.join(unknown)})" if unknown else ""
+        )
 
 
 def method_names(text: str) -> list[str]:
     """``"ewc,sgd"`` → ``["ewc", "sgd"]``; ``"all"`` → every registered method."""
     if text.strip() == "all":
-        return list(METHODS)
+        return list(METHOD_SPECS)
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHOD_SPECS]
     if not names or unknown:
-        raise ValueError(
-            f"unknown method(s) {', '.join(unknown) or repr(text)}; expected some of {', '.join(METHODS)}"
-        )
+        known = ", ".join(METHOD_SPECS)
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or repr(text)}; expected some of {known}")
     return names
 
 
 def methods_param(default: str) -> Any:
     """The ``--methods`` field (``ewc run`` and ``ewc compare`` differ only in its default)."""
-    return param(default, f"comma-separated, from: {', '.join(METHODS)}, or 'all'", check=MethodList())
+    return param(default, f"comma-separated, from: {', '.join(METHOD_SPECS)}, or 'all'", check=MethodList())
 
 
 def search_param(default: bool) -> Any:
@@ -177,8 +176,10 @@ def search_grids(
     """The validation grid of each method (a list of parameter dicts; methods without one omitted).
 
     ``lam_grid`` / ``l2_lam_grid`` apply to the methods whose spec takes λ from ``--lam`` /
-    ``--l2-lam`` (the L2 grid defaults to ``lam_grid``)."""
-    lam_grids = {"lam": lam_grid, "l2_lam": l2_lam_grid or lam_grid}
+    ``--l2-lam``; a missing grid falls back as its setting does (``l2_lam`` → ``lam``)."""
+    given = {"lam": lam_grid, "l2_lam": l2_lam_grid}
+    fallback = {f.name: f.metadata.get("fallback") for f in dataclasses.fields(TrainConfig)}
+    lam_grids = {s: given[s] or given.get(fallback[s] or "") for s in LAM_SETTINGS}
     grids: dict[str, list[dict[str, Any]]] = {}
     for m in methods:
         spec = METHOD_SPECS[m]
@@ -277,14 +278,17 @@ def run_sequence(
     """Run ``methods`` on an ``n_tasks`` ``sequence`` of ``data``; write results into ``out``.
 
     With ``search``, every method's registered grid (``METHOD_SPECS[m].grid``) is searched on
-    the validation parts first; ``lam_grid`` / ``l2_lam_grid`` set the λ grid of EWC / L2
-    (with or without ``search``). The chosen values are recorded in ``config.selection``.
+    the validation parts first; ``lam_grid`` / ``l2_lam_grid`` set the λ grid of every method
+    whose spec takes λ from ``--lam`` / ``--l2-lam`` (with or without ``search``). The chosen
+    values are recorded in ``config.selection``.
     ``save_state`` saves each trained learner (model, method state, scenario) under
     ``out/checkpoints/METHOD.pt``, loadable with :func:`ewc.checkpoint.load_checkpoint`.
     """
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHOD_SPECS]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+        raise ValueError(
+            f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHOD_SPECS)}"
+        )
     if not methods:
         raise ValueError("no methods given")
     if jobs < 1:

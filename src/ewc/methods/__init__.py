@@ -26,16 +26,15 @@ from ewc.methods.replay import ReplayMethod
 for _module in pkgutil.iter_modules(__path__):  # discovery: a new method file registers itself
     importlib.import_module(f"{__name__}.{_module.name}")
 
-_ordered = sorted(METHOD_SPECS.items(), key=lambda item: (item[1].order, item[0]))
-METHOD_SPECS.clear()  # the registry in its declared order (--methods all, choices, tables)
-METHOD_SPECS.update(_ordered)
+#: the methods of this package, in declared order (a snapshot; ``METHOD_SPECS`` also holds any
+#: method registered later, and is what the runner checks names against)
 METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
 
 
 def make_method(name: str, **params: Any) -> Method:
     """A fresh method by name, its registered defaults overridden by ``params``."""
     if name not in METHOD_SPECS:
-        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHOD_SPECS)}")
     spec = METHOD_SPECS[name]
     unknown = sorted(set(params) - set(spec.defaults))
     if unknown:

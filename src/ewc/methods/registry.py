@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-#: run-level λ settings and the grid flag that chooses each (``--lam`` / ``--select-lam``, ...)
-LAM_GRIDS: dict[str, str] = {"lam": "select_lam", "l2_lam": "select_l2_lam"}
+#: the run settings a method's λ can come from (``--lam`` / ``--l2-lam``), each chosen by its own
+#: grid (``--select-lam`` / ``--select-l2-lam``)
+LAM_SETTINGS: tuple[str, ...] = ("lam", "l2_lam")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class MethodSpec:
     def lam_setting(self) -> str | None:
         """The run setting this method's λ comes from (``lam`` / ``l2_lam``), or None."""
         setting = self.run_params.get("lam")
-        return setting if setting in LAM_GRIDS else None
+        return setting if setting in LAM_SETTINGS else None
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {}
@@ -56,6 +57,9 @@ def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in METHOD_SPECS and METHOD_SPECS[spec.name] is not spec:
         raise ValueError(f"method {spec.name!r} is registered twice")
     METHOD_SPECS[spec.name] = spec
+    ordered = sorted(METHOD_SPECS.values(), key=lambda s: (s.order, s.name))
+    METHOD_SPECS.clear()  # kept in declared order: --methods all, choices, tables, legends
+    METHOD_SPECS.update((s.name, s) for s in ordered)
     return spec
 
 

@@ -41,7 +41,13 @@ class L2Method(Method):
         return self.reg.memory_bytes()
 
     def after_task(self, index: int, task: Task) -> None:
-        self.reg.consolidate(key=index)
+        self.reg.consolidate(key=self._key(index))
+
+    def _key(self, index: int) -> int | None:
+        """The task's index as its term's key; a task that ends again without ``forget_task``
+        first (a loop that revisits tasks) adds one more term under the next free key, as it
+        always did."""
+        return None if self.reg.mode == "separate" and index in self.reg.keys else index
 
     def forget_task(self, index: int) -> None:
         """``separate``: drop the returning task's own term (if it has one); ``online``: nothing."""
@@ -92,7 +98,7 @@ class EWCMethod(L2Method):
         )
 
     def after_task(self, index: int, task: Task) -> None:
-        self.reg.consolidate((task.x_train, task.y_train), key=index)
+        self.reg.consolidate((task.x_train, task.y_train), key=self._key(index))
 
 
 #: EWC's parameters and the run settings (``--lam``, ``--gamma``, ``--fisher``, ...) they come from
