@@ -8,7 +8,7 @@ definitions in the spec.  It never imports anything from ``ewc``.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import pytest
@@ -49,6 +49,30 @@ def _log_lik(out: torch.Tensor, y: torch.Tensor, likelihood: str, sigma: float) 
     raise AssertionError(likelihood)
 
 
+def _rows(x: object, i: int, j: int) -> object:
+    """Samples i:j of an input: a tensor, a tuple of tensors or a dict of keyword inputs."""
+    if isinstance(x, torch.Tensor):
+        return x[i:j]
+    if isinstance(x, dict):
+        return {k: v[i:j] if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    return tuple(t[i:j] for t in x)
+
+
+def _len(x: object) -> int:
+    if isinstance(x, dict):
+        return next(v for v in x.values() if isinstance(v, torch.Tensor)).shape[0]
+    return (x if isinstance(x, torch.Tensor) else x[0]).shape[0]
+
+
+def _forward(model: nn.Module, x: object, output: Callable | None) -> torch.Tensor:
+    """model(x), model(*x) or model(**x); ``output`` picks the logits from what it returns."""
+    if isinstance(x, dict):
+        out = model(**x)
+    else:
+        out = model(x) if isinstance(x, torch.Tensor) else model(*x)
+    return out if output is None else output(out)
+
+
 def _grads(scalar: torch.Tensor, params: Sequence[nn.Parameter]) -> tuple[torch.Tensor, ...]:
     gs = torch.autograd.grad(scalar, list(params), retain_graph=True, allow_unused=True)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, gs, strict=True))
@@ -62,11 +86,14 @@ def reference_fisher(
     likelihood: str = "categorical",
     sigma: float = 1.0,
     generator: torch.Generator | None = None,
+    output: Callable | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher straight from the definitions, one sample at a time.
 
     ``batches`` must be the batches exactly as the engine sees them (this matters for
-    ``sample``, where labels are drawn batch by batch, and for ``batched``).
+    ``sample``, where labels are drawn batch by batch, and for ``batched``). An input ``x`` is a
+    tensor, a tuple (``model(*x)``) or a dict (``model(**x)``, labels not in it); ``output``
+    picks the logits from what the model returns (None: it returns them).
     """
     params = _trainable(model)
     names, plist = list(params), list(params.values())
@@ -76,12 +103,12 @@ def reference_fisher(
     n_total = 0
     try:
         for x, y in batches:
-            bsz = x.shape[0]
+            bsz = _len(x)
             n_total += bsz
             if mode == "sample":
                 # One batched forward per batch, labels drawn exactly as the spec says.
                 with torch.no_grad():
-                    out = model(x)
+                    out = _forward(model, x, output)
                 if likelihood == "categorical":
                     probs = torch.softmax(out, -1)
                     # the documented rule: u ~ U[0,1) per sample, y = #{c < C-1 : S_c <= u S_C-1}
@@ -98,13 +125,13 @@ def reference_fisher(
                 else:
                     y = out + sigma * torch.randn(out.shape, generator=generator, dtype=out.dtype)
             if mode == "batched":
-                out = model(x)
+                out = _forward(model, x, output)
                 mean_ll = _log_lik(out, y, likelihood, sigma).mean()
                 for a, g in zip(acc, _grads(mean_ll, plist), strict=True):
                     a += bsz * g**2
                 continue
             for i in range(bsz):
-                out = model(x[i : i + 1])
+                out = _forward(model, _rows(x, i, i + 1), output)
                 if mode == "exact":
                     if likelihood == "categorical":
                         logp = F.log_softmax(out, dim=-1)[0]

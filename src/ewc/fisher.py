@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ewc.checks import check_count
-from ewc.fisher_data import batches, eval_mode
+from ewc.fisher_data import Output, batches, eval_mode
 from ewc.fisher_engine import FisherEngine
 from ewc.fisher_vectors import sample_categorical, softmax_hessian_factor
 
@@ -70,15 +70,19 @@ def diagonal_fisher(
     batch_size: int = 256,
     generator: torch.Generator | None = None,
     distributed: bool | None = None,
+    output: Output = None,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher of ``model`` on ``data`` (mean over samples), one tensor per parameter.
 
     Args:
         model: any ``nn.Module`` returning logits ``[N, C]`` (categorical) or means ``[N, D]``
-            (gaussian). Evaluated in eval mode; training flags, parameters, buffers and ``.grad``
-            are left as they were.
+            (gaussian), alone or inside what it returns (see ``output``). Evaluated in eval mode;
+            training flags, parameters, buffers and ``.grad`` are left as they were.
         data: a DataLoader or any iterable of ``(x, y)`` batches (``x`` alone is enough for
-            ``exact`` and ``sample``), a pair ``(X, y)`` of tensors, or a tensor ``X``.
+            ``exact`` and ``sample``), a pair ``(X, y)`` of tensors, or a tensor ``X``. An input
+            ``x`` is a tensor (``model(x)``), a tuple of tensors (``model(*x)``) or a mapping
+            (``model(**x)``); a mapping batch, or a mapping of whole data, holds its labels
+            under ``"labels"``, which is not passed to the model.
         mode: one of ``FISHER_MODES`` (see the module docstring).
         max_samples: use only the first ``max_samples`` samples in data order.
         likelihood: ``"categorical"`` (softmax over logits) or ``"gaussian"`` (unit-free mean
@@ -88,6 +92,10 @@ def diagonal_fisher(
             :func:`sample_categorical`; gaussian noise with ``torch.randn``).
         distributed: sum the Fisher and the sample count over all ranks; default: whenever
             ``torch.distributed`` is initialised.
+        output: picks the logits (means) from what the model returns. None: a tensor as is, the
+            first item of a tuple, ``["logits"]`` of a mapping or ``.logits`` (a Hugging Face
+            ``ModelOutput``); a string: that key or attribute; a callable: ``output(returned)``,
+            which must give a tensor.
 
     Returns:
         ``{name: F}`` with the names and shapes of ``model.named_parameters()`` that require grad.
@@ -100,10 +108,11 @@ def diagonal_fisher(
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
     check_count(batch_size, "batch_size")
+    _check_output(output)
 
     model, prefix, named = _unwrap(model)
     engine = FisherEngine(
-        model, named, mode, likelihood, float(sigma), generator, part_bytes=ACTIVATION_BYTES
+        model, named, mode, likelihood, float(sigma), generator, output=output, part_bytes=ACTIVATION_BYTES
     )
     needs_labels = mode in ("empirical", "batched")
     return _mean_over_samples(engine, data, batch_size, max_samples, needs_labels, distributed, prefix)
@@ -118,6 +127,7 @@ def diagonal_importance(
     output_fn: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 256,
     distributed: bool | None = None,
+    output: Output = None,
 ) -> dict[str, Tensor]:
     """Per-parameter importances other than the Fisher, on the Fisher engine (mean over samples).
 
@@ -126,12 +136,13 @@ def diagonal_importance(
         Ω_i = 1/N Σ_n |∂ ‖f(x_n)‖²₂ / ∂θ_i|
 
     the mean absolute *per-sample* gradient of the squared L2 norm of the output vector f(x),
-    needing no labels. f(x) is the model's output (logits, no softmax), or ``output_fn(output)``,
-    e.g. the active head of a multi-head model; ``output_fn`` must act on every sample (row)
-    separately. The engine backpropagates the one vector ∂‖f‖²/∂output = 2·f per sample to the
-    layer outputs and reduces with the rules' ``sum_abs`` (Linear: one matmul |G|ᵀ|A|).
+    needing no labels. f(x) is the model's output (logits, no softmax; picked from what the model
+    returns by ``output`` as for :func:`diagonal_fisher`), or ``output_fn`` of it, e.g. the active
+    head of a multi-head model; ``output_fn`` must act on every sample (row) separately. The
+    engine backpropagates the one vector ∂‖f‖²/∂output = 2·f per sample to the layer outputs and
+    reduces with the rules' ``sum_abs`` (Linear: one matmul |G|ᵀ|A|).
 
-    ``data``, ``max_samples``, ``batch_size`` and ``distributed`` are as for
+    ``data``, ``max_samples``, ``batch_size``, ``distributed`` and ``output`` are as for
     :func:`diagonal_fisher`; labels in ``data`` are ignored. Evaluated in eval mode.
     """
     if kind not in IMPORTANCE_KINDS:
@@ -140,11 +151,27 @@ def diagonal_importance(
     check_count(batch_size, "batch_size")
     if output_fn is not None and not callable(output_fn):
         raise ValueError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
+    _check_output(output)
     model, prefix, named = _unwrap(model)
     engine = FisherEngine(
-        model, named, kind, "categorical", 1.0, None, output_fn=output_fn, part_bytes=ACTIVATION_BYTES
+        model,
+        named,
+        kind,
+        "categorical",
+        1.0,
+        None,
+        output=output,
+        output_fn=output_fn,
+        part_bytes=ACTIVATION_BYTES,
     )
     return _mean_over_samples(engine, data, batch_size, max_samples, False, distributed, prefix)
+
+
+def _check_output(output: Output) -> None:
+    if not (output is None or isinstance(output, str) or callable(output)):
+        raise ValueError(
+            f"output must be None, a key/attribute name or a callable, got {type(output).__name__}"
+        )
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str, list[tuple[str, nn.Parameter]]]:

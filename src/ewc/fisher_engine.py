@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ewc.fisher_data import batch_len, call_model, check_finite, slice_rows, splittable, to_device
+from ewc.fisher_data import Output, batch_len, call_model, check_finite, slice_rows, splittable, to_device
 from ewc.fisher_fallback import FuncRule
 from ewc.fisher_rule_base import Call, Rule, chunks, first_grad
 from ewc.fisher_rules import rule_for
@@ -84,10 +84,12 @@ class FisherEngine:
         sigma: float,
         generator: torch.Generator | None,
         *,
+        output: Output = None,
         output_fn: Callable[[Tensor], Tensor] | None = None,
         part_bytes: int | None = None,
     ):
         self.model, self.mode = model, mode
+        self.output = output  # picks the tensor of outputs from what the model returns
         self.reduction = "abs" if mode == "mas" else "sq"  # per-sample gradients: squared or |.|
         self.vectors = BackpropVectors(mode, likelihood, sigma, generator, output_fn)
         self.named = named
@@ -149,6 +151,7 @@ class FisherEngine:
         """One forward part: ``rows`` of a batch of ``n`` samples."""
         vectors = self.vectors(logits, y, rows, n)  # [K, part, *out]
         try:
+            _check_batch_first(self.bindings or [], self.calls, rows.stop - rows.start)
             self._accumulate(logits, vectors)
         finally:
             self.calls = {}
@@ -194,13 +197,11 @@ class FisherEngine:
         self.calls = {}
         self.capturing = True
         try:
-            out = call_model(self.model, x)
+            out = call_model(self.model, x, self.output)
         finally:
             self.capturing = False
             for h in temp:
                 h.remove()
-        if not isinstance(out, Tensor):
-            raise ValueError(f"the model must return a tensor of outputs, got {type(out).__name__}")
         used_ids = _graph_leaves(out)
 
         _check_batchnorm(self.model, called)
@@ -281,13 +282,11 @@ class FisherEngine:
             self.calls = {}
             self.capturing = True
             try:
-                out = call_model(self.model, x)
+                out = call_model(self.model, x, self.output)
             finally:
                 self.capturing = False
             if not self._modified() or attempt == 1:
                 break
-        if not isinstance(out, Tensor):
-            raise ValueError(f"the model must return a tensor of outputs, got {type(out).__name__}")
         check_finite(out, "model outputs")
         return out
 
@@ -431,9 +430,7 @@ class FisherEngine:
         """``batched``: add n · (gradient of the batch-mean log-likelihood)²."""
         if self.count == 0:
             _check_batchnorm(self.model)
-        out = call_model(self.model, x)
-        if not isinstance(out, Tensor):
-            raise ValueError(f"the model must return a tensor of outputs, got {type(out).__name__}")
+        out = call_model(self.model, x, self.output)
         check_finite(out, "model outputs")
         v = self.vectors(out, y, slice(0, n), n)[0] / n  # gradient of the batch-mean log-likelihood
         params = [p for _, p in self.named]
@@ -455,6 +452,25 @@ def _check_batchnorm(model: nn.Module, called: set[int] | None = None) -> None:
                 f"{type(m).__name__} without running statistics (track_running_stats=False) mixes "
                 "samples even in eval mode: the per-sample Fisher is undefined"
             )
+
+
+def _check_batch_first(bindings: list[_Binding], calls: dict[int, list[Call]], n: int) -> None:
+    """The built-in rules read a call's leading axis as its samples: a call whose output has another
+    leading size (an input shared by the samples, e.g. a Hugging Face model's ``position_ids``
+    [1, T], or a sequence-first [T, N, …] layout) is an error, not a wrong sum."""
+    for b in bindings:
+        if isinstance(b.rule, FuncRule):  # finds each output's batch axis itself
+            continue
+        for c in calls.get(id(b.module), []):
+            o = c.outputs[0] if c.outputs else None
+            if o is not None and (o.dim() == 0 or o.shape[0] != n):
+                name = next(iter(b.names.values())).rpartition(".")[0] or type(b.module).__name__
+                raise ValueError(
+                    f"module {name!r} ({type(b.module).__name__}) returned shape {tuple(o.shape)} in a "
+                    f"batch of {n} samples: its rule needs the samples on the leading axis. Either its "
+                    "input is shared by the samples (e.g. a Hugging Face model's position_ids [1, T]: "
+                    "give them per sample, [N, T]) or the layout is sequence-first (use batch_first)"
+                )
 
 
 def _graph_leaves(out: Tensor) -> set[int]:
