@@ -1,11 +1,16 @@
 """Time per SGD step with and without the EWC penalty, after 1, 5 and 20 consolidated tasks.
 
-Model: MLP 784-400-400-10 (ReLU), cross-entropy, SGD, batch 256 of fixed random MNIST-shaped
-data. Every variant has its own copy of the same initial model and optimiser; the EWC state is
-filled through the public API (``consolidate(fisher_diag=...)`` with random positive Fishers at
-randomly perturbed parameters), so no Fisher is computed. After a warm-up the variants are timed
-one step each, in a freshly shuffled order every round (this cancels drift and ordering effects),
-and the table reports the median ms/step and its ratio to plain SGD.
+Model: MLP 784-400-400-10 (ReLU), cross-entropy, SGD, batches of 64 and 256 (one table each) of
+fixed random MNIST-shaped data. Every variant has its own copy of the same initial model and
+optimiser; the EWC state is filled through the public API (``consolidate(fisher_diag=...)`` with
+random positive Fishers at randomly perturbed parameters), so no Fisher is computed. Each EWC
+variant runs with float32 storage of θ* and F (the default: the parameters' dtype) and with
+``store_dtype=torch.bfloat16`` ("bf16 store"). The floor rows add λF(θ − θ*) of the merged
+quadratic to the gradients after ``loss.backward()`` with ``torch._foreach_*`` ops (no penalty
+value, no autograd node): the least a step with the penalty's gradient can cost. After a warm-up
+the variants are timed one step each, in a freshly shuffled order every round (this cancels drift
+and ordering effects), and the table reports the median ms/step and its ratio to plain SGD.
+A second table gives ``reg.memory_bytes()`` per storage.
 
 Run (from the repository root)::
 
@@ -35,9 +40,11 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10))
 
 
-def filled_ewc(model: nn.Module, mode: str, tasks: int, gen: torch.Generator) -> EWC:
+def filled_ewc(
+    model: nn.Module, mode: str, tasks: int, gen: torch.Generator, store_dtype: torch.dtype | None = None
+) -> EWC:
     """An EWC with ``tasks`` consolidations at perturbed parameters with random Fishers."""
-    reg = EWC(model, lam=100.0, mode=mode, gamma=0.9 if mode == "online" else 1.0)
+    reg = EWC(model, lam=100.0, mode=mode, gamma=0.9 if mode == "online" else 1.0, store_dtype=store_dtype)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for _ in range(tasks):
@@ -67,6 +74,30 @@ def make_step(
     return step
 
 
+def make_floor_step(
+    model: nn.Module, reg: EWC, x: torch.Tensor, y: torch.Tensor, lr: float
+) -> Callable[[], None]:
+    """Plain SGD whose gradients get λF(θ − θ*) of ``reg``'s merged quadratic added with foreach ops."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    anchors, fishers = reg.anchors(), reg.precisions()  # the merged quadratic, as stored
+    params = [p for n, p in model.named_parameters() if n in anchors]
+    a_list = [anchors[n] for n, _ in model.named_parameters() if n in anchors]
+    f_list = [fishers[n] for n, _ in model.named_parameters() if n in anchors]
+    lam = reg.lam
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        with torch.no_grad():
+            diff = torch._foreach_sub(params, a_list)
+            torch._foreach_mul_(diff, f_list)
+            torch._foreach_add_([p.grad for p in params], diff, alpha=lam)
+        opt.step()
+
+    return step
+
+
 def time_rounds(steps: dict[Any, Callable[[], None]], rounds: int, warmup: int, seed: int) -> dict:
     """Seconds per call of every step, one call each per round in a freshly shuffled order."""
     order = list(steps)
@@ -89,39 +120,62 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=30, help="untimed rounds first")
     parser.add_argument("--tasks", default="1,5,20", help="comma-separated task counts")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-sizes", default="64,256", help="comma-separated; one table each")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch_size, 784, generator=gen)
-    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
-    base = make_model()
     task_counts = [int(t) for t in args.tasks.split(",")]
+    stores = {"": None, ", bf16 store": torch.bfloat16}
+    memory: dict[tuple[str, int], dict[str, int]] = {}
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        torch.manual_seed(args.seed)
+        gen = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(batch, 784, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        base = make_model()
 
-    variants: dict[tuple[str, int], Callable[[], None]] = {
-        ("plain SGD", 0): make_step(copy.deepcopy(base), None, x, y, lr=1e-3)
-    }
-    for mode in ("online", "separate"):
-        for t in task_counts:
+        variants: dict[tuple[str, int], Callable[[], None]] = {
+            ("plain SGD", 0): make_step(copy.deepcopy(base), None, x, y, lr=1e-3)
+        }
+        for label, dtype in stores.items():
+            for mode in ("online", "separate"):
+                for t in task_counts:
+                    model = copy.deepcopy(base)
+                    reg = filled_ewc(model, mode, t, gen, store_dtype=dtype)
+                    memory.setdefault((mode, t), {})[label] = reg.memory_bytes()
+                    variants[(f"EWC {mode}{label}", t)] = make_step(model, reg, x, y, lr=1e-3)
             model = copy.deepcopy(base)
-            variants[(f"EWC {mode}", t)] = make_step(model, filled_ewc(model, mode, t, gen), x, y, lr=1e-3)
+            reg = filled_ewc(model, "online", max(task_counts), gen, store_dtype=dtype)
+            variants[(f"floor: foreach λF(θ − θ*) into .grad{label}", max(task_counts))] = make_floor_step(
+                model, reg, x, y, lr=1e-3
+            )
 
-    times = time_rounds(variants, args.rounds, args.warmup, args.seed)
+        times = time_rounds(variants, args.rounds, args.warmup, args.seed)
 
-    plain = statistics.median(times[("plain SGD", 0)])
-    print(
-        f"torch {torch.__version__}, {platform.machine()}, threads={args.threads}, "
-        f"batch={args.batch_size}, {args.rounds} timed rounds after {args.warmup} warm-up"
-    )
+        plain = statistics.median(times[("plain SGD", 0)])
+        print(
+            f"torch {torch.__version__}, {platform.machine()}, threads={args.threads}, "
+            f"batch={batch}, {args.rounds} timed rounds after {args.warmup} warm-up"
+        )
+        print()
+        print("| variant | tasks | ms/step (median) | overhead ms | ratio to plain |")
+        print("|---|---:|---:|---:|---:|")
+        for key in variants:
+            med = statistics.median(times[key])
+            print(
+                f"| {key[0]} | {key[1]} | {med * 1e3:.3f} | {(med - plain) * 1e3:+.3f} | {med / plain:.3f} |"
+            )
+        print()
+
+    n_params = sum(p.numel() for p in make_model().parameters())
+    print(f"memory_bytes() of the stored θ* and F ({n_params:,} float32 parameters)")
     print()
-    print("| variant | tasks | ms/step (median) | overhead ms | ratio to plain |")
+    print("| mode | tasks | float32 store | bf16 store | ratio |")
     print("|---|---:|---:|---:|---:|")
-    for key in variants:
-        med = statistics.median(times[key])
-        print(f"| {key[0]} | {key[1]} | {med * 1e3:.3f} | {(med - plain) * 1e3:+.3f} | {med / plain:.3f} |")
+    for (mode, t), by in memory.items():
+        f32, bf16 = by[""], by[", bf16 store"]
+        print(f"| {mode} | {t} | {f32:,} | {bf16:,} | {bf16 / f32:.3f} |")
 
 
 if __name__ == "__main__":

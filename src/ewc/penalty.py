@@ -30,6 +30,8 @@ merged term (keyed by its latest consolidation) that cannot be split: those thre
 Parameters are matched by name (``model.named_parameters()``). A parameter added after the last
 consolidation (a new head) is not penalised; a consolidated parameter that disappeared or changed
 shape is an error. Moving the model to another device or dtype after consolidation is followed.
+``parameters=`` picks which are consolidated, ``store_dtype=`` / ``store_device=`` how θ* and F are
+stored; the penalty is still computed on the parameters' device, in float32 or wider (penalty_config).
 
 Memory: the stored tasks, plus one scratch tensor the size of the anchored parameters.
 """
@@ -42,18 +44,17 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor, nn
 
+from ewc import penalty_config as options
 from ewc.checks import NON_NEGATIVE, POSITIVE, Interval, Options, check, check_count, check_float
 from ewc.fisher import FISHER_MODES, LIKELIHOODS, diagonal_fisher
-from ewc.quadratic import Quadratic, Term, check_precision, check_term, merge_online
+from ewc.penalty_config import OPTION_KEYS, Selection, TermKey, check_config, check_keys
+from ewc.quadratic import Quadratic, Term, check_term, merge_online, new_term
 from ewc.state import PathLike, atomic_save, safe_load
 
 __all__ = ["EWC", "FORMAT", "L2", "MODES", "Term", "TermKey"]
 
 FORMAT = "ewc.penalty/1"
 MODES = ("separate", "online")
-
-# What names a term: an int (the default, the running task count) or a str.
-TermKey = int | str
 
 
 # What λ, γ and σ may be (read with float(), so a numpy scalar or a 0-dim tensor works too).
@@ -71,15 +72,25 @@ class _AnchoredPenalty:
     _KIND: ClassVar[str]
     _CONFIG_KEYS: ClassVar[tuple[str, ...]]
 
-    def __init__(self, model: nn.Module, lam: float, mode: str, gamma: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lam: float,
+        mode: str,
+        gamma: float,
+        parameters: Selection = None,
+        store_dtype: torch.dtype | str | None = None,
+        store_device: torch.device | str | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._model = model
         self._lam = check_float(lam, LAM, "lam")
         self._mode = str(check(mode, Options(MODES), "mode"))
         self._gamma = check_float(gamma, GAMMA, "gamma")
+        self._names = options.resolve_selection(model, parameters)
         # the terms (separate: one per task; online: at most one, merged) and their quadratic
-        self._quad = Quadratic(model)
+        self._quad = Quadratic(model, *options.check_storage(store_dtype, store_device))
         self._keys: list[TermKey] = []  # the key of each term
         self._num_tasks = 0
 
@@ -108,6 +119,21 @@ class _AnchoredPenalty:
         return self._gamma
 
     @property
+    def parameters(self) -> tuple[str, ...] | None:
+        """Names of the consolidated parameters; None: all that require grad at consolidation."""
+        return self._names
+
+    @property
+    def store_dtype(self) -> torch.dtype | None:
+        """The dtype θ* and F are stored in (None: each parameter's)."""
+        return self._quad.dtype
+
+    @property
+    def store_device(self) -> torch.device | None:
+        """The device θ* and F are stored on (None: each parameter's)."""
+        return self._quad.device
+
+    @property
     def num_tasks(self) -> int:
         """Number of consolidated tasks (in ``online`` mode: merged into the one quadratic)."""
         return self._num_tasks
@@ -118,21 +144,8 @@ class _AnchoredPenalty:
         return tuple(self._keys)
 
     def _config(self) -> dict[str, Any]:
-        return {"lam": self._lam, "mode": self._mode, "gamma": self._gamma}
-
-    @classmethod
-    def _validated_config(cls, config: Any) -> dict[str, Any]:
-        """A saved config with exactly the expected keys and valid values."""
-        if not isinstance(config, Mapping):
-            raise ValueError(f"state 'config' must be a dict, got {type(config).__name__}")
-        keys = set(config)
-        if keys != set(cls._CONFIG_KEYS):
-            missing = sorted(set(cls._CONFIG_KEYS) - keys)
-            extra = sorted(keys - set(cls._CONFIG_KEYS), key=str)
-            raise ValueError(
-                f"state 'config' of {cls._KIND} has missing keys {missing} and unexpected keys {extra}"
-            )
-        return dict(config)
+        saved = options.saved(self._names, self._quad.dtype, self._quad.device)
+        return {"lam": self._lam, "mode": self._mode, "gamma": self._gamma, **saved}
 
     def __repr__(self) -> str:
         return (
@@ -160,31 +173,16 @@ class _AnchoredPenalty:
         return key
 
     def _add_task(self, fisher: Mapping[str, Tensor], key: TermKey | None = None) -> None:
-        """Consolidate at the current parameters with precision ``fisher`` (checked, copied)."""
+        """Consolidate at the current parameters with precision ``fisher`` (checked, copied to storage)."""
         key = self._new_key(key)
-        if not isinstance(fisher, Mapping) or not fisher:
-            raise ValueError("the Fisher must be a non-empty dict {parameter name: tensor}")
         named = dict(self._model.named_parameters(remove_duplicate=False))
-        anchor: dict[str, Tensor] = {}
-        precision: dict[str, Tensor] = {}
-        for name, f in fisher.items():
-            p = named.get(name)
-            if p is None:
-                raise ValueError(f"the Fisher names {name!r}, not a parameter of the model")
-            if not isinstance(f, Tensor) or f.shape != p.shape:
-                shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-                raise ValueError(
-                    f"Fisher of parameter {name!r} has shape {shape}, the parameter has {tuple(p.shape)}"
-                )
-            f = f.detach().to(device=p.device, dtype=p.dtype, copy=True)
-            check_precision(f, name)
-            precision[name] = f
-            anchor[name] = p.detach().clone()
+        store = {"dtype": self._quad.dtype, "device": self._quad.device}
+        anchor, precision = new_term(named, fisher, **store)
         if self._mode == "separate":
             self._quad.set([*self._quad.terms, {"anchor": anchor, "fisher": precision}])
         else:
             old = self._quad.terms[0] if self._quad.terms else None
-            self._quad.set([merge_online(old, anchor, precision, named, self._gamma)])
+            self._quad.set([merge_online(old, anchor, precision, named, self._gamma, **store)])
         self._keys = [*self._keys, key] if self._mode == "separate" else [key]
         self._num_tasks += 1
 
@@ -223,7 +221,8 @@ class _AnchoredPenalty:
         """Add a term from :meth:`pop` (or any ``{"anchor", "fisher"}`` of name→tensor dicts)
         back as the newest one, under ``key`` (``separate`` mode; a key in use is an error).
 
-        The tensors are checked and copied to each parameter's device and dtype. The penalty is
+        The tensors are checked and copied into the storage (default: each parameter's device and
+        dtype). The penalty is
         then the one of consolidating the terms in the order of :attr:`keys`: restoring the term
         just popped from the end gives back a bit-identical penalty; one popped from the middle
         comes back last, which changes the merged quadratic only by float64 summation order.
@@ -241,8 +240,8 @@ class _AnchoredPenalty:
         """{name: θ*} of the term ``key``; with no key, of the one quadratic the penalty evaluates
         (online: the merged term; separate: the Fisher-weighted mean anchor θ̄ of all terms).
 
-        The stored tensors, on the parameters' devices, not copies: read them, do not modify them.
-        Empty before the first consolidation (with no key).
+        The stored tensors (in the store dtype, on the store device), not copies: read them, do not
+        modify them. Empty before the first consolidation (with no key).
         """
         return self._read("anchor", key)
 
@@ -259,7 +258,8 @@ class _AnchoredPenalty:
         return dict(self._quad.terms[self._index(key, "")][part])
 
     def memory_bytes(self) -> int:
-        """Bytes of the stored terms' anchors and precisions (what :meth:`state_dict` holds)."""
+        """Bytes of the stored terms' anchors and precisions (what :meth:`state_dict` holds), in
+        the store dtype: ``store_dtype=torch.bfloat16`` halves it against float32."""
         return sum(
             t.numel() * t.element_size()
             for task in self._quad.terms
@@ -307,19 +307,23 @@ class _AnchoredPenalty:
             raise ValueError(f"unsupported state format {state['format']!r}; expected {FORMAT!r}")
         if state["class"] != cls._KIND:
             raise ValueError(f"state was saved by {state['class']!r}, cannot load it into {cls._KIND!r}")
-        return cls._validated_config(state["config"])
+        return check_config(state["config"], cls._CONFIG_KEYS, cls._KIND)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`: config (λ, γ, ...) and tasks, checked against the model.
 
         Raises ValueError on a different format or class, wrong config keys, another ``mode``,
-        or tensors whose names or shapes do not match the model's parameters. Tensors are copied
-        to each parameter's device and dtype. Nothing changes if an error is raised.
+        or tensors whose names or shapes do not match the model's parameters. The selection
+        (``parameters``) is the state's; the storage stays this regulariser's: tensors are copied
+        into its store dtype and device (a bfloat16 state into float32 storage is widened
+        exactly, a float32 one into bfloat16 storage is rounded to nearest). Nothing changes if
+        an error is raised.
         """
         config = self._check_header(state)
         if config["mode"] != self._mode:
             raise ValueError(f"state is for mode {config['mode']!r}, this {self._KIND} uses {self._mode!r}")
-        probe = type(self)(self._model, **config)  # validates every config value
+        mine = {"store_dtype": self._quad.dtype, "store_device": self._quad.device}
+        probe = type(self)(self._model, **{**config, **mine})  # validates every config value
         num_tasks, tasks = state["num_tasks"], state["tasks"]
         if not isinstance(tasks, list) or any(not isinstance(t, Mapping) for t in tasks):
             raise ValueError("state 'tasks' must be a list of dicts")
@@ -333,14 +337,14 @@ class _AnchoredPenalty:
                 f"otherwise; got {len(tasks)} entries for num_tasks={num_tasks}"
             )
         checked = [check_term(t, f"task {k}") for k, t in enumerate(tasks)]
-        keys = _check_keys(state.get("keys"), len(tasks), num_tasks)
+        keys = check_keys(state.get("keys"), len(tasks), num_tasks)
         self._quad.set(checked, copy=True)  # checked against the model: the last step that can fail
         self._config_from(probe)
         self._keys, self._num_tasks = keys, num_tasks
 
     def _config_from(self, other: Self) -> None:
         """Adopt the settings of ``other`` (an instance built from a loaded config)."""
-        self._lam, self._gamma = other._lam, other._gamma
+        self._lam, self._gamma, self._names = other._lam, other._gamma, other._names
 
     def save(self, path: PathLike) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (see :func:`ewc.state.atomic_save`)."""
@@ -348,27 +352,13 @@ class _AnchoredPenalty:
 
     @classmethod
     def load(cls, path: PathLike, model: nn.Module) -> Self:
-        """Rebuild a regulariser for ``model`` from :meth:`save` output, without running code."""
+        """Rebuild a regulariser for ``model`` from :meth:`save` output, without running code
+        (with the saved selection and storage)."""
         state = safe_load(path, map_location="cpu")
         config = cls._check_header(state)
         obj = cls(model, **config)
         obj.load_state_dict(state)
         return obj
-
-
-def _check_keys(keys: Any, n_terms: int, num_tasks: int) -> list[TermKey]:
-    """Saved term keys: one distinct int or str per stored term. Absent (a state saved before
-    keys existed): the keys the old code implied, 0..n-1, or num_tasks - 1 for a merged term."""
-    if keys is None:
-        return [num_tasks - 1] if n_terms == 1 else list(range(n_terms))
-    if not isinstance(keys, list) or len(keys) != n_terms:
-        raise ValueError(f"state 'keys' must be a list of one key per task ({n_terms}), got {keys!r}")
-    for key in keys:
-        if isinstance(key, bool) or not isinstance(key, int | str):
-            raise ValueError(f"state 'keys': a term key must be an int or a str, got {key!r}")
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"state 'keys' has duplicates: {keys}")
-    return list(keys)
 
 
 # ------------------------------------------------------------------------------ public API
@@ -380,11 +370,16 @@ class EWC(_AnchoredPenalty):
     ``reg.consolidate(data)`` after each task; ``loss = task_loss + reg.penalty()`` during the
     next ones. ``fisher`` picks how the diagonal Fisher is computed (see
     :func:`ewc.fisher.diagonal_fisher`); ``max_samples``, ``batch_size``, ``likelihood`` and
-    ``sigma`` are passed on to it.
+    ``sigma`` are passed on to it. ``parameters`` (names, a predicate ``(name, param) -> bool`` or
+    None: all that require grad), ``store_dtype`` and ``store_device``: see
+    :mod:`ewc.penalty_config`; the Fisher is computed for the selected parameters only.
     """
 
     _KIND = "EWC"
-    _CONFIG_KEYS = ("lam", "mode", "gamma", "fisher", "max_samples", "batch_size", "likelihood", "sigma")
+    _CONFIG_KEYS = (
+        *("lam", "mode", "gamma", "fisher", "max_samples", "batch_size", "likelihood", "sigma"),
+        *OPTION_KEYS,
+    )
 
     def __init__(
         self,
@@ -398,8 +393,11 @@ class EWC(_AnchoredPenalty):
         batch_size: int = 256,
         likelihood: str = "categorical",
         sigma: float = 1.0,
+        parameters: Selection = None,
+        store_dtype: torch.dtype | str | None = None,
+        store_device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(model, lam, mode, gamma)
+        super().__init__(model, lam, mode, gamma, parameters, store_dtype, store_device)
         self._fisher = str(check(fisher, Options(FISHER_MODES), "fisher"))
         likelihood = check(likelihood, Options(LIKELIHOODS), "likelihood")
         sigma_value = check_float(sigma, SIGMA, "sigma")
@@ -441,9 +439,9 @@ class EWC(_AnchoredPenalty):
         on for ``fisher="sample"``). Alternatively pass a precomputed ``fisher_diag``
         ``{name: F}`` (names of the model's parameters, F >= 0; any precision computed
         elsewhere, e.g. a normalised policy Fisher or SI/MAS importances); parameters it leaves
-        out are not anchored. ``key`` names the new term (default: the running task count; in
-        ``separate`` mode a key in use is a ValueError). Returns this task's Fisher (``online``
-        merges it into the stored one).
+        out, or that ``parameters`` does not select, are not anchored. ``key`` names the new term
+        (default: the running task count; in ``separate`` mode a key in use is a ValueError).
+        Returns this task's Fisher (``online`` merges it into the stored one).
         """
         self._new_key(key)  # a bad or duplicate key fails before the Fisher is computed
         if fisher_diag is None:
@@ -451,18 +449,20 @@ class EWC(_AnchoredPenalty):
                 raise ValueError(
                     "EWC.consolidate needs data to compute the Fisher on (or a precomputed fisher_diag)"
                 )
-            fisher_diag = diagonal_fisher(
-                self._model,
-                data,
-                mode=self._fisher,
-                max_samples=self._max_samples,
-                likelihood=self._likelihood,
-                sigma=self._sigma,
-                batch_size=self._batch_size,
-                generator=generator,
-            )
+            with options.grad_only_for(self._model, self._names):  # no Fisher work for the others
+                fisher_diag = diagonal_fisher(
+                    self._model,
+                    data,
+                    mode=self._fisher,
+                    max_samples=self._max_samples,
+                    likelihood=self._likelihood,
+                    sigma=self._sigma,
+                    batch_size=self._batch_size,
+                    generator=generator,
+                )
         elif data is not None:
             raise ValueError("pass either data or fisher_diag to consolidate, not both")
+        fisher_diag = options.pick(self._model, fisher_diag, self._names)
         self._add_task(fisher_diag, key)
         return {name: f.detach() for name, f in fisher_diag.items()}
 
@@ -471,20 +471,28 @@ class L2(_AnchoredPenalty):
     """The paper's isotropic baseline: EWC's anchoring with F ≡ 1, λ/2 · Σ_k ‖θ − θ*_k‖²."""
 
     _KIND = "L2"
-    _CONFIG_KEYS = ("lam", "mode", "gamma")
+    _CONFIG_KEYS = ("lam", "mode", "gamma", *OPTION_KEYS)
 
     def __init__(
-        self, model: nn.Module, lam: float = 100.0, mode: str = "separate", gamma: float = 1.0
+        self,
+        model: nn.Module,
+        lam: float = 100.0,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        *,
+        parameters: Selection = None,
+        store_dtype: torch.dtype | str | None = None,
+        store_device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(model, lam, mode, gamma)
+        super().__init__(model, lam, mode, gamma, parameters, store_dtype, store_device)
 
     def consolidate(self, data: Any = None, *, key: TermKey | None = None) -> dict[str, Tensor]:
-        """Anchor every parameter that requires grad at its current value; ``data`` is ignored.
-        ``key`` names the new term, as for :meth:`EWC.consolidate`."""
+        """Anchor the selected parameters (default: every one that requires grad) at their
+        current values; ``data`` is ignored. ``key`` names the new term, as for
+        :meth:`EWC.consolidate`."""
         ones = {
             n: torch.ones_like(p, memory_format=torch.contiguous_format).detach()
-            for n, p in self._model.named_parameters()
-            if p.requires_grad
+            for n, p in options.selected(self._model, self._names).items()
         }
         if not ones:
             raise ValueError("the model has no parameters that require grad")

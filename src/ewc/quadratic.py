@@ -12,6 +12,13 @@ differs from the term-by-term sum: it is as if each anchor moved by at most half
 cost of :meth:`Quadratic.value` does not depend on the number of terms: one pass over the
 anchored parameters (:class:`QuadraticPenalty`, with a hand-written backward).
 
+Storage: the terms and their merge are kept in a store dtype and on a store device (default:
+each parameter's; ``store_dtype=`` / ``store_device=`` of :class:`ewc.EWC`). The penalty is always
+computed on the parameter's device in :func:`compute_dtype` of the parameter (float32 at least):
+stored tensors on another device are copied over for each evaluation, and a lower-precision
+θ* or F enters the float32 arithmetic directly (PyTorch promotes mixed dtypes element by element;
+widening is exact), so compact storage costs no parameter-sized conversion on the same device.
+
 Which terms exist, their keys, modes and saved state are :mod:`ewc.penalty`'s business.
 """
 
@@ -36,6 +43,9 @@ __all__ = [
     "lookup",
     "merge_online",
     "merge_separate",
+    "new_term",
+    "on_device_of",
+    "placed",
     "scale_",
     "sum_scalars",
 ]
@@ -70,6 +80,22 @@ def lookup(model: nn.Module, path: tuple[str, ...]) -> Tensor | None:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype θ − θ* is computed in: the parameter's if float32/float64, else float32."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def placed(
+    t: Tensor, p: Tensor, dtype: torch.dtype | None, device: torch.device | None, copy: bool = False
+) -> Tensor:
+    """``t`` detached in the storage of parameter ``p``: ``dtype``/``device``, or ``p``'s where None."""
+    return t.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=copy)
+
+
+def on_device_of(stored: list[Tensor], params: tuple[Tensor, ...] | list[Tensor]) -> list[Tensor]:
+    """Stored tensors on their parameters' devices (the same tensors where they already are; a copy
+    to the host waits for the data, one to an accelerator is queued without blocking)."""
+    return [
+        t if t.device == p.device else t.to(p.device, non_blocking=p.device.type != "cpu")
+        for t, p in zip(stored, params, strict=True)
+    ]
 
 
 def sum_scalars(parts: list[Tensor]) -> Tensor:
@@ -172,12 +198,16 @@ def merge_online(
     fisher: dict[str, Tensor],
     named: dict[str, Tensor],
     gamma: float,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> Term:
     """Online merge: F ← γ·F_old + F_new and θ* ← the current parameters, for the union of names.
 
     ``old`` is the merged term so far (None before the first), ``anchor``/``fisher`` the new
     consolidation, ``named`` the model's parameters by name (the anchor of a name only ``old``
-    has). ValueError for a consolidated parameter that is missing or changed shape.
+    has), ``dtype``/``device`` the storage (None: the parameter's). In a 16-bit store dtype the sum
+    is rounded once (PyTorch adds in float32). ValueError for a consolidated parameter that is
+    missing or changed shape.
     """
     if old is None:
         return {"anchor": anchor, "fisher": fisher}
@@ -192,10 +222,10 @@ def merge_online(
                 f"parameter {name!r} changed shape since consolidation: "
                 f"{tuple(f_old.shape)} then, {tuple(p.shape)} now"
             )
-        f_old = f_old.to(device=p.device, dtype=p.dtype)
+        f_old = placed(f_old, p, dtype, device)
         new = fisher.get(name)
         merged_f[name] = f_old * gamma if new is None else torch.add(new, f_old, alpha=gamma)
-        merged_a[name] = anchor[name] if name in anchor else p.detach().clone()
+        merged_a[name] = anchor[name] if name in anchor else placed(p, p, dtype, device, copy=True)
     for name, f_new in fisher.items():
         if name not in merged_f:
             merged_f[name], merged_a[name] = f_new, anchor[name]
@@ -203,13 +233,19 @@ def merge_online(
 
 
 def build(
-    model: nn.Module, terms: list[Term], *, copy: bool = False
+    model: nn.Module,
+    terms: list[Term],
+    *,
+    copy: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> tuple[list[Merged], float, list[Term]]:
     """Resolve every stored name in ``model`` and merge the terms into one quadratic per parameter.
 
-    Returns the merged quadratics, the constant C and the terms with their tensors moved to each
-    parameter's device and dtype (copied if ``copy``). Raises ValueError naming a parameter that
-    is missing from the model or whose shape changed.
+    Returns the merged quadratics, the constant C and the terms with their tensors moved to the
+    storage (``dtype``/``device``; None: each parameter's), copied if ``copy``. The merge of
+    several terms is computed in float64 and kept in the store dtype too. Raises ValueError naming
+    a parameter that is missing from the model or whose shape changed.
     """
     named = dict(model.named_parameters(remove_duplicate=False))
     moved: list[Term] = [{"anchor": {}, "fisher": {}} for _ in terms]
@@ -225,8 +261,7 @@ def build(
                     f"parameter {name!r} changed shape since consolidation: "
                     f"{tuple(a.shape)} in task {k}, {tuple(p.shape)} now"
                 )
-            a = a.detach().to(device=p.device, dtype=p.dtype, copy=copy)
-            f = f.detach().to(device=p.device, dtype=p.dtype, copy=copy)
+            a, f = placed(a, p, dtype, device, copy), placed(f, p, dtype, device, copy)
             moved[k]["anchor"][name], moved[k]["fisher"][name] = a, f
             per_name.setdefault(name, []).append((a, f))
     merged: list[Merged] = []
@@ -243,6 +278,37 @@ def build(
             const += c
         merged.append(Merged(name, path, p, anchor, fisher))
     return merged, const, moved
+
+
+def new_term(
+    named: Mapping[str, Tensor],
+    fisher: Any,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(anchor, precision) of a consolidation: the parameters ``named`` now and ``fisher``, checked
+    against them (names, shapes, F finite and >= 0) and copied into the storage."""
+    if not isinstance(fisher, Mapping) or not fisher:
+        raise ValueError("the Fisher must be a non-empty dict {parameter name: tensor}")
+    anchor: dict[str, Tensor] = {}
+    precision: dict[str, Tensor] = {}
+    for name, f in fisher.items():
+        p = named.get(name)
+        if p is None:
+            raise ValueError(f"the Fisher names {name!r}, not a parameter of the model")
+        if not isinstance(f, Tensor) or f.shape != p.shape:
+            shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+            raise ValueError(
+                f"Fisher of parameter {name!r} has shape {shape}, the parameter has {tuple(p.shape)}"
+            )
+        stored = placed(f, p, dtype, device, copy=True)
+        a = placed(p, p, dtype, device, copy=True)
+        if dtype is not None and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(stored).all())):
+            if bool(torch.isfinite(f).all()):  # finite before the conversion: say why
+                raise ValueError(f"the anchor or Fisher of parameter {name!r} overflows store_dtype {dtype}")
+        check_precision(stored, name)
+        precision[name], anchor[name] = stored, a
+    return anchor, precision
 
 
 def check_precision(f: Tensor, name: str) -> None:
@@ -290,26 +356,30 @@ def check_term(task: Any, what: str) -> Term:
 class Quadratic:
     """The stored terms of one model, their merged quadratic and its evaluation.
 
-    ``terms`` holds the tensors on the parameters' devices and dtypes; :meth:`set` replaces them
-    (checked against the model first: nothing changes on error); :meth:`current` follows a model
-    whose parameters were replaced, moved or reshaped; :meth:`value` is the penalty.
+    ``terms`` holds the tensors in the storage (``dtype``/``device``; None: each parameter's);
+    :meth:`set` replaces them (checked against the model first: nothing changes on error);
+    :meth:`current` follows a model whose parameters were replaced, moved or reshaped;
+    :meth:`value` is the penalty.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(
+        self, model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> None:
+        self.model, self.dtype, self.device = model, dtype, device
         self.terms: list[Term] = []
         self.merged: list[Merged] = []
         self.const = 0.0
         self._lists: tuple | None = None  # (merged, params, anchors, fishers, diffs, zeros) of value()
 
     def set(self, terms: list[Term], *, copy: bool = False) -> None:
-        """Replace the terms (moved to the parameters' devices and dtypes, copied if ``copy``)."""
-        merged, const, moved = build(self.model, terms, copy=copy)
+        """Replace the terms (moved to the storage, copied if ``copy``)."""
+        merged, const, moved = build(self.model, terms, copy=copy, dtype=self.dtype, device=self.device)
         self.terms, self.merged, self.const = moved, merged, const
 
     def current(self) -> list[Merged]:
         """The merged quadratics, rebuilt if the model's parameters were replaced, moved or reshaped."""
         named: dict[str, Tensor] | None = None
+        apart = self.dtype is not None or self.device is not None  # storage need not follow p
         for t in self.merged:
             if t.path is not None:
                 p = lookup(self.model, t.path)
@@ -320,8 +390,13 @@ class Quadratic:
             if (
                 p is not t.param
                 or p.shape != t.anchor.shape
-                or p.device != t.anchor.device
-                or p.dtype != t.anchor.dtype
+                or (self.device or p.device) != t.anchor.device
+                or (self.dtype or p.dtype) != t.anchor.dtype
+                or (
+                    apart
+                    and t.diff is not None
+                    and (t.diff.device, t.diff.dtype) != (p.device, compute_dtype(p.dtype))
+                )
             ):
                 self.set(self.terms)
                 break
@@ -334,9 +409,9 @@ class Quadratic:
         if self._lists is None or self._lists[0] is not merged:
             for t in merged:
                 if t.diff is None or t.zero is None:
-                    dtype = compute_dtype(t.anchor.dtype)
-                    t.diff = torch.empty(t.anchor.shape, dtype=dtype, device=t.anchor.device)
-                    t.zero = torch.zeros((), dtype=dtype, device=t.anchor.device)
+                    dtype = compute_dtype(t.param.dtype)
+                    t.diff = torch.empty(t.anchor.shape, dtype=dtype, device=t.param.device)
+                    t.zero = torch.zeros((), dtype=dtype, device=t.param.device)
             fields = ("param", "anchor", "fisher", "diff", "zero")
             self._lists = (merged, *([getattr(t, f) for t in merged] for f in fields))
         return self._lists[1:]
@@ -348,6 +423,8 @@ class Quadratic:
             first = next(self.model.parameters(), None)
             return torch.zeros((), device=first.device if first is not None else None)
         params, anchors, fishers, diffs, zeros = self.lists()
+        if self.device is not None:  # stored on another device: copied over for this evaluation
+            anchors, fishers = on_device_of(anchors, params), on_device_of(fishers, params)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return QuadraticPenalty.apply(lam, self.const, anchors, fishers, diffs, zeros, *params)
         with torch.no_grad():
