@@ -29,3 +29,15 @@ def test_a_task_ending_twice_adds_a_term_under_the_next_key(name: str) -> None:
         method.forget_task(0)  # a returning task drops the term it owns by its index
         assert method.reg.keys == (1, 2)
     assert float(method.loss(torch.zeros(())).detach()) > 0
+
+
+def test_restore_needs_a_key() -> None:
+    from ewc.penalty import EWC
+
+    model = torch.nn.Linear(3, 2)
+    reg = EWC(model, fisher="empirical")
+    reg.consolidate((torch.randn(4, 3), torch.randint(0, 2, (4,))))
+    term = reg.pop(0)
+    with pytest.raises(ValueError, match="restore needs the term's key"):
+        reg.restore(None, term)  # type: ignore[arg-type]
+    assert reg.keys == ()

@@ -219,14 +219,13 @@ class _AnchoredPenalty:
 
     def restore(self, key: TermKey, term: Mapping[str, Any]) -> None:
         """Add a term from :meth:`pop` (or any ``{"anchor", "fisher"}`` of name→tensor dicts)
-        back as the newest one, under ``key`` (``separate`` mode; a key in use is an error).
-
-        The tensors are checked and copied into the storage (default: each parameter's device and
-        dtype). The penalty is
-        then the one of consolidating the terms in the order of :attr:`keys`: restoring the term
-        just popped from the end gives back a bit-identical penalty; one popped from the middle
-        comes back last, which changes the merged quadratic only by float64 summation order.
+        back as the newest one, under ``key`` (required; ``separate`` mode; a key in use is an
+        error). The tensors are checked and copied into the storage. Restoring the term just
+        popped from the end gives back a bit-identical penalty; one popped from the middle comes
+        back last, which changes the merged quadratic only by float64 summation order.
         """
+        if key is None:
+            raise ValueError("restore needs the term's key (an int or a str), got None")
         if self._mode != "separate":
             self._index(key, "restore")
         key = self._new_key(key)
