@@ -122,7 +122,7 @@ def agent_steps(game: str, steps: int, warmup: int, conv: int, hidden: int, ewc:
     for _ in range(steps):
         agent.step()
     rate = steps / (time.perf_counter() - tic)
-    return rate, agent.ewc.num_tasks
+    return rate, agent.method.reg.num_tasks
 
 
 def main(argv: list[str] | None = None) -> int:

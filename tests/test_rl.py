@@ -279,31 +279,42 @@ def test_returning_task_term_is_dropped_then_readded() -> None:
             agent.step()
         assert agent.end_visit()["consolidated"] == [GAMES.index(game)]
     b, a = GAMES.index("breakout"), GAMES.index("asterix")
-    assert agent.owners == [b, a] and agent.ewc.num_tasks == 2
-    old_anchor = agent.ewc.state_dict()["tasks"][0]["anchor"]["fc.weight"].clone()
+    ewc = agent.method.reg
+    assert agent.method.owners == [b, a] and ewc.num_tasks == 2
+    old_anchor = ewc.state_dict()["tasks"][0]["anchor"]["fc.weight"].clone()
 
     # a short return (< ewc_min_steps): the term is set aside while active, then put back unchanged
     agent.begin_visit("breakout")
-    assert agent.owners == [a] and agent.ewc.num_tasks == 1 and b in agent.set_aside
+    assert agent.method.owners == [a] and ewc.num_tasks == 1 and b in agent.method.set_aside
     for _ in range(50):
         agent.step()
     summary = agent.end_visit()
     assert summary["restored"] == [b] and summary["consolidated"] == []
-    assert agent.owners == [a, b]
-    torch.testing.assert_close(agent.ewc.state_dict()["tasks"][1]["anchor"]["fc.weight"], old_anchor)
+    assert agent.method.owners == [a, b]
+    torch.testing.assert_close(ewc.state_dict()["tasks"][1]["anchor"]["fc.weight"], old_anchor)
 
     # a long return: re-consolidated at the new parameters, still one term per task
     agent.begin_visit("breakout")
     for _ in range(120):
         agent.step()
     assert agent.end_visit()["consolidated"] == [b]
-    assert agent.owners == [a, b] and agent.ewc.num_tasks == 2
-    new_anchor = agent.ewc.state_dict()["tasks"][1]["anchor"]["fc.weight"]
+    assert agent.method.owners == [a, b] and ewc.num_tasks == 2
+    new_anchor = ewc.state_dict()["tasks"][1]["anchor"]["fc.weight"]
     torch.testing.assert_close(new_anchor, agent.qnet.fc.weight.detach())
     assert not torch.allclose(new_anchor, old_anchor)
 
 
 # -------------------------------------------------------------------------------- save / load
+
+
+def _legacy_state(state: dict) -> dict:
+    """An agent state as the code before methods wrote it (format 1: the EWC penalty's state and
+    the set-aside terms at the top level; a config without the method fields)."""
+    old = {k: v for k, v in state.items() if k != "method"}
+    old["format"] = "ewc.rl.agent/1"
+    old["config"] = {k: v for k, v in state["config"].items() if k not in ("method", "method_params")}
+    old["ewc"], old["set_aside"] = state["method"]["penalty"], state["method"]["set_aside"]
+    return old
 
 
 def test_checkpoint_saved_before_term_keys_is_keyed_by_its_owners(tmp_path) -> None:  # noqa: ANN001
@@ -315,18 +326,21 @@ def test_checkpoint_saved_before_term_keys_is_keyed_by_its_owners(tmp_path) -> N
             agent.step()
         agent.end_visit()
     a, b = GAMES.index("asterix"), GAMES.index("breakout")
-    assert agent.owners == [a, b] == list(agent.ewc.keys)
-    state = agent.state_dict()
+    assert agent.method.owners == [a, b] == list(agent.method.reg.keys)
+    state = _legacy_state(agent.state_dict())
     assert "owners" not in state
+    keyed = tmp_path / "keyed.pt"  # format 1 with term keys (what the code before methods wrote)
+    torch.save(state, keyed)
+    assert Agent.load(keyed).method.owners == [a, b]
     state["ewc"] = {k: v for k, v in state["ewc"].items() if k != "keys"}
     state["owners"] = [a, b]
     path = tmp_path / "old.pt"
     torch.save(state, path)
     old = Agent.load(path)
-    assert old.owners == [a, b]
-    assert torch.equal(old.ewc.penalty().detach(), agent.ewc.penalty().detach())
+    assert old.method.owners == [a, b]
+    assert torch.equal(old.method.reg.penalty().detach(), agent.method.reg.penalty().detach())
     old.begin_visit("asterix")  # its own term is set aside, the other stays
-    assert old.owners == [b] and a in old.set_aside
+    assert old.method.owners == [b] and a in old.method.set_aside
     with pytest.raises(ValueError, match="owners"):
         Agent(TINY).load_state_dict({**state, "owners": [a]})
 
@@ -364,7 +378,7 @@ def test_save_load_continue_matches_uninterrupted(tmp_path, labels: bool) -> Non
     pa, pb = _params(a), _params(b)
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
     assert a.env_steps == b.env_steps and a.updates == b.updates and a.updates > 0
-    sa, sb = a.ewc.state_dict(), b.ewc.state_dict()
+    sa, sb = a.method.reg.state_dict(), b.method.reg.state_dict()
     assert sa["num_tasks"] == sb["num_tasks"] >= 1
     for ta, tb in zip(sa["tasks"], sb["tasks"], strict=True):
         assert all(torch.equal(ta["fisher"][n], tb["fisher"][n]) for n in ta["fisher"])

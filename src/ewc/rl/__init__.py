@@ -2,7 +2,8 @@
 
 ``env`` (padded MinAtar games, full action set), ``qnet`` (Q-network with per-task gains and
 biases), ``replay`` (per-task circular buffers), ``config`` (``DQNConfig``), ``consolidation``
-(the policy Fisher EWC anchors with), ``dqn`` (``Agent``), ``agent`` (every public name above,
+(the policy Fisher EWC anchors with, ``PolicyEWC``), ``method`` (the ``Method`` an agent runs:
+policy EWC, l2, si, mas or sgd), ``dqn`` (``Agent``), ``agent`` (every public name above,
 and ``train_sequence``), ``protocol`` (schedule, normalised scores, forgetting, reference cache of
 ``ewc rl``) and ``perturb`` (the Fisher perturbation test). Needs the optional ``minatar`` package
 (``pip install 'ewc[rl]'``, or ``pip install --no-deps minatar`` without its GUI dependencies).

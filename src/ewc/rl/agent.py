@@ -1,8 +1,9 @@
 """The continual DQN agent's public names, and :func:`train_sequence`, its main loop.
 
 The agent itself (:class:`Agent`, see :mod:`ewc.rl.dqn` for how it learns, consolidates and
-resumes) is built from :mod:`ewc.rl.config` (:class:`DQNConfig`) and :mod:`ewc.rl.consolidation`
-(the normalised policy Fisher); this module runs one agent over a schedule of games, with
+resumes) is built from :mod:`ewc.rl.config` (:class:`DQNConfig`), :mod:`ewc.rl.method` (the
+method it runs) and :mod:`ewc.rl.consolidation` (the default one, :class:`PolicyEWC`, and the
+normalised policy Fisher); this module runs one agent over a schedule of games, with
 evaluations and checkpoints.
 """
 
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 
 from ewc.checks import check_count
-from ewc.rl.config import DQNConfig, derive_seed
-from ewc.rl.consolidation import normalise_fisher, policy_fisher
+from ewc.rl.config import DQNConfig, derive_seed, saved_config
+from ewc.rl.consolidation import PolicyEWC, normalise_fisher, policy_fisher
 from ewc.rl.dqn import FORMAT, Agent, td_targets
 from ewc.rl.env import block_features, check_game
 from ewc.state import PathLike, atomic_save, safe_load
@@ -28,6 +29,7 @@ __all__ = [
     "FORMAT",
     "Agent",
     "DQNConfig",
+    "PolicyEWC",
     "block_features",
     "normalise_fisher",
     "policy_fisher",
@@ -86,7 +88,8 @@ def train_sequence(
         }
         if checkpoint is not None and os.path.exists(checkpoint):
             saved = safe_load(checkpoint)
-            if saved["record"]["schedule"] != list(schedule) or saved["record"]["config"] != asdict(config):
+            same = saved_config(saved["record"]["config"]) == asdict(config)
+            if saved["record"]["schedule"] != list(schedule) or not same:
                 raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} is for another config or schedule")
             agent.load_state_dict(saved["agent"])
             record = saved["record"]

@@ -1,8 +1,10 @@
-"""The agent's hyper-parameters (:class:`DQNConfig`) and the seeds derived from them."""
+"""The agent's hyper-parameters (:class:`DQNConfig`), the methods it can run, and derived seeds."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,13 +17,42 @@ from ewc.checks import (
     Boolean,
     Interval,
 )
-from ewc.config import param, validate
+from ewc.config import default_of, param, validate
+from ewc.methods import METHOD_SPECS, make_method
 from ewc.rl.env import GAMES
 
-__all__ = ["DQNConfig", "derive_seed"]
+__all__ = [
+    "AGENT_METHODS",
+    "LATER_FIELDS",
+    "REFUSED",
+    "DQNConfig",
+    "config_key",
+    "derive_seed",
+    "saved_config",
+]
 
 UNIT = Interval(float, 0, 1)  # a discount or a probability
 EWC_MODES = ("separate", "online")
+
+#: the methods the agent runs: ``ewc`` is the paper's policy EWC (:class:`ewc.rl.consolidation.PolicyEWC`,
+#: set by the ``ewc_*`` / ``fisher_*`` fields); the others are the registered methods of that name
+AGENT_METHODS = ("ewc", "sgd", "l2", "si", "mas")
+#: why a registered method cannot run in the agent (any other one not in AGENT_METHODS: ``_OTHER``)
+REFUSED = {
+    "online-ewc": "the agent's EWC is method='ewc' (policy Fisher on replay states); set ewc_mode='online'",
+    "dropout": "it sets the model's dropout rate and the Q-network has no dropout",
+    "lwf": "it distils earlier tasks' output heads on labelled batches; the agent has one Q head, no labels",
+    "replay": "it replays labelled samples through a classification loss",
+    "ewc+replay": "it replays labelled samples through a classification loss",
+    "gem": "it constrains gradients with labelled samples of earlier tasks",
+    "agem": "it constrains gradients with labelled samples of earlier tasks",
+    "joint": "it trains on the labelled data of every task so far",
+    "joint-cumulative": "it trains on the labelled data of every task so far",
+}
+_OTHER = "it needs labelled data or output heads, which the DQN agent does not have"
+#: fields added after agent checkpoints and reference caches were first written, at the value that
+#: gives the earlier code's behaviour (a saved config without them reads as these)
+LATER_FIELDS = ("method", "method_params")
 
 
 @dataclass
@@ -89,6 +120,12 @@ class DQNConfig:
     device: str = param(
         "cpu", "where the networks and updates run ('cuda': a GPU; replay stays in CPU memory)"
     )
+    method: str = param(
+        "ewc", f"continual-learning method: {', '.join(AGENT_METHODS)} ('ewc': the policy EWC above)"
+    )
+    method_params: dict[str, Any] = param(
+        help="parameters of a registered method (make_method); empty for 'ewc'", default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -108,6 +145,39 @@ class DQNConfig:
             raise ValueError(
                 f"replay_capacity ({self.replay_capacity}) must be >= batch_size ({self.batch_size})"
             )
+        self._check_method()
+
+    def _check_method(self) -> None:
+        """The method runs in the agent and its parameters build it (a one-line ValueError if not)."""
+        name, params = self.method, self.method_params
+        if name in REFUSED or (name in METHOD_SPECS and name not in AGENT_METHODS):
+            raise ValueError(f"method {name!r} cannot run in the DQN agent: {REFUSED.get(name, _OTHER)}")
+        if name not in AGENT_METHODS:
+            raise ValueError(f"unknown method {name!r}; the DQN agent runs {', '.join(AGENT_METHODS)}")
+        if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+            raise ValueError(f"method_params must be a dict of parameter names, got {params!r}")
+        if name == "ewc":
+            if params:
+                raise ValueError(
+                    "method 'ewc' takes its settings from the ewc_*/fisher_* fields, not method_params"
+                )
+        else:
+            make_method(name, **params)  # unknown parameters or bad values fail here
+
+
+def saved_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict saved by any version (a checkpoint's, a record's) as ``asdict`` of today's
+    :class:`DQNConfig` gives it: the :data:`LATER_FIELDS` it lacks take their defaults."""
+    later = {f.name: default_of(f) for f in fields(DQNConfig) if f.name in LATER_FIELDS}
+    return {**later, **saved}
+
+
+def config_key(config: DQNConfig) -> dict[str, Any]:
+    """``asdict(config)`` without the :data:`LATER_FIELDS` that are at their defaults, so that keys
+    hashed from it (the reference cache) stay those of the earlier code for the same settings."""
+    d = asdict(config)
+    later = {f.name: default_of(f) for f in fields(DQNConfig) if f.name in LATER_FIELDS}
+    return {k: v for k, v in d.items() if not (k in later and v == later[k])}
 
 
 def derive_seed(*parts: int) -> int:

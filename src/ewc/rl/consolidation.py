@@ -1,20 +1,31 @@
-"""What the agent consolidates: the diagonal Fisher of its Boltzmann policy on the shared parameters.
+"""What the agent consolidates: the paper's policy EWC (:class:`PolicyEWC`) and its Fisher.
 
-One context's precision is the Fisher of π(a|s) = softmax(Q(s; t)/τ) with context ``t``'s gains
-and biases active, divided by its mean over the shared parameters (see docs/rl.md); the agent
-hands it to :meth:`ewc.penalty.EWC.consolidate` as ``fisher_diag``, keyed by the context.
+One context's precision is the diagonal Fisher of π(a|s) = softmax(Q(s; t)/τ) with context ``t``'s
+gains and biases active, on the shared parameters, divided by its mean over them (see docs/rl.md).
+:class:`PolicyEWC` is the :class:`ewc.methods.Method` the agent runs by default: an
+:class:`ewc.penalty.EWC` on the shared parameters whose terms are keyed by context and which a
+context's visit (:class:`ContextVisit`) consolidates, sets aside or puts back.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 from torch import Tensor, nn
 
 from ewc.fisher import diagonal_fisher
-from ewc.rl.qnet import TASK_PREFIX, QNetwork
+from ewc.methods import Batch, Method
+from ewc.methods.base import check_state_keys
+from ewc.penalty import EWC, Term
+from ewc.rl.qnet import TASK_PREFIX, QNetwork, SharedView
+from ewc.scenario import Scenario
 
-__all__ = ["normalise_fisher", "policy_fisher"]
+__all__ = ["ContextVisit", "PolicyEWC", "normalise_fisher", "policy_fisher"]
 
 
 class _Boltzmann(nn.Module):
@@ -60,3 +71,127 @@ def policy_fisher(
             p.requires_grad_(f)
     fisher = {n: raw[f"net.{n}"] for n in net.shared_parameter_names()}
     return normalise_fisher(fisher) if normalise else fisher
+
+
+@dataclass
+class ContextVisit:
+    """What the agent hands a method for one context of a visit (``before_task`` / ``after_task``).
+
+    ``index``: the context; ``steps``: transitions it received in this visit; ``size``: transitions
+    in its replay buffer; ``x_train``: ``fisher_samples`` states of that buffer, drawn on first use
+    (a method that does not look at them costs no draw from the agent's RNG). ``outcome``: what the
+    method did at ``after_task`` if it says so (a list of ``consolidated`` / ``skipped`` /
+    ``restored``, possibly empty); None (a method that does not say): consolidated.
+    """
+
+    index: int
+    steps: int
+    size: int
+    draw: Callable[[], Tensor] = field(repr=False)
+    outcome: list[str] | None = None
+
+    @cached_property
+    def x_train(self) -> Tensor:
+        return self.draw()
+
+
+class PolicyEWC(Method):
+    """The EWC paper's RL consolidation: EWC on the shared parameters with the normalised policy Fisher.
+
+    ``after_task(ctx, visit)``: if the context received at least ``min_steps`` transitions in the
+    visit, anchor the shared parameters with :func:`policy_fisher` on ``visit.x_train`` (its
+    replay states), term keyed ``ctx`` (``online``: merged). ``forget_task(ctx)`` (a returning
+    context becomes active, ``separate`` mode): its own term leaves the penalty and is kept aside
+    until its ``after_task``, which replaces it by the fresh consolidation or, after a visit too
+    short for one, puts it back unchanged. A second ``forget_task(ctx)`` before that (the detector
+    retracted the context) discards the kept term. ``online``: a returning context stays merged.
+    Gains and biases are never anchored: the Fisher names only the shared parameters.
+    """
+
+    name = "ewc"
+
+    def __init__(
+        self,
+        lam: float,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        min_steps: int = 0,
+        temperature: float = 1.0,
+    ) -> None:
+        self.lam, self.mode, self.gamma = lam, mode, gamma
+        self.min_steps, self.temperature = min_steps, temperature
+        self.set_aside: dict[int, Term] = {}  # separate: terms of returning contexts, until after_task
+
+    def setup(self, model: nn.Module, scenario: Scenario | None = None) -> None:
+        """Bind to a :class:`QNetwork` (or its :class:`SharedView`)."""
+        super().setup(model, scenario)
+        net = model.net if isinstance(model, SharedView) else model
+        if not isinstance(net, QNetwork):
+            raise ValueError(f"PolicyEWC needs a QNetwork or its SharedView, got {type(model).__name__}")
+        self.net = net
+        self.reg = EWC(net, lam=self.lam, mode=self.mode, gamma=self.gamma)
+
+    @property
+    def owners(self) -> list[int]:
+        """``separate`` mode: the context owning each term in the penalty (its key), oldest first; else []."""
+        return [int(k) for k in self.reg.keys] if self.mode == "separate" else []
+
+    def loss(self, task_loss: Tensor, batch: Batch | None = None) -> Tensor:
+        return task_loss + self.reg.penalty()
+
+    def forget_task(self, index: int) -> None:
+        if self.mode != "separate":
+            return
+        if self.set_aside.pop(index, None) is None and index in self.reg.keys:
+            self.set_aside[index] = self.reg.pop(index)
+
+    def after_task(self, index: int, task: Any) -> None:
+        """Consolidate ``index`` after a long enough visit (``task``: a :class:`ContextVisit`),
+        else put its set-aside term back; ``task.outcome`` says which."""
+        task.outcome = outcome = []
+        if task.steps >= self.min_steps and task.size > 0:
+            try:
+                fisher = policy_fisher(self.net, task.x_train, index, self.temperature)
+            except ValueError as exc:
+                warnings.warn(f"context {index} not consolidated: {exc}", RuntimeWarning, stacklevel=2)
+                outcome.append("skipped")
+            else:
+                self.reg.consolidate(fisher_diag=fisher, key=index)  # online: the merged term takes the key
+                self.set_aside.pop(index, None)
+                outcome.append("consolidated")
+                return
+        if index in self.set_aside:
+            self.reg.restore(index, self.set_aside.pop(index))
+            outcome.append("restored")
+
+    def memory_bytes(self) -> int:
+        """Bytes of the penalty's terms and of the set-aside ones."""
+        kept = sum(
+            t.numel() * t.element_size()
+            for term in self.set_aside.values()
+            for d in term.values()
+            for t in d.values()
+        )
+        return self.reg.memory_bytes() + kept
+
+    def state_dict(self) -> dict[str, Any]:
+        """The penalty and the set-aside terms (the tensors are the stored ones, not copies)."""
+        return {"penalty": self.reg.state_dict(), "set_aside": {str(k): v for k, v in self.set_aside.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. A state with ``owners`` (saved before penalty terms had keys:
+        terms keyed 0, 1, ... and their contexts listed beside them) has each term keyed by its
+        context (pop all, restore in order: bit-identical)."""
+        keys = {"penalty", "set_aside"} | (
+            {"owners"} if isinstance(state, Mapping) and "owners" in state else set()
+        )
+        check_state_keys(state, keys, "PolicyEWC")
+        self.reg.load_state_dict(state["penalty"])
+        if "owners" in state and self.mode == "separate":
+            owners = [int(t) for t in state["owners"]]
+            if len(owners) != len(self.reg.keys):
+                raise ValueError(f"state has {len(self.reg.keys)} EWC terms but {len(owners)} owners")
+            terms = [self.reg.pop(k) for k in self.reg.keys]
+            for ctx, term in zip(owners, terms, strict=True):
+                self.reg.restore(ctx, term)
+        self.set_aside = {int(k): v for k, v in state["set_aside"].items()}

@@ -1,8 +1,8 @@
 """The continual DQN agent for a sequence of MinAtar games in one network (EWC paper, RL section).
 
 One :class:`~ewc.rl.qnet.QNetwork` plays every game. Each task context ``t`` has its own gains
-and biases, its own replay buffer and (after a long enough visit) its own EWC term on the shared
-parameters. The context is the game's index in :data:`~ewc.rl.env.GAMES` with
+and biases, its own replay buffer and (with the default method, after a long enough visit) its
+own EWC term on the shared parameters. The context is the game's index in :data:`~ewc.rl.env.GAMES` with
 ``true_task_labels``, otherwise the id a :class:`~ewc.taskid.TaskDetector` gives each block of
 ``detect_every`` consecutive observations (the paper inferred it with a Forget-Me-Not process).
 
@@ -11,21 +11,23 @@ linearly from ``eps_start`` to ``eps_end`` over ``eps_decay_steps`` steps, resta
 visit of a game) -> transition stored in the context's replay -> every ``train_every`` steps, once
 the context's buffer holds ``learning_starts`` transitions, one Adam step on
 
-    Huber(Q(s, a; t) - [r + γ (1 - done) Q_target(s', argmax_a' Q(s', a'; t); t)]) + EWC penalty
+    method.loss(Huber(Q(s, a; t) - [r + γ (1 - done) Q_target(s', argmax_a' Q(s', a'; t); t)]), batch)
 
-on a batch from that buffer (Double DQN; plain max with ``double_dqn=False``), gradient norm
-clipped; the target network is copied every ``target_update`` env steps.
+on a batch from that buffer (Double DQN; plain max with ``double_dqn=False``), backward,
+``method.after_backward()``, gradient norm clipped, Adam step, ``method.after_step()``; the target
+network is copied every ``target_update`` env steps.
 
-EWC (:meth:`Agent.end_visit`): every context that received at least ``ewc_min_steps`` transitions
-during the visit is consolidated: anchor = current shared parameters, precision = the diagonal
-Fisher of the Boltzmann policy softmax(Q(s; t)/τ) on ``fisher_samples`` states of its replay
-buffer with its own gains/biases active, divided by its mean over the shared parameters (mean 1;
-see docs/rl.md). Per-task gains and biases are never anchored. In ``separate`` mode a context owns
-at most one term: when it becomes active again its term is set aside (it would pull the task back
-to its old solution while it learns more of itself); at the end of the visit it is consolidated
-afresh, or, if it got fewer than ``ewc_min_steps`` transitions, its old term is put back.
+The method (:attr:`Agent.method`, an :class:`ewc.methods.Method` built by
+:func:`ewc.rl.method.build_method`; see docs/rl.md): when a context first becomes active in a
+visit, ``forget_task(t)`` then ``before_task(t, visit)``; at :meth:`Agent.end_visit`,
+``after_task(t, visit)`` for every context of the visit (``visit``: a
+:class:`~ewc.rl.consolidation.ContextVisit` with its step count and replay states); a context
+the detector retracts gets ``forget_task(t)``. The default, :class:`~ewc.rl.consolidation.PolicyEWC`,
+consolidates a context that received at least ``ewc_min_steps`` transitions with the normalised
+Fisher of its Boltzmann policy on its replay states, on the shared parameters only, and sets a
+returning context's own term aside for the visit (put back unchanged after a short visit).
 
-Checkpoints (:meth:`Agent.save` / :meth:`Agent.load`) hold networks, optimiser, EWC terms,
+Checkpoints (:meth:`Agent.save` / :meth:`Agent.load`) hold networks, optimiser, the method's state,
 detector, replay buffers, counters and the RNG state. The game's internal state is not saved: a
 resumed run starts a fresh episode (seeded by the episode counter), so a run saved at an episode
 boundary continues exactly as it would have without the interruption.
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any
@@ -45,18 +46,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ewc.penalty import EWC, Term
-from ewc.rl.config import DQNConfig, derive_seed
-from ewc.rl.consolidation import policy_fisher
+from ewc.methods import Batch
+from ewc.rl.config import DQNConfig, derive_seed, saved_config
+from ewc.rl.consolidation import ContextVisit
 from ewc.rl.env import GAMES, NUM_ACTIONS, OBS_SIZE, Game, block_features, check_game, max_channels
-from ewc.rl.qnet import QNetwork
+from ewc.rl.method import build_method
+from ewc.rl.qnet import QNetwork, SharedView
 from ewc.rl.replay import TaskReplay
 from ewc.state import PathLike, atomic_save, safe_load
 from ewc.taskid import TaskDetector
 
 __all__ = ["FORMAT", "Agent", "td_targets"]
 
-FORMAT = "ewc.rl.agent/1"
+FORMAT = "ewc.rl.agent/2"
+LEGACY_FORMAT = "ewc.rl.agent/1"  # the EWC penalty's state and set-aside terms instead of the method's
 
 
 @torch.no_grad()
@@ -85,7 +88,7 @@ def td_targets(
 
 
 class Agent:
-    """DQN + EWC + per-task gains/biases and replay over MinAtar games (see the module doc).
+    """DQN + a continual-learning method + per-task gains/biases and replay over MinAtar games.
 
     Typical use: ``begin_visit(game)``, ``step()`` repeatedly, ``end_visit()``; ``evaluate`` at any
     time between steps (it does not touch the training RNG or the game in progress).
@@ -105,7 +108,8 @@ class Agent:
         # fused: one kernel over all tensors, ~3x faster than the default loop for this small net
         self.optimizer = torch.optim.Adam(self.qnet.parameters(), lr=c.lr, eps=c.adam_eps, fused=True)
         self._params = list(self.qnet.parameters())
-        self.ewc = EWC(self.qnet, lam=c.ewc_lam, mode=c.ewc_mode, gamma=c.ewc_gamma)
+        self.view = SharedView(self.qnet)  # what the method sees: the shared parameters
+        self.method = build_method(c, self.view)
         self.detector = (
             None
             if c.true_task_labels
@@ -120,7 +124,6 @@ class Agent:
         )
         self.replay = TaskReplay(c.replay_capacity, self.obs_shape)
         self.gen = torch.Generator().manual_seed(c.seed)
-        self.set_aside: dict[int, Term] = {}  # separate mode: terms of contexts active in this visit
         self.consolidations: list[int] = []  # contexts consolidated, in order
         self.env_steps = self.updates = self.episodes = self.visits = 0
         self.last_loss = math.nan
@@ -180,58 +183,49 @@ class Agent:
             self._activate(GAMES.index(game))
 
     def end_visit(self) -> dict[str, Any]:
-        """End the visit: label the last partial block, consolidate each context that got at least
-        ``ewc_min_steps`` transitions, put back the set-aside terms of the others."""
+        """End the visit: label the last partial block, then ``method.after_task`` for each of the
+        visit's contexts (PolicyEWC: consolidated after ``ewc_min_steps`` transitions, else its
+        set-aside term put back); the summary lists what the method did with each."""
         if self.game is None:
             raise RuntimeError("no visit in progress")
         self._flush()
-        consolidated, restored, skipped = [], [], []
-        for ctx, n in sorted(self.context_steps.items()):
-            if n >= self.config.ewc_min_steps and self.replay.size(ctx) > 0:
-                if self._consolidate(ctx):
-                    consolidated.append(ctx)
-                    self.set_aside.pop(ctx, None)
-                    continue
-                skipped.append(ctx)
-            if ctx in self.set_aside:
-                self.ewc.restore(ctx, self.set_aside.pop(ctx))
-                restored.append(ctx)
-        self.set_aside = {}
+        done: dict[str, list[int]] = {"consolidated": [], "restored": [], "skipped": []}
+        for ctx in sorted(self.context_steps):
+            visit = self._visit(ctx)
+            self.view.task = ctx
+            self.method.after_task(ctx, visit)
+            for what in ["consolidated"] if visit.outcome is None else visit.outcome:
+                done[what].append(ctx)
+        self.consolidations.extend(done["consolidated"])
         summary = {
             "game": self.game_name,
             "steps": self.visit_steps,
             "contexts": {str(k): v for k, v in sorted(self.context_steps.items())},
-            "consolidated": consolidated,
-            "restored": restored,
-            "skipped": skipped,
+            **done,
         }
         self.game = self.game_name = self.obs = None
         self.context, self.context_steps, self.visits = -1, {}, self.visits + 1
         return summary
 
     def _activate(self, ctx: int) -> None:
-        """Make ``ctx`` the current context; set its own EWC term aside for the rest of the visit."""
+        """Make ``ctx`` the current context; the first time in a visit, ``method.forget_task`` (a
+        returning context's own share leaves the penalty: PolicyEWC sets it aside) and ``before_task``."""
         self.context = ctx
-        self.context_steps.setdefault(ctx, 0)
-        if ctx in self.owners:
-            self.set_aside[ctx] = self.ewc.pop(ctx)
+        if ctx not in self.context_steps:
+            self.context_steps[ctx] = 0
+            self.view.task = ctx
+            self.method.forget_task(ctx)
+            self.method.before_task(ctx, self._visit(ctx))
 
-    @property
-    def owners(self) -> list[int]:
-        """``separate`` mode: the context owning each EWC term (its key), oldest first; else []."""
-        return [int(k) for k in self.ewc.keys] if self.config.ewc_mode == "separate" else []
-
-    def _consolidate(self, ctx: int) -> bool:
-        """Anchor the shared parameters with context ``ctx``'s normalised policy Fisher."""
-        states = self.replay.buffer(ctx).observations(self.config.fisher_samples, self.gen)
-        try:
-            fisher = policy_fisher(self.qnet, states, ctx, self.config.fisher_temperature)
-        except ValueError as exc:
-            warnings.warn(f"context {ctx} not consolidated: {exc}", RuntimeWarning, stacklevel=3)
-            return False
-        self.ewc.consolidate(fisher_diag=fisher, key=ctx)  # online: the merged term takes the key
-        self.consolidations.append(ctx)
-        return True
+    def _visit(self, ctx: int) -> ContextVisit:
+        """Context ``ctx`` in this visit, as a method sees it (states drawn only if it asks)."""
+        n = self.config.fisher_samples
+        return ContextVisit(
+            ctx,
+            self.context_steps[ctx],
+            self.replay.size(ctx),
+            lambda: self.replay.buffer(ctx).observations(n, self.gen),
+        )
 
     # -- interaction and learning -------------------------------------------------------------
 
@@ -293,9 +287,7 @@ class Agent:
             self.qnet.reset_task(gone)
             self.target.reset_task(gone)
             self.context_steps.pop(gone, None)
-            if gone in self.owners:
-                self.ewc.drop(gone)
-            self.set_aside.pop(gone, None)
+            self.method.forget_task(gone)  # PolicyEWC: its term (kept or set aside) is gone
         self._activate(ctx)
         for t in self.pending:
             self.replay.add(ctx, *t)
@@ -303,20 +295,24 @@ class Agent:
         self.pending = []
 
     def _update(self, ctx: int) -> None:
-        """One Adam step of the Double-DQN Huber loss (+ EWC penalty) on a batch of ``ctx``'s replay."""
+        """One Adam step of the method's loss on the Double-DQN Huber loss of a batch of ``ctx``'s
+        replay (the method sees ``Batch(obs, actions, Q(obs; ctx), ctx)``)."""
         c = self.config
         batch = self.replay.buffer(ctx).sample(c.batch_size, self.gen)
         obs, actions, rewards, next_obs, dones = (t.to(self.device, non_blocking=True) for t in batch)
         y = td_targets(self.qnet, self.target, next_obs, rewards, dones, ctx, c.gamma, c.double_dqn)
-        q = self.qnet(obs, ctx).gather(1, actions.unsqueeze(1)).squeeze(1)
+        out = self.qnet(obs, ctx)
+        q = out.gather(1, actions.unsqueeze(1)).squeeze(1)
         loss = F.huber_loss(q, y, delta=c.huber_delta)
-        total = loss + self.ewc.penalty()
+        total = self.method.loss(loss, Batch(obs, actions, out, ctx))
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self.method.after_backward()
         if math.isfinite(c.grad_clip):
             params = [p for p in self._params if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         self.optimizer.step()
+        self.method.after_step()
         self.updates += 1
         self.last_loss = float(loss.detach())
 
@@ -403,8 +399,7 @@ class Agent:
             "qnet": {k: v.clone() for k, v in self.qnet.state_dict().items()},
             "target": {k: v.clone() for k, v in self.target.state_dict().items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "ewc": self.ewc.state_dict(),
-            "set_aside": {str(k): v for k, v in self.set_aside.items()},
+            "method": self.method.state_dict(),
             "consolidations": list(self.consolidations),
             "detector": None if self.detector is None else self.detector.state_dict(),
             "replay": self.replay.state_dict(),
@@ -419,18 +414,22 @@ class Agent:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (same config); a visit in progress resumes with a new episode."""
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+        """Restore :meth:`state_dict` (same config); a visit in progress resumes with a new episode.
+
+        Also reads states of the earlier format (``ewc.rl.agent/1``: the EWC penalty's state and the
+        set-aside terms, and in the oldest ones the terms' ``owners``), as PolicyEWC's state."""
+        if not isinstance(state, dict) or state.get("format") not in (FORMAT, LEGACY_FORMAT):
             raise ValueError(f"not an agent state (expected format {FORMAT!r})")
-        if state["config"] != asdict(self.config):
+        if saved_config(state["config"]) != asdict(self.config):
             raise ValueError("the state was saved with another DQNConfig")
+        method_state = state.get("method")
+        if state["format"] == LEGACY_FORMAT:
+            owners = {"owners": state["owners"]} if "owners" in state else {}
+            method_state = {"penalty": state["ewc"], "set_aside": state["set_aside"], **owners}
         self.qnet.load_state_dict(state["qnet"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.ewc.load_state_dict(state["ewc"])
-        if "owners" in state and self.config.ewc_mode == "separate":
-            self._key_terms_by_owner([int(t) for t in state["owners"]])
-        self.set_aside = {int(k): v for k, v in state["set_aside"].items()}
+        self.method.load_state_dict(method_state)
         self.consolidations = [int(t) for t in state["consolidations"]]
         if self.detector is not None:
             self.detector.load_state_dict(state["detector"])
@@ -460,15 +459,6 @@ class Agent:
                     )
                     for i in range(p["obs"].shape[0])
                 ]
-
-    def _key_terms_by_owner(self, owners: list[int]) -> None:
-        """Checkpoints saved before penalty terms had keys kept the owners beside terms keyed
-        0, 1, ...: key each term by its context (pop all, restore in order: bit-identical)."""
-        if len(owners) != len(self.ewc.keys):
-            raise ValueError(f"state has {len(self.ewc.keys)} EWC terms but {len(owners)} owners")
-        terms = [self.ewc.pop(k) for k in self.ewc.keys]
-        for ctx, term in zip(owners, terms, strict=True):
-            self.ewc.restore(ctx, term)
 
     def save(self, path: PathLike) -> None:
         """:meth:`state_dict` to ``path``, atomically (a crash mid-save keeps the old file)."""

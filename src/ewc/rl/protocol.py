@@ -24,6 +24,7 @@ import numpy as np
 
 from ewc.methods import METHOD_SPECS
 from ewc.rl.agent import DQNConfig
+from ewc.rl.config import config_key
 
 __all__ = [
     "AGENTS",
@@ -136,7 +137,7 @@ def reference_key(game: str, budget: int, dqn: DQNConfig, eval_episodes: int, ev
         "format": REFERENCE_FORMAT,
         "game": game,
         "budget": budget,
-        "dqn": asdict(dqn),
+        "dqn": config_key(dqn),  # the earlier code's key for the same settings
         "eval_episodes": eval_episodes,
         "eval_epsilon": eval_epsilon,
     }

@@ -11,7 +11,8 @@ Each task's gains and biases are separate ``nn.Parameter`` objects, named
 ``task_gain.{t}.{layer}`` and ``task_bias.{t}.{layer}``: a context that is not used in a batch gets
 no gradient at all (``grad`` stays ``None``), so Adam leaves it exactly as it was rather than
 moving it with stale momentum. Every parameter whose name does not start with ``task_`` is shared
-(:meth:`QNetwork.shared_parameter_names`); EWC anchors those only.
+(:meth:`QNetwork.shared_parameter_names`); EWC anchors those only. :class:`SharedView` is the
+module a library :class:`ewc.methods.Method` is set up on, so that it too sees only those.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from ewc.checks import check_count
 
-__all__ = ["TASK_PREFIX", "QNetwork"]
+__all__ = ["TASK_PREFIX", "QNetwork", "SharedView"]
 
 TASK_PREFIX = "task_"
 
@@ -114,3 +115,24 @@ class QNetwork(nn.Module):
         h = F.relu(self.conv(x) * g0 + b0)
         h = F.relu(self.fc(h.flatten(1)) * gains[1] + biases[1])
         return self.out(h) * gains[2] + biases[2]
+
+
+class SharedView(nn.Module):
+    """The shared layers of a :class:`QNetwork` as a module of their own, for a ``Method``.
+
+    Its parameters are the net's shared ones under the same names (``conv.*``, ``fc.*``,
+    ``out.*``), the very same tensors, so a method set up on it anchors, tracks or measures those
+    only (the per-task gains and biases are not its parameters). Its ``forward(x)`` is the whole
+    net in context :attr:`task`, which the agent sets before a hook that may run the model.
+    """
+
+    net: QNetwork
+
+    def __init__(self, net: QNetwork, task: int = 0) -> None:
+        super().__init__()
+        self.conv, self.fc, self.out = net.conv, net.fc, net.out
+        object.__setattr__(self, "net", net)  # not a submodule: its task parameters stay outside
+        self.task = task
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x, self.task)
