@@ -375,11 +375,12 @@ def test_parts_sized_by_activations(mode: str, monkeypatch: pytest.MonkeyPatch) 
     per_sample = 8 * (8 + 8 + 6 + 6 + 3)  # float64 outputs of Linear, ReLU, Linear, Tanh, Linear
     monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 7 * per_sample)
     split = diagonal_fisher(model, iter(data), mode, generator=gen(3))
-    assert seen == [20, 7, 7, 6, 7, 7, 6]  # the planning forward sees batch 1 whole, then parts
+    # the planning forward sees batch 1 whole, the plan check its first 4 samples, then parts
+    assert seen == [20, 4, 7, 7, 6, 7, 7, 6]
     seen.clear()
     monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 20 * per_sample)
     whole = diagonal_fisher(model, iter(data), mode, generator=gen(3))
-    assert seen == [20, 20]  # fits in one part: the planning forward is also the capture
+    assert seen == [20, 4, 20]  # fits in one part: the planning forward is also the capture
     for k in whole:  # same labels drawn in sample mode: the parts share the batch's draws
         torch.testing.assert_close(split[k], whole[k], rtol=1e-12, atol=0)
 
@@ -405,15 +406,15 @@ def test_parts_balanced_and_not_across_coupled_inputs(monkeypatch: pytest.Monkey
     # 4 samples of 32 bytes (the Linear's and the squeezed output, 2 float64 each)
     monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", 4 * 32)
     got = diagonal_fisher(model, x, "exact", batch_size=9)
-    assert seen == [9, 3, 3, 3, 3, 3, 3]
+    assert seen == [9, 4, 3, 3, 3, 3, 3, 3]  # planning, plan check (4 samples), parts
     seen.clear()
     adj = torch.eye(9, dtype=DT)
     diagonal_fisher(model, [((x[:9], adj), None), ((x[9:], adj), None)], "exact")
-    assert seen == [9, 9]
+    assert seen == [9, 9, 9]  # the plan check runs on the whole first batch
     seen.clear()
     monkeypatch.setattr(fisher_module, "ACTIVATION_BYTES", None)
     whole = diagonal_fisher(model, x, "exact", batch_size=9)
-    assert seen == [9, 9]
+    assert seen == [9, 9, 9]
     assert_fisher_close(got, whole, model)  # (the batch-1 reference cannot run this model)
 
 

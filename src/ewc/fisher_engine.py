@@ -11,8 +11,10 @@ Per batch, or per part of a batch with large activations:
 4. reduction: per-layer rules (:mod:`ewc.fisher_rules`) add Σ_n (per-sample gradient)² (``mas``:
    Σ_n |…|) into the running sums, routed as planned once per part before the K passes.
 
-The first batch binds a rule to every called module that owns parameters, and measures the
-activations that size the parts. ``batched`` mode squares mini-batch gradients instead.
+The first batch binds a rule to every called module that owns parameters, measures the
+activations that size the parts, and checks the plan (:mod:`ewc.fisher_check`): a parameter whose
+rules miss part of its gradient goes to a general per-sample path. ``batched`` mode squares
+mini-batch gradients instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ewc.fisher_check import GeneralPath, check_batch_first, check_plan
 from ewc.fisher_data import Output, batch_len, call_model, check_finite, slice_rows, splittable, to_device
 from ewc.fisher_fallback import FuncRule
 from ewc.fisher_rule_base import Call, Rule, chunks, first_grad
@@ -105,6 +108,7 @@ class FisherEngine:
         self.part_bytes = part_bytes
         self.activation_bytes = 0  # all modules' outputs in the first batch (set by _bind_rules)
         self.part_size: int | None = None  # samples per part (None: whole batches), from batch 1
+        self.general: GeneralPath | None = None  # parameters the rules cannot cover (fisher_check)
 
     # ---- public steps
 
@@ -122,6 +126,7 @@ class FisherEngine:
         self.vectors.new_batch()
         if self.bindings is None:
             logits = self._bind_rules(x)
+            self._check_plan(x)
             self.part_size = self._part_size(n)
             parts = self._parts(x, n)
             if len(parts) == 1:
@@ -151,7 +156,9 @@ class FisherEngine:
         """One forward part: ``rows`` of a batch of ``n`` samples."""
         vectors = self.vectors(logits, y, rows, n)  # [K, part, *out]
         try:
-            _check_batch_first(self.bindings or [], self.calls, rows.stop - rows.start)
+            check_batch_first(self.bindings or [], self.calls, rows.stop - rows.start)
+            if self.general is not None:
+                self.general.add(x, logits, vectors, self.sums, absolute=self.reduction == "abs")
             self._accumulate(logits, vectors)
         finally:
             self.calls = {}
@@ -233,17 +240,34 @@ class FisherEngine:
             bindings.append(_Binding(anc, FuncRule(list(names)), names))
 
         self.bindings = bindings
-        bound = {id(b.module): b.module for b in bindings}
-        for mod in bound.values():
-            self.hooks.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-            self.hooks.append(mod.register_forward_hook(self._hook, with_kwargs=True))
+        self._hook_bound()
         outputs = {id(t): t for calls in self.calls.values() for c in calls for t in c.outputs}
         self.activation_bytes = sum(t.numel() * t.element_size() for t in outputs.values())
+        bound = {id(b.module) for b in bindings}
         self.calls = {k: v for k, v in self.calls.items() if k in bound}
         if self._modified():
             return self._capture_forward(x)
         check_finite(out, "model outputs")
         return out
+
+    def _hook_bound(self) -> None:
+        """Capture hooks on the bound modules (only)."""
+        self.close()
+        for mod in {id(b.module): b.module for b in self.bindings or []}.values():
+            self.hooks.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self.hooks.append(mod.register_forward_hook(self._hook, with_kwargs=True))
+
+    def _check_plan(self, x: Any) -> None:
+        """First batch: parameters whose rules miss part of their gradient (used outside their bound
+        calls too) leave their rules for the general per-sample path (:func:`check_plan`)."""
+        kept, capture = self.calls, lambda sub: (self._capture_forward(sub), self.calls)
+        self.bindings, self.general = check_plan(
+            self.model, self.named, self.bindings or [], capture, x, self.part_bytes is not None, self.output
+        )
+        if self.general is not None:
+            self._hook_bound()
+        bound = {id(b.module) for b in self.bindings}
+        self.calls = {k: v for k, v in kept.items() if k in bound}
 
     # ---- forward with capture
 
@@ -452,25 +476,6 @@ def _check_batchnorm(model: nn.Module, called: set[int] | None = None) -> None:
                 f"{type(m).__name__} without running statistics (track_running_stats=False) mixes "
                 "samples even in eval mode: the per-sample Fisher is undefined"
             )
-
-
-def _check_batch_first(bindings: list[_Binding], calls: dict[int, list[Call]], n: int) -> None:
-    """The built-in rules read a call's leading axis as its samples: a call whose output has another
-    leading size (an input shared by the samples, e.g. a Hugging Face model's ``position_ids``
-    [1, T], or a sequence-first [T, N, …] layout) is an error, not a wrong sum."""
-    for b in bindings:
-        if isinstance(b.rule, FuncRule):  # finds each output's batch axis itself
-            continue
-        for c in calls.get(id(b.module), []):
-            o = c.outputs[0] if c.outputs else None
-            if o is not None and (o.dim() == 0 or o.shape[0] != n):
-                name = next(iter(b.names.values())).rpartition(".")[0] or type(b.module).__name__
-                raise ValueError(
-                    f"module {name!r} ({type(b.module).__name__}) returned shape {tuple(o.shape)} in a "
-                    f"batch of {n} samples: its rule needs the samples on the leading axis. Either its "
-                    "input is shared by the samples (e.g. a Hugging Face model's position_ids [1, T]: "
-                    "give them per sample, [N, T]) or the layout is sequence-first (use batch_first)"
-                )
 
 
 def _graph_leaves(out: Tensor) -> set[int]:
