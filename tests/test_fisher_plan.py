@@ -318,3 +318,30 @@ def test_float32_and_bfloat16_ordinary_models_give_no_warning() -> None:
             diagonal_fisher(model, (x, y), "exact")
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 diagonal_fisher(model, (x, y), "empirical")
+
+
+class DictReuse(nn.Module):
+    """The issue's model behind keyword inputs and a mapping output (a Hugging Face-like model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = FunctionalReuse()
+
+    def forward(self, features: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hidden": features, "logits": self.inner(features * scale)}
+
+
+@pytest.mark.parametrize("mode", ("exact", "empirical"))
+def test_rerouting_works_with_mapping_inputs_and_outputs(mode: str) -> None:
+    torch.manual_seed(0)
+    model = DictReuse().to(DT)
+    x = torch.randn(N, 5, dtype=DT)
+    y = torch.randint(0, 3, (N,))
+    scale = torch.rand(N, 1, dtype=DT) + 0.5
+    batches = [
+        ({"features": x[i : i + BS], "scale": scale[i : i + BS]}, y[i : i + BS]) for i in range(0, N, BS)
+    ]
+    got, caught = fisher_and_warnings(model, batches, mode)
+    ref = reference_fisher(model, batches, mode, output=lambda out: out["logits"])
+    assert_fisher_close(got, ref, model)
+    assert rerouted(caught) == {"inner.a.weight"}
