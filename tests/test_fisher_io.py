@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import ewc.fisher as fisher_mod
 from ewc.fisher import FISHER_MODES, diagonal_fisher, diagonal_importance
+from ewc.fisher_check import FisherPlanWarning
 
 DT = torch.float64
 N, T, V, C = 13, 6, 20, 3
@@ -431,17 +432,25 @@ def test_huggingface_bert_sequence_classification(mode: str) -> None:
     assert set(got) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_huggingface_shared_position_embeddings_are_an_error() -> None:
+def test_huggingface_shared_position_embeddings_are_rerouted() -> None:
     """Without position_ids, BERT embeds positions [1, T] once for the batch: the samples share
-    that output, so the engine refuses rather than returning a wrong Fisher."""
+    that output, which the Embedding rule cannot split, so the plan check computes it through the
+    whole model per sample (one warning) and the Fisher is right."""
     model = _tiny_bert()
-    with pytest.raises(ValueError, match=r"position_embeddings.*\(1, 7, 32\).*position_ids \[1, T\]"):
-        diagonal_fisher(model, _bert_batches(position_ids=False), "empirical")
+    batches = _bert_batches(position_ids=False)
+    with pytest.warns(FisherPlanWarning, match="position_embeddings"):
+        got = diagonal_fisher(model, batches, "empirical")
+    ref = reference_fisher(model, _as_reference(batches), "empirical", output=lambda o: o.logits)
+    zero = {k for k in ref if "attention.self.key.bias" in k}  # exactly 0 (see above)
+    assert_fisher_close(
+        {k: v for k, v in got.items() if k not in zero}, {k: ref[k] for k in ref if k not in zero}
+    )
 
 
 @pytest.mark.parametrize("mode", ["exact", "empirical"])
-def test_sequence_first_layer_is_an_error(mode: str) -> None:
-    """A Linear on [T, N, d] (sequence-first) would read T as the samples: an error, not a wrong sum."""
+def test_sequence_first_layer_is_rerouted(mode: str) -> None:
+    """A Linear on [T, N, d] (sequence-first) would read T as the samples: the plan check routes it
+    through the general per-sample path instead of returning a wrong sum."""
 
     class SeqFirst(nn.Module):
         def __init__(self) -> None:
@@ -451,8 +460,8 @@ def test_sequence_first_layer_is_an_error(mode: str) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(torch.tanh(self.lin(x.transpose(0, 1))).mean(0))
 
-    x = torch.randn(6, 5, 4, dtype=DT)
-    with pytest.raises(
-        ValueError, match=r"module 'lin' \(Linear\) returned shape \(5, 6, 4\).*sequence-first"
-    ):
-        diagonal_fisher(_seeded(SeqFirst), (x, torch.randint(0, C, (6,))), mode)
+    model = _seeded(SeqFirst)
+    x, y = torch.randn(6, 5, 4, dtype=DT), torch.randint(0, C, (6,))
+    with pytest.warns(FisherPlanWarning, match="lin.weight, lin.bias"):
+        got = diagonal_fisher(model, (x, y), mode)
+    assert_fisher_close(got, reference_fisher(model, [(x, y)], mode))

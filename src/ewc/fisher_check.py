@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ewc.fisher_data import Output, select_output, slice_rows, splittable
+from ewc.fisher_data import Output, batch_len, select_output, slice_rows, splittable
 from ewc.fisher_fallback import FuncRule
 from ewc.fisher_rule_base import Call, chunks
 
@@ -59,13 +59,22 @@ def check_plan(
     runs on the first :data:`CHECK_SAMPLES` rows of ``x`` when the samples are ``independent`` and
     ``x`` can be sliced, else on all of it.
     """
-    n = _rows(x)
-    if independent and n is not None and splittable(x, n) and n > CHECK_SAMPLES:
+    n = batch_len(x)
+    if independent and splittable(x, n) and n > CHECK_SAMPLES:
         x = slice_rows(x, 0, CHECK_SAMPLES)
     out, calls = capture(x)
     if not out.requires_grad:
         return bindings, None
     pairs = [(b, c) for b in bindings for c in calls.get(id(b.module), [])]
+    # a call whose output does not have the samples first (an input shared by the samples, such as
+    # a Hugging Face model's position_ids [1, T], or a sequence-first layout) is not the rules' case
+    shared = {
+        g
+        for b, c in pairs
+        if not isinstance(b.rule, FuncRule) and not _batch_first(c, out)
+        for g in b.names.values()
+    }
+    pairs = [(b, c) for b, c in pairs if not shared & set(b.names.values())]
     v = _probe(out)
     outputs = [(c, i, t) for _, c in pairs for i, t in enumerate(c.outputs) if t.requires_grad]
     params = [p for _, p in named]
@@ -80,7 +89,7 @@ def check_plan(
     with torch.no_grad():
         ruled = _rule_view(pairs, dict(named))
     tol = tolerance([out, *params, *(t for _, _, t in outputs)])
-    missed = _differing(true, ruled, tol)
+    missed = [name for name, _ in named if name in shared or name in _differing(true, ruled, tol)]
     for c, _, _ in outputs:
         c.cache.clear()
     if not missed:
@@ -89,7 +98,8 @@ def check_plan(
     general.choose(x, out, v, {name: true[name] for name in missed}, tol, independent)
     warnings.warn(
         f"Fisher: {', '.join(missed)} {'is' if len(missed) == 1 else 'are'} also used outside the module "
-        "calls whose per-layer rules cover it (e.g. a module's weight used functionally too), so the rules "
+        "calls whose per-layer rules cover it (e.g. a module's weight used functionally too) or used on "
+        "inputs shared by the samples (e.g. position ids [1, T]) or sequence-first, so the rules "
         f"would miss part of its gradient; computed instead from per-sample gradients through the whole "
         f"model ({GeneralPath.WAYS[general.how]}: correct, slower)",
         FisherPlanWarning,
@@ -212,6 +222,12 @@ class GeneralPath:
                 for (name, p), g in zip(self.params.items(), grads, strict=True):
                     rows[name].append(torch.zeros_like(p) if g is None else _dense(g, p))
         return {name: torch.stack(r).unflatten(0, (v.shape[0], v.shape[1])) for name, r in rows.items()}
+
+
+def _batch_first(c: Call, out: Tensor) -> bool:
+    """True if the call's first output has the samples on its leading axis, as the model output."""
+    o = c.outputs[0] if c.outputs else None
+    return o is None or (o.dim() > 0 and o.shape[0] == out.shape[0])
 
 
 def _rule_view(pairs: list[tuple[Any, Call]], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
