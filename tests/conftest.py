@@ -156,6 +156,80 @@ def reference_fisher(
     return {n: a / n_total for n, a in zip(names, acc, strict=True)}
 
 
+def reference_sequence_fisher(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    mode: str,
+    *,
+    tokens: bool = False,
+    shift: bool = False,
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+    output: Callable | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of per-token logits [N, T, C] with labels [N, T], one sample at a time.
+
+    A sequence's log-likelihood is Σ_t log p(y_t | x) over its targets: positions whose label is
+    not ``ignore_index`` (``shift``: logits[:, :-1] against labels[:, 1:]; without labels every
+    position, the last one excepted when shifted). ``tokens``: every target is its own sample.
+    The mean counts sequences with at least one target (``tokens``: targets). ``exact`` enumerates
+    the classes at each target position: the label sequence's cross terms have mean zero.
+    ``sample`` draws one uniform per position, [B, T, 1] per batch, labels as in ``reference_fisher``.
+    """
+    params = _trainable(model)
+    names, plist = list(params), list(params.values())
+    acc = [torch.zeros_like(p) for p in plist]
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    count = 0
+    try:
+        for x, y in batches:
+            bsz = _len(x)
+            with torch.no_grad():
+                full = _forward(model, x, output)
+            n_t = full.shape[1]
+            if y is None:
+                target = torch.zeros(bsz, n_t, dtype=torch.long)
+                mask = torch.ones(bsz, n_t, dtype=torch.bool)
+            else:
+                target, mask = y.long().clone(), y != ignore_index
+            if shift:  # logits at t predict the label at t + 1; the last logits have no target
+                target = torch.cat([target[:, 1:], torch.zeros_like(target[:, :1])], 1)
+                mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
+            if mode == "sample":
+                probs = torch.softmax(full, -1)
+                u = torch.rand(bsz, n_t, 1, generator=generator, dtype=probs.dtype)
+                cdf = probs.cumsum(-1)
+                target = (cdf[..., :-1] <= u * cdf[..., -1:]).sum(-1)
+            if mode == "batched":
+                logp = F.log_softmax(_forward(model, x, output), -1)
+                ll = (logp.gather(2, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask).sum()
+                b = int(mask.sum()) if tokens else int(mask.any(1).sum())
+                for a, g in zip(acc, _grads(ll / b, plist), strict=True):
+                    a += b * g**2
+                count += b
+                continue
+            for i in range(bsz):
+                logp = F.log_softmax(_forward(model, _rows(x, i, i + 1), output), -1)[0]  # [T, C]
+                ts = [t for t in range(n_t) if mask[i, t]]
+                count += len(ts) if tokens else int(bool(ts))
+                if mode == "exact":
+                    for t in ts:
+                        for c in range(logp.shape[1]):
+                            for a, g in zip(acc, _grads(logp[t, c], plist), strict=True):
+                                a += logp[t, c].detach().exp() * g**2
+                    continue
+                terms = [logp[t, target[i, t]] for t in ts]
+                for ll in terms if tokens else [sum(terms)] if terms else []:
+                    for a, g in zip(acc, _grads(ll, plist), strict=True):
+                        a += g**2
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    assert count > 0
+    return {n: a / count for n, a in zip(names, acc, strict=True)}
+
+
 def split_batches(x: torch.Tensor, y: torch.Tensor | None, bs: int) -> list[Batch]:
     return [(x[i : i + bs], None if y is None else y[i : i + bs]) for i in range(0, x.shape[0], bs)]
 

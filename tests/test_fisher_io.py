@@ -327,12 +327,18 @@ def test_error_output_without_logits() -> None:
 
 @pytest.mark.parametrize("mode", ["exact", "sample", "empirical", "batched"])
 def test_error_sequence_logits(mode: str) -> None:
-    """Per-token logits [N, T, C] are not a sequence likelihood yet: a clear error, not a sum."""
+    """Per-token logits [N, T, C] with one label per sequence, or logits [N, T, S, C]: clear errors
+    (sequence likelihoods are tested in tests/test_fisher_sequence.py)."""
     model = _seeded(KeywordModel)
     model.forward = lambda input_ids, attention_mask: {  # type: ignore[method-assign]
         "logits": model.head(model.emb(input_ids))
     }
-    with pytest.raises(ValueError, match=r"logits of shape \[N, C\], got \(5, 6, 3\)"):
+    with pytest.raises(ValueError, match=r"need labels \[N, T\] = \[5, 6\], got \(5,\)"):
+        diagonal_fisher(model, _dict_batches(_tokens()), mode, generator=gen())
+    model.forward = lambda input_ids, attention_mask: {  # type: ignore[method-assign]
+        "logits": model.head(model.emb(input_ids)).unsqueeze(2)
+    }
+    with pytest.raises(ValueError, match=r"logits of shape \[N, C\].*got \(5, 6, 1, 3\)"):
         diagonal_fisher(model, _dict_batches(_tokens()), mode, generator=gen())
 
 

@@ -9,6 +9,11 @@ mean over samples of the squared per-sample gradient of the log-likelihood:
 * ``batched``:   F = 1/N Σ_b B_b (∇ 1/B_b Σ_{n∈b} log p(y_n|x_n))²  (squared mini-batch gradients, what
   many libraries compute; biased towards zero by roughly the batch size, kept for comparison only)
 
+Per-token logits ``[N, T, C]`` with labels ``[N, T]`` (masked where ``ignore_index``) are a sequence
+likelihood (:mod:`ewc.fisher_sequence`): a sequence's log-likelihood is Σ_t log p(y_t | x) over its
+unmasked tokens (``sequence="sum"``), or every unmasked token is a sample (``sequence="tokens"``);
+``shift_labels`` pairs logits[:, t] with labels[:, t + 1], as Hugging Face causal LMs do.
+
 How: one forward pass records what each layer saw (module hooks); one backward pass per
 backpropagated vector computes gradients with respect to the layer *outputs* only (autograd then
 skips the weight gradients), and per-layer rules (:mod:`ewc.fisher_rules`) turn inputs and output
@@ -38,6 +43,7 @@ from torch import Tensor, nn
 from ewc.checks import check_count
 from ewc.fisher_data import Output, batches, eval_mode
 from ewc.fisher_engine import FisherEngine
+from ewc.fisher_sequence import IGNORE_INDEX, SEQUENCE_MODES, SequenceLikelihood, causal_lm
 from ewc.fisher_vectors import sample_categorical, softmax_hessian_factor
 
 __all__ = [
@@ -45,6 +51,7 @@ __all__ = [
     "FISHER_MODES",
     "IMPORTANCE_KINDS",
     "LIKELIHOODS",
+    "SEQUENCE_MODES",
     "diagonal_fisher",
     "diagonal_importance",
     "sample_categorical",
@@ -71,6 +78,9 @@ def diagonal_fisher(
     generator: torch.Generator | None = None,
     distributed: bool | None = None,
     output: Output = None,
+    sequence: str = "sum",
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels: bool | None = None,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher of ``model`` on ``data`` (mean over samples), one tensor per parameter.
 
@@ -96,6 +106,15 @@ def diagonal_fisher(
             first item of a tuple, ``["logits"]`` of a mapping or ``.logits`` (a Hugging Face
             ``ModelOutput``); a string: that key or attribute; a callable: ``output(returned)``,
             which must give a tensor.
+        sequence: for per-token logits ``[N, T, C]`` (labels ``[N, T]``): ``"sum"``, a sequence is a
+            sample with log-likelihood Σ_t log p(y_t | x) over its unmasked tokens (the mean counts
+            sequences with an unmasked token), or ``"tokens"``, every unmasked token is a sample
+            (the mean counts tokens). ``exact`` is refused above
+            ``ewc.fisher_sequence.EXACT_MAX_CLASSES`` classes (use ``sample``).
+        ignore_index: per-token labels equal to it are masked (PyTorch's and Hugging Face's -100).
+        shift_labels: per-token logits[:, t] predict labels[:, t + 1] (the last position has no
+            target), as a Hugging Face causal LM computes its loss; None: True exactly for a Hugging
+            Face decoder-only generative model (``can_generate()``, not encoder-decoder).
 
     Returns:
         ``{name: F}`` with the names and shapes of ``model.named_parameters()`` that require grad.
@@ -109,10 +128,25 @@ def diagonal_fisher(
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
     check_count(batch_size, "batch_size")
     _check_output(output)
+    if sequence not in SEQUENCE_MODES:
+        raise ValueError(f"unknown sequence likelihood {sequence!r}; expected one of {SEQUENCE_MODES}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+    if shift_labels is not None and not isinstance(shift_labels, bool):
+        raise ValueError(f"shift_labels must be True, False or None (auto), got {shift_labels!r}")
 
     model, prefix, named = _unwrap(model)
+    shift = causal_lm(model) if shift_labels is None else shift_labels
     engine = FisherEngine(
-        model, named, mode, likelihood, float(sigma), generator, output=output, part_bytes=ACTIVATION_BYTES
+        model,
+        named,
+        mode,
+        likelihood,
+        float(sigma),
+        generator,
+        output=output,
+        part_bytes=ACTIVATION_BYTES,
+        sequence=SequenceLikelihood(sequence, ignore_index, shift),
     )
     needs_labels = mode in ("empirical", "batched")
     return _mean_over_samples(engine, data, batch_size, max_samples, needs_labels, distributed, prefix)

@@ -90,11 +90,12 @@ class FisherEngine:
         output: Output = None,
         output_fn: Callable[[Tensor], Tensor] | None = None,
         part_bytes: int | None = None,
+        sequence: Any = None,
     ):
         self.model, self.mode = model, mode
         self.output = output  # picks the tensor of outputs from what the model returns
         self.reduction = "abs" if mode == "mas" else "sq"  # per-sample gradients: squared or |.|
-        self.vectors = BackpropVectors(mode, likelihood, sigma, generator, output_fn)
+        self.vectors = BackpropVectors(mode, likelihood, sigma, generator, output_fn, sequence)
         self.named = named
         self.global_name = {id(p): n for n, p in named}
         self.sums = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in named}
@@ -121,9 +122,8 @@ class FisherEngine:
         n = batch_len(x)
         if self.mode == "batched":
             self._add_batched(x, y, n)
-            self.count += n
             return
-        self.vectors.new_batch()
+        self.vectors.new_batch(y)
         if self.bindings is None:
             logits = self._bind_rules(x)
             self._check_plan(x)
@@ -157,12 +157,13 @@ class FisherEngine:
         vectors = self.vectors(logits, y, rows, n)  # [K, part, *out]
         try:
             check_batch_first(self.bindings or [], self.calls, rows.stop - rows.start)
-            if self.general is not None:
-                self.general.add(x, logits, vectors, self.sums, absolute=self.reduction == "abs")
+            if self.general is not None:  # per-token logits: the lazy vectors in blocks
+                for block in vectors.blocks() if hasattr(vectors, "blocks") else [vectors]:
+                    self.general.add(x, logits, block, self.sums, absolute=self.reduction == "abs")
             self._accumulate(logits, vectors)
         finally:
             self.calls = {}
-        self.count += rows.stop - rows.start
+        self.count += getattr(vectors, "count", rows.stop - rows.start)  # sequences: see fisher_sequence
 
     def _part_size(self, n: int) -> int | None:
         """Samples per forward/backward part: about ``part_bytes`` of captured activations.
@@ -456,12 +457,15 @@ class FisherEngine:
             _check_batchnorm(self.model)
         out = call_model(self.model, x, self.output)
         check_finite(out, "model outputs")
-        v = self.vectors(out, y, slice(0, n), n)[0] / n  # gradient of the batch-mean log-likelihood
+        vectors = self.vectors(out, y, slice(0, n), n)
+        count = getattr(vectors, "count", n)  # sequences: sequences or tokens (fisher_sequence)
+        v = vectors[0] / count  # gradient of the batch-mean log-likelihood
         params = [p for _, p in self.named]
         grads = torch.autograd.grad(out, params, grad_outputs=v, allow_unused=True)
         for (name, _), g in zip(self.named, grads, strict=True):
             if g is not None:
-                self.sums[name] += n * g.square()
+                self.sums[name] += count * g.square()
+        self.count += count
 
 
 def _check_batchnorm(model: nn.Module, called: set[int] | None = None) -> None:

@@ -10,11 +10,15 @@ absolute values; ``batched`` backpropagates the batch's vectors together, not pe
 * gaussian (noise std σ): ``exact`` the D unit vectors / σ, ``sample`` ε / σ with ε ~ N(0, I),
   ``empirical`` / ``batched`` (y − f) / σ²;
 * ``mas``: the one vector ∂‖f‖²/∂output = 2·f (f through ``output_fn`` when given).
+
+Per-token logits ``[N, T, C]`` (categorical) go to ``sequence`` (an
+:class:`ewc.fisher_sequence.SequenceLikelihood`), which builds its vectors lazily.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,18 +36,23 @@ class BackpropVectors:
         sigma: float,
         generator: torch.Generator | None,
         output_fn: Callable[[Tensor], Tensor] | None,
+        sequence: Any = None,
     ):
         self.mode, self.likelihood, self.sigma = mode, likelihood, sigma
+        self.sequence = sequence  # per-token logits [N, T, C]: a SequenceLikelihood (None: refused)
         self.generator = generator
         self.output_fn = output_fn  # mas: f(x) = output_fn(model output)
         self.noise: Tensor | None = None  # mode="sample": the current batch's random draws
 
-    def new_batch(self) -> None:
+    def new_batch(self, y: Any = None) -> None:
         """Forget the draws: ``sample`` draws once per batch, for all the batch's parts."""
         self.noise = None
+        if self.sequence is not None:
+            self.sequence.new_batch(y)
 
-    def __call__(self, out: Tensor, y: Tensor | None, rows: slice, batch: int) -> Tensor:
-        """Vectors v (gradients of log p w.r.t. the outputs, up to sign), shape [K, N, *out].
+    def __call__(self, out: Tensor, y: Tensor | None, rows: slice, batch: int) -> Any:
+        """Vectors v (gradients of log p w.r.t. the outputs, up to sign), shape [K, N, *out]: a
+        tensor, or for per-token logits a lazy :class:`~ewc.fisher_sequence.SequenceVectors`.
 
         ``out`` holds ``rows`` of a batch of ``batch`` samples; ``sample`` draws its randomness
         for the whole batch at the first part, so parts do not change the labels drawn.
@@ -69,9 +78,14 @@ class BackpropVectors:
         (v,) = torch.autograd.grad(f.square().sum(), o, allow_unused=True)
         return (torch.zeros_like(o) if v is None else v.detach()).unsqueeze(0)
 
-    def _categorical(self, out: Tensor, y: Tensor | None, rows: slice, batch: int) -> Tensor:
+    def _categorical(self, out: Tensor, y: Tensor | None, rows: slice, batch: int) -> Any:
+        if out.dim() == 3 and self.sequence is not None:
+            return self.sequence(self.mode, out, y, rows, batch, self.generator)
         if out.dim() != 2:
-            raise ValueError(f"categorical likelihood needs logits of shape [N, C], got {tuple(out.shape)}")
+            raise ValueError(
+                "categorical likelihood needs logits of shape [N, C] (or per-token [N, T, C] with labels "
+                f"[N, T]), got {tuple(out.shape)}"
+            )
         p = torch.softmax(out, dim=-1)
         if self.mode == "exact":
             return softmax_hessian_factor(p)
