@@ -225,7 +225,7 @@ class FisherEngine:
             covered |= {id(p) for p in own.values()}
 
         # Parameters the forward uses without calling their module (e.g. MultiheadAttention's
-        # out_proj): the nearest called ancestor's functional vjp covers them.
+        # out_proj): the nearest called ancestor's rule covers them, else its functional vjp.
         extra: dict[int, tuple[nn.Module, dict[str, str]]] = {}
         modules = dict(self.model.named_modules())
         for gname, p in self.named:
@@ -237,8 +237,15 @@ class FisherEngine:
                 if id(anc) in called:
                     extra.setdefault(id(anc), (anc, {}))[1][".".join(parts[cut:])] = gname
                     break
-        for anc, names in extra.values():
-            bindings.append(_Binding(anc, FuncRule(list(names)), names))
+        for anc, names in extra.values():  # a rule naming them in Rule.submodules takes anc's own too
+            prior = next((b for b in bindings if b.module is anc), None)
+            merged = {**(prior.names if prior else {}), **names}
+            rule = rule_for(anc, list(merged))
+            if isinstance(rule, FuncRule):  # the fallback for these alone; anc's own binding stays
+                rule, merged = FuncRule(list(names)), names
+            elif prior is not None:
+                bindings.remove(prior)
+            bindings.append(_Binding(anc, rule, merged))
 
         self.bindings = bindings
         self._hook_bound()

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ewc.fisher_fallback import FuncRule
-from ewc.fisher_rule_base import Call, Rule, chunks, first_grad, slice_samples
+from ewc.fisher_rule_base import Call, Rule, add_outer_squares, chunks, first_grad, slice_samples
+from ewc.fisher_rules_attention import Conv1DRule, MultiheadAttentionRule, lazy_rules, loaded_types
 
 __all__ = [
     "CONV_GROUP_BYTES",
@@ -31,12 +32,15 @@ __all__ = [
     "THIN_PATCH",
     "BatchNormRule",
     "Call",
+    "Conv1DRule",
     "ConvRule",
     "EmbeddingRule",
     "FuncRule",
     "GroupNormRule",
+    "LAZY_RULES",
     "LayerNormRule",
     "LinearRule",
+    "MultiheadAttentionRule",
     "Rule",
     "register_rule",
     "rule_for",
@@ -62,14 +66,22 @@ class LinearRule(Rule):
         return call.args[0].dim() == 2
 
     def sum_sq(self, module: nn.Linear, call: Call) -> dict[str, Tensor]:
-        if call.args[0].dim() != 2:
-            return super().sum_sq(module, call)
         return self._accumulated(module, call, absolute=False)
 
     def accumulate(self, module: nn.Linear, call: Call, into: dict[str, Tensor], absolute: bool) -> None:
-        """On 2-D inputs: ``into += (Σ_k G_k²)ᵀ (A∘A)`` as one in-place ``addmm_`` (or |G|ᵀ|A|)."""
+        """On 2-D inputs: ``into += (Σ_k G_k²)ᵀ (A∘A)`` as one in-place ``addmm_`` (or |G|ᵀ|A|); on
+        [N, T, in] inputs: per-sample Σ_t g_t a_tᵀ, a cache-sized chunk of samples at a time."""
         a, g = call.args[0], first_grad(call)
-        if a.dim() != 2 or (absolute and call.squared):
+        if a.dim() != 2:
+            nb = g.shape[1]
+            a3, g4 = a.reshape(nb, -1, a.shape[-1]), g.reshape(g.shape[0], nb, -1, g.shape[-1])
+            if "weight" in self.names:
+                add_outer_squares(g4, a3.unsqueeze(0), into["weight"], absolute)
+            if "bias" in self.names:
+                gb = g4.sum(2).flatten(0, 1).to(into["bias"].dtype)  # [K·N, out]
+                into["bias"] += gb.abs().sum(0) if absolute else torch.linalg.vecdot(gb, gb, dim=0)
+            return
+        if absolute and call.squared:
             return super().accumulate(module, call, into, absolute)
         if absolute:
             g1 = g[0].abs() if g.shape[0] == 1 else g.abs().sum(0)  # Σ_k |G_k|, [N, out]
@@ -86,7 +98,7 @@ class LinearRule(Rule):
 
     def sum_abs(self, module: nn.Linear, call: Call) -> dict[str, Tensor]:
         """|g aᵀ| = |g| |a|ᵀ, so on 2-D inputs Σ_k Σ_n |g_kn a_nᵀ| = (Σ_k |G_k|)ᵀ |A|: one matmul."""
-        if call.args[0].dim() != 2 or call.squared:
+        if call.squared:
             return super().sum_abs(module, call)
         return self._accumulated(module, call, absolute=True)
 
@@ -358,7 +370,11 @@ RULES: dict[type[nn.Module], type[Rule]] = {
     nn.LayerNorm: LayerNormRule,
     nn.GroupNorm: GroupNormRule,
     nn.modules.batchnorm._BatchNorm: BatchNormRule,  # BatchNorm1d/2d/3d keep its forward
+    nn.MultiheadAttention: MultiheadAttentionRule,
 }
+# Types of optional libraries, by (module, class name): added to RULES by rule_for once their module
+# is imported (a module of such a type exists only then), so ewc never imports them itself.
+LAZY_RULES: dict[tuple[str, str], type[Rule]] = lazy_rules()
 
 
 def register_rule(module_type: type[nn.Module], rule: type[Rule]) -> None:
@@ -389,18 +405,26 @@ def rule_for(module: nn.Module, names: list[str]) -> Rule:
     The nearest type along the module's MRO that is in ``RULES`` decides: its rule applies if the
     module's class still has that type's ``follows`` methods (a subclass that overrides
     ``forward`` computes something else) and the rule accepts the instance. Parametrised modules
-    and parameters of submodules always take the fallback.
+    and parameters of submodules take the fallback, except those of the submodules the rule
+    names in ``Rule.submodules`` (MultiheadAttention's ``out_proj``). Types in ``LAZY_RULES``
+    (Hugging Face's ``Conv1D``) join the table here once their library is imported.
     """
     from torch.nn.utils import parametrize
 
-    own = {n for n, _ in module.named_parameters(recurse=False)}
-    if parametrize.is_parametrized(module) or not set(names) <= own:
+    for t, lazy in loaded_types(LAZY_RULES).items():
+        RULES.setdefault(t, lazy)  # a user's own registration of the type comes first
+    if parametrize.is_parametrized(module):
         return FuncRule(names)
     cls = type(module)
     base = next((t for t in cls.__mro__ if t in RULES), None)
     if base is not None:
         rule = RULES[base]
+        covered = {n for n, _ in module.named_parameters(recurse=False)}
+        for sub in rule.submodules:  # submodules the module's forward uses without calling them
+            child = module.get_submodule(sub)
+            if not parametrize.is_parametrized(child):
+                covered |= {f"{sub}.{n}" for n, _ in child.named_parameters(recurse=False)}
         kept = all(getattr(cls, m) is getattr(base, m) for m in rule.follows)
-        if kept and rule.applies_to(module):
+        if kept and set(names) <= covered and rule.applies_to(module):
             return rule(names)
     return FuncRule(names)
