@@ -14,6 +14,10 @@ and reroutes every parameter where they differ to :class:`GeneralPath`: per-samp
 the whole model (``torch.func`` vmap of the model's vjp over samples; a per-sample loop, or
 per-sample backward passes through the batch's own graph, where that fails), with one warning
 naming it. Such a model gets a correct Fisher, more slowly, never a silently wrong one.
+
+The engine's other checks of a model against the rules live here too: :func:`check_batch_first`
+(a rule's call must have the samples first), :func:`check_batchnorm` (BatchNorm without running
+statistics mixes the samples) and :func:`graph_leaves` (the parameters an output reaches).
 """
 
 from __future__ import annotations
@@ -327,3 +331,32 @@ def check_batch_first(bindings: list[Any], calls: dict[int, list[Call]], n: int)
                     "input is shared by the samples (e.g. a Hugging Face model's position_ids [1, T]: "
                     "give them per sample, [N, T]) or the layout is sequence-first (use batch_first)"
                 )
+
+
+def check_batchnorm(model: nn.Module, called: set[int] | None = None) -> None:
+    """BatchNorm without running statistics mixes the samples of a batch even in eval mode."""
+    for m in model.modules():
+        if (
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.running_mean is None
+            and (called is None or id(m) in called)
+        ):
+            raise ValueError(
+                f"{type(m).__name__} without running statistics (track_running_stats=False) mixes "
+                "samples even in eval mode: the per-sample Fisher is undefined"
+            )
+
+
+def graph_leaves(out: Tensor) -> set[int]:
+    """Ids of the leaf tensors (parameters) that the autograd graph of ``out`` reaches."""
+    seen, stack, leaves = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            leaves.add(id(var))
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return leaves

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ewc.fisher_check import GeneralPath, check_batch_first, check_plan
+from ewc.fisher_check import GeneralPath, check_batch_first, check_batchnorm, check_plan, graph_leaves
 from ewc.fisher_data import Output, batch_len, call_model, check_finite, slice_rows, splittable, to_device
 from ewc.fisher_fallback import FuncRule
 from ewc.fisher_rule_base import Call, Rule, chunks, first_grad
@@ -210,9 +210,9 @@ class FisherEngine:
             self.capturing = False
             for h in temp:
                 h.remove()
-        used_ids = _graph_leaves(out)
+        used_ids = graph_leaves(out)
 
-        _check_batchnorm(self.model, called)
+        check_batchnorm(self.model, called)
 
         bindings: list[_Binding] = []
         covered: set[int] = set()
@@ -461,7 +461,7 @@ class FisherEngine:
     def _add_batched(self, x: Any, y: Tensor | None, n: int) -> None:
         """``batched``: add n · (gradient of the batch-mean log-likelihood)²."""
         if self.count == 0:
-            _check_batchnorm(self.model)
+            check_batchnorm(self.model)
         out = call_model(self.model, x, self.output)
         check_finite(out, "model outputs")
         vectors = self.vectors(out, y, slice(0, n), n)
@@ -473,32 +473,3 @@ class FisherEngine:
             if g is not None:
                 self.sums[name] += count * g.square()
         self.count += count
-
-
-def _check_batchnorm(model: nn.Module, called: set[int] | None = None) -> None:
-    """BatchNorm without running statistics mixes the samples of a batch even in eval mode."""
-    for m in model.modules():
-        if (
-            isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.running_mean is None
-            and (called is None or id(m) in called)
-        ):
-            raise ValueError(
-                f"{type(m).__name__} without running statistics (track_running_stats=False) mixes "
-                "samples even in eval mode: the per-sample Fisher is undefined"
-            )
-
-
-def _graph_leaves(out: Tensor) -> set[int]:
-    """Ids of the leaf tensors (parameters) that the autograd graph of ``out`` reaches."""
-    seen, stack, leaves = set(), [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        var = getattr(node, "variable", None)
-        if var is not None:
-            leaves.add(id(var))
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return leaves
