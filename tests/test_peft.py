@@ -65,3 +65,15 @@ def test_lora_fisher_matches_the_reference(mode: str) -> None:
     ref = reference_fisher(model, pairs, mode, output=lambda out: out.logits)
     assert set(got) == set(ref)
     assert_fisher_close(got, ref, model)
+
+
+def test_ewc_takes_the_output_and_fisher_options() -> None:
+    """``EWC(output=)`` picks the logits; consolidate passes sequence options on (same numbers as
+    diagonal_fisher called directly)."""
+    model = lora_classifier()
+    data = batches()
+    picked = EWC(model, fisher="empirical", output=lambda out: out.logits).consolidate(data)
+    direct = diagonal_fisher(model, data, "empirical", output="logits")
+    assert all(torch.equal(picked[k], direct[k]) for k in direct)
+    with pytest.raises(ValueError, match="output"):
+        EWC(model, fisher="empirical", output=lambda out: "not a tensor").consolidate(data)

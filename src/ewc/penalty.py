@@ -19,20 +19,15 @@ Modes:
   θ* ← the latest parameters. With γ = 1 its curvature equals ``separate``'s, but it is centred
   on the latest parameters rather than on the Fisher-weighted mean of all anchors.
 
-Terms and keys: every consolidation adds a term named by a key (``consolidate(..., key=k)``;
-by default the running task count, so a regulariser that is never edited has keys 0, 1, 2, ...).
-``keys`` lists them in order, :meth:`~_AnchoredPenalty.anchors` and
-:meth:`~_AnchoredPenalty.precisions` read θ* and F, and in ``separate`` mode
-:meth:`~_AnchoredPenalty.drop` removes one task's term and :meth:`~_AnchoredPenalty.pop` /
-:meth:`~_AnchoredPenalty.restore` set one aside and put it back unchanged. ``online`` mode has one
-merged term (keyed by its latest consolidation) that cannot be split: those three refuse there.
+Terms and keys: every consolidation adds a term named by a key (default: the running task count);
+``keys``, ``anchors``, ``precisions`` read them, and in ``separate`` mode ``drop`` removes a term and
+``pop`` / ``restore`` set one aside and put it back unchanged (``online``'s merged term cannot split).
 
 Parameters are matched by name (``model.named_parameters()``). A parameter added after the last
 consolidation (a new head) is not penalised; a consolidated parameter that disappeared or changed
 shape is an error. Moving the model to another device or dtype after consolidation is followed.
 ``parameters=`` picks which are consolidated, ``store_dtype=`` / ``store_device=`` how θ* and F are
 stored; the penalty is still computed on the parameters' device, in float32 or wider (penalty_config).
-
 Memory: the stored tasks, plus one scratch tensor the size of the anchored parameters.
 """
 
@@ -368,8 +363,9 @@ class EWC(_AnchoredPenalty):
 
     ``reg.consolidate(data)`` after each task; ``loss = task_loss + reg.penalty()`` during the
     next ones. ``fisher`` picks how the diagonal Fisher is computed (see
-    :func:`ewc.fisher.diagonal_fisher`); ``max_samples``, ``batch_size``, ``likelihood`` and
-    ``sigma`` are passed on to it. ``parameters`` (names, a predicate ``(name, param) -> bool`` or
+    :func:`ewc.fisher.diagonal_fisher`); ``max_samples``, ``batch_size``, ``likelihood``,
+    ``sigma`` and ``output`` (which output is the logits; not saved with the state) are passed on
+    to it. ``parameters`` (names, a predicate ``(name, param) -> bool`` or
     None: all that require grad), ``store_dtype`` and ``store_device``: see
     :mod:`ewc.penalty_config`; the Fisher is computed for the selected parameters only.
     """
@@ -395,8 +391,10 @@ class EWC(_AnchoredPenalty):
         parameters: Selection = None,
         store_dtype: torch.dtype | str | None = None,
         store_device: torch.device | str | None = None,
+        output: Any = None,
     ) -> None:
         super().__init__(model, lam, mode, gamma, parameters, store_dtype, store_device)
+        self._output = output
         self._fisher = str(check(fisher, Options(FISHER_MODES), "fisher"))
         likelihood = check(likelihood, Options(LIKELIHOODS), "likelihood")
         sigma_value = check_float(sigma, SIGMA, "sigma")
@@ -431,11 +429,13 @@ class EWC(_AnchoredPenalty):
         fisher_diag: Mapping[str, Tensor] | None = None,
         generator: torch.Generator | None = None,
         key: TermKey | None = None,
+        **fisher_options: Any,
     ) -> dict[str, Tensor]:
         """End of a task: anchor the current parameters with their diagonal Fisher on ``data``.
 
-        ``data`` is anything :func:`ewc.fisher.diagonal_fisher` accepts (``generator`` is passed
-        on for ``fisher="sample"``). Alternatively pass a precomputed ``fisher_diag``
+        ``data`` is anything :func:`ewc.fisher.diagonal_fisher` accepts; ``generator`` and
+        ``fisher_options`` (``sequence=``, ``shift_labels=``, ``ignore_index=``, ``output=``) are
+        passed on to it. Alternatively pass a precomputed ``fisher_diag``
         ``{name: F}`` (names of the model's parameters, F >= 0; any precision computed
         elsewhere, e.g. a normalised policy Fisher or SI/MAS importances); parameters it leaves
         out, or that ``parameters`` does not select, are not anchored. ``key`` names the new term
@@ -458,6 +458,7 @@ class EWC(_AnchoredPenalty):
                     sigma=self._sigma,
                     batch_size=self._batch_size,
                     generator=generator,
+                    **{"output": self._output, **fisher_options},
                 )
         elif data is not None:
             raise ValueError("pass either data or fisher_diag to consolidate, not both")
