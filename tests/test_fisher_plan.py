@@ -345,3 +345,65 @@ def test_rerouting_works_with_mapping_inputs_and_outputs(mode: str) -> None:
     ref = reference_fisher(model, batches, mode, output=lambda out: out["logits"])
     assert_fisher_close(got, ref, model)
     assert rerouted(caught) == {"inner.a.weight"}
+
+
+class SeqFirstSquare(nn.Module):
+    """Linear layers on a [T, N, d] layout: T == N hides the mix-up from a check of sums alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x.transpose(0, 1))).mean(0))
+
+
+@pytest.mark.parametrize("mode", ("exact", "empirical"))
+@pytest.mark.parametrize("n", (4, 8))
+def test_sequence_first_with_length_equal_to_the_batch_is_rerouted(mode: str, n: int) -> None:
+    torch.manual_seed(0)
+    model = SeqFirstSquare().to(DT)
+    x, y = torch.randn(n, n, 4, dtype=DT), torch.randint(0, 3, (n,))
+    got, caught = fisher_and_warnings(model, [(x, y)], mode)
+    assert_fisher_close(got, reference_fisher(model, [(x, y)], mode), model)
+    assert rerouted(caught) == {"a.weight", "a.bias"}
+
+
+def test_a_fully_masked_attention_row_gives_a_finite_correct_fisher() -> None:
+    """A sample that is all padding attends to nothing (PyTorch's kernel returns 0 there): the
+    attention rule must not turn that row into NaN."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    head = nn.Linear(8, 3)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.head = layer, head
+
+        def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.nan_to_num(self.enc(x, src_key_padding_mask=pad)).mean(1))
+
+    model = Model().to(DT)
+    x, y = torch.randn(6, 5, 8, dtype=DT), torch.randint(0, 3, (6,))
+    pad = torch.zeros(6, 5, dtype=torch.bool)
+    pad[:, 3:] = True
+    pad[2] = True  # sample 2 is all padding
+    got, caught = fisher_and_warnings(model, [((x, pad), y)], "empirical")
+    assert all(torch.isfinite(f).all() for f in got.values())
+    assert_fisher_close(got, reference_fisher(model, [((x, pad), y)], "empirical"), model)
+    assert not caught
+
+
+def test_a_non_finite_fisher_is_an_error() -> None:
+    class Overflow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) * 1e200  # finite outputs, per-sample gradients that overflow when squared
+
+    x, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="not finite"):
+        diagonal_fisher(Overflow().to(DT), (x, y), "empirical")

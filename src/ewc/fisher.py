@@ -241,9 +241,12 @@ def _mean_over_samples(
         distributed = dist.is_available() and dist.is_initialized()
     if distributed:
         sums, count = _all_reduce(sums, count)
+    what = "the Fisher" if engine.reduction == "sq" else "importances"
     if count == 0:
-        what = "the Fisher" if engine.reduction == "sq" else "importances"
         raise ValueError(f"empty data: no samples to compute {what} on")
+    bad = [prefix + n for n, _ in engine.named if not bool(torch.isfinite(sums[n]).all())]
+    if bad:  # never hand back NaN/inf as a Fisher: a per-sample gradient overflowed or was NaN
+        raise ValueError(f"{what} of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} is not finite")
     return {prefix + n: sums[n] / count for n, _ in engine.named}
 
 

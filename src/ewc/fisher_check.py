@@ -82,18 +82,19 @@ def check_plan(
     v = _probe(out)
     outputs = [(c, i, t) for _, c in pairs for i, t in enumerate(c.outputs) if t.requires_grad]
     params = [p for _, p in named]
-    grads = torch.autograd.grad(
-        out, [t for _, _, t in outputs] + params, grad_outputs=v, retain_graph=True, allow_unused=True
-    )
-    for c, _, _ in outputs:
-        c.grads, c.batch, c.passes = [None] * len(c.outputs), out.shape[0], 1
-    for (c, i, _), g in zip(outputs, grads[: len(outputs)], strict=True):
-        c.grads[i] = None if g is None else g.unsqueeze(0)
-    true = {name: _dense(g, p) for (name, p), g in zip(named, grads[len(outputs) :], strict=True)}
-    with torch.no_grad():
-        ruled = _rule_view(pairs, dict(named))
     tol = tolerance([out, *params, *(t for _, _, t in outputs)])
-    differing = set(_differing(true, ruled, tol))  # once: it compares every parameter
+    # the sum over samples catches a use outside the bound calls; sample 0 alone catches a rule that
+    # reads another axis as the samples (a sequence-first layer whose length equals the batch size)
+    first = torch.zeros_like(v)
+    first[0] = v[0]
+    differing: set[str] = set()
+    for probe, first_only in ((first, True), (v, False)):  # the whole probe last: choose() reads it
+        true = _true_gradients(out, outputs, named, probe)
+        with torch.no_grad():
+            ruled = _rule_view(pairs, dict(named), first_only=first_only)
+        differing |= set(_differing(true, ruled, tol))  # once per probe: it compares every parameter
+        for c, _, _ in outputs:
+            c.cache.clear()
     missed = [name for name, _ in named if name in shared or name in differing]
     for c, _, _ in outputs:
         c.cache.clear()
@@ -235,8 +236,27 @@ def _batch_first(c: Call, out: Tensor) -> bool:
     return o is None or (o.dim() > 0 and o.shape[0] == out.shape[0])
 
 
-def _rule_view(pairs: list[tuple[Any, Call]], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-    """Σ_n of the per-sample gradients the bound rules form from their calls (the probe's one pass)."""
+def _true_gradients(
+    out: Tensor, outputs: list[tuple[Call, int, Tensor]], named: list[tuple[str, nn.Parameter]], v: Tensor
+) -> dict[str, Tensor]:
+    """∇_θ (v · out) by autograd; the gradients at the bound calls' outputs go into the calls (as
+    the engine passes them to the rules)."""
+    params = [p for _, p in named]
+    grads = torch.autograd.grad(
+        out, [t for _, _, t in outputs] + params, grad_outputs=v, retain_graph=True, allow_unused=True
+    )
+    for c, _, _ in outputs:
+        c.grads, c.batch, c.passes = [None] * len(c.outputs), out.shape[0], 1
+    for (c, i, _), g in zip(outputs, grads[: len(outputs)], strict=True):
+        c.grads[i] = None if g is None else g.unsqueeze(0)
+    return {name: _dense(g, p) for (name, p), g in zip(named, grads[len(outputs) :], strict=True)}
+
+
+def _rule_view(
+    pairs: list[tuple[Any, Call]], params: dict[str, nn.Parameter], first_only: bool = False
+) -> dict[str, Tensor]:
+    """Σ_n of the per-sample gradients the bound rules form from their calls (the probe's one pass);
+    ``first_only``: sample 0's alone."""
     ruled: dict[str, Tensor] = {}
     for b, c in pairs:
         if not any(g is not None for g in c.grads):
@@ -245,7 +265,7 @@ def _rule_view(pairs: list[tuple[Any, Call]], params: dict[str, nn.Parameter]) -
             o = c.outputs[0]
             c.grads[0] = torch.zeros((1, *o.shape), dtype=o.dtype, device=o.device)
         size = sum(params[g].numel() * params[g].element_size() for g in b.names.values())
-        for sl in chunks(c.batch, size):
+        for sl in [slice(0, 1)] if first_only else chunks(c.batch, size):
             for local, ps in b.rule.per_sample(b.module, c, sl).items():
                 gname = b.names[local]
                 total = ps.sum(dim=(0, 1)).to(params[gname].dtype)

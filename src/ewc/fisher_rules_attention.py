@@ -147,7 +147,11 @@ class MultiheadAttentionRule(_OuterRule):
         q, k, v = heads
         mask = _mask(bound.get("attn_mask"), bound.get("key_padding_mask"), n, h, q.dtype)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(e // h)
-        p = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+        if mask is not None:
+            scores = scores + mask
+        p = torch.softmax(scores, dim=-1)
+        if mask is not None:  # a fully masked row attends to nothing: 0, as PyTorch's kernel gives
+            p = p.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
         ctx = torch.matmul(p, v).transpose(1, 2).reshape(n, length, e)
         cache.update(query=query, key=key, value=value, attn_q=q, attn_k=k, attn_v=v, attn_p=p, attn_c=ctx)
         return cache

@@ -458,7 +458,7 @@ class EWC(_AnchoredPenalty):
                     sigma=self._sigma,
                     batch_size=self._batch_size,
                     generator=generator,
-                    **{"output": self._output, **fisher_options},
+                    **({} if self._output is None else {"output": self._output}) | fisher_options,
                 )
         elif data is not None:
             raise ValueError("pass either data or fisher_diag to consolidate, not both")
