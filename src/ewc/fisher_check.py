@@ -84,11 +84,15 @@ def check_plan(
     params = [p for _, p in named]
     tol = tolerance([out, *params, *(t for _, _, t in outputs)])
     # the sum over samples catches a use outside the bound calls; sample 0 alone catches a rule that
-    # reads another axis as the samples (a sequence-first layer whose length equals the batch size)
+    # reads another axis as the samples (a sequence-first layer whose length equals the batch size,
+    # which only an output with another axis of the batch's size can hide)
     first = torch.zeros_like(v)
     first[0] = v[0]
+    n_out = out.shape[0]  # sample 0 alone is needed only where another axis could pass for the samples
+    ambiguous = any(n_out in o.shape[1:] for _, c in pairs for o in c.outputs[:1])
     differing: set[str] = set()
-    for probe, first_only in ((first, True), (v, False)):  # the whole probe last: choose() reads it
+    probes = [(first, True)] if ambiguous else []
+    for probe, first_only in [*probes, (v, False)]:  # the whole probe last: choose() reads it
         true = _true_gradients(out, outputs, named, probe)
         with torch.no_grad():
             ruled = _rule_view(pairs, dict(named), first_only=first_only)
