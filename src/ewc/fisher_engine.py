@@ -202,12 +202,9 @@ class FisherEngine:
         for m in self.model.modules():
             temp.append(m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))))
             temp.append(m.register_forward_hook(self._hook, with_kwargs=True))
-        self.calls = {}
-        self.capturing = True
         try:
-            out = call_model(self.model, x, self.output)
+            out = self._recorded_forward(x)
         finally:
-            self.capturing = False
             for h in temp:
                 h.remove()
         used_ids = graph_leaves(out)
@@ -311,16 +308,20 @@ class FisherEngine:
         """Forward with the bound modules' calls recorded; redone once, with copies, after an
         in-place change."""
         for attempt in range(2):
-            self.calls = {}
-            self.capturing = True
-            try:
-                out = call_model(self.model, x, self.output)
-            finally:
-                self.capturing = False
+            out = self._recorded_forward(x)
             if not self._modified() or attempt == 1:
                 break
         check_finite(out, "model outputs")
         return out
+
+    def _recorded_forward(self, x: Any) -> Tensor:
+        """One forward with the hooks recording every call into ``self.calls`` (fresh)."""
+        self.calls = {}
+        self.capturing = True
+        try:
+            return call_model(self.model, x, self.output)
+        finally:
+            self.capturing = False
 
     def _modified(self) -> bool:
         """True (and copies from now on) if an in-place op changed a tensor a rule will read."""
