@@ -298,3 +298,16 @@ def test_conv_under_autocast_bfloat16(mode: str, thin: int, monkeypatch: pytest.
     for k in plain:
         assert low[k].dtype == torch.float32
         assert rel_err(low[k], plain[k]) < 0.3, k
+
+
+def test_chunk_budgets_grow_off_the_cpu() -> None:
+    """Cache-sized chunks on the CPU; on an accelerator (here the meta device stands in for one)
+    at least DEVICE_CHUNK_BYTES, so that a batch is a few kernel launches, not thousands."""
+    from ewc.fisher_rule_base import DEVICE_CHUNK_BYTES, chunks
+
+    per_sample = 2**20
+    assert len(chunks(256, per_sample, 8 * 2**20)) == 32
+    assert len(chunks(256, per_sample, 8 * 2**20, like=torch.empty(1))) == 32
+    off = chunks(256, per_sample, 8 * 2**20, like=torch.empty(1, device="meta"))
+    assert len(off) == -(-256 * per_sample // DEVICE_CHUNK_BYTES) == 1
+    assert off == [slice(0, 256)]

@@ -172,7 +172,7 @@ class GeneralPath:
         k, n = vectors.shape[0], vectors.shape[1]
         how = self.how if _rows(x) == n else "graph"
         numel = sum(p.numel() * p.element_size() for p in self.params.values())
-        for sl in chunks(n, k * numel * 2):
+        for sl in chunks(n, k * numel * 2, like=vectors):
             for name, ps in self.per_sample(x, out, vectors, sl, how).items():
                 sums[name] += (ps.abs() if absolute else ps.square()).sum(dim=(0, 1)).to(sums[name].dtype)
 
@@ -269,7 +269,7 @@ def _rule_view(
             o = c.outputs[0]
             c.grads[0] = torch.zeros((1, *o.shape), dtype=o.dtype, device=o.device)
         size = sum(params[g].numel() * params[g].element_size() for g in b.names.values())
-        for sl in [slice(0, 1)] if first_only else chunks(c.batch, size):
+        for sl in [slice(0, 1)] if first_only else chunks(c.batch, size, like=c.grads[0]):
             for local, ps in b.rule.per_sample(b.module, c, sl).items():
                 gname = b.names[local]
                 total = ps.sum(dim=(0, 1)).to(params[gname].dtype)

@@ -172,9 +172,12 @@ class FisherEngine:
         makes K of them. With large activations (the benchmark CNN at batch 256: ~90 MB) each
         pass streams memory and fresh allocations page-fault; parts of ~32 MB were measured
         5.7x → 4.8x the floor (``exact``) and 1.29x → 1.16x (``empirical``) on that CNN.
-        Small models (an MLP at batch 256: under 2 MB) keep the caller's batches.
+        Small models (an MLP at batch 256: under 2 MB) keep the caller's batches, and so do models
+        on an accelerator: no page faults there, and every part is another few thousand kernel
+        launches (a 4-layer encoder's batch of 256 came in ~25 parts, and its Fisher took 48x
+        the floor on an H100, scripts/cuda_check.py).
         """
-        if self.part_bytes is None:
+        if self.part_bytes is None or self.device.type != "cpu":
             return None
         per_sample = self.activation_bytes / max(1, n)
         return max(1, int(self.part_bytes // max(1.0, per_sample)))
@@ -449,7 +452,7 @@ class FisherEngine:
         first = contributions[0][1]
         g = first_grad(first)
         numel = self.sums[gname].numel()
-        for sl in chunks(first.batch, g.shape[0] * numel * g.element_size() * 2):
+        for sl in chunks(first.batch, g.shape[0] * numel * g.element_size() * 2, like=g):
             total = None
             for b, c, local in contributions:
                 ps = b.rule.per_sample(b.module, c, sl)[local]

@@ -33,6 +33,11 @@ CHUNK_BYTES = 64 * 2**20
 # projections) are formed and squared this many bytes at a time: cache-sized batched matmuls
 # measured 3-4x faster than 64 MiB einsum chunks on transformer shapes (docs/benchmarks.md).
 OUTER_CHUNK_BYTES = 8 * 2**20
+# On an accelerator every chunk is a few kernel launches, and the cache-sized CPU budgets above cut
+# a transformer's batch of 256 into ~120 000 ops (about 5 µs each on an H100: the encoder's Fisher
+# took 48x the floor there, scripts/cuda_check.py). Tensors on a non-CPU device are chunked to
+# at least this many bytes instead (bounded memory, ~30x fewer ops).
+DEVICE_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -49,10 +54,15 @@ class Call:
     cache: dict[str, Tensor] = field(default_factory=dict)  # rules' per-call values (all passes)
 
 
-def chunks(n: int, per_sample_bytes: int, budget: int | None = None) -> list[slice]:
+def chunks(
+    n: int, per_sample_bytes: int, budget: int | None = None, like: Tensor | None = None
+) -> list[slice]:
     """Slices of the sample axis whose per-sample tensors take about ``budget`` bytes each
-    (default ``CHUNK_BYTES``)."""
-    size = max(1, (CHUNK_BYTES if budget is None else budget) // max(1, per_sample_bytes))
+    (default ``CHUNK_BYTES``; at least ``DEVICE_CHUNK_BYTES`` when ``like`` is not on the CPU)."""
+    budget = CHUNK_BYTES if budget is None else budget
+    if like is not None and like.device.type != "cpu":
+        budget = max(budget, DEVICE_CHUNK_BYTES)
+    size = max(1, budget // max(1, per_sample_bytes))
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
@@ -79,7 +89,7 @@ def add_outer_squares(x: Tensor, y: Tensor, into: Tensor, absolute: bool) -> Non
     samples at a time (:data:`OUTER_CHUNK_BYTES`), summed along the flattened (K·n) axis."""
     k, n = max(x.shape[0], y.shape[0]), x.shape[1]
     per_sample = k * x.shape[-1] * y.shape[-1] * into.element_size()
-    for sl in chunks(n, per_sample, OUTER_CHUNK_BYTES):
+    for sl in chunks(n, per_sample, OUTER_CHUNK_BYTES, like=y):
         ps = outer_sums(slice_samples(x, sl, 1), slice_samples(y, sl, 1)).flatten(0, 1)
         into += ps.abs().sum(0) if absolute else torch.linalg.vecdot(ps, ps, dim=0)
 
@@ -147,7 +157,7 @@ class Rule:
         k, n_samples = g.shape[0], call.batch or g.shape[1]  # (a fallback's call may be sequence-first)
         n_params = sum(module.get_parameter(nm).numel() for nm in self.names)
         out: dict[str, Tensor] = {}
-        for sl in chunks(n_samples, k * n_params * g.element_size()):
+        for sl in chunks(n_samples, k * n_params * g.element_size(), like=g):
             for name, ps in self.per_sample(module, call, sl).items():
                 sq = op(ps).sum(dim=(0, 1))
                 out[name] = out[name] + sq if name in out else sq

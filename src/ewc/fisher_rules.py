@@ -220,7 +220,9 @@ class ConvRule(Rule):
     def _groups(self, module: nn.modules.conv._ConvNd, k: int, nb: int) -> list[slice]:
         # Grouped convolutions with hundreds of groups run far below peak on CPU; calls of a few
         # samples (about 2 MB of per-sample gradients per call) were measured 2.5x faster.
-        return chunks(nb, k * module.weight.numel() * module.weight.element_size(), CONV_GROUP_BYTES)
+        return chunks(
+            nb, k * module.weight.numel() * module.weight.element_size(), CONV_GROUP_BYTES, like=module.weight
+        )
 
     def _check(self, module: nn.modules.conv._ConvNd, a: Tensor) -> None:
         if a.dim() == len(module.kernel_size) + 1:

@@ -71,7 +71,7 @@ class _OuterRule(Rule):
     def accumulate(self, module: nn.Module, call: Call, into: dict[str, Tensor], absolute: bool) -> None:
         """``into += Σ_k Σ_n (per-sample gradient)²`` (or |…|) block by block, in chunks of samples."""
         n = first_grad(call).shape[1]
-        for sl in chunks(n, self._sample_bytes(module, call)):
+        for sl in chunks(n, self._sample_bytes(module, call), like=first_grad(call)):
             for name, rows, x, y in self.blocks(module, call, sl):
                 acc = into[name] if rows is None else into[name][rows]
                 if y is None:
