@@ -99,7 +99,8 @@ def test_every_setting_has_one_flag_and_every_flag_one_setting() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for command, cls in (("run", RunConfig), ("compare", CompareConfig)):
-        dests = [a.dest for a in sub.choices[command]._actions if a.dest not in ("help", "out")]
+        # --out and --restart are the output folder's (ewc.outdir), not settings of the run
+        dests = [a.dest for a in sub.choices[command]._actions if a.dest not in ("help", "out", "restart")]
         assert len(dests) == len(set(dests)), f"{command}: a setting has two flags"
         fields = {
             f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name != "train"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from ewc.methods import Method, make_method
@@ -71,3 +72,51 @@ def _build(arch: dict[str, Any]) -> nn.Module:
     input_dim, num_outputs = arch.pop("input_dim"), arch.pop("num_classes")
     input_shape = tuple(arch.pop("input_shape", (input_dim,)))
     return build_model(name, input_shape, num_outputs, **arch)
+
+
+# ---- a training run's progress at a task boundary (resume after a kill)
+
+PROGRESS_FORMAT = "ewc.progress/1"
+
+
+def save_progress(
+    path: str | os.PathLike, identity: str, model: nn.Module, method: Method, loop: dict[str, Any]
+) -> None:
+    """Save a run after a finished task: the network, the method's state, the loop's record so far
+    (``loop``: accuracy matrix, curves, step, timings) and torch's global random state, atomically.
+    ``identity`` names the run's settings; :func:`load_progress` resumes only the same run."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    atomic_save(
+        {
+            "format": PROGRESS_FORMAT,
+            "identity": identity,
+            "model": model.state_dict(),
+            "state": method.state_dict(),
+            "loop": loop,
+            "rng": rng,
+        },
+        path,
+    )
+
+
+def load_progress(
+    path: str | os.PathLike, identity: str, model: nn.Module, method: Method
+) -> dict[str, Any] | None:
+    """Restore ``model``, ``method`` and torch's random state from :func:`save_progress`'s file and
+    return the loop's record; None (nothing touched) when there is no such file or it belongs to
+    another run. A corrupt file is a ValueError naming it."""
+    if not os.path.exists(path):
+        return None
+    saved = safe_load(path)
+    if not isinstance(saved, dict) or saved.get("format") != PROGRESS_FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not an ewc progress file ({PROGRESS_FORMAT}): remove it")
+    if saved.get("identity") != identity:
+        return None
+    model.load_state_dict(saved["model"])
+    method.load_state_dict(saved["state"])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return saved["loop"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,11 +111,20 @@ def config_from(args: argparse.Namespace, config_cls: type, skip: Sequence[str] 
 
 def _add_out(parser: argparse.ArgumentParser, resumable: bool = False) -> None:
     what = "created, or an earlier run's to resume" if resumable else "created; must not be a file"
-    parser.add_argument("--out", required=True, help=f"output directory ({what})")
+    parser.add_argument("--out", required=True, help=f"output directory ({what}); locked while the run lasts")
+    if resumable:
+        parser.add_argument(
+            "--restart",
+            action="store_true",
+            help="start a new run in --out even if it holds one made with other settings "
+            "(deletes that run's progress; without it such a folder is refused)",
+        )
+    parser.set_defaults(resumable=resumable)
 
 
 def _command(sub: Any, name: str, config_cls: type, func: Any, resumable: bool = False, **texts: str) -> Any:
     parser = sub.add_parser(name, **texts)
+    parser.set_defaults(command_name=name)
     add_config_flags(parser, config_cls)
     _add_out(parser, resumable)
     parser.set_defaults(func=func, config_cls=config_cls)
@@ -138,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         RunConfig,
         _cmd_run,
+        resumable=True,
         help="learn a sequence of tasks with several methods; write results, figures and a report",
         description="Learn a task sequence with each method from the same initial weights and data "
         "order; evaluate every task during training and after each task; write results.json, "
@@ -148,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         CompareConfig,
         _cmd_compare,
+        resumable=True,
         help="every method in every scenario, hyper-parameters chosen on validation: one table",
         description="Run `ewc run` once per scenario (task-, domain-, class-incremental) with the "
         "given methods (default: all), each method's hyper-parameters chosen on the validation "
@@ -185,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stream",
         stream_experiment.Config,
         _cmd_module,
+        resumable=True,
         help="learn a task stream with unannounced switches (inferred task ids); write results and a report",
         description="Replay a task sequence as a stream of batches following --schedule (segments of "
         "random length, no task labels), learn it online with StreamLearner and TaskDetector, and write "
@@ -208,10 +221,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Settings that do not change a run's results: a resume may change them.
+VOLATILE = frozenset({"jobs", "quiet", "progress"})
+# What a --restart deletes in --out: the partial work of the run made with other settings.
+PROGRESS = ("progress", "checkpoints", "*/progress", "*/checkpoints")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The command's config, with --out claimed (checked, locked) and tied to its settings."""
+    from ewc.outdir import check_settings
+
+    config = config_from(args, args.config_cls)
+    if getattr(args, "resumable", False):
+        settings = {"command": args.command_name, **_settings(dataclasses.asdict(config))}
+        if check_settings(args.out, settings, restart=args.restart, progress=PROGRESS):
+            print(f"resuming the run in {args.out}", file=sys.stderr)
+    return config
+
+
+def _settings(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _settings(v) if isinstance(v, dict) else v for k, v in values.items() if k not in VOLATILE}
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from ewc.experiments.sequence import run
 
-    results = run(config_from(args, args.config_cls), args.out)
+    results = run(_config(args), args.out)
     print(f"{'method':<12} {'ACC':>6} {'BWT':>7} {'forget':>7} {'seconds':>8}")
     for name, r in results["methods"].items():
         acc, bwt, fgt, sec = r["average_accuracy"], r["bwt"], r["forgetting"], r["seconds"]
@@ -223,7 +258,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from ewc.experiments.compare import run
 
-    summary = run(config_from(args, args.config_cls), args.out)
+    summary = run(_config(args), args.out)
     print(summary["table"])
     print(f"report: {Path(args.out) / 'comparison.md'}")
     return 0
@@ -243,22 +278,54 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_module(args: argparse.Namespace) -> int:
     """An experiment, ``ewc stream`` or ``ewc rl``: build its Config, run it into --out, print findings."""
     module: ModuleType = args.module
-    record = module.run(config_from(args, args.config_cls), args.out)
+    record = module.run(_config(args), args.out)
     for line in record.get("findings", []):
         print(f"- {line}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
+def _busy_out(argv: list[str]) -> str | None:
+    """The error for an ``--out`` another run holds, found before the parser (and torch) loads."""
+    if not argv or argv[0] not in ("run", "compare", "experiment", "stream", "rl"):
+        return None
+    from ewc.outdir import OutDirInUse, check_free
+
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--out=") else None
+        if arg == "--out" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value:
+            try:
+                check_free(value)
+            except OutDirInUse as err:
+                return str(err)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ewc`` command; errors in the input become one clear line, exit 2."""
+    early = _busy_out(sys.argv[1:] if argv is None else list(argv))
+    if early:
+        print(f"ewc: error: {early}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "command_name", None) is not None:  # a command that writes into --out
+            from ewc.outdir import claim
+
+            claim(args.out)
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"ewc: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only or full disk, a path under a file: one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        reason = err.strerror or str(err)
+        code = f" [{errno.errorcode.get(err.errno, err.errno)}]" if err.errno else ""
+        print(f"ewc: error: {where}{reason}{code}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ewc: interrupted", file=sys.stderr)
         return 130

@@ -9,7 +9,10 @@ Fig. 2A, and the learning-curve area).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc.checkpoint import load_progress, save_progress
 from ewc.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval, Registered, Sizes
 from ewc.config import param, validate
 from ewc.data import Task
@@ -187,8 +191,14 @@ def run_method(
     method: str | Method,
     config: TrainConfig,
     scenario: str | Scenario | None = None,
+    *,
+    progress: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` on ``tasks`` in order; return its accuracy matrix, curves and metrics.
+
+    ``progress``: a file where the run is saved after every task (atomically) and resumed from
+    when it exists and was written by the same run (same method, settings and tasks): a run
+    killed mid-task restarts that task and ends with the results of an uninterrupted run.
 
     ``scenario`` (``task`` / ``domain`` / ``class``, default ``config.scenario``, else the
     natural one: domain-incremental when all tasks share their classes, class-incremental
@@ -228,11 +238,18 @@ def run_method(
         curves.per_task[k].append(accs[k])
         eval_seconds += time.perf_counter() - t0
 
+    identity = _identity(method, config, scenario, tasks)
+    done = load_progress(progress, identity, model, method) if progress is not None else None
+    if done is not None:
+        matrix, step, eval_seconds = done["matrix"], done["step"], done["eval_seconds"]
+        baseline, curves = done["baseline"], _Curves(**done["curves"])
     sizes = [method.epoch_size(i, tasks) for i in range(len(tasks))]
-    total = sum(config.epochs * math.ceil(n / config.batch_size) for n in sizes)
+    total = sum(config.epochs * math.ceil(n / config.batch_size) for n in sizes[len(matrix) :])
     bar = Progress(total, method.name, config.progress)
-    start = time.perf_counter()
+    start = time.perf_counter() - (done["seconds"] if done is not None else 0.0)
     for i, task in enumerate(tasks):
+        if i < len(matrix):
+            continue  # resumed: learned before the kill
         method.before_task(i, task)
         data = method.train_data(i, tasks)  # (x, y), or (x, y, per-sample task ids)
         x, y = data[0], data[1]
@@ -281,6 +298,10 @@ def run_method(
         t0 = time.perf_counter()
         matrix.append(accuracies(model, tests, scenario, i))
         eval_seconds += time.perf_counter() - t0
+        if progress is not None:
+            loop = {"matrix": matrix, "step": step, "eval_seconds": eval_seconds, "baseline": baseline}
+            loop.update(curves=asdict(curves), seconds=time.perf_counter() - start)
+            save_progress(progress, identity, model, method, loop)
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -306,6 +327,22 @@ def run_method(
     out["model"] = model
     out["method"] = method
     return out
+
+
+def _identity(method: Method, config: TrainConfig, scenario: Scenario, tasks: list[Task]) -> str:
+    """A digest of what a run's results depend on: the method and its parameters, the settings,
+    the scenario, the tasks' names and the first task's first rows (a dataset or sequence seed
+    of its own changes them; the other tasks are not read, so lazily made ones stay unmade)."""
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
+    head = [method.name, method_params(method.name, config) if method.name in METHOD_SPECS else None]
+    head += [settings, scenario.kind, [list(c) for c in scenario.task_classes]]
+    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
+    digest.update(json.dumps([t.name for t in tasks]).encode())
+    for part in (tasks[0].x_train, tasks[0].y_train):
+        digest.update(str((tuple(part.shape), str(part.dtype))).encode())
+        digest.update(part[:16].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -8,10 +8,13 @@ writes ``results.json`` plus the report (figures, CSV, Markdown) into the output
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -211,19 +214,42 @@ def choose_lam(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
 
 def _job(spec: tuple) -> dict[str, Any]:
     """One training run, in this process or a worker: (data key, method, config, on_validation
-    [, checkpoint path]); with a path, the trained learner is saved there (ewc.checkpoint)."""
-    (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *save = spec
+    [, checkpoint path, progress folder]). With a checkpoint path the trained learner is saved there
+    (ewc.checkpoint); with a progress folder the run is saved there after every task and its
+    result when it ends, both under a name derived from all of the job's settings, so that the
+    same job run again (after a kill) resumes or returns the finished result."""
+    (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *rest = spec
+    save, progress = (*rest, None, None)[:2]
+    if progress is not None:
+        tag = job_tag(spec[0], method, config, on_val)
+        finished, partial = Path(progress) / f"{tag}.json", Path(progress) / f"{tag}.pt"
+        if finished.exists() and (save is None or Path(save).exists()):
+            return json.loads(finished.read_text())
+        Path(progress).mkdir(parents=True, exist_ok=True)
     tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
-    res = run_method(validation_tasks(tasks) if on_val else tasks, method, config)
+    res = run_method(
+        validation_tasks(tasks) if on_val else tasks, method, config, progress=partial if progress else None
+    )
     model, learner = res.pop("model"), res.pop("method")
-    if save and save[0] is not None:
+    if save is not None:
         from ewc.checkpoint import save_checkpoint
 
         params, arch = method_params(method, config), res["architecture"]
         save_checkpoint(
-            save[0], model, learner, name=method, params=params, scenario=learner.scenario, architecture=arch
+            save, model, learner, name=method, params=params, scenario=learner.scenario, architecture=arch
         )
+    if progress is not None:
+        write_json(res, finished)
+        partial.unlink(missing_ok=True)
     return res
+
+
+def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
+    """``METHOD-val|test-DIGEST``: the digest covers the data key, the method and every setting
+    the job runs with (progress display excepted)."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
+    text = json.dumps([list(key), method, settings, on_val], sort_keys=True, default=str)
+    return f"{method}-{'val' if on_val else 'test'}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 _TASK_CACHE: dict[tuple, tuple[list[Task], int]] = {}
@@ -305,6 +331,8 @@ def run_sequence(
     # 1. hyper-parameters on the validation parts (never the test parts)
     grids = search_grids(methods, search, lam_grid, l2_lam_grid)
     specs = [(key, m, with_params(config, m, combo), True) for m, combos in grids.items() for combo in combos]
+    progress = out_dir / "progress" if out_dir is not None else None
+    specs = [(*spec, None, progress) for spec in specs]
     scores = iter(run_all(specs, jobs))
     selection: dict[str, Any] = {}
     for m, combos in grids.items():
@@ -318,7 +346,7 @@ def run_sequence(
     if save_state and out_dir is not None:
         (out_dir / "checkpoints").mkdir(exist_ok=True)
         saves = {m: out_dir / "checkpoints" / f"{m}.pt" for m in methods}
-    runs = run_all([(key, m, configs[m], False, saves[m]) for m in methods], jobs)
+    runs = run_all([(key, m, configs[m], False, saves[m], progress) for m in methods], jobs)
     results: dict[str, Any] = {"methods": {}}
     for m, res in zip(methods, runs, strict=True):
         res["params"] = method_params(m, configs[m])
