@@ -4,10 +4,23 @@ Each job runs in this process when there is one worker or one job, otherwise in 
 process (``spawn``: no forked torch state, the same start on every platform). Results come back in
 the order of the specs, whatever order the workers finish in; the first failing job's exception is
 raised in the caller. Jobs print their own progress (a worker's stdout is the caller's).
+
+Workers never outlive the process that started them: on Linux the kernel kills a worker when its
+parent dies (``PR_SET_PDEATHSIG``), and on every platform a watchdog thread in the worker ends it
+within a second once its parent is gone (a SIGKILL of the parent gives it no chance to clean up,
+and an orphan would keep writing into ``--out`` for whoever resumes). Ctrl-C (or any exception) in
+the parent cancels the jobs not started and terminates the running workers at once instead of
+waiting for them to finish.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -15,6 +28,8 @@ __all__ = ["run_jobs"]
 
 S = TypeVar("S")
 R = TypeVar("R")
+
+WATCHDOG_SECONDS = 0.5  # how often a worker checks that its parent is alive
 
 
 def run_jobs(
@@ -39,5 +54,50 @@ def run_jobs(
 
     if for_workers is not None:
         specs = [for_workers(s) for s in specs]
-    with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(fn, specs))
+    pool = ProcessPoolExecutor(
+        max_workers=min(jobs, len(specs)),
+        mp_context=mp.get_context("spawn"),
+        initializer=_tie_to_parent,
+        initargs=(os.getpid(),),
+    )
+    try:
+        results = list(pool.map(fn, specs))
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
+    return results
+
+
+def _stop(pool: object) -> None:
+    """Cancel the pending jobs and terminate the running workers now (not after their jobs)."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[attr-defined]
+    for p in workers:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    for p in workers:
+        with contextlib.suppress(Exception):
+            p.join(timeout=5)
+
+
+def _tie_to_parent(parent: int) -> None:
+    """In a worker: die with the parent (kernel signal where there is one, and a watchdog), and
+    leave Ctrl-C to the parent, which stops the pool (the terminal sends SIGINT to the group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_SECONDS)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ewc-parent-watchdog", daemon=True).start()

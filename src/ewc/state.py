@@ -83,11 +83,26 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        cause = _os_error(exc)  # torch.save wraps a full disk in a RuntimeError
+        if cause is not None and (cause is not exc or cause.filename is None):
+            raise OSError(cause.errno, cause.strerror, cause.filename or target) from exc
         raise
     _fsync_directory(directory)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (itself, its cause or its context), if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _fsync_directory(directory: str) -> None:
