@@ -417,8 +417,15 @@ def test_tiny_sequence_end_to_end(tmp_path, labels: bool) -> None:  # noqa: ANN0
     # the finished checkpoint resumes to the same record without training again
     again = run()
     assert again["visits"] == record["visits"] and again["env_steps"] == 600
-    with pytest.raises(ValueError, match="another config or schedule"):
+    with pytest.raises(ValueError, match="other settings .schedule: .*space_invaders"):
         train_sequence(config, ["space_invaders"], steps_per_visit=300, checkpoint=ckpt)
+    # every setting counts (issue #16: a changed --steps-per-visit used to resume silently)
+    with pytest.raises(ValueError, match=r"steps_per_visit: 300 → 400"):
+        train_sequence(config, ["breakout", "space_invaders"], steps_per_visit=400, checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"eval_episodes: .* → 7"):
+        train_sequence(
+            config, ["breakout", "space_invaders"], steps_per_visit=300, eval_episodes=7, checkpoint=ckpt
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")

@@ -299,3 +299,53 @@ def test_sigint_stops_the_pool_promptly(tmp_path: Path) -> None:
     assert proc.returncode == 130
     assert time.perf_counter() - t0 < 5
     wait_for(lambda: not any(alive(k) for k in kids), timeout=5)
+
+
+def test_stream_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ewc stream`` killed mid-stream (after a save, before the next) resumes at its last save."""
+    from ewc.experiments import stream as exp
+    from ewc.stream import StreamLearner
+
+    config = exp.Config(**exp.SMALLEST)
+    whole = without_timings(exp.run(config, tmp_path / "whole"))
+    monkeypatch.setattr(exp, "SAVE_EVERY", 7)
+    calls = {"n": 0}
+    original = StreamLearner.partial_fit
+
+    def partial_fit(self: StreamLearner, *args: object, **kwargs: object) -> int:
+        calls["n"] += 1
+        if calls["n"] == 40:  # the first learner, after its fifth save
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamLearner, "partial_fit", partial_fit)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        exp.run(config, out)
+    assert list((out / "progress").glob("*.pt"))
+    monkeypatch.setattr(StreamLearner, "partial_fit", original)
+    again = without_timings(exp.run(config, out))
+    for record in (whole, again):
+        record.pop("command", None)
+    assert again == whole
+
+
+@pytest.mark.parametrize(
+    ("args", "saved", "expect"),
+    [
+        (["rl", "--steps-per-visit", "100"], {"steps_per_visit": 50}, "steps_per_visit: 50 → 100"),
+        (["stream", "--tasks", "3", "--schedule", "0 1 2"], {"tasks": 4}, "tasks: 4 → 3"),
+        (["compare", "permuted", "--lr", "0.5"], {"train": {"lr": 0.1}}, "train.lr: 0.1 → 0.5"),
+    ],
+)
+def test_every_resumable_command_refuses_other_settings(
+    args: list[str], saved: dict, expect: str, tmp_path: Path
+) -> None:
+    """The folder's record names the run's settings; a command with others is refused at once,
+    naming each difference (ewc rl used to resume with another --steps-per-visit, exit 0)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    record = {"format": "ewc.run/1", "settings": {"command": args[0], **saved}}
+    (out / "run.json").write_text(json.dumps(record))
+    line = one_line_error(run_cli(*args, "--out", str(out)))
+    assert expect in line

@@ -88,9 +88,13 @@ def train_sequence(
         }
         if checkpoint is not None and os.path.exists(checkpoint):
             saved = safe_load(checkpoint)
-            same = saved_config(saved["record"]["config"]) == asdict(config)
-            if saved["record"]["schedule"] != list(schedule) or not same:
-                raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} is for another config or schedule")
+            differ = _differing_settings(saved["record"], record)
+            if differ:
+                where = os.fspath(checkpoint)
+                raise ValueError(
+                    f"checkpoint {where!r} was made with other settings ({'; '.join(differ)}): "
+                    "resume with the same ones, or start a new run"
+                )
             agent.load_state_dict(saved["agent"])
             record = saved["record"]
             say(f"resumed at visit {agent.visits}, env step {agent.env_steps}")
@@ -165,3 +169,22 @@ def train_sequence(
         return record
     finally:
         torch.set_num_threads(threads)
+
+
+# What a run's record holds besides its progress: every setting the agent was trained with.
+RUN_SETTINGS = ("config", "schedule", "steps_per_visit", "eval_every", "eval_episodes", "eval_epsilon")
+
+
+def _differing_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``name: saved → now`` for each setting of :data:`RUN_SETTINGS` (the agent's config field
+    by field) that differs between a checkpoint's record and the run about to resume it."""
+    out = []
+    for key in RUN_SETTINGS:
+        a, b = saved.get(key), now.get(key)
+        if key == "config":
+            a = saved_config(a or {})
+            keys = sorted(set(a) | set(b))
+            out += [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(f"{key}: {a!r} → {b!r}")
+    return out
