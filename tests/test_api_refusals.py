@@ -1,0 +1,110 @@
+"""Issue #16, item 8: inputs the library used to answer silently (or half-apply) are refused.
+
+1. ``diagonal_fisher(model, [xb1, xb2])``: a list is a list of batches (the ``(X, y)`` pair is a
+   tuple); a list that looks like ``[X, y]`` is an error, not a Fisher of the inputs alone.
+2. Stream labels are checked before anything is counted: out of range of the model's outputs, or
+   past the detector's ``max_classes``, is a ValueError and the learner / detector are unchanged.
+3. A ``load_state_dict`` that fails leaves the object (and the model) exactly as it was.
+4. Non-finite saved weights or statistics are refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from ewc import EWC, diagonal_fisher
+from ewc.data import Task
+from ewc.methods import make_method
+from ewc.scenario import Scenario
+
+
+def _copied(state: Any) -> Any:
+    """A deep copy, as a file written and read back would give it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal nested dicts / lists / tensors (tensors bit for bit, NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+def _task(index: int, n: int = 24, d: int = 6, classes: int = 3, seed: int = 0) -> Task:
+    g = torch.Generator().manual_seed(seed + index)
+    x, y = torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+    e = x[:0], y[:0]
+    return Task(f"t{index}", index, x, y, *e, *e, tuple(range(classes)))
+
+
+def _trained(name: str, **params: Any) -> tuple[nn.Module, Any]:
+    """A small model and a method of ``name`` after one task (so that it has state)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    method = make_method(name, **params)
+    method.setup(model, Scenario.shared(3))
+    task = _task(0)
+    method.before_task(0, task)
+    out = model(task.x_train)
+    loss = method.loss(nn.functional.cross_entropy(out, task.y_train))
+    loss.backward()
+    method.after_backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    method.after_step()
+    method.after_task(0, task)
+    return model, method
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. the Fisher's data contract
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_list_of_two_unlabelled_batches_is_two_batches() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    got = diagonal_fisher(model, [a, b])
+    want = diagonal_fisher(model, torch.cat([a, b]))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+
+
+def test_the_pair_is_a_tuple_and_a_list_that_looks_like_one_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    x, y = torch.randn(10, 3), torch.randint(0, 4, (10,))
+    pair = diagonal_fisher(model, (x, y), "empirical")
+    one_batch = diagonal_fisher(model, [(x, y)], "empirical")
+    for name in pair:
+        torch.testing.assert_close(pair[name], one_batch[name])
+    with pytest.raises(ValueError, match=r"a list is a list of batches.*\(X, y\) pair as a tuple"):
+        diagonal_fisher(model, [x, y], "empirical")
+
+
+def test_ewc_consolidates_on_every_batch_of_a_list() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    listed, whole = EWC(model, lam=1.0), EWC(model, lam=1.0)
+    listed.consolidate([a, b])
+    whole.consolidate(torch.cat([a, b]))
+    for name, f in whole.precisions(0).items():
+        torch.testing.assert_close(listed.precisions(0)[name], f)
