@@ -22,6 +22,8 @@ from ewc import EWC, diagonal_fisher
 from ewc.data import Task
 from ewc.methods import make_method
 from ewc.scenario import Scenario
+from ewc.stream import StreamLearner
+from ewc.taskid import TaskDetector
 
 
 def _copied(state: Any) -> Any:
@@ -108,3 +110,64 @@ def test_ewc_consolidates_on_every_batch_of_a_list() -> None:
     whole.consolidate(torch.cat([a, b]))
     for name, f in whole.precisions(0).items():
         torch.testing.assert_close(listed.precisions(0)[name], f)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. stream labels
+# ---------------------------------------------------------------------------------------------
+
+
+def _stream_learner(**kw: Any) -> StreamLearner:
+    torch.manual_seed(0)
+    return StreamLearner(nn.Linear(4, 3), "ewc", memory=20, **kw)
+
+
+@pytest.mark.parametrize("label", [3, 5, 10**12, 2**40])
+def test_a_label_past_the_model_outputs_changes_nothing(label: int) -> None:
+    learner = _stream_learner()
+    g = torch.Generator().manual_seed(0)
+    learner.partial_fit(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+    before = _copied(learner.state_dict())
+    y = torch.randint(0, 3, (8,), generator=g)
+    y[2] = label
+    with pytest.raises(ValueError, match=rf"y must be class labels in \[0, 3\).*got {label}"):
+        learner.partial_fit(torch.randn(8, 4, generator=g), y)
+    assert _same(_copied(learner.state_dict()), before)
+
+
+def test_the_first_batch_of_a_stream_is_checked_too() -> None:
+    learner = _stream_learner()
+    before = _copied(learner.state_dict())
+    with pytest.raises(ValueError, match=r"class labels in \[0, 3\)"):
+        learner.partial_fit(torch.randn(8, 4), torch.full((8,), 7))
+    assert _same(_copied(learner.state_dict()), before)
+
+
+def test_num_classes_must_match_the_model_outputs() -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        StreamLearner(nn.Linear(4, 3), "sgd", num_classes=5).partial_fit(
+            torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+        )
+
+
+@pytest.mark.parametrize("label", [10**12, 2**40])
+def test_a_huge_label_is_refused_before_the_detector_counts_the_batch(label: int) -> None:
+    det = TaskDetector()
+    det.update(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
+    before = _copied(det.state_dict())
+    with pytest.raises(ValueError, match=r"labels must be class indices < max_classes"):
+        det.update(torch.randn(8, 4), torch.full((8,), label))
+    assert _same(_copied(det.state_dict()), before)
+
+
+def test_max_classes_is_a_setting_and_is_saved() -> None:
+    det = TaskDetector(max_classes=4)
+    det.update(torch.randn(8, 4), torch.full((8,), 3))
+    with pytest.raises(ValueError, match=r"max_classes \(4\), got 4"):
+        det.update(torch.randn(8, 4), torch.full((8,), 4))
+    assert det.n_batches == 1
+    other = TaskDetector()
+    other.load_state_dict(_copied(det.state_dict()))
+    assert other.max_classes == 4
+    with pytest.raises(ValueError, match="max_classes must be a positive integer"):
+        TaskDetector(max_classes=0)

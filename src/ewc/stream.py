@@ -62,7 +62,8 @@ class StreamLearner:
     - ``detector``: a :class:`TaskDetector` (default: ``TaskDetector()``).
     - ``memory``: samples of the current task kept for its consolidation (the last ``memory``).
     - ``optimizer`` (``"sgd"`` or ``"adam"``), ``lr``: the learner's own optimiser.
-    - ``num_classes``: recorded in the shared scenario (optional).
+    - ``num_classes``: recorded in the shared scenario (optional); labels must be below it (and
+      below the model's output width, read from one row at the first batch, in any case).
     """
 
     def __init__(
@@ -91,6 +92,10 @@ class StreamLearner:
             raise ValueError("method_params only apply when method is given by name")
         if not isinstance(method, Method):
             raise ValueError(f"method must be a name or a Method, got {type(method).__name__}")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
         self.model = model
         self.method = method
         self.detector = detector if detector is not None else TaskDetector()
@@ -102,6 +107,8 @@ class StreamLearner:
             raise ValueError("the model has no parameters that require grad")
         self.optimizer: torch.optim.Optimizer = make_optimizer(optimizer, params, self.lr)
         self.method.setup(model, Scenario.shared(num_classes))
+        self.num_classes = num_classes
+        self._outputs: int | None = None  # the model's output width, read at the first batch
         self.current = -1
         self.consolidations: list[int] = []  # task ids passed to after_task, in order
         self.n_batches = 0
@@ -131,6 +138,37 @@ class StreamLearner:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x has NaN or inf values")
         return x
+
+    def _check_y(self, x: Tensor, y: Any) -> Tensor:
+        """Labels: int64, one per row of ``x``, in ``[0, classes)`` (the model's outputs, or
+        ``num_classes``), checked before anything changes."""
+        if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0]:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"y must be a 1-D tensor, one label per row of x ({x.shape[0]}), got {shape}")
+        if y.dtype != torch.long:
+            raise ValueError(f"y must be int64 class labels, got {y.dtype}")
+        if self._outputs is None:  # once: the model's output width, from one row in eval mode
+            was = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    out = self.model(x[:1])
+            finally:
+                self.model.train(was)
+            if not isinstance(out, Tensor) or out.ndim != 2:
+                what = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"the model must return logits [n, classes], got {what}")
+            width = int(out.shape[1])
+            if self.num_classes is not None and self.num_classes > width:
+                raise ValueError(
+                    f"num_classes must be at most the model's outputs ({width}), got {self.num_classes}"
+                )
+            self._outputs = width
+        classes = self.num_classes or self._outputs
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            raise ValueError(f"y must be class labels in [0, {classes}), got {low if low < 0 else high}")
+        return y
 
     # ------------------------------------------------------------------------------------------
     # stream
@@ -174,14 +212,12 @@ class StreamLearner:
 
         The id is the detector's unless ``task_id`` is given: then the given id is used and the
         detector is not consulted (the control "EWC with the true task boundaries"). A learner
-        uses one or the other for its whole life; mixing them is an error.
+        uses one or the other for its whole life; mixing them is an error. Bad input (``y`` not
+        int64 labels in ``[0, classes)``, the classes being the model's outputs or ``num_classes``)
+        is a ValueError before anything changes.
         """
         x = self._check_x(x)
-        if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0]:
-            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-            raise ValueError(f"y must be a 1-D tensor, one label per row of x ({x.shape[0]}), got {shape}")
-        if y.dtype != torch.long:
-            raise ValueError(f"y must be int64 class labels, got {y.dtype}")
+        y = self._check_y(x, y)
         given = task_id is not None
         if self._given is not None and given != self._given:
             raise ValueError(

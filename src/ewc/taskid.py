@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ewc.checks import NON_NEGATIVE, POSITIVE, Interval, check
+from ewc.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval, check
 
 __all__ = ["TaskCapWarning", "TaskDetector"]
 
@@ -67,6 +67,8 @@ class TaskDetector:
     - ``max_tasks``: cap on the number of ids (50), with a ``TaskCapWarning`` when hit.
     - ``label_prior``: Dirichlet concentration per class of the label model used when ``update``
       gets labels (1.0: uniform over the classes seen so far).
+    - ``max_classes``: labels must be below it (100 000): the label counts grow to the largest
+      label seen, so a stray label of 10⁹ would take gigabytes.
     - ``nan_policy``: ``"drop"`` (drop and count non-finite rows) or ``"raise"``.
     - ``features``: ``"linear"`` (projection) or ``"cos"`` (random Fourier features of the
       standardised projection, scaled by ``bandwidth``; measured no better on MNIST streams).
@@ -85,6 +87,7 @@ class TaskDetector:
         temperature: float = 1.0,
         max_tasks: int = 50,
         label_prior: float = 1.0,
+        max_classes: int = 100_000,
         nan_policy: str = "drop",
         features: str = "linear",
         bandwidth: float = 1.0,
@@ -103,6 +106,7 @@ class TaskDetector:
             raise ValueError(f"max_tasks must be a positive int, got {max_tasks!r}")
         self.max_tasks = max_tasks
         self.label_prior = check(float(label_prior), POSITIVE, "label_prior")
+        self.max_classes = int(check(max_classes, POSITIVE_INT, "max_classes"))
         if nan_policy not in ("drop", "raise"):
             raise ValueError(f"nan_policy must be 'drop' or 'raise', got {nan_policy!r}")
         self.nan_policy = nan_policy
@@ -156,6 +160,7 @@ class TaskDetector:
         "temperature",
         "max_tasks",
         "label_prior",
+        "max_classes",
         "nan_policy",
         "features",
         "bandwidth",
@@ -268,9 +273,8 @@ class TaskDetector:
         assert self._scale is not None
         return (z - self._center) / self._scale, y
 
-    @staticmethod
-    def _check_labels(y: Any, n: int) -> torch.Tensor | None:
-        """Labels as an int64 CPU tensor ``[n]`` of class indices >= 0, or ``None``."""
+    def _check_labels(self, y: Any, n: int) -> torch.Tensor | None:
+        """Labels as an int64 CPU tensor ``[n]`` of class indices in ``[0, max_classes)``, or ``None``."""
         if y is None:
             return None
         if not isinstance(y, torch.Tensor):
@@ -282,6 +286,10 @@ class TaskDetector:
         y = y.detach().to("cpu", torch.int64)
         if y.numel() and int(y.min()) < 0:
             raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
+        if y.numel() and int(y.max()) >= self.max_classes:
+            raise ValueError(
+                f"labels must be class indices < max_classes ({self.max_classes}), got {int(y.max())}"
+            )
         return y
 
     @staticmethod
