@@ -171,3 +171,76 @@ def test_max_classes_is_a_setting_and_is_saved() -> None:
     assert other.max_classes == 4
     with pytest.raises(ValueError, match="max_classes must be a positive integer"):
         TaskDetector(max_classes=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. and 4. a failed load changes nothing; non-finite state is refused
+# ---------------------------------------------------------------------------------------------
+
+
+def _detector() -> TaskDetector:
+    det = TaskDetector(proj_dim=8)
+    g = torch.Generator().manual_seed(0)
+    for shift in (0.0, 0.0, 5.0, 5.0):
+        det.update(torch.randn(16, 6, generator=g) + shift, torch.randint(0, 3, (16,), generator=g))
+    return det
+
+
+def _detector_corrupt(kind: str, state: dict) -> dict:
+    if kind == "sum shape":
+        state["sum"] = state["sum"][:, :3]
+    elif kind == "count length":
+        state["count"] = state["count"][:1]
+    elif kind == "labels rows":
+        state["labels"] = state["labels"][:1]
+    elif kind == "proj shape":
+        state["proj"] = state["proj"][:, :4]
+    elif kind == "counter":
+        state["counters"]["current"] = 9
+    elif kind == "counter type":
+        state["counters"]["n_batches"] = "many"
+    elif kind == "config":
+        state["config"]["hazard"] = 2.0
+    elif kind == "missing counter":
+        del state["counters"]["tentative"]
+    elif kind == "nan sum":
+        state["sum"][0, 0] = math.nan
+    elif kind == "inf sumsq":
+        state["sumsq"][1, 2] = math.inf
+    elif kind == "nan scale":
+        state["scale"][0] = math.nan
+    elif kind == "negative count":
+        state["count"][0] = -1.0
+    return state
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sum shape",
+        "count length",
+        "labels rows",
+        "proj shape",
+        "counter",
+        "counter type",
+        "config",
+        "missing counter",
+        "nan sum",
+        "inf sumsq",
+        "nan scale",
+        "negative count",
+    ],
+)
+def test_a_detector_state_that_does_not_fit_changes_nothing(kind: str) -> None:
+    det = _detector()
+    before = _copied(det.state_dict())
+    state = _detector_corrupt(kind, _copied(_detector().state_dict()))
+    with pytest.raises(ValueError, match="TaskDetector state"):
+        det.load_state_dict(state)
+    assert _same(_copied(det.state_dict()), before)
+
+
+def test_a_detector_state_names_the_non_finite_key() -> None:
+    state = _detector_corrupt("nan sum", _copied(_detector().state_dict()))
+    with pytest.raises(ValueError, match=r"TaskDetector state 'sum' must be finite"):
+        TaskDetector().load_state_dict(state)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ewc.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval, check
+from ewc.taskid_state import COUNTERS, check_config, restore
 
 __all__ = ["TaskCapWarning", "TaskDetector"]
 
@@ -166,16 +167,7 @@ class TaskDetector:
         "bandwidth",
         "seed",
     )
-    _COUNTERS = (
-        "in_dim",
-        "current",
-        "tentative",
-        "n_batches",
-        "n_samples",
-        "n_dropped",
-        "cap_hits",
-        "retracted",
-    )
+    _COUNTERS = COUNTERS
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only, loadable with ``torch.load(weights_only=True)``."""
@@ -196,24 +188,18 @@ class TaskDetector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a detector saved by ``state_dict`` (configuration included), to resume a stream."""
-        need = {"config", "counters", "proj", "phase", "lin_center", "lin_scale", "center", "scale"}
-        missing = (need | {"count", "sum", "sumsq"}) - set(state)
-        if missing:
-            raise KeyError(f"TaskDetector state is missing {sorted(missing)}")
-        self.__init__(**state["config"])  # type: ignore[misc]  # validates the configuration
-        for k in self._COUNTERS:
-            setattr(self, k, state["counters"][k])
-        self._proj, self._phase = state["proj"], state["phase"]
-        self._lin_center, self._lin_scale = state["lin_center"], state["lin_scale"]
-        self._center, self._scale = state["center"], state["scale"]
-        self._count = state["count"].to(torch.float64).clone()
-        self._sum = state["sum"].to(torch.float64).clone()
-        self._sumsq = state["sumsq"].to(torch.float64).clone()
-        labels = state.get("labels")
-        k = int(self._count.numel())
-        self._labels = torch.zeros(k, 0, dtype=torch.float64) if labels is None else labels.to(torch.float64)
-        self.history = [dict(h) for h in state.get("history", [])]
+        """Restore a detector saved by ``state_dict`` (configuration included), to resume a stream.
+
+        Everything is checked first (:mod:`ewc.taskid_state`: the configuration, the counters,
+        every tensor's shape and finiteness): a state that does not fit raises ValueError naming
+        the part, and the detector is exactly as it was."""
+        config = check_config(state)
+        try:
+            new = TaskDetector(**config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"TaskDetector state 'config': {err}") from None
+        restore(new, state)
+        self.__dict__.update(new.__dict__)
 
     # ------------------------------------------------------------------------------------------
     # model
