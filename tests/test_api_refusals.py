@@ -20,6 +20,7 @@ from torch import nn
 
 from ewc import EWC, diagonal_fisher
 from ewc.data import Task
+from ewc.memory import Memory
 from ewc.methods import make_method
 from ewc.scenario import Scenario
 from ewc.stream import StreamLearner
@@ -244,3 +245,74 @@ def test_a_detector_state_names_the_non_finite_key() -> None:
     state = _detector_corrupt("nan sum", _copied(_detector().state_dict()))
     with pytest.raises(ValueError, match=r"TaskDetector state 'sum' must be finite"):
         TaskDetector().load_state_dict(state)
+
+
+def _poison(t: torch.Tensor, value: float = math.nan) -> None:
+    """Set the first element of ``t`` to ``value``, in place."""
+    t.view(-1)[0] = value
+
+
+def _corrupt_method(kind: str, state: dict) -> None:
+    if kind == "ewc nan anchor":
+        _poison(state["tasks"][0]["anchor"]["0.weight"])
+    elif kind == "si nan omega":
+        _poison(state["omega"]["2.bias"], math.inf)
+    elif kind == "lwf nan old model":
+        _poison(state["old_model"]["0.weight"])
+    elif kind == "lwf old model shape":
+        state["old_model"]["2.weight"] = torch.zeros(3, 7)
+    elif kind == "lwf old model key":
+        del state["old_model"]["2.bias"]
+    elif kind == "lwf tasks_done":
+        state["tasks_done"] = "one"
+    elif kind == "replay current":
+        state["current"] = "x"
+    elif kind == "replay nan memory":
+        _poison(state["memory"]["x"])
+    elif kind == "compose second part":  # the first part fits (other anchors), the second does not
+        for name, a in state["0:ewc"]["tasks"][0]["anchor"].items():
+            state["0:ewc"]["tasks"][0]["anchor"][name] = a + 1
+        state["1:replay"]["current"] = None
+    elif kind == "compose nan memory":
+        for name, a in state["0:ewc"]["tasks"][0]["anchor"].items():
+            state["0:ewc"]["tasks"][0]["anchor"][name] = a + 1
+        _poison(state["1:replay"]["memory"]["x"], math.inf)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "message"),
+    [
+        ("ewc", "ewc nan anchor", "anchor of '0.weight' must be finite"),
+        ("si", "si nan omega", r"SI state 'omega'\['2.bias'\] must be finite"),
+        ("lwf", "lwf nan old model", r"lwf state 'old_model'\['0.weight'\] must be finite"),
+        ("lwf", "lwf old model shape", r"lwf state 'old_model'\['2.weight'\] must have shape \(3, 8\)"),
+        ("lwf", "lwf old model key", r"lwf state 'old_model' is missing \['2.bias'\]"),
+        ("lwf", "lwf tasks_done", "lwf state 'tasks_done' must be a non-negative integer"),
+        ("replay", "replay current", "replay state 'current' must be a non-negative integer"),
+        ("replay", "replay nan memory", r"memory state 'x' must be finite"),
+        ("ewc+replay", "compose second part", "replay state 'current' must be a non-negative integer"),
+        ("ewc+replay", "compose nan memory", r"memory state 'x' must be finite"),
+    ],
+)
+def test_a_method_state_that_does_not_fit_changes_nothing(name: str, kind: str, message: str) -> None:
+    _, method = _trained(name)
+    _, source = _trained(name)
+    state = _copied(source.state_dict())
+    _corrupt_method(kind, state)
+    before = _copied(method.state_dict())
+    params = [p.detach().clone() for p in method.model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        method.load_state_dict(state)
+    assert _same(_copied(method.state_dict()), before)
+    assert all(torch.equal(p, q) for p, q in zip(method.model.parameters(), params, strict=True))
+
+
+def test_a_memory_state_that_does_not_fit_changes_nothing() -> None:
+    memory = Memory(10)
+    memory.add(torch.randn(12, 3), torch.randint(0, 2, (12,)), 0)
+    state = _copied(memory.state_dict())
+    state["y"] = state["y"].float()
+    before = _copied(memory.state_dict())
+    with pytest.raises(ValueError, match="memory state 'y' must be an integer tensor"):
+        memory.load_state_dict(state)
+    assert _same(_copied(memory.state_dict()), before)
