@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ewc import EWC, diagonal_fisher
+from ewc.checkpoint import load_checkpoint, save_checkpoint
 from ewc.data import Task
 from ewc.memory import Memory
 from ewc.methods import make_method
@@ -316,3 +318,87 @@ def test_a_memory_state_that_does_not_fit_changes_nothing() -> None:
     with pytest.raises(ValueError, match="memory state 'y' must be an integer tensor"):
         memory.load_state_dict(state)
     assert _same(_copied(memory.state_dict()), before)
+
+
+def _fitted_learner(seed: int = 0) -> StreamLearner:
+    torch.manual_seed(seed)
+    learner = StreamLearner(nn.Linear(4, 3), "ewc", memory=20, detector=TaskDetector(proj_dim=4))
+    g = torch.Generator().manual_seed(seed)
+    for shift in (0.0, 0.0, 4.0, 4.0, 4.0):
+        learner.partial_fit(torch.randn(8, 4, generator=g) + shift, torch.randint(0, 3, (8,), generator=g))
+    return learner
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("model", r"StreamLearner state 'model'\['weight'\] must be finite"),
+        ("detector", r"TaskDetector state 'sumsq' must be finite"),
+        ("buffer", r"StreamLearner state 'buffer' must be finite"),
+    ],
+)
+def test_a_stream_state_with_nan_is_refused_and_changes_nothing(where: str, message: str) -> None:
+    learner = _fitted_learner()
+    state = _copied(_fitted_learner(seed=1).state_dict())
+    if where == "model":
+        state["model"]["weight"][0, 0] = math.nan
+    elif where == "detector":
+        state["detector"]["sumsq"][0, 0] = math.inf
+    else:
+        state["buffer"][0][0, 0] = math.nan
+    before = _copied(learner.state_dict())
+    with pytest.raises(ValueError, match=message):
+        learner.load_state_dict(state)
+    assert _same(_copied(learner.state_dict()), before)
+
+
+def _checkpoint(tmp_path: Path, corrupt: Any) -> Path:
+    """A checkpoint of a small MLP trained with EWC on one task, its weights passed to ``corrupt``."""
+    from ewc.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (6,), 3, hidden=(8,))
+    method = make_method("ewc", lam=1.0)
+    scenario = Scenario("domain", [(0, 1, 2)])
+    method.setup(model, scenario)
+    method.after_task(0, _task(0))
+    save_checkpoint(
+        tmp_path / "ck.pt",
+        model,
+        method,
+        name="ewc",
+        params={"lam": 1.0},
+        scenario=scenario,
+        architecture={"model": "mlp", "input_dim": 6, "input_shape": [6], "num_classes": 3, "hidden": [8]},
+    )
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    corrupt(ck["model"])
+    torch.save(ck, tmp_path / "ck.pt")
+    return tmp_path / "ck.pt"
+
+
+def _first_weight(state: dict[str, torch.Tensor]) -> str:
+    return next(k for k in state if k.endswith("weight"))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda s: _poison(s[_first_weight(s)]), r"checkpoint .* 'model'\['.*weight'\] must be finite"),
+        (
+            lambda s: s.update({_first_weight(s): torch.zeros(2, 2)}),
+            r"checkpoint .* 'model'\['.*'\] must have shape",
+        ),
+        (lambda s: s.pop(_first_weight(s)), r"checkpoint .* 'model' is missing"),
+    ],
+)
+def test_a_checkpoint_whose_weights_do_not_fit_is_a_value_error(
+    tmp_path: Path, corrupt: Any, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(_checkpoint(tmp_path, corrupt))
+
+
+def test_a_checkpoint_loads_when_it_fits(tmp_path: Path) -> None:
+    model, method, scenario = load_checkpoint(_checkpoint(tmp_path, lambda s: None))
+    assert method.name == "ewc" and scenario.num_outputs == 3

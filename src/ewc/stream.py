@@ -47,6 +47,7 @@ from ewc.data import Task
 from ewc.methods import Batch, Compose, L2Method, Method, make_method
 from ewc.runtime import OPTIMIZERS, make_optimizer
 from ewc.scenario import Scenario
+from ewc.state import check_finite_state, check_model_state
 from ewc.taskid import TaskDetector
 
 __all__ = ["FORMAT", "StreamLearner"]
@@ -302,9 +303,10 @@ class StreamLearner:
         """Restore a :meth:`state_dict` into a learner built with the same model and method kinds.
 
         Everything is checked before anything changes: format, config, method name, counters,
-        and a trial load of the model, optimiser, method and detector states into copies of
-        them (briefly twice the model's and the method's memory). A state that does not fit
-        raises ValueError and leaves the learner exactly as it was.
+        the model's weights (keys, shapes, finite), and a trial load of the model, optimiser,
+        method and detector states into copies of them (briefly twice the model's and the
+        method's memory). A state that does not fit, or holds NaN / inf weights, statistics or
+        samples, raises ValueError naming the key and leaves the learner exactly as it was.
         """
         buffer, current, consolidations, n_batches, given, feature_shape = self._check_state(state)
         self.model.load_state_dict(state["model"])  # before the method: SI reads the parameters
@@ -330,6 +332,8 @@ class StreamLearner:
         name = state.get("method_name")  # absent in states saved before it was recorded
         if name is not None and name != self.method.name:
             raise ValueError(f"state was saved by method {name!r}, this learner uses {self.method.name!r}")
+        check_model_state(self.model, state["model"], "StreamLearner state 'model'")
+        check_finite_state(state["optimizer"], "StreamLearner state 'optimizer'")
         # copies to load into, the optimiser and the method bound to the model's copy
         model, optimizer, method, detector = copy.deepcopy(
             (self.model, self.optimizer, self.method, self.detector)
@@ -381,6 +385,7 @@ def _parse_counters(state: dict[str, Any]) -> tuple:
         and len(buf[0]) == len(buf[1])
     ):
         buffer = (buf[0].clone(), buf[1].clone())
+        check_finite_state(buf[0], "StreamLearner state 'buffer'")
     else:
         raise ValueError("state 'buffer' must be None or a pair of tensors with as many rows")
     given = state.get("given_ids")
