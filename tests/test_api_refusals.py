@@ -402,3 +402,49 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_a_value_error(
 def test_a_checkpoint_loads_when_it_fits(tmp_path: Path) -> None:
     model, method, scenario = load_checkpoint(_checkpoint(tmp_path, lambda s: None))
     assert method.name == "ewc" and scenario.num_outputs == 3
+
+
+def _agent(game: str) -> Any:
+    pytest.importorskip("minatar")
+    from ewc.rl.config import DQNConfig
+    from ewc.rl.dqn import Agent
+
+    config = DQNConfig(
+        replay_capacity=200, learning_starts=32, target_update=50, eps_decay_steps=100, ewc_min_steps=40
+    )
+    agent = Agent(DQNConfig(**{**config.__dict__, "hidden": 16, "conv_channels": 4}))
+    agent.begin_visit(game)
+    for _ in range(60):
+        agent.step()
+    agent.end_visit()
+    return agent
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("nan weight", r"agent state 'qnet'\['fc.weight'\] must be finite"),
+        ("weight shape", r"agent state 'target'\['fc.weight'\] must have shape"),
+        ("replay dtype", r"replay state 'rewards' must be torch.float32"),
+        ("set aside", r"PolicyEWC state 'set_aside'"),
+        ("counters", "agent state does not fit"),
+    ],
+)
+def test_an_agent_state_that_does_not_fit_changes_nothing(kind: str, message: str) -> None:
+    agent, state = _agent("breakout"), _copied(_agent("asterix").state_dict())
+    if kind == "nan weight":
+        _poison(state["qnet"]["fc.weight"])
+    elif kind == "weight shape":
+        state["target"]["fc.weight"] = state["target"]["fc.weight"][:, :3]
+    elif kind == "replay dtype":
+        buffers = state["replay"]["buffers"]
+        first = next(iter(buffers))
+        buffers[first]["rewards"] = buffers[first]["rewards"].double()
+    elif kind == "set aside":
+        state["method"]["set_aside"] = {"0": {"anchor": {}, "fisher": {}}}
+    else:
+        del state["counters"]["episodes"]
+    before = _copied(agent.state_dict())
+    with pytest.raises(ValueError, match=message):
+        agent.load_state_dict(state)
+    assert _same(_copied(agent.state_dict()), before)
