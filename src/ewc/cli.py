@@ -15,10 +15,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from ewc.checks import Registered
 from ewc.config import default_of, field_check
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line: ``PROG: error: MESSAGE (see PROG --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(text: str) -> int:
+    """An integer flag's reader: digits only (``1e3`` or ``2.5`` is an error that says so)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _tuple_reader(item: type) -> Any:
@@ -85,6 +100,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: Se
                 kind = _tuple_reader(type(default[0]) if default else int)
             else:
                 kind = str if default is None else type(default)
+            kind = _integer if kind is int else kind
             choices = meta.get("choices")
             constraint = field_check(f)
             if isinstance(constraint, Registered):  # the registry as it stands when the parser is built
@@ -128,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ewc.experiments.compare import CompareConfig
     from ewc.experiments.sequence import RunConfig
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ewc", description="Elastic Weight Consolidation: continual learning experiments and tools."
     )
     parser.add_argument("--version", action="version", version=f"ewc {__import__('ewc').__version__}")
@@ -255,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "out", None) is not None and not str(args.out).strip():
+            raise ValueError(f"--out must name a directory, got {args.out!r}")
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"ewc: error: {err}", file=sys.stderr)
