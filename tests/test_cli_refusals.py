@@ -4,8 +4,10 @@ no output directory left behind."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ewc.cli import main
@@ -114,3 +116,48 @@ def test_momentum_with_sgd_is_fine_and_zero_momentum_with_adam_too() -> None:
 
     assert TrainConfig(optimizer="sgd", momentum=0.9).momentum == 0.9
     assert TrainConfig(optimizer="adam", momentum=0.0).optimizer == "adam"
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (0, 2, 2)])
+def test_an_npz_with_no_rows(shape: tuple[int, ...], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    f = tmp_path / "empty.npz"
+    np.savez(f, x=np.zeros(shape), y=np.zeros(0, dtype=int))
+    err = _error(["stream", "--csv", str(f), "--label-column", "y", "--out", str(tmp_path / "o")], capsys)
+    assert f"{f}: no data rows" in err, err
+
+
+def _record(path: Path, record: dict) -> Path:
+    path.mkdir()
+    (path / "results.json").write_text(json.dumps(record))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (
+            {"experiment": "stream", "command": "ewc stream --tasks 3 --out OUT", "learners": []},
+            "is an `ewc stream` run, not an `ewc run`: `ewc stream` wrote its report.md itself; "
+            "to redraw it, run its command again: ewc stream --tasks 3 --out OUT",
+        ),
+        (
+            {"experiment": "rl", "command": "ewc rl --visits 12 --out OUT", "runs": []},
+            "is an `ewc rl` run, not an `ewc run`: `ewc rl` wrote its report.md itself; to redraw it, "
+            "run its command again (it resumes from OUT/checkpoints): ewc rl --visits 12 --out OUT",
+        ),
+        (
+            {"experiment": "kl", "command": "ewc experiment kl --out OUT", "results": {}},
+            "is an `ewc experiment kl` run, not an `ewc run`",
+        ),
+        (
+            {"rows": [], "scenarios": ["task", "class"], "runs": {}},
+            "is an `ewc compare` run: report one scenario's run with `ewc report",
+        ),
+    ],
+)
+def test_report_on_another_kind_of_run_says_which(
+    record: dict, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = _record(tmp_path / "run", record)
+    err = _error(["report", str(run)], capsys)
+    assert message in err, err
