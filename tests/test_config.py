@@ -73,7 +73,7 @@ def test_train_config_validates_every_declared_field() -> None:
         ({"fisher": "diag"}, "fisher must be one of exact, sample, empirical, batched"),
         ({"hidden": (4, 0)}, "hidden must be positive integers"),
         ({"model": "resnet-1000"}, "model must be one of mlp"),
-        ({"threads": 0}, "threads must be a positive integer or None"),
+        ({"threads": 0}, "threads must be an integer in [1, 1024] or None"),
     ]:
         with pytest.raises(
             ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")

@@ -19,7 +19,7 @@ from torch import nn
 from ewc.methods import Method, make_method
 from ewc.models import build_model
 from ewc.scenario import Scenario
-from ewc.state import atomic_save, safe_load
+from ewc.state import atomic_save, check_model_state, safe_load
 
 FORMAT = "ewc.checkpoint/1"
 _KEYS = {"format", "method", "params", "scenario", "architecture", "model", "state"}
@@ -52,17 +52,27 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Method, Scenario]:
-    """The (model, method, scenario) saved at ``path``; a clear ValueError for a foreign file."""
+    """The (model, method, scenario) saved at ``path``; a clear ValueError naming the file for a
+    foreign or damaged file, weights that do not fit the recorded network (missing or extra keys,
+    other shapes) or that are not finite, and a method state that does not load."""
     ck = safe_load(path)
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or set(ck) != _KEYS:
         got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         raise ValueError(f"{os.fspath(path)!r} is not an ewc checkpoint ({FORMAT}); got format {got!r}")
-    model = _build(dict(ck["architecture"]))
+    where = f"checkpoint {os.fspath(path)!r}:"
+    try:
+        model = _build(dict(ck["architecture"]))
+        scenario = Scenario(ck["scenario"]["kind"], ck["scenario"]["task_classes"])
+        method = make_method(ck["method"], **ck["params"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where} its network, scenario or method record does not build ({err})") from None
+    check_model_state(model, ck["model"], f"{where} state 'model'")
     model.load_state_dict(ck["model"])
-    scenario = Scenario(ck["scenario"]["kind"], ck["scenario"]["task_classes"])
-    method = make_method(ck["method"], **ck["params"])
     method.setup(model, scenario)
-    method.load_state_dict(ck["state"])
+    try:
+        method.load_state_dict(ck["state"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where} the {ck['method']} state does not load ({err})") from None
     return model, method, scenario
 
 

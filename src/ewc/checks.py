@@ -173,6 +173,11 @@ POSITIVE_INT = Interval(int, 1)
 NON_NEGATIVE_INT = Interval(int, 0)
 POSITIVE = Interval(float, 0, closed="neither")
 NON_NEGATIVE = Interval(float, 0)
+#: a seed every generator takes (torch's, numpy's, ``seed * 10_007 + i`` included)
+SEED = Interval(int, 0, 2**32 - 1)
+#: torch threads at most (a million threads crashed torch)
+MAX_THREADS = 1024
+THREADS = Interval(int, 1, MAX_THREADS)
 
 
 def check(value: Any, constraint: Constraint, what: str) -> Any:

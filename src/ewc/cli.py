@@ -16,10 +16,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from ewc.checks import Registered
 from ewc.config import default_of, field_check
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line: ``PROG: error: MESSAGE (see PROG --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(text: str) -> int:
+    """An integer flag's reader: digits only (``1e3`` or ``2.5`` is an error that says so)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _tuple_reader(item: type) -> Any:
@@ -86,6 +101,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: Se
                 kind = _tuple_reader(type(default[0]) if default else int)
             else:
                 kind = str if default is None else type(default)
+            kind = _integer if kind is int else kind
             choices = meta.get("choices")
             constraint = field_check(f)
             if isinstance(constraint, Registered):  # the registry as it stands when the parser is built
@@ -138,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ewc.experiments.compare import CompareConfig
     from ewc.experiments.sequence import RunConfig
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ewc", description="Elastic Weight Consolidation: continual learning experiments and tools."
     )
     parser.add_argument("--version", action="version", version=f"ewc {__import__('ewc').__version__}")
@@ -228,10 +244,12 @@ PROGRESS = ("progress", "checkpoints", "*/progress", "*/checkpoints")
 
 
 def _config(args: argparse.Namespace) -> Any:
-    """The command's config, with --out claimed (checked, locked) and tied to its settings."""
-    from ewc.outdir import check_settings
+    """The command's config (validated), then --out claimed (made, proven writable, locked) and,
+    for a resumable command, tied to its settings."""
+    from ewc.outdir import check_settings, claim
 
-    config = config_from(args, args.config_cls)
+    config = config_from(args, args.config_cls)  # bad flags fail here, before --out is made
+    claim(args.out)
     if getattr(args, "resumable", False):
         settings = {"command": args.command_name, **_settings(dataclasses.asdict(config))}
         if check_settings(args.out, settings, restart=args.restart, progress=PROGRESS):
@@ -312,10 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "command_name", None) is not None:  # a command that writes into --out
-            from ewc.outdir import claim
-
-            claim(args.out)
+        if getattr(args, "out", None) is not None and not str(args.out).strip():
+            raise ValueError(f"--out must name a directory, got {args.out!r}")
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"ewc: error: {err}", file=sys.stderr)

@@ -89,7 +89,9 @@ def diagonal_fisher(
             (gaussian), alone or inside what it returns (see ``output``). Evaluated in eval mode;
             training flags, parameters, buffers and ``.grad`` are left as they were.
         data: a DataLoader or any iterable of ``(x, y)`` batches (``x`` alone is enough for
-            ``exact`` and ``sample``), a pair ``(X, y)`` of tensors, or a tensor ``X``. An input
+            ``exact`` and ``sample``), a pair ``(X, y)`` of tensors *as a tuple*, or a tensor
+            ``X``. A list is always a list of batches: ``[xb1, xb2]`` is two unlabelled batches,
+            and a list ``[X, y]`` that looks like the pair is a ValueError. An input
             ``x`` is a tensor (``model(x)``), a tuple of tensors (``model(*x)``) or a mapping
             (``model(**x)``); a mapping batch, or a mapping of whole data, holds its labels
             under ``"labels"``, which is not passed to the model.

@@ -2,6 +2,12 @@
 model called on an input and its outputs picked, the checks on inputs, labels and targets, and
 eval mode for the duration.
 
+The data: a tensor ``X``; an ``(X, y)`` pair, as a *tuple* of two tensors; a mapping of whole
+data; or an iterable of batches (a DataLoader, a list, a generator). A list is always a list of
+batches, never the pair (``[xb1, xb2]`` is two batches); a list ``[X, y]`` whose second tensor holds
+one label per row of the first is refused (give the pair as a tuple). A batch of an iterable may be
+a list or a tuple ``(x, y, ...)``, as a DataLoader collates it.
+
 An input ``x`` is a tensor with a leading batch axis (``model(x)``), a tuple/list of them
 (``model(*x)``), or a mapping of keyword arguments (``model(**x)``; a Hugging Face batch). A
 mapping *batch* (or a mapping of whole data) carries its labels under ``"labels"``: they are
@@ -26,7 +32,7 @@ def batches(
     """Yield ``(x, y)`` batches from any supported data form, truncated to ``max_samples``."""
     if isinstance(data, Tensor):
         source: Iterable = ((data[i : i + batch_size], None) for i in range(0, len(data), batch_size))
-    elif isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+    elif isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         X, Y = data
         if X.dim() == 0 or Y.dim() == 0 or len(X) != len(Y):
             raise ValueError(f"(X, y) pair with mismatched shapes {tuple(X.shape)} and {tuple(Y.shape)}")
@@ -34,6 +40,8 @@ def batches(
     elif isinstance(data, Mapping):
         source = _mapping_batches(data, batch_size)
     elif isinstance(data, Iterable):
+        if isinstance(data, list):
+            _check_not_a_pair(data)
         source = (_split(b) for b in data)
     else:
         raise ValueError(
@@ -58,6 +66,18 @@ def batches(
             raise ValueError(f"this Fisher mode needs labels: give (x, y) batches{where}")
         seen += n
         yield x, y
+
+
+def _check_not_a_pair(data: list) -> None:
+    """A list is a list of batches; ``[X, y]`` (inputs, then one label per row) is refused, not
+    read as two batches (nor, as before, silently as a pair): the pair is a tuple."""
+    if len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        X, Y = data
+        if X.dim() > 0 and Y.dim() == 1 and X.dim() != 1 and len(X) == len(Y):
+            raise ValueError(
+                f"data is a list of two tensors of shapes {tuple(X.shape)} and {tuple(Y.shape)}: a list "
+                "is a list of batches; give an (X, y) pair as a tuple"
+            )
 
 
 def _mapping_batches(data: Mapping, batch_size: int) -> Iterator[tuple[Any, Tensor | None]]:

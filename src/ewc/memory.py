@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ewc.checks import check_int
 from ewc.scenario import Scenario
+from ewc.state import check_finite_state
 
 __all__ = ["FORMAT", "PER", "POLICIES", "Memory", "memory_loss"]
 
@@ -266,13 +267,20 @@ class Memory:
                 raise ValueError("memory state has partial storage")
             x = y = task = slot = None
         else:
+            for name, t in zip(("x", "y", "task", "slot"), tensors, strict=True):
+                if not isinstance(t, Tensor) or t.ndim == 0 or len(t) != self.capacity:
+                    raise ValueError(f"memory state {name!r} must be a tensor of {self.capacity} slots")
+                if name != "x" and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+                    raise ValueError(f"memory state {name!r} must be an integer tensor, got {t.dtype}")
+            check_finite_state(tensors[0], "memory state 'x'")
             x, y, task, slot = (t.clone() for t in tensors)
-            if any(len(t) != self.capacity for t in (x, y, task, slot)):
-                raise ValueError(f"memory storage must hold {self.capacity} slots")
             if slot.numel() and int(slot.max()) >= len(keys):
                 raise ValueError("memory slots refer to unknown groups")
         generator = torch.Generator()
-        generator.set_state(state["generator"])
+        try:
+            generator.set_state(state["generator"])
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"memory state 'generator' is not a generator state ({err})") from None
         self._keys, self._seen = [int(k) for k in keys], [int(s) for s in seen]
         self._x, self._y, self._task, self._slot = x, y, task, slot
         self.generator = generator

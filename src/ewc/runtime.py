@@ -6,19 +6,34 @@ from collections.abc import Iterable
 
 import torch
 
-from ewc.checks import check_count
+from ewc.checks import SEED, THREADS, check
+
+#: the device types a run trains on
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device of a type in :data:`DEVICE_TYPES` that exists here, or a
+    ValueError (a config checks it when it is made, before a run creates anything)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch device such as cpu or cuda, got {device!r}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"device must be a torch device such as cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available")
+    return dev
 
 
 def setup_runtime(seed: int, threads: int | None = None, device: str = "cpu") -> torch.device:
     """Set torch's thread count (None: torch's choice) and global seed; return the checked device."""
+    check(seed, SEED, "seed")
     if threads is not None:
-        torch.set_num_threads(check_count(threads, "threads"))
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device such as cpu or cuda, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        torch.set_num_threads(check(threads, THREADS, "threads"))
+    dev = check_device(device)
     torch.manual_seed(seed)
     return dev
 
@@ -27,12 +42,20 @@ def setup_runtime(seed: int, threads: int | None = None, device: str = "cpu") ->
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 
+def check_optimizer(name: str, momentum: float = 0.0) -> None:
+    """A ValueError for an unknown optimiser, or a momentum that has no effect (Adam's)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if name != "sgd" and momentum != 0:
+        why = "SGD's momentum has no effect on Adam"
+        raise ValueError(f"momentum must be 0 with optimizer {name!r} ({why}), got {momentum!r}")
+
+
 def make_optimizer(
     name: str, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.0
 ) -> torch.optim.Optimizer:
     """``sgd`` (with ``momentum``) or ``adam`` over ``params``; momentum must be 0 for Adam."""
+    check_optimizer(name, momentum)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    return torch.optim.Adam(params, lr=lr)

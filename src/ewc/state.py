@@ -1,10 +1,13 @@
-"""Crash-safe saving and code-free loading of checkpoints.
+"""Crash-safe saving, code-free loading of checkpoints, and checks of what was loaded.
 
 ``atomic_save`` never leaves a half-written file at the target path: a crash or an error
 mid-save leaves the previous checkpoint exactly as it was. ``safe_load`` only accepts tensors
 and plain Python containers (``torch.load(weights_only=True)``), so loading a checkpoint from an
 untrusted source cannot run code, and it turns the many ways a damaged file can fail into one
-``ValueError`` that names the file.
+``ValueError`` that names the file. ``check_finite_state`` and ``check_model_state`` check a loaded
+state before anything is loaded from it: every ``load_state_dict`` of the package checks first
+and changes nothing on error (PyTorch's own ``Module.load_state_dict`` copies the tensors that
+fit before it raises on those that do not).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import torch
+from torch import nn
 
-__all__ = ["atomic_save", "safe_load"]
+__all__ = ["atomic_save", "check_finite_state", "check_model_state", "safe_load"]
 
 PathLike = str | os.PathLike[str]
 
@@ -87,7 +91,7 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         cause = _os_error(exc)  # torch.save wraps a full disk in a RuntimeError
-        if cause is not None and (cause is not exc or cause.filename is None):
+        if cause is not None and cause.errno is not None and (cause is not exc or cause.filename is None):
             raise OSError(cause.errno, cause.strerror, cause.filename or target) from exc
         raise
     _fsync_directory(directory)
@@ -197,3 +201,56 @@ def tensor_bytes(tree: Any) -> int:
     if isinstance(tree, list | tuple):
         return sum(tensor_bytes(v) for v in tree)
     return 0
+
+
+def _key(path: tuple[Any, ...]) -> str:
+    return "".join(f"[{k!r}]" for k in path)
+
+
+def check_finite_state(tree: Any, what: str, *, allow_inf: bool = False) -> None:
+    """A ValueError naming the key (``what['a'][0]``) of the first floating tensor of a nested
+    dict / list / tuple that holds NaN or ±inf (``allow_inf``: NaN only, e.g. a -inf mask)."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                bad = torch.isnan(node) if allow_inf else ~torch.isfinite(node)
+                if bool(bad.any()):
+                    kind = "NaN" if allow_inf else "NaN or infinite"
+                    raise ValueError(
+                        f"{what}{_key(path)} must be finite, got {int(bad.sum())} {kind} value(s)"
+                    )
+        elif isinstance(node, Mapping):
+            stack.extend((path + (k,), v) for k, v in reversed(list(node.items())))
+        elif isinstance(node, list | tuple):
+            stack.extend((path + (i,), v) for i, v in reversed(list(enumerate(node))))
+
+
+def check_model_state(model: nn.Module, state: Any, what: str) -> None:
+    """A ValueError naming ``what`` and the key unless ``model.load_state_dict(state)`` fits: the
+    model's keys exactly, each tensor of its shape and kind (floating or not), parameters finite
+    and buffers free of NaN (a buffer may hold ±inf: an attention mask)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what} must be a dict of tensors, got {type(state).__name__}")
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in state]
+    if missing:
+        raise ValueError(
+            f"{what} is missing {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    extra = [k for k in state if k not in mine]
+    if extra:
+        raise ValueError(f"{what} has keys the model does not: {extra[:5]}")
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for k, ref in mine.items():
+        t = state[k]
+        if not isinstance(ref, torch.Tensor):
+            continue  # a module's extra state: its own load checks it
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{what}[{k!r}] must be a tensor, got {type(t).__name__}")
+        if t.shape != ref.shape:
+            raise ValueError(f"{what}[{k!r}] must have shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+        if t.is_floating_point() != ref.is_floating_point() or t.is_complex() != ref.is_complex():
+            raise ValueError(f"{what}[{k!r}] must be a tensor of dtype {ref.dtype}, got {t.dtype}")
+        check_finite_state(t, f"{what}[{k!r}]", allow_inf=k not in params)

@@ -47,6 +47,7 @@ from ewc.data import Task
 from ewc.methods import Batch, Compose, L2Method, Method, make_method
 from ewc.runtime import OPTIMIZERS, make_optimizer
 from ewc.scenario import Scenario
+from ewc.state import check_finite_state, check_model_state
 from ewc.taskid import TaskDetector
 
 __all__ = ["FORMAT", "StreamLearner"]
@@ -62,7 +63,8 @@ class StreamLearner:
     - ``detector``: a :class:`TaskDetector` (default: ``TaskDetector()``).
     - ``memory``: samples of the current task kept for its consolidation (the last ``memory``).
     - ``optimizer`` (``"sgd"`` or ``"adam"``), ``lr``: the learner's own optimiser.
-    - ``num_classes``: recorded in the shared scenario (optional).
+    - ``num_classes``: recorded in the shared scenario (optional); labels must be below it (and
+      below the model's output width, read from one row at the first batch, in any case).
     """
 
     def __init__(
@@ -91,6 +93,10 @@ class StreamLearner:
             raise ValueError("method_params only apply when method is given by name")
         if not isinstance(method, Method):
             raise ValueError(f"method must be a name or a Method, got {type(method).__name__}")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
         self.model = model
         self.method = method
         self.detector = detector if detector is not None else TaskDetector()
@@ -102,6 +108,8 @@ class StreamLearner:
             raise ValueError("the model has no parameters that require grad")
         self.optimizer: torch.optim.Optimizer = make_optimizer(optimizer, params, self.lr)
         self.method.setup(model, Scenario.shared(num_classes))
+        self.num_classes = num_classes
+        self._outputs: int | None = None  # the model's output width, read at the first batch
         self.current = -1
         self.consolidations: list[int] = []  # task ids passed to after_task, in order
         self.n_batches = 0
@@ -131,6 +139,37 @@ class StreamLearner:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x has NaN or inf values")
         return x
+
+    def _check_y(self, x: Tensor, y: Any) -> Tensor:
+        """Labels: int64, one per row of ``x``, in ``[0, classes)`` (the model's outputs, or
+        ``num_classes``), checked before anything changes."""
+        if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0]:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"y must be a 1-D tensor, one label per row of x ({x.shape[0]}), got {shape}")
+        if y.dtype != torch.long:
+            raise ValueError(f"y must be int64 class labels, got {y.dtype}")
+        if self._outputs is None:  # once: the model's output width, from one row in eval mode
+            was = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    out = self.model(x[:1])
+            finally:
+                self.model.train(was)
+            if not isinstance(out, Tensor) or out.ndim != 2:
+                what = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"the model must return logits [n, classes], got {what}")
+            width = int(out.shape[1])
+            if self.num_classes is not None and self.num_classes > width:
+                raise ValueError(
+                    f"num_classes must be at most the model's outputs ({width}), got {self.num_classes}"
+                )
+            self._outputs = width
+        classes = self.num_classes or self._outputs
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            raise ValueError(f"y must be class labels in [0, {classes}), got {low if low < 0 else high}")
+        return y
 
     # ------------------------------------------------------------------------------------------
     # stream
@@ -174,14 +213,12 @@ class StreamLearner:
 
         The id is the detector's unless ``task_id`` is given: then the given id is used and the
         detector is not consulted (the control "EWC with the true task boundaries"). A learner
-        uses one or the other for its whole life; mixing them is an error.
+        uses one or the other for its whole life; mixing them is an error. Bad input (``y`` not
+        int64 labels in ``[0, classes)``, the classes being the model's outputs or ``num_classes``)
+        is a ValueError before anything changes.
         """
         x = self._check_x(x)
-        if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0]:
-            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-            raise ValueError(f"y must be a 1-D tensor, one label per row of x ({x.shape[0]}), got {shape}")
-        if y.dtype != torch.long:
-            raise ValueError(f"y must be int64 class labels, got {y.dtype}")
+        y = self._check_y(x, y)
         given = task_id is not None
         if self._given is not None and given != self._given:
             raise ValueError(
@@ -266,9 +303,10 @@ class StreamLearner:
         """Restore a :meth:`state_dict` into a learner built with the same model and method kinds.
 
         Everything is checked before anything changes: format, config, method name, counters,
-        and a trial load of the model, optimiser, method and detector states into copies of
-        them (briefly twice the model's and the method's memory). A state that does not fit
-        raises ValueError and leaves the learner exactly as it was.
+        the model's weights (keys, shapes, finite), and a trial load of the model, optimiser,
+        method and detector states into copies of them (briefly twice the model's and the
+        method's memory). A state that does not fit, or holds NaN / inf weights, statistics or
+        samples, raises ValueError naming the key and leaves the learner exactly as it was.
         """
         buffer, current, consolidations, n_batches, given, feature_shape = self._check_state(state)
         self.model.load_state_dict(state["model"])  # before the method: SI reads the parameters
@@ -294,6 +332,8 @@ class StreamLearner:
         name = state.get("method_name")  # absent in states saved before it was recorded
         if name is not None and name != self.method.name:
             raise ValueError(f"state was saved by method {name!r}, this learner uses {self.method.name!r}")
+        check_model_state(self.model, state["model"], "StreamLearner state 'model'")
+        check_finite_state(state["optimizer"], "StreamLearner state 'optimizer'")
         # copies to load into, the optimiser and the method bound to the model's copy
         model, optimizer, method, detector = copy.deepcopy(
             (self.model, self.optimizer, self.method, self.detector)
@@ -345,6 +385,7 @@ def _parse_counters(state: dict[str, Any]) -> tuple:
         and len(buf[0]) == len(buf[1])
     ):
         buffer = (buf[0].clone(), buf[1].clone())
+        check_finite_state(buf[0], "StreamLearner state 'buffer'")
     else:
         raise ValueError("state 'buffer' must be None or a pair of tensors with as many rows")
     given = state.get("given_ids")

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ewc.checks import NON_NEGATIVE, POSITIVE, Interval, check
+from ewc.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval, check
+from ewc.taskid_state import COUNTERS, check_config, restore
 
 __all__ = ["TaskCapWarning", "TaskDetector"]
 
@@ -67,6 +68,8 @@ class TaskDetector:
     - ``max_tasks``: cap on the number of ids (50), with a ``TaskCapWarning`` when hit.
     - ``label_prior``: Dirichlet concentration per class of the label model used when ``update``
       gets labels (1.0: uniform over the classes seen so far).
+    - ``max_classes``: labels must be below it (100 000): the label counts grow to the largest
+      label seen, so a stray label of 10⁹ would take gigabytes.
     - ``nan_policy``: ``"drop"`` (drop and count non-finite rows) or ``"raise"``.
     - ``features``: ``"linear"`` (projection) or ``"cos"`` (random Fourier features of the
       standardised projection, scaled by ``bandwidth``; measured no better on MNIST streams).
@@ -85,6 +88,7 @@ class TaskDetector:
         temperature: float = 1.0,
         max_tasks: int = 50,
         label_prior: float = 1.0,
+        max_classes: int = 100_000,
         nan_policy: str = "drop",
         features: str = "linear",
         bandwidth: float = 1.0,
@@ -103,6 +107,7 @@ class TaskDetector:
             raise ValueError(f"max_tasks must be a positive int, got {max_tasks!r}")
         self.max_tasks = max_tasks
         self.label_prior = check(float(label_prior), POSITIVE, "label_prior")
+        self.max_classes = int(check(max_classes, POSITIVE_INT, "max_classes"))
         if nan_policy not in ("drop", "raise"):
             raise ValueError(f"nan_policy must be 'drop' or 'raise', got {nan_policy!r}")
         self.nan_policy = nan_policy
@@ -156,21 +161,13 @@ class TaskDetector:
         "temperature",
         "max_tasks",
         "label_prior",
+        "max_classes",
         "nan_policy",
         "features",
         "bandwidth",
         "seed",
     )
-    _COUNTERS = (
-        "in_dim",
-        "current",
-        "tentative",
-        "n_batches",
-        "n_samples",
-        "n_dropped",
-        "cap_hits",
-        "retracted",
-    )
+    _COUNTERS = COUNTERS
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only, loadable with ``torch.load(weights_only=True)``."""
@@ -191,24 +188,18 @@ class TaskDetector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a detector saved by ``state_dict`` (configuration included), to resume a stream."""
-        need = {"config", "counters", "proj", "phase", "lin_center", "lin_scale", "center", "scale"}
-        missing = (need | {"count", "sum", "sumsq"}) - set(state)
-        if missing:
-            raise KeyError(f"TaskDetector state is missing {sorted(missing)}")
-        self.__init__(**state["config"])  # type: ignore[misc]  # validates the configuration
-        for k in self._COUNTERS:
-            setattr(self, k, state["counters"][k])
-        self._proj, self._phase = state["proj"], state["phase"]
-        self._lin_center, self._lin_scale = state["lin_center"], state["lin_scale"]
-        self._center, self._scale = state["center"], state["scale"]
-        self._count = state["count"].to(torch.float64).clone()
-        self._sum = state["sum"].to(torch.float64).clone()
-        self._sumsq = state["sumsq"].to(torch.float64).clone()
-        labels = state.get("labels")
-        k = int(self._count.numel())
-        self._labels = torch.zeros(k, 0, dtype=torch.float64) if labels is None else labels.to(torch.float64)
-        self.history = [dict(h) for h in state.get("history", [])]
+        """Restore a detector saved by ``state_dict`` (configuration included), to resume a stream.
+
+        Everything is checked first (:mod:`ewc.taskid_state`: the configuration, the counters,
+        every tensor's shape and finiteness): a state that does not fit raises ValueError naming
+        the part, and the detector is exactly as it was."""
+        config = check_config(state)
+        try:
+            new = TaskDetector(**config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"TaskDetector state 'config': {err}") from None
+        restore(new, state)
+        self.__dict__.update(new.__dict__)
 
     # ------------------------------------------------------------------------------------------
     # model
@@ -268,9 +259,8 @@ class TaskDetector:
         assert self._scale is not None
         return (z - self._center) / self._scale, y
 
-    @staticmethod
-    def _check_labels(y: Any, n: int) -> torch.Tensor | None:
-        """Labels as an int64 CPU tensor ``[n]`` of class indices >= 0, or ``None``."""
+    def _check_labels(self, y: Any, n: int) -> torch.Tensor | None:
+        """Labels as an int64 CPU tensor ``[n]`` of class indices in ``[0, max_classes)``, or ``None``."""
         if y is None:
             return None
         if not isinstance(y, torch.Tensor):
@@ -282,6 +272,10 @@ class TaskDetector:
         y = y.detach().to("cpu", torch.int64)
         if y.numel() and int(y.min()) < 0:
             raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
+        if y.numel() and int(y.max()) >= self.max_classes:
+            raise ValueError(
+                f"labels must be class indices < max_classes ({self.max_classes}), got {int(y.max())}"
+            )
         return y
 
     @staticmethod

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ewc.checkpoint import load_progress, save_progress
-from ewc.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval, Registered, Sizes
+from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, Registered, Sizes
 from ewc.config import param, validate
 from ewc.data import Task
 from ewc.fisher import FISHER_MODES
@@ -30,7 +30,7 @@ from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
 from ewc.metrics import accuracy_from_counts, reduce_counts, summarize
 from ewc.models import MLP_HIDDEN, MODELS, build_model, model_options
-from ewc.runtime import OPTIMIZERS, make_optimizer, setup_runtime
+from ewc.runtime import OPTIMIZERS, check_device, check_optimizer, make_optimizer, setup_runtime
 from ewc.scenario import SCENARIOS, Scenario
 
 
@@ -80,16 +80,22 @@ class TrainConfig:
     params: dict[str, dict[str, Any]] = param(
         help="method → its parameters (--set METHOD.PARAM=VALUE)", default_factory=dict, cli=False
     )
-    seed: int = param(0, "seed for data, permutations and initial weights", check=Interval(int))
+    seed: int = param(0, "seed for data, permutations and initial weights", check=SEED)
     device: str = param("cpu", "cpu or cuda")
     threads: int | None = param(
-        None, "torch threads", type=int, check=Interval(int, 1, allow_none=True), shown="torch's choice"
+        None,
+        "torch threads",
+        type=int,
+        check=Interval(int, 1, MAX_THREADS, allow_none=True),
+        shown="torch's choice",
     )
     progress: bool | None = param(None, "a bar on a terminal (None), always, or never", cli=False)
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
         validate(self)
+        check_optimizer(self.optimizer, self.momentum)
+        check_device(self.device)
 
     def setting(self, name: str) -> Any:
         """A run setting by name; a None setting declared with ``fallback`` reads that one."""

@@ -233,6 +233,8 @@ def _from_npz(
         raise ValueError(f"{path}: 'x' must be [rows, features...], got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise ValueError(f"{path}: 'x' must be numeric, got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{path}: no data rows ('x' has shape {x.shape})")
     x = x.reshape(x.shape[0], -1).astype(np.float64)
     labels = [str(v) for v in get(label, "label").tolist()]
     times = None if timestamp is None else _timestamps(get(timestamp, "timestamp").tolist(), timestamp)

@@ -29,6 +29,7 @@ from ewc.checks import (
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
+    SEED,
     Interval,
     Numbers,
     Registered,
@@ -100,7 +101,7 @@ class Config:
     bins: int = param(
         52, f"histogram bins of log10 F over [{LOG10_RANGE[0]:g}, {LOG10_RANGE[1]:g}]", check=POSITIVE_INT
     )
-    seed: int = param(0, "seed for data, permutations and initial weights", check=NON_NEGATIVE_INT)
+    seed: int = param(0, "seed for data, permutations and initial weights", check=SEED)
     threads: int = param(1, "torch threads per process", check=POSITIVE_INT)
     jobs: int = param(2, "training runs in parallel worker processes", check=POSITIVE_INT)
 

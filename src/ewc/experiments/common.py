@@ -48,7 +48,10 @@ __all__ = [
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:
-    """The output directory, created if needed; a clear error if it is a file."""
+    """The output directory, created if needed; a clear error if it is a file or an empty path
+    (which would be the working directory)."""
+    if not os.fspath(out).strip():
+        raise ValueError(f"--out must name a directory, got {os.fspath(out)!r}")
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {str(path)!r} exists and is not a directory")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp
 
-from ewc.checks import POSITIVE, POSITIVE_INT, Interval
+from ewc.checks import POSITIVE, POSITIVE_INT, SEED, THREADS, Interval
 from ewc.config import validate
 from ewc.data import load_dataset
 from ewc.experiments.common import (
@@ -109,8 +109,8 @@ class Config:
         "the quadratic is accurate while |quadratic/KL − 1| ≤ tolerance",
         check=Interval(float, 0, 1, closed="neither"),
     )
-    seed: int = param(0, "seed of data order, initial weights and directions")
-    threads: int = param(2, "torch threads", check=POSITIVE_INT)
+    seed: int = param(0, "seed of data order, initial weights and directions", check=SEED)
+    threads: int = param(2, "torch threads", check=THREADS)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -21,7 +21,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ewc.checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Numbers, Registered, Sizes
+from ewc.checks import (
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    THREADS,
+    Interval,
+    Numbers,
+    Registered,
+    Sizes,
+)
 from ewc.config import validate
 from ewc.data import DATASETS
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
@@ -81,8 +91,8 @@ class Config:
     )
     fisher_samples: int = param(1000, "samples per task for EWC's Fisher", check=POSITIVE_INT)
     baseline: bool = param(True, "also train plain SGD (no dropout) as a reference")
-    seed: int = param(0, "seed for data, permutations and initial weights", check=NON_NEGATIVE_INT)
-    threads: int = param(1, "torch threads per process", check=POSITIVE_INT)
+    seed: int = param(0, "seed for data, permutations and initial weights", check=SEED)
+    threads: int = param(1, "torch threads per process", check=THREADS)
     jobs: int = param(2, "training runs in parallel worker processes", check=POSITIVE_INT)
 
     def __post_init__(self) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ewc.checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Numbers
+from ewc.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, THREADS, Interval, Numbers
 from ewc.config import validate
 from ewc.data import Dataset, Task, load_dataset, make_sequence, permute_patch
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
@@ -86,8 +86,8 @@ class Config:
     lam: float = param(100.0, "EWC strength λ while learning task 2", check=NON_NEGATIVE)
     fisher_samples: int = param(1000, "training images per task for each Fisher", check=POSITIVE_INT)
     test_samples: int = param(1000, "test images per task for the accuracies", check=POSITIVE_INT)
-    seed: int = param(0, "seed for data, permutations and initial weights", check=NON_NEGATIVE_INT)
-    threads: int = param(1, "torch threads (one is fastest for networks this small)", check=POSITIVE_INT)
+    seed: int = param(0, "seed for data, permutations and initial weights", check=SEED)
+    threads: int = param(1, "torch threads (one is fastest for networks this small)", check=THREADS)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ewc.checks import POSITIVE, POSITIVE_INT, Interval
+from ewc.checks import POSITIVE, POSITIVE_INT, SEED, THREADS, Interval
 from ewc.config import validate
 from ewc.experiments.common import (
     figure_style,
@@ -96,8 +96,8 @@ class Config:
     grid_points: int = param(
         60, "log-spaced numbers of patterns at which curves are recorded", check=POSITIVE_INT
     )
-    seed: int = param(0, "seed of the pattern draws")
-    threads: int = param(1, "torch threads", check=POSITIVE_INT)
+    seed: int = param(0, "seed of the pattern draws", check=SEED)
+    threads: int = param(1, "torch threads", check=THREADS)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ewc.checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Sizes
+from ewc.checks import POSITIVE, POSITIVE_INT, SEED, THREADS, Interval, Sizes
 from ewc.config import validate
 from ewc.data import load_dataset, make_sequence
 from ewc.experiments.common import figure_style, finish, md_table, new_figure, param, setup_runtime
@@ -98,8 +98,8 @@ class Config:
     drop: float = param(
         0.1, "accuracy drop (0.1 = 10 points) whose norm the report gives per kind", check=FRACTION
     )
-    seed: int = param(0, "seed for data, initial weights and noise", check=NON_NEGATIVE_INT)
-    threads: int = param(1, "torch threads (one is fastest for networks this small)", check=POSITIVE_INT)
+    seed: int = param(0, "seed for data, initial weights and noise", check=SEED)
+    threads: int = param(1, "torch threads (one is fastest for networks this small)", check=THREADS)
 
     def __post_init__(self) -> None:
         validate(self)

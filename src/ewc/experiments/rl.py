@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ewc.checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Numbers, Subset
+from ewc.checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Interval, Numbers, Subset
 from ewc.config import validate
 from ewc.experiments.common import check_out_dir, command_line, finish, param
 from ewc.experiments.rl_report import figure_per_game, figure_perturb, figure_total, findings, tables
@@ -142,7 +142,7 @@ class Config:
     )
     steps_per_visit: int = param(DEFAULT_STEPS_PER_VISIT, "env steps per visit", check=POSITIVE_INT)
     order_seed: int = param(
-        DEFAULT_ORDER_SEED, "seed of the game order (one schedule for all runs)", check=NON_NEGATIVE_INT
+        DEFAULT_ORDER_SEED, "seed of the game order (one schedule for all runs)", check=SEED
     )
     methods: tuple[str, ...] = param(
         DEFAULT_METHODS, f"methods, from: {', '.join(METHODS)}", check=Subset(METHODS)
@@ -150,7 +150,7 @@ class Config:
     seeds: tuple[int, ...] = param(
         DEFAULT_SEEDS,
         "agent seeds (one run per method and seed)",
-        check=Numbers(NON_NEGATIVE_INT, distinct=True),
+        check=Numbers(SEED, distinct=True),
     )
     jobs: int = param(
         DEFAULT_JOBS, "runs in parallel worker processes, one torch thread each", check=POSITIVE_INT

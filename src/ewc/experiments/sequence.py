@@ -134,6 +134,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        check_lam_grids(self.method_names(), self.select_lam, self.select_l2_lam)
 
     def method_names(self) -> list[str]:
         """The methods to run (``all``: every registered one)."""
@@ -171,6 +172,24 @@ def run(config: RunConfig, out: str | os.PathLike | None) -> dict[str, Any]:
         out,
         **config.options(),
     )
+
+
+def check_lam_grids(methods: list[str], lam_grid: Any, l2_lam_grid: Any) -> None:
+    """A ValueError for a λ grid that none of ``methods`` would use (it used to be ignored): the
+    ``--lam`` grid tunes the methods whose spec takes λ from ``--lam`` (and from ``--l2-lam`` when
+    that has no grid of its own), the ``--l2-lam`` grid those that take it from ``--l2-lam``."""
+    settings = {METHOD_SPECS[m].lam_setting for m in methods if m in METHOD_SPECS}
+    for flag, grid, uses in (
+        ("--select-lam", lam_grid, {"lam"} if l2_lam_grid else {"lam", "l2_lam"}),
+        ("--select-l2-lam", l2_lam_grid, {"l2_lam"}),
+    ):
+        if grid and not uses & settings:
+            takers = [m for m, spec in METHOD_SPECS.items() if spec.lam_setting in uses]
+            source = " or ".join("--" + u.replace("_", "-") for u in LAM_SETTINGS if u in uses)
+            raise ValueError(
+                f"{flag} has no effect: none of the methods {', '.join(methods)} takes λ from {source} "
+                f"(those that do: {', '.join(takers)})"
+            )
 
 
 def search_grids(
@@ -319,6 +338,7 @@ def run_sequence(
         raise ValueError("no methods given")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    check_lam_grids(methods, lam_grid, l2_lam_grid)
     stray = sorted(set(config.params) - set(methods))
     if stray:
         raise ValueError(f"parameters given for method(s) not run: {', '.join(stray)}")

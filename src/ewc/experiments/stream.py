@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ewc.checks import POSITIVE, POSITIVE_INT, Interval, Registered, Sizes
+from ewc.checks import POSITIVE, POSITIVE_INT, SEED, THREADS, Interval, Registered, Sizes
 from ewc.config import validate
 from ewc.data import DATASETS, load_dataset, make_sequence
 from ewc.data.tabular import NAN_POLICIES, Table, load_table
@@ -110,8 +110,8 @@ class Config:
     lr: float = param(0.003, "Adam learning rate of the learner", check=POSITIVE)
     hidden: tuple[int, ...] = param((100,), "hidden layer sizes of the MLP", check=Sizes())
     memory: int = param(500, "samples of a segment kept for its consolidation (Fisher)", check=POSITIVE_INT)
-    seed: int = param(0, "seed of data, stream, initial weights")
-    threads: int = param(2, "torch threads", check=POSITIVE_INT)
+    seed: int = param(0, "seed of data, stream, initial weights", check=SEED)
+    threads: int = param(2, "torch threads", check=THREADS)
     max_train_per_task: int | None = param(
         None, "subsample each task's training part", type=int, check=Interval(int, 1, allow_none=True)
     )

@@ -95,6 +95,16 @@ class Compose(Method):
         return {key: m.state_dict() for key, m in zip(self._keys(), self.methods, strict=True)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Each part loads its own state; a part that refuses its state (changing nothing) puts
+        the parts loaded before it back as they were, so nothing changes on error."""
         check_state_keys(state, set(self._keys()), self.name)
-        for key, m in zip(self._keys(), self.methods, strict=True):
-            m.load_state_dict(state[key])
+        done: list[tuple[Method, dict[str, Any]]] = []
+        try:
+            for key, m in zip(self._keys(), self.methods, strict=True):
+                before = m.state_dict()
+                m.load_state_dict(state[key])
+                done.append((m, before))
+        except Exception:
+            for m, before in reversed(done):
+                m.load_state_dict(before)
+            raise

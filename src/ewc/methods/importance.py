@@ -22,6 +22,7 @@ from ewc.methods.base import Batch, Method, check_number, check_state_keys
 from ewc.methods.registry import MethodSpec, register
 from ewc.penalty import EWC
 from ewc.scenario import Scenario
+from ewc.state import check_finite_state
 
 
 class _Importance(Method):
@@ -164,6 +165,7 @@ class SIMethod(_Importance):
             t = tensors[n]
             if not isinstance(t, Tensor) or t.shape != p.shape:
                 raise ValueError(f"SI state {what!r}: {n!r} must be a tensor of shape {tuple(p.shape)}")
+            check_finite_state(t, f"SI state {what!r}[{n!r}]")
             out[n] = t.detach().to(device=p.device, dtype=p.dtype, copy=True)
         return out
 

@@ -36,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ewc.checks import check_int
 from ewc.data import Task
 from ewc.methods.base import Batch, Method, check_number
 from ewc.methods.registry import MethodSpec, register
 from ewc.scenario import Scenario
+from ewc.state import check_model_state
 
 
 def distillation(old: Tensor, new: Tensor, temperature: float) -> Tensor:
@@ -116,19 +118,24 @@ class LwFMethod(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Rebuild the old model from the current one's architecture (call after ``setup``)."""
-        unknown = set(state) - {"tasks_done", "old_model"}
-        if unknown or "tasks_done" not in state:
-            raise ValueError(f"lwf: expected keys tasks_done[, old_model], got {sorted(state)}")
-        tasks_done = int(state["tasks_done"])
+        """Rebuild the old model from the current one's architecture (call after ``setup``); the
+        state is checked first (keys, shapes, finite weights): nothing changes on error."""
+        if (
+            not isinstance(state, dict)
+            or set(state) - {"tasks_done", "old_model"}
+            or "tasks_done" not in state
+        ):
+            got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"lwf: expected keys tasks_done[, old_model], got {got}")
+        tasks_done = check_int(state["tasks_done"], "lwf state 'tasks_done'", 0)
         if (tasks_done > 0) != ("old_model" in state):
             raise ValueError(f"lwf: tasks_done={tasks_done} does not match the presence of old_model")
-        self.old_model = None
+        old = None
         if "old_model" in state:
             old = self._frozen_copy()
+            check_model_state(old, state["old_model"], "lwf state 'old_model'")
             old.load_state_dict(state["old_model"])
-            self.old_model = old
-        self.tasks_done = tasks_done
+        self.old_model, self.tasks_done = old, tasks_done
 
 
 register(

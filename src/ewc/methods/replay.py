@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ewc.checks import check_count
+from ewc.checks import check_count, check_int
 from ewc.data import Task
 from ewc.memory import Memory, memory_loss
 from ewc.methods.base import Batch, Method, check_number, check_state_keys
@@ -64,8 +64,9 @@ class EpisodicMethod(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_keys(state, {"memory", "current"}, self.name)
-        self.memory.load_state_dict(state["memory"])
-        self.current = int(state["current"])
+        current = check_int(state["current"], f"{self.name} state 'current'", 0)
+        self.memory.load_state_dict(state["memory"])  # checks it all before it changes anything
+        self.current = current
 
 
 class ReplayMethod(EpisodicMethod):

@@ -22,6 +22,9 @@ def validate_results(results: Any, source: str) -> dict[str, Any]:
 
     if not isinstance(results, dict):
         raise fail(f"top level must be a JSON object, got {type(results).__name__}")
+    other = _other_kind(results, source)
+    if other:
+        raise fail(other)
     for key, typ in (("config", dict), ("tasks", list), ("methods", dict)):
         if key not in results:
             raise fail(f"missing key {key!r}")
@@ -65,6 +68,29 @@ def validate_results(results: Any, source: str) -> dict[str, Any]:
         if ts is not None and (not isinstance(ts, list) or len(ts) != T):
             raise fail(f"{where}['curves']['task_starts'] must have one step per task ({T})")
     return results
+
+
+def _other_kind(results: dict[str, Any], source: str) -> str | None:
+    """What to say when ``results`` is the record of another command than ``ewc run``, else None."""
+    if "tasks" in results and "methods" in results:
+        return None
+    name = results.get("experiment")
+    if isinstance(name, str):
+        cmd = f"ewc {name}" if name in ("stream", "rl") else f"ewc experiment {name}"
+        again = " (it resumes from OUT/checkpoints)" if name == "rl" else ""
+        command = results.get("command")
+        how = f": {command}" if isinstance(command, str) else ""
+        return (
+            f"this is an `{cmd}` run, not an `ewc run`: `{cmd}` wrote its report.md itself; "
+            f"to redraw it, run its command again{again}{how}"
+        )
+    if "rows" in results and isinstance(results.get("scenarios"), list) and results["scenarios"]:
+        run_dir = Path(source).parent
+        return (
+            f"this is an `ewc compare` run: report one scenario's run with `ewc report "
+            f"{run_dir / str(results['scenarios'][0])}` (comparison.md holds the table)"
+        )
+    return None
 
 
 def load_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:

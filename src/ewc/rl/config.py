@@ -14,6 +14,7 @@ from ewc.checks import (
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
+    SEED,
     Boolean,
     Interval,
 )
@@ -116,7 +117,7 @@ class DQNConfig:
         "probability that the game repeats the previous action (MinAtar's sticky actions)",
         check=Interval(float, 0, 1, closed="left"),
     )
-    seed: int = param(0, "seed of the agent (networks, exploration, replay)", check=NON_NEGATIVE_INT)
+    seed: int = param(0, "seed of the agent (networks, exploration, replay)", check=SEED)
     device: str = param(
         "cpu", "where the networks and updates run ('cuda': a GPU; replay stays in CPU memory)"
     )

@@ -22,6 +22,7 @@ from ewc.fisher import diagonal_fisher
 from ewc.methods import Batch, Method
 from ewc.methods.base import check_state_keys
 from ewc.penalty import EWC, Term
+from ewc.quadratic import check_term
 from ewc.rl.qnet import TASK_PREFIX, QNetwork, SharedView
 from ewc.scenario import Scenario
 
@@ -186,12 +187,19 @@ class PolicyEWC(Method):
             {"owners"} if isinstance(state, Mapping) and "owners" in state else set()
         )
         check_state_keys(state, keys, "PolicyEWC")
-        self.reg.load_state_dict(state["penalty"])
+        aside, penalty = state["set_aside"], state["penalty"]  # all checked before the penalty loads
+        if not isinstance(aside, Mapping) or not all(str(k).lstrip("-").isdigit() for k in aside):
+            raise ValueError("PolicyEWC state 'set_aside' must map task contexts to terms")
+        set_aside = {int(k): check_term(v, f"PolicyEWC state 'set_aside'[{k!r}]") for k, v in aside.items()}
+        owners = None
         if "owners" in state and self.mode == "separate":
             owners = [int(t) for t in state["owners"]]
-            if len(owners) != len(self.reg.keys):
-                raise ValueError(f"state has {len(self.reg.keys)} EWC terms but {len(owners)} owners")
+            terms = penalty.get("tasks") if isinstance(penalty, Mapping) else None
+            if not isinstance(terms, list) or len(owners) != len(terms):
+                raise ValueError(f"state's EWC terms and its {len(owners)} owners do not match")
+        self.reg.load_state_dict(penalty)
+        if owners is not None:
             terms = [self.reg.pop(k) for k in self.reg.keys]
             for ctx, term in zip(owners, terms, strict=True):
                 self.reg.restore(ctx, term)
-        self.set_aside = {int(k): v for k, v in state["set_aside"].items()}
+        self.set_aside = set_aside

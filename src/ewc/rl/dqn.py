@@ -53,7 +53,7 @@ from ewc.rl.env import GAMES, NUM_ACTIONS, OBS_SIZE, Game, block_features, check
 from ewc.rl.method import build_method
 from ewc.rl.qnet import QNetwork, SharedView
 from ewc.rl.replay import TaskReplay
-from ewc.state import PathLike, atomic_save, safe_load
+from ewc.state import PathLike, atomic_save, check_model_state, safe_load
 from ewc.taskid import TaskDetector
 
 __all__ = ["FORMAT", "Agent", "td_targets"]
@@ -417,7 +417,22 @@ class Agent:
         """Restore :meth:`state_dict` (same config); a visit in progress resumes with a new episode.
 
         Also reads states of the earlier format (``ewc.rl.agent/1``: the EWC penalty's state and the
-        set-aside terms, and in the oldest ones the terms' ``owners``), as PolicyEWC's state."""
+        set-aside terms, and in the oldest ones the terms' ``owners``), as PolicyEWC's state. A
+        trial load into copies of the networks, optimiser, method, detector and replay comes
+        first: a state that does not fit (or holds NaN / inf weights) is a ValueError and the agent
+        is exactly as it was."""
+        trial = copy.copy(self)
+        parts = ("qnet", "target", "optimizer", "_params", "view", "method", "detector", "replay")
+        for name, part in zip(parts, copy.deepcopy([getattr(self, n) for n in parts]), strict=True):
+            setattr(trial, name, part)
+        trial.gen = torch.Generator()
+        try:
+            trial._load(state)
+        except (KeyError, TypeError, IndexError, RuntimeError, AttributeError) as err:
+            raise ValueError(f"the agent state does not fit this agent: {err!r}") from None
+        self._load(state)
+
+    def _load(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") not in (FORMAT, LEGACY_FORMAT):
             raise ValueError(f"not an agent state (expected format {FORMAT!r})")
         if saved_config(state["config"]) != asdict(self.config):
@@ -426,8 +441,9 @@ class Agent:
         if state["format"] == LEGACY_FORMAT:
             owners = {"owners": state["owners"]} if "owners" in state else {}
             method_state = {"penalty": state["ewc"], "set_aside": state["set_aside"], **owners}
-        self.qnet.load_state_dict(state["qnet"])
-        self.target.load_state_dict(state["target"])
+        for net in ("qnet", "target"):
+            check_model_state(getattr(self, net), state[net], f"agent state {net!r}")
+            getattr(self, net).load_state_dict(state[net])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(method_state)
         self.consolidations = [int(t) for t in state["consolidations"]]

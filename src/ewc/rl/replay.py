@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ewc.checks import check_count
+from ewc.state import check_finite_state
 
 __all__ = ["ReplayBuffer", "TaskReplay", "pack_bits", "unpack_bits"]
 
@@ -119,9 +120,18 @@ class ReplayBuffer:
                 f"this buffer {self.capacity} and {self.obs_shape}"
             )
         n = int(state["size"])
-        if not 0 <= n <= self.capacity or state["obs"].shape[0] != n:
-            raise ValueError(f"replay state is inconsistent: size {n}, {state['obs'].shape[0]} rows")
-        for key in ("obs", "next_obs", "actions", "rewards", "dones"):
+        keys = ("obs", "next_obs", "actions", "rewards", "dones")
+        if not 0 <= n <= self.capacity:
+            raise ValueError(f"replay state is inconsistent: size {n}, capacity {self.capacity}")
+        for key in keys:  # all checked before any is written
+            mine, t = getattr(self, key), state[key]
+            if not isinstance(t, Tensor) or t.dtype != mine.dtype or t.shape != (n, *mine.shape[1:]):
+                what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"replay state {key!r} must be {mine.dtype} {(n, *mine.shape[1:])}, got {what}"
+                )
+        check_finite_state(state["rewards"], "replay state 'rewards'")
+        for key in keys:
             getattr(self, key)[:n] = state[key]
         self.pos, self.size, self.added = int(state["pos"]), n, int(state["added"])
 
