@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ewc.data import load_dataset, make_sequence
-from ewc.train import TrainConfig, run_method
+from ewc.train import Progress, TrainConfig, run_method
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,32 @@ def test_joint_trains_each_sample_on_its_own_head() -> None:
 def test_unknown_scenario_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="scenario must be one of task, domain, class or None, got 'nope'"):
         TrainConfig(scenario="nope")
+
+
+def test_the_progress_bar_reads_its_info_only_when_it_draws(capsys) -> None:
+    """Redrawn at most every `interval` seconds and at the end; `info` is called only then."""
+    calls = []
+
+    def info() -> str:
+        calls.append(1)
+        return "x"
+
+    bar = Progress(5, "t", enabled=True, interval=3600.0)
+    for _ in range(5):
+        bar.update(1, info)
+    assert len(calls) == 2  # the first step and the last
+
+
+def test_the_loop_trains_on_the_penalty_without_computing_its_value(tasks: list, monkeypatch) -> None:
+    """The NaN check looks at the loss without the penalty's value and nothing else reads it, so
+    a run computes the gradient only (the value would cost one more pass per step)."""
+    import ewc.quadratic_eval as quadratic_eval
+
+    values, added = [], []
+    value, add = quadratic_eval.Evaluation.value, quadratic_eval.Evaluation.add_into_grads
+    monkeypatch.setattr(quadratic_eval.Evaluation, "value", lambda self: values.append(1) or value(self))
+    monkeypatch.setattr(
+        quadratic_eval.Evaluation, "add_into_grads", lambda self, idx: added.append(1) or add(self, idx)
+    )
+    run_method(tasks[:2], "online-ewc", config(lam=10.0))
+    assert values == [] and len(added) == 300 // 50  # every step of the second task

@@ -264,10 +264,10 @@ class _AnchoredPenalty:
     def penalty(self) -> Tensor:
         """λ/2 · Σ_k Σ_i F_k,i (θ_i − θ*_k,i)², a 0-dim tensor differentiable w.r.t. the model.
 
-        Zero (a tensor on the model's device) before the first consolidation. The cost does not
-        depend on the number of tasks: one pass over the anchored parameters that writes
-        θ − θ* into a preallocated buffer and λ·F·(θ − θ*), which is the gradient, into a fresh
-        tensor (see :class:`ewc.quadratic.QuadraticPenalty`).
+        Zero (a tensor on the model's device) before the first consolidation. With grad enabled
+        the value is computed when first read (``.item()``, any operation but ``+``), exactly, at
+        the parameters of this call, and ``backward()`` adds λ·F·(θ − θ*) into ``.grad`` in one
+        pass at its end; no cost grows with the number of tasks (:mod:`ewc.quadratic_eval`).
         """
         return self._quad.value(self._lam)
 

@@ -10,7 +10,8 @@ F̄ (θ − θ̄)² + C with F̄ = Σ_k F_k, θ̄ = Σ_k F_k θ*_k / F̄ and a c
 when the terms change (:func:`merge_separate`). Only the rounding of θ̄ to the parameter dtype
 differs from the term-by-term sum: it is as if each anchor moved by at most half an ulp. So the
 cost of :meth:`Quadratic.value` does not depend on the number of terms: one pass over the
-anchored parameters (:class:`QuadraticPenalty`, with a hand-written backward).
+anchored parameters for the gradient, added into ``.grad`` after the backward, and a value
+computed only when read (:mod:`ewc.quadratic_eval`).
 
 Storage: the terms and their merge are kept in a store dtype and on a store device (default:
 each parameter's; ``store_dtype=`` / ``store_device=`` of :class:`ewc.EWC`). The penalty is always
@@ -30,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ewc.quadratic_eval import Evaluation, QuadraticPenalty, Scratch, evaluate, scale_, sum_scalars
 
 __all__ = [
     "Merged",
@@ -63,7 +66,7 @@ class Merged:
     param: Tensor
     anchor: Tensor
     fisher: Tensor
-    diff: Tensor | None = None  # θ − θ*, scratch only (never saved for backward)
+    diff: Tensor | None = None  # θ − θ* of the latest evaluation (its value may still read it)
     zero: Tensor | None = None  # 0-dim zero, the "input" of addcmul
 
 
@@ -96,79 +99,6 @@ def on_device_of(stored: list[Tensor], params: tuple[Tensor, ...] | list[Tensor]
         t if t.device == p.device else t.to(p.device, non_blocking=p.device.type != "cpu")
         for t, p in zip(stored, params, strict=True)
     ]
-
-
-def sum_scalars(parts: list[Tensor]) -> Tensor:
-    """Sum of 0-dim tensors (on the first one's device)."""
-    device = parts[0].device
-    if all(t.device == device for t in parts):
-        return torch.stack(parts).sum()
-    return torch.stack([t.to(device) for t in parts]).sum()
-
-
-def scale_(tensors: list[Tensor], factor: Tensor) -> None:
-    """tensors *= factor (a 0-dim tensor), in place, on whatever devices they live."""
-    if all(t.device == factor.device for t in tensors):
-        torch._foreach_mul_(tensors, factor)
-    else:
-        for t in tensors:
-            t.mul_(factor.to(t.device))
-
-
-class QuadraticPenalty(torch.autograd.Function):
-    """λ/2 · (Σ F·(θ − θ*)² + C) with a hand-written backward.
-
-    The forward computes w = λ·F·(θ − θ*) once, for the value (½·⟨w, θ − θ*⟩) and as the
-    gradient: the backward hands w itself to autograd (scaled in place only if the incoming
-    gradient is not 1), so it costs no pass over memory, and the first gradient to arrive can be
-    stored as ``.grad`` without a copy. Autograd would instead save θ − θ* and redo two
-    multiplies. The only parameter-sized allocation is w: θ − θ* goes into a reused buffer.
-    Under ``create_graph=True`` (or a second backward through a retained graph) the gradient is
-    rebuilt from differentiable ops, so Hessian-vector products through the penalty work.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        lam: float,
-        const: float,
-        anchors: list[Tensor],
-        fishers: list[Tensor],
-        diffs: list[Tensor],
-        zeros: list[Tensor],
-        *params: Tensor,
-    ) -> Tensor:
-        ws, parts = [], []
-        for p, a, f, d, z in zip(params, anchors, fishers, diffs, zeros, strict=True):
-            torch.sub(p, a, out=d)
-            w = torch.addcmul(z, d, f, value=lam)  # λ·F·(θ − θ*), fresh, in one pass
-            ws.append(w)
-            parts.append(torch.dot(w.view(-1), d.view(-1)))
-        total = sum_scalars(parts)
-        ctx.lam, ctx.anchors, ctx.fishers = lam, anchors, fishers
-        ctx.ws = ws  # handed over to autograd by backward; not a saved tensor on purpose
-        ctx.save_for_backward(*params)
-        return total.add_(lam * const).mul_(0.5)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        params = ctx.saved_tensors
-        needs = ctx.needs_input_grad[6:]
-        idx = [i for i in range(len(params)) if needs[i]]
-        ws, ctx.ws = ctx.ws, None
-        grads: list[Tensor | None] = [None] * len(params)
-        if ws is None or torch.is_grad_enabled():
-            # create_graph=True, or w was already given away by an earlier backward.
-            for i in idx:
-                grads[i] = (params[i] - ctx.anchors[i]) * ctx.fishers[i] * (grad_out * ctx.lam)
-        else:
-            # Skip the multiply when grad_out is 1 (loss.backward()); only checked on the CPU,
-            # where reading it costs no device synchronisation.
-            if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
-                scale_([ws[i] for i in idx], grad_out)
-            for i in idx:
-                grads[i] = ws[i]
-        return (None,) * 6 + tuple(grads)
 
 
 def merge_separate(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, float]:
@@ -402,9 +332,9 @@ class Quadratic:
                 break
         return self.merged
 
-    def lists(self) -> tuple[list[Tensor], ...]:
-        """Per-parameter (params, anchors, fishers, diff buffers, zeros), built once per set of
-        merged quadratics (any change of terms or of the parameters makes a new set)."""
+    def lists(self) -> tuple[Any, ...]:
+        """Per-parameter (params, anchors, fishers, diff buffers, zeros) and the buffers' Scratch,
+        built once per set of merged quadratics (any change of terms or parameters makes a new set)."""
         merged = self.current()
         if self._lists is None or self._lists[0] is not merged:
             for t in merged:
@@ -413,20 +343,22 @@ class Quadratic:
                     t.diff = torch.empty(t.anchor.shape, dtype=dtype, device=t.param.device)
                     t.zero = torch.zeros((), dtype=dtype, device=t.param.device)
             fields = ("param", "anchor", "fisher", "diff", "zero")
-            self._lists = (merged, *([getattr(t, f) for t in merged] for f in fields))
+            lists = [[getattr(t, f) for t in merged] for f in fields]
+            self._lists = (merged, *lists, Scratch(lists[0], lists[3]))
         return self._lists[1:]
 
     def value(self, lam: float) -> Tensor:
-        """λ/2 · (Σ F̄ (θ − θ̄)² + C), differentiable w.r.t. the model when grad is enabled;
-        zero (on the model's device) with no terms."""
+        """λ/2 · (Σ F̄ (θ − θ̄)² + C), differentiable w.r.t. the model when grad is enabled (then
+        computed when read: :mod:`ewc.quadratic_eval`); zero (on the model's device) with no terms."""
         if not self.merged:
             first = next(self.model.parameters(), None)
             return torch.zeros((), device=first.device if first is not None else None)
-        params, anchors, fishers, diffs, zeros = self.lists()
+        params, anchors, fishers, diffs, zeros, scratch = self.lists()
         if self.device is not None:  # stored on another device: copied over for this evaluation
             anchors, fishers = on_device_of(anchors, params), on_device_of(fishers, params)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return QuadraticPenalty.apply(lam, self.const, anchors, fishers, diffs, zeros, *params)
+            ev = Evaluation(scratch, lam, self.const, params, anchors, fishers, diffs, zeros)
+            return evaluate(ev)
         with torch.no_grad():
             parts = []
             for p, a, f, d in zip(params, anchors, fishers, diffs, strict=True):

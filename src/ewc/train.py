@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,6 +26,7 @@ from ewc.checkpoint import load_progress, save_progress
 from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, Registered, Sizes
 from ewc.config import param, validate
 from ewc.data import Task
+from ewc.deferred import known_part
 from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
@@ -161,17 +163,26 @@ def accuracies(
 
 
 class Progress:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise. It is redrawn at
+    most every ``interval`` seconds (and at the end); ``info`` may be a function, called only then
+    (reading the loss there computes a penalty's value only for the steps shown)."""
 
-    def __init__(self, total: int, label: str, enabled: bool | None = None):
+    def __init__(self, total: int, label: str, enabled: bool | None = None, interval: float = 0.1):
         self.total, self.label, self.n = total, label, 0
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.start = time.perf_counter()
+        self.interval, self.drawn = interval, -math.inf
 
-    def update(self, k: int = 1, info: str = "") -> None:
+    def update(self, k: int = 1, info: str | Callable[[], str] = "") -> None:
         self.n += k
         if not self.enabled:
             return
+        now = time.perf_counter()
+        if now - self.drawn < self.interval and self.n < self.total:
+            return
+        self.drawn = now
+        if callable(info):
+            info = info()
         frac = self.n / max(1, self.total)
         bar = "#" * int(30 * frac)
         rate = self.n / max(1e-9, time.perf_counter() - self.start)
@@ -279,7 +290,9 @@ def run_method(
                 which = i if ids is None else ids[idx].to(device)
                 task_loss = scenario.cross_entropy(out, yb, which, seen=i)
                 loss = method.loss(task_loss, Batch(xb, yb, out, i))
-                if not torch.isfinite(loss):
+                # without a penalty's value, which is computed only when read (a penalty that
+                # overflows reaches the task loss through the parameters a step later)
+                if not torch.isfinite(known_part(loss)):
                     raise ValueError(
                         f"{method.name}: training diverged on task {i + 1} at step {step} "
                         f"(loss {loss.item()}); "
@@ -296,7 +309,7 @@ def run_method(
                     evaluate(i)
                     model.train()
                 if bar.enabled:
-                    bar.update(1, f"task {i + 1}/{len(tasks)} loss {loss.item():.3f}")
+                    bar.update(1, lambda i=i, loss=loss: f"task {i + 1}/{len(tasks)} loss {loss.item():.3f}")
         if curves.steps[-1] != step:
             evaluate(i)
         model.eval()
