@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from ewc.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval, Registered, Sizes
 from ewc.config import param, validate
-from ewc.data import Task
+from ewc.data import Task, TaskSequence
 from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
@@ -183,7 +184,7 @@ class _Curves:
 
 
 def run_method(
-    tasks: list[Task],
+    tasks: Sequence[Task],
     method: str | Method,
     config: TrainConfig,
     scenario: str | Scenario | None = None,
@@ -211,8 +212,7 @@ def run_method(
     model = build_model(config.model, input_shape, scenario.num_outputs, **options).to(device)
     method.setup(model, scenario)
 
-    tests = [(t.x_test.to(device), t.y_test.to(device)) for t in tasks]
-    subsets = [(x[: config.curve_samples], y[: config.curve_samples]) for x, y in tests]
+    tests, subsets = _test_parts(tasks, device), _test_parts(tasks, device, config.curve_samples)
     baseline = [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
     curves = _Curves()
     matrix: list[list[float]] = []
@@ -306,6 +306,33 @@ def run_method(
     out["model"] = model
     out["method"] = method
     return out
+
+
+class _LazyTestParts(Sequence[tuple[Tensor, Tensor]]):
+    """Every task's test part ``(x, y)`` (its first ``rows``), built from the task when read."""
+
+    def __init__(self, tasks: TaskSequence, device: torch.device, rows: int | None):
+        self.tasks, self.device, self.rows = tasks, device, rows
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, j: Any) -> Any:
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
+        task = self.tasks[j]
+        x, y = task.x_test[: self.rows], task.y_test[: self.rows]
+        return x.to(self.device), y.to(self.device)
+
+
+def _test_parts(
+    tasks: Sequence[Task], device: torch.device, rows: int | None = None
+) -> Sequence[tuple[Tensor, Tensor]]:
+    """The test parts evaluated after every task: a lazy sequence's are built when evaluated
+    (memory bounded by its cache, not by the number of tasks); a list's are moved once."""
+    if isinstance(tasks, TaskSequence):
+        return _LazyTestParts(tasks, device, rows)
+    return [(t.x_test[:rows].to(device), t.y_test[:rows].to(device)) for t in tasks]
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

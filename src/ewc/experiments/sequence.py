@@ -11,6 +11,7 @@ import dataclasses
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 import ewc
 from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers, Registered
 from ewc.config import param, parse_floats, parse_setting, validate
-from ewc.data import DATASETS, SEQUENCES, Task, load_dataset, make_sequence
+from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, load_dataset, make_sequence
 from ewc.experiments.common import check_out_dir, write_json
 from ewc.methods import METHOD_SPECS, make_method
 from ewc.methods.registry import LAM_SETTINGS, combinations
@@ -198,9 +199,11 @@ def with_params(config: TrainConfig, method: str, params: dict[str, Any]) -> Tra
     return dataclasses.replace(config, params=merged)
 
 
-def validation_tasks(tasks: list[Task]) -> list[Task]:
+def validation_tasks(tasks: Sequence[Task]) -> Sequence[Task]:
     """The same tasks with their validation parts in place of the test parts (for tuning)."""
-    return [dataclasses.replace(t, x_test=t.x_val, y_test=t.y_val) for t in tasks]
+    if isinstance(tasks, TaskSequence):
+        return tasks.validation()  # still built when read
+    return [t.validation() for t in tasks]
 
 
 def choose_lam(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
@@ -226,13 +229,13 @@ def _job(spec: tuple) -> dict[str, Any]:
     return res
 
 
-_TASK_CACHE: dict[tuple, tuple[list[Task], int]] = {}
+_TASK_CACHE: dict[tuple, tuple[TaskSequence, int]] = {}
 
 
 def build_tasks(
     sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
-) -> tuple[list[Task], int]:
-    """The task sequence and the number of classes (built once per process)."""
+) -> tuple[TaskSequence, int]:
+    """The task sequence (its tasks built when read) and the number of classes (once per process)."""
     key = (sequence, data, n_tasks, seed, max_train, data_root)
     if key not in _TASK_CACHE:
         _TASK_CACHE.clear()
@@ -348,9 +351,9 @@ def run_sequence(
         {
             "name": t.name,
             "classes": list(t.classes),
-            "n_train": len(t.x_train),
-            "n_val": len(t.x_val),
-            "n_test": len(t.x_test),
+            "n_train": len(t.y_train),
+            "n_val": len(t.y_val),
+            "n_test": len(t.y_test),
         }
         for t in tasks
     ]
