@@ -1,4 +1,5 @@
-"""Task sequences are built when read: time and memory grow with the tasks used, not with --tasks.
+"""Task sequences are built when read: time and memory grow with the tasks used, not with --tasks;
+requests that cannot fit are refused at once.
 
 Task ``k`` read from a sequence equals task ``k`` built eagerly (the recipe in ewc.data.sequences,
 and fingerprints of the tasks the eager code built before, so existing seeds keep their data).
@@ -9,17 +10,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ewc.cli import main
 from ewc.data import Dataset, Task, TaskSequence, load_dataset, make_sequence
 from ewc.data.tasks import PartCache
+from ewc.experiments.sequence import RunConfig
 from ewc.experiments.stream import Config, sequence_stream
 from ewc.train import TrainConfig, run_method
 
@@ -205,3 +210,20 @@ def test_a_stream_builds_only_the_tasks_it_streams() -> None:
         stream = sequence_stream(config)
     assert [name for name, _, _ in stream.tests] == ["task 0", "task 1"]
     assert stream.in_dim == 784 and set(stream.true_ids or []) == {0, 1}
+
+
+def test_requests_that_cannot_fit_are_refused_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ValueError, match=r"tasks must be an integer in \[1, 1000\], got 100000"):
+        RunConfig(sequence="permuted", tasks=100_000)
+    assert RunConfig(sequence="permuted", tasks=1000).tasks == 1000
+    split = "tasks must be at most 5 for a split sequence of mnist-10k (10 classes, 2 per task), got 6"
+    with pytest.raises(ValueError, match=re.escape(split)):
+        RunConfig(sequence="split", tasks=6)
+    with pytest.raises(ValueError, match=re.escape(split)):
+        Config(sequence="split", tasks=6, schedule=(0, 1))
+    assert Config(tasks=100_000, schedule=(0, 1)).tasks == 100_000  # permuted: any number of tasks
+    with deadline(30):
+        assert main(["run", "split", "--tasks", "6", "--out", str(tmp_path / "run")]) == 2
+        assert main(["stream", "--sequence", "split", "--tasks", "6", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.count(split) == 2
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()

@@ -8,7 +8,7 @@ tasks = make_sequence(ds, "permuted", 5, seed=0)
 
 from ewc.data.datasets import DATASETS, Dataset, DatasetSpec, load_dataset, register_dataset
 from ewc.data.idx import check_pair, read_idx
-from ewc.data.sequences import SEQUENCES, make_sequence, patch_permutation, permute_patch
+from ewc.data.sequences import SEQUENCES, check_task_count, make_sequence, patch_permutation, permute_patch
 from ewc.data.sources import ChecksumError, DataNotFoundError
 from ewc.data.tasks import Task, TaskSequence
 
@@ -22,6 +22,7 @@ __all__ = [
     "Task",
     "TaskSequence",
     "check_pair",
+    "check_task_count",
     "load_dataset",
     "make_sequence",
     "patch_permutation",

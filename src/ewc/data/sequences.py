@@ -35,6 +35,7 @@ __all__ = [
     "SEQUENCES",
     "Task",
     "TaskSequence",
+    "check_task_count",
     "make_sequence",
     "patch_permutation",
     "permute_patch",
@@ -122,6 +123,19 @@ def _images(x: np.ndarray, idx: np.ndarray) -> torch.Tensor:
 
 def _labels(y: np.ndarray, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(y[idx], dtype=np.int64))
+
+
+def check_task_count(
+    kind: str, n_tasks: int, dataset: str, num_classes: int, classes_per_task: int = 2
+) -> None:
+    """A ValueError unless a ``kind`` sequence of ``dataset`` can have ``n_tasks`` tasks (a split
+    sequence has one group of ``classes_per_task`` classes per task; the others have no limit)."""
+    most = num_classes // classes_per_task
+    if kind == "split" and n_tasks > most:
+        raise ValueError(
+            f"tasks must be at most {most} for a split sequence of {dataset} ({num_classes} classes, "
+            f"{classes_per_task} per task), got {n_tasks}"
+        )
 
 
 class _Builder:

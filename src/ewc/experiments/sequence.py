@@ -20,7 +20,7 @@ import torch
 import ewc
 from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers, Registered
 from ewc.config import param, parse_floats, parse_setting, validate
-from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, load_dataset, make_sequence
+from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, check_task_count, load_dataset, make_sequence
 from ewc.experiments.common import check_out_dir, write_json
 from ewc.methods import METHOD_SPECS, make_method
 from ewc.methods.registry import LAM_SETTINGS, combinations
@@ -29,6 +29,8 @@ from ewc.scenario import Scenario
 from ewc.train import TrainConfig, method_params, run_method
 
 DEFAULT_METHODS = "sgd,l2,ewc,online-ewc,joint"
+#: the most tasks ``ewc run`` / ``ewc compare`` take: tasks² evaluations, a tasks × tasks matrix
+MAX_TASKS = 1000
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,12 @@ class RunConfig:
     data_root: str | None = param(
         None, "directory with the dataset files", type=str, shown="$EWC_DATA, cache, system"
     )
-    tasks: int = param(10, "number of tasks", check=POSITIVE_INT)
+    tasks: int = param(
+        10,
+        f"number of tasks (at most {MAX_TASKS}: every task is tested after every task, so the time "
+        "and the accuracy matrix grow as tasks²)",
+        check=Interval(int, 1, MAX_TASKS),
+    )
     methods: str = methods_param(DEFAULT_METHODS)
     select_lam: tuple[float, ...] | None = param(
         None,
@@ -132,6 +139,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        check_task_count(self.sequence, self.tasks, self.data, DATASETS[self.data].num_classes)
 
     def method_names(self) -> list[str]:
         """The methods to run (``all``: every registered one)."""

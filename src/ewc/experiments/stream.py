@@ -29,7 +29,7 @@ import torch
 
 from ewc.checks import POSITIVE, POSITIVE_INT, Interval, Registered, Sizes
 from ewc.config import validate
-from ewc.data import DATASETS, load_dataset, make_sequence
+from ewc.data import DATASETS, check_task_count, load_dataset, make_sequence
 from ewc.data.tabular import NAN_POLICIES, Table, load_table
 from ewc.experiments.common import (
     check_out_dir,
@@ -148,6 +148,8 @@ class Config:
         object.__setattr__(self, "schedule", parse_schedule(self.schedule))
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         validate(self)
+        if self.csv is None:
+            check_task_count(self.sequence, self.tasks, self.data, DATASETS[self.data].num_classes)
         bad = [t for t in self.schedule if not 0 <= t < self.tasks]
         if bad:
             raise ValueError(
