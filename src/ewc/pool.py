@@ -4,6 +4,9 @@ Each job runs in this process when there is one worker or one job, otherwise in 
 process (``spawn``: no forked torch state, the same start on every platform). Results come back in
 the order of the specs, whatever order the workers finish in; the first failing job's exception is
 raised in the caller. Jobs print their own progress (a worker's stdout is the caller's).
+
+The pool decides nothing about threads: a job sets the torch threads its spec names
+(:func:`ewc.runtime.torch_threads`), so it computes the same numbers in a worker as in this process.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ def run_jobs(
 
     ``fn`` must be a module-level function and the specs picklable (they cross process
     boundaries). ``for_workers``, if given, replaces each spec before it is sent to a worker (e.g.
-    one torch thread and no progress bar per worker); it is not applied on the in-process path, so
-    ``jobs <= 1`` runs the specs exactly as given.
+    no progress bar); it must not change what a job computes. It is not applied on the in-process
+    path, so ``jobs <= 1`` runs the specs exactly as given.
     """
     specs = list(specs)
     if jobs <= 1 or len(specs) <= 1:

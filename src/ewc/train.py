@@ -27,7 +27,7 @@ from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
 from ewc.metrics import accuracy_from_counts, reduce_counts, summarize
 from ewc.models import MLP_HIDDEN, MODELS, build_model, model_options
-from ewc.runtime import OPTIMIZERS, make_optimizer, setup_runtime
+from ewc.runtime import DEFAULT_THREADS, OPTIMIZERS, make_optimizer, setup_runtime, torch_threads
 from ewc.scenario import SCENARIOS, Scenario
 
 
@@ -80,7 +80,11 @@ class TrainConfig:
     seed: int = param(0, "seed for data, permutations and initial weights", check=Interval(int))
     device: str = param("cpu", "cpu or cuda")
     threads: int | None = param(
-        None, "torch threads", type=int, check=Interval(int, 1, allow_none=True), shown="torch's choice"
+        DEFAULT_THREADS,
+        "torch threads of each training run, also in each --jobs worker (the numbers depend on it, "
+        "not on --jobs); None in the library: the calling process's setting",
+        type=int,
+        check=Interval(int, 1, allow_none=True),
     )
     progress: bool | None = param(None, "a bar on a terminal (None), always, or never", cli=False)
 
@@ -195,13 +199,23 @@ def run_method(
     natural one: domain-incremental when all tasks share their classes, class-incremental
     otherwise) decides the output layer's width and which outputs each task is trained and
     evaluated on. R[i][j] is evaluated after task i on task j's head (class-IL: the classes of
-    tasks 0..max(i, j)).
+    tasks 0..max(i, j)). The run uses ``config.threads`` torch threads (recorded as ``threads``;
+    the process's setting is restored afterwards).
     """
+    with torch_threads(config.threads) as threads:
+        out = _train(tasks, method, config, scenario)
+    out["threads"] = threads
+    return out
+
+
+def _train(
+    tasks: Sequence[Task], method: str | Method, config: TrainConfig, scenario: str | Scenario | None
+) -> dict[str, Any]:
     if not tasks:
         raise ValueError("no tasks to train on")
     if not isinstance(scenario, Scenario):
         scenario = Scenario.for_tasks(scenario or config.scenario, [t.classes for t in tasks])
-    device = setup_runtime(config.seed, config.threads, config.device)
+    device = setup_runtime(config.seed, None, config.device)  # threads: set by run_method
     if isinstance(method, str):
         method = make_method(method, **method_params(method, config))
     input_shape = tuple(tasks[0].x_train.shape[1:])

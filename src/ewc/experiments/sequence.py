@@ -25,6 +25,7 @@ from ewc.experiments.common import check_out_dir, write_json
 from ewc.methods import METHOD_SPECS, make_method
 from ewc.methods.registry import LAM_SETTINGS, combinations
 from ewc.pool import run_jobs
+from ewc.runtime import run_threads
 from ewc.scenario import Scenario
 from ewc.train import TrainConfig, method_params, run_method
 
@@ -132,7 +133,10 @@ class RunConfig:
         None, "subsample train parts", type=int, check=Interval(int, 1, allow_none=True)
     )
     jobs: int = param(
-        1, "methods trained in parallel worker processes, one torch thread each", check=POSITIVE_INT
+        1,
+        "methods trained in parallel worker processes, each with --threads torch threads (the "
+        "numbers do not depend on --jobs)",
+        check=POSITIVE_INT,
     )
     quiet: bool = param(False, "no progress bar")
     train: TrainConfig = param(help="training settings", default_factory=TrainConfig, nested=True)
@@ -256,17 +260,17 @@ def build_tasks(
 def run_all(specs: list[tuple], jobs: int) -> list[dict[str, Any]]:
     """Run independent training jobs, in parallel worker processes when ``jobs`` > 1.
 
-    On CPU each worker runs one torch thread, so that ``jobs`` processes use ``jobs`` cores
-    without oversubscribing them. Every run is seeded: with the same thread count (e.g.
-    ``--threads 1``) the results do not depend on ``jobs``.
+    Every run is seeded and uses its config's thread count (``--threads``, 1 by default) wherever
+    it runs, so the results do not depend on ``jobs``; ``jobs`` workers use ``jobs × threads``
+    cores.
     """
-    return run_jobs(_job, specs, jobs, for_workers=_one_thread)
+    return run_jobs(_job, specs, jobs, for_workers=_no_progress)
 
 
-def _one_thread(spec: tuple) -> tuple:
-    """A job spec as a worker runs it: one torch thread, no progress bar."""
+def _no_progress(spec: tuple) -> tuple:
+    """A job spec as a worker runs it: no progress bar (workers share the caller's terminal)."""
     key, method, config, *rest = spec
-    return (key, method, dataclasses.replace(config, threads=1, progress=False), *rest)
+    return (key, method, dataclasses.replace(config, progress=False), *rest)
 
 
 def run_sequence(
@@ -310,6 +314,7 @@ def run_sequence(
     for m in methods:  # bad parameters fail here, before any training
         make_method(m, **method_params(m, config))
     out_dir = check_out_dir(out) if out is not None else None
+    config = dataclasses.replace(config, threads=run_threads(config.threads))  # the same in every worker
     key = (sequence, data, n_tasks, max_train_per_task, data_root)
     tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train_per_task, data_root)
 
