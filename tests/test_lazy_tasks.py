@@ -227,3 +227,13 @@ def test_requests_that_cannot_fit_are_refused_at_once(tmp_path: Path, capsys: py
         assert main(["stream", "--sequence", "split", "--tasks", "6", "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err.count(split) == 2
     assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
+
+
+def test_joint_fills_its_union_one_task_at_a_time(mnist10k: Dataset) -> None:
+    from ewc.methods.base import Joint
+
+    tasks = make_sequence(mnist10k, "permuted", 3, max_train_per_task=40, max_eval_per_task=10)
+    x, y, ids = Joint().train_data(2, tasks)
+    assert torch.equal(x, torch.cat([t.x_train for t in tasks])) and x.is_contiguous()
+    assert torch.equal(y, torch.cat([t.y_train for t in tasks]))
+    assert ids.tolist() == [0] * 40 + [1] * 40 + [2] * 40

@@ -291,6 +291,7 @@ def _train(
         if curves.steps[-1] != step:
             evaluate(i)
         model.eval()
+        del data, x, y, ids  # the task's training data: not held while the next task's is built
         method.after_task(i, task)
         t0 = time.perf_counter()
         matrix.append(accuracies(model, tests, scenario, i))

@@ -128,10 +128,20 @@ class Joint(Method):
         self.name = "joint" if budget == "task" else "joint-cumulative"
 
     def train_data(self, index: int, tasks: Sequence[Task]) -> tuple[Tensor, Tensor, Tensor]:
-        """The union of tasks 0..index, with each sample's task id (for task-specific heads)."""
+        """The union of tasks 0..index, with each sample's task id (for task-specific heads).
+
+        The union is filled one task at a time (a lazy sequence builds each task's images then), so
+        at most one task's images exist besides it; the same values as ``torch.cat``."""
         seen = tasks[: index + 1]
         ids = torch.cat([torch.full((len(t.y_train),), k, dtype=torch.long) for k, t in enumerate(seen)])
-        return torch.cat([t.x_train for t in seen]), torch.cat([t.y_train for t in seen]), ids
+        first = seen[0].x_train
+        x = first.new_empty((len(ids), *first.shape[1:]))
+        start = 0
+        for k, t in enumerate(seen):
+            part = first if k == 0 else t.x_train
+            x[start : start + len(part)] = part
+            start += len(part)
+        return x, torch.cat([t.y_train for t in seen]), ids
 
     def epoch_size(self, index: int, tasks: Sequence[Task]) -> int:
         if self.budget == "task":
