@@ -114,7 +114,7 @@ def test_every_setting_has_one_flag_and_every_flag_one_setting() -> None:
 def test_a_flag_reaches_the_method_through_its_spec() -> None:
     parser = build_parser()
     args = parser.parse_args(
-        ["run", "split", "--lam", "7", "--l2-lam", "0.5", "--gamma", "0.9", "--out", "x"]
+        ["run", "split", "--tasks", "5", "--lam", "7", "--l2-lam", "0.5", "--gamma", "0.9", "--out", "x"]
     )
     train = config_from(args, RunConfig).training()
     assert method_params("ewc", train) == {

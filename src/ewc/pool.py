@@ -11,6 +11,9 @@ within a second once its parent is gone (a SIGKILL of the parent gives it no cha
 and an orphan would keep writing into ``--out`` for whoever resumes). Ctrl-C (or any exception) in
 the parent cancels the jobs not started and terminates the running workers at once instead of
 waiting for them to finish.
+
+The pool decides nothing about threads: a job sets the torch threads its spec names
+(:func:`ewc.runtime.torch_threads`), so it computes the same numbers in a worker as in this process.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def run_jobs(
 
     ``fn`` must be a module-level function and the specs picklable (they cross process
     boundaries). ``for_workers``, if given, replaces each spec before it is sent to a worker (e.g.
-    one torch thread and no progress bar per worker); it is not applied on the in-process path, so
-    ``jobs <= 1`` runs the specs exactly as given.
+    no progress bar); it must not change what a job computes. It is not applied on the in-process
+    path, so ``jobs <= 1`` runs the specs exactly as given.
     """
     specs = list(specs)
     if jobs <= 1 or len(specs) <= 1:

@@ -1,12 +1,19 @@
-"""The one place that decides threads, seeds and device for a run, and how optimisers are built."""
+"""The one place that decides threads, seeds and device for a run, and how optimisers are built.
+
+Threads: a training run uses the thread count its config names (``TrainConfig.threads``, 1 by
+default), in this process or in a ``--jobs`` worker alike. The count must not depend on where a
+run happens: torch's CPU kernels split their work by thread count, so a 64-row matmul with 1 and
+with 2 threads differs in its last bits, and training carries that into the reported accuracies.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
-from ewc.checks import SEED, THREADS, check
+from ewc.checks import SEED, THREADS, check, check_count
 
 #: the device types a run trains on
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -26,6 +33,28 @@ def check_device(device: str) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r} requested but MPS is not available")
     return dev
+
+
+#: torch threads of one training run unless a config says otherwise (the same with or without
+#: ``--jobs``, on any machine, so the numbers are too)
+DEFAULT_THREADS = 1
+
+
+def run_threads(threads: int | None) -> int:
+    """The thread count a run uses: ``threads``, or (None) this process's current torch setting."""
+    return torch.get_num_threads() if threads is None else check_count(threads, "threads")
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``threads`` torch threads (None: as set), then restore the setting."""
+    before = torch.get_num_threads()
+    n = run_threads(threads)
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def setup_runtime(seed: int, threads: int | None = None, device: str = "cpu") -> torch.device:

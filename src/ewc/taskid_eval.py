@@ -46,7 +46,8 @@ def make_stream(
     true_ids: list[int] = []
     for t in map(int, schedule):
         task = tasks[t]
-        n = len(task.x_train)
+        x, y = task.x_train, task.y_train  # read once per segment (a lazy task builds them then)
+        n = len(x)
         if n < batch_size:
             raise ValueError(f"task {t} has {n} training samples, fewer than batch_size={batch_size}")
         for _ in range(int(rng.integers(min_len, max_len + 1))):
@@ -54,7 +55,7 @@ def make_stream(
                 order[t], pos[t] = rng.permutation(n), 0
             idx = torch.as_tensor(order[t][pos[t] : pos[t] + batch_size])
             pos[t] += batch_size
-            batches.append((task.x_train[idx], task.y_train[idx]))
+            batches.append((x[idx], y[idx]))
             true_ids.append(t)
     return batches, true_ids
 

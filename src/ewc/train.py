@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,14 +25,22 @@ from torch import Tensor, nn
 from ewc.checkpoint import load_progress, save_progress
 from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, Registered, Sizes
 from ewc.config import param, validate
-from ewc.data import Task
+from ewc.data import Task, TaskSequence
 from ewc.deferred import known_part
 from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
 from ewc.metrics import accuracy_from_counts, reduce_counts, summarize
 from ewc.models import MLP_HIDDEN, MODELS, build_model, model_options
-from ewc.runtime import OPTIMIZERS, check_device, check_optimizer, make_optimizer, setup_runtime
+from ewc.runtime import (
+    DEFAULT_THREADS,
+    OPTIMIZERS,
+    check_device,
+    check_optimizer,
+    make_optimizer,
+    setup_runtime,
+    torch_threads,
+)
 from ewc.scenario import SCENARIOS, Scenario
 
 
@@ -85,11 +93,11 @@ class TrainConfig:
     seed: int = param(0, "seed for data, permutations and initial weights", check=SEED)
     device: str = param("cpu", "cpu or cuda")
     threads: int | None = param(
-        None,
-        "torch threads",
+        DEFAULT_THREADS,
+        "torch threads of each training run, also in each --jobs worker (the numbers depend on it, "
+        "not on --jobs); None in the library: the calling process's setting",
         type=int,
         check=Interval(int, 1, MAX_THREADS, allow_none=True),
-        shown="torch's choice",
     )
     progress: bool | None = param(None, "a bar on a terminal (None), always, or never", cli=False)
 
@@ -204,7 +212,7 @@ class _Curves:
 
 
 def run_method(
-    tasks: list[Task],
+    tasks: Sequence[Task],
     method: str | Method,
     config: TrainConfig,
     scenario: str | Scenario | None = None,
@@ -221,13 +229,27 @@ def run_method(
     natural one: domain-incremental when all tasks share their classes, class-incremental
     otherwise) decides the output layer's width and which outputs each task is trained and
     evaluated on. R[i][j] is evaluated after task i on task j's head (class-IL: the classes of
-    tasks 0..max(i, j)).
+    tasks 0..max(i, j)). The run uses ``config.threads`` torch threads (recorded as ``threads``;
+    the process's setting is restored afterwards).
     """
+    with torch_threads(config.threads) as threads:
+        out = _train(tasks, method, config, scenario, progress)
+    out["threads"] = threads
+    return out
+
+
+def _train(
+    tasks: Sequence[Task],
+    method: str | Method,
+    config: TrainConfig,
+    scenario: str | Scenario | None,
+    progress: str | os.PathLike | None,
+) -> dict[str, Any]:
     if not tasks:
         raise ValueError("no tasks to train on")
     if not isinstance(scenario, Scenario):
         scenario = Scenario.for_tasks(scenario or config.scenario, [t.classes for t in tasks])
-    device = setup_runtime(config.seed, config.threads, config.device)
+    device = setup_runtime(config.seed, None, config.device)  # threads: set by run_method
     if isinstance(method, str):
         method = make_method(method, **method_params(method, config))
     input_shape = tuple(tasks[0].x_train.shape[1:])
@@ -238,8 +260,7 @@ def run_method(
     model = build_model(config.model, input_shape, scenario.num_outputs, **options).to(device)
     method.setup(model, scenario)
 
-    tests = [(t.x_test.to(device), t.y_test.to(device)) for t in tasks]
-    subsets = [(x[: config.curve_samples], y[: config.curve_samples]) for x, y in tests]
+    tests, subsets = _test_parts(tasks, device), _test_parts(tasks, device, config.curve_samples)
     baseline = [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
     curves = _Curves()
     matrix: list[list[float]] = []
@@ -313,6 +334,7 @@ def run_method(
         if curves.steps[-1] != step:
             evaluate(i)
         model.eval()
+        del data, x, y, ids  # the task's training data: not held while the next task's is built
         method.after_task(i, task)
         t0 = time.perf_counter()
         matrix.append(accuracies(model, tests, scenario, i))
@@ -348,20 +370,48 @@ def run_method(
     return out
 
 
-def _identity(method: Method, config: TrainConfig, scenario: Scenario, tasks: list[Task]) -> str:
+def _identity(method: Method, config: TrainConfig, scenario: Scenario, tasks: Sequence[Task]) -> str:
     """A digest of what a run's results depend on: the method and its parameters, the settings,
-    the scenario, the tasks' names and the first task's first rows (a dataset or sequence seed
-    of its own changes them; the other tasks are not read, so lazily made ones stay unmade)."""
+    the scenario, the number of tasks and the first task's name and first rows (a dataset or
+    sequence of its own changes them; the other tasks are not read, so lazy ones stay unmade)."""
     digest = hashlib.sha256()
     settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
     head = [method.name, method_params(method.name, config) if method.name in METHOD_SPECS else None]
     head += [settings, scenario.kind, [list(c) for c in scenario.task_classes]]
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
-    digest.update(json.dumps([t.name for t in tasks]).encode())
-    for part in (tasks[0].x_train, tasks[0].y_train):
+    first = tasks[0]
+    digest.update(json.dumps([len(tasks), first.name]).encode())
+    for part in (first.x_train, first.y_train):
         digest.update(str((tuple(part.shape), str(part.dtype))).encode())
         digest.update(part[:16].detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+class _LazyTestParts(Sequence[tuple[Tensor, Tensor]]):
+    """Every task's test part ``(x, y)`` (its first ``rows``), built from the task when read."""
+
+    def __init__(self, tasks: TaskSequence, device: torch.device, rows: int | None):
+        self.tasks, self.device, self.rows = tasks, device, rows
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, j: Any) -> Any:
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
+        task = self.tasks[j]
+        x, y = task.x_test[: self.rows], task.y_test[: self.rows]
+        return x.to(self.device), y.to(self.device)
+
+
+def _test_parts(
+    tasks: Sequence[Task], device: torch.device, rows: int | None = None
+) -> Sequence[tuple[Tensor, Tensor]]:
+    """The test parts evaluated after every task: a lazy sequence's are built when evaluated
+    (memory bounded by its cache, not by the number of tasks); a list's are moved once."""
+    if isinstance(tasks, TaskSequence):
+        return _LazyTestParts(tasks, device, rows)
+    return [(t.x_test[:rows].to(device), t.y_test[:rows].to(device)) for t in tasks]
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

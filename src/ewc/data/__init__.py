@@ -8,8 +8,9 @@ tasks = make_sequence(ds, "permuted", 5, seed=0)
 
 from ewc.data.datasets import DATASETS, Dataset, DatasetSpec, load_dataset, register_dataset
 from ewc.data.idx import check_pair, read_idx
-from ewc.data.sequences import SEQUENCES, Task, make_sequence, patch_permutation, permute_patch
+from ewc.data.sequences import SEQUENCES, check_task_count, make_sequence, patch_permutation, permute_patch
 from ewc.data.sources import ChecksumError, DataNotFoundError
+from ewc.data.tasks import Task, TaskSequence
 
 __all__ = [
     "DATASETS",
@@ -19,7 +20,9 @@ __all__ = [
     "Dataset",
     "DatasetSpec",
     "Task",
+    "TaskSequence",
     "check_pair",
+    "check_task_count",
     "load_dataset",
     "make_sequence",
     "patch_permutation",

@@ -6,6 +6,11 @@ the same sequence and task ``k`` does not depend on ``n_tasks`` (except the defa
 angles, which are spread over ``n_tasks``). Each ``Task`` records its transform and the dataset
 indices it uses, so a run can be reproduced and audited.
 
+Tasks are built when they are read (:class:`ewc.data.tasks.TaskSequence`): making a sequence of
+100 000 tasks costs no images, and a task's images are built when they are read, with the same
+values as if every task had been built up front; validation and test parts are kept in the
+sequence's bounded cache (``cache_bytes``), training parts are built on each read.
+
 The validation part of a task is carved out of the dataset's *training* split (stratified by
 class, the same images for every task); hyper-parameters are chosen on it. The test part comes
 from the dataset's test split and is never used for choices.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,10 +29,13 @@ import torch.nn.functional as F
 
 from ewc.checks import check_int
 from ewc.data.datasets import Dataset, load_dataset, stratified_split
+from ewc.data.tasks import CACHE_BYTES, PartCache, Task, TaskSequence
 
 __all__ = [
     "SEQUENCES",
     "Task",
+    "TaskSequence",
+    "check_task_count",
     "make_sequence",
     "patch_permutation",
     "permute_patch",
@@ -41,35 +49,6 @@ SEQUENCES: tuple[str, ...] = ("permuted", "split", "rotated")
 _VAL_SPLIT, _PERMUTATION, _SUB_TRAIN, _SUB_VAL, _SUB_TEST = range(5)
 
 
-@dataclass(frozen=True, eq=False)
-class Task:
-    """One task: float32 images ``[n, 1, H, W]`` in [0, 1] and int64 global class labels.
-
-    ``classes`` are the (global) labels the task draws from; ``transform`` describes the input
-    transform (kind, seed, permutation or angle, class group); ``indices`` are the rows of the
-    dataset used for train/val (into its train split) and test (into its test split).
-    """
-
-    name: str
-    index: int
-    x_train: torch.Tensor = field(repr=False)
-    y_train: torch.Tensor = field(repr=False)
-    x_val: torch.Tensor = field(repr=False)
-    y_val: torch.Tensor = field(repr=False)
-    x_test: torch.Tensor = field(repr=False)
-    y_test: torch.Tensor = field(repr=False)
-    classes: tuple[int, ...]
-    transform: dict[str, Any] = field(default_factory=dict, repr=False)
-    indices: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-
-    def __repr__(self) -> str:
-        extra = {k: v for k, v in self.transform.items() if k != "permutation"}
-        return (
-            f"Task(name={self.name!r}, index={self.index}, train={len(self.y_train)}, "
-            f"val={len(self.y_val)}, test={len(self.y_test)}, classes={self.classes}, transform={extra})"
-        )
-
-
 def _rng(seed: int, purpose: int, task: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(purpose, task)))
 
@@ -77,7 +56,9 @@ def _rng(seed: int, purpose: int, task: int = 0) -> np.random.Generator:
 def permute_pixels(x: torch.Tensor, permutation: np.ndarray) -> torch.Tensor:
     """Images ``[n, C, H, W]`` with the pixels reordered: output pixel ``i`` is input pixel ``perm[i]``."""
     perm = torch.as_tensor(np.asarray(permutation), dtype=torch.long)
-    return x.flatten(2)[:, :, perm].reshape(x.shape)
+    # rows × pixels, index_select along the last dim: one allocation, no expanded index (3x faster
+    # than x.flatten(2)[:, :, perm], 9x faster than index_select on the 3-D view)
+    return x.reshape(-1, x.shape[2] * x.shape[3]).index_select(1, perm).reshape(x.shape)
 
 
 def patch_permutation(height: int, width: int, size: int, rng: np.random.Generator | int) -> np.ndarray:
@@ -144,6 +125,130 @@ def _labels(y: np.ndarray, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(y[idx], dtype=np.int64))
 
 
+def check_task_count(
+    kind: str, n_tasks: int, dataset: str, num_classes: int, classes_per_task: int = 2
+) -> None:
+    """A ValueError unless a ``kind`` sequence of ``dataset`` can have ``n_tasks`` tasks (a split
+    sequence has one group of ``classes_per_task`` classes per task; the others have no limit)."""
+    most = num_classes // classes_per_task
+    if kind == "split" and n_tasks > most:
+        raise ValueError(
+            f"tasks must be at most {most} for a split sequence of {dataset} ({num_classes} classes, "
+            f"{classes_per_task} per task), got {n_tasks}"
+        )
+
+
+class _Builder:
+    """Builds task ``k`` of a sequence on demand; keeps permutations of the tasks read and images
+    (in a :class:`PartCache`). Every value is the one the eager construction gave."""
+
+    def __init__(self, ds: Dataset, kind: str, n_tasks: int, seed: int, options: dict[str, Any]):
+        self.ds, self.kind, self.n_tasks, self.seed = ds, kind, n_tasks, seed
+        self.first_identity = options["first_identity"]
+        self.angles = options["angles"]
+        self.per_task = options["classes_per_task"]
+        self.caps = (options["max_train_per_task"], options["max_eval_per_task"])
+        self.cache = PartCache(options["cache_bytes"])
+        self.fit_idx, self.val_idx = stratified_split(
+            ds.y_train, options["val_fraction"], _rng(seed, _VAL_SPLIT)
+        )
+        self.n_pixels = math.prod(ds.image_shape)
+        self._permutations: dict[int, np.ndarray] = {}
+        self._split: dict[int, tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]] = {}
+        self._base: dict[str, torch.Tensor] = {}
+        # permuted / rotated tasks transform the same base images: one set of indices and labels
+        self._shared = None if kind == "split" else self._parts(tuple(range(ds.num_classes)))
+
+    def _parts(self, classes: tuple[int, ...]) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """The dataset rows of a task's train / val / test parts and their labels."""
+        ds, test_idx = self.ds, np.arange(len(self.ds.y_test))
+        if self.kind == "split":
+            tr = self.fit_idx[np.isin(ds.y_train[self.fit_idx], classes)]
+            va = self.val_idx[np.isin(ds.y_train[self.val_idx], classes)]
+            te = test_idx[np.isin(ds.y_test, classes)]
+        else:
+            tr, va, te = self.fit_idx, self.val_idx, test_idx
+        # Subsamples do not depend on k: permuted/rotated tasks transform the same base images.
+        max_train, max_eval = self.caps
+        idx = {
+            "train": _subsample(tr, max_train, _rng(self.seed, _SUB_TRAIN)),
+            "val": _subsample(va, max_eval, _rng(self.seed, _SUB_VAL)),
+            "test": _subsample(te, max_eval, _rng(self.seed, _SUB_TEST)),
+        }
+        labels = {
+            "train": _labels(ds.y_train, idx["train"]),
+            "val": _labels(ds.y_train, idx["val"]),
+            "test": _labels(ds.y_test, idx["test"]),
+        }
+        return idx, labels
+
+    def _classes(self, k: int) -> tuple[int, ...]:
+        if self.kind == "split":
+            return tuple(range(k * self.per_task, (k + 1) * self.per_task))
+        return tuple(range(self.ds.num_classes))
+
+    def permutation(self, k: int) -> np.ndarray:
+        if k not in self._permutations:
+            identity = self.first_identity and k == 0
+            perm = (
+                np.arange(self.n_pixels)
+                if identity
+                else _rng(self.seed, _PERMUTATION, k).permutation(self.n_pixels)
+            )
+            self._permutations[k] = perm
+        return self._permutations[k]
+
+    def angle(self, k: int) -> float:
+        return self.angles[k] if self.angles is not None else 180.0 * k / self.n_tasks
+
+    def images(self, k: int, part: str, rows: np.ndarray) -> torch.Tensor:
+        """Task ``k``'s images of ``part`` (its ``rows`` of the dataset): built, or (validation and
+        test parts, read at every evaluation) from the cache."""
+        if part == "train":
+            return self._build_images(k, part, rows)
+        return self.cache.get((k, part), partial(self._build_images, k, part, rows))
+
+    def _build_images(self, k: int, part: str, rows: np.ndarray) -> torch.Tensor:
+        if self._shared is None:  # split: each task its own rows
+            return _images(self.ds.x_test if part == "test" else self.ds.x_train, rows)
+        # Permuted / rotated tasks transform one base tensor per part, scaled once and kept: a
+        # task's part is then one allocation of its final size, without temporaries.
+        if part not in self._base:
+            self._base[part] = _images(self.ds.x_test if part == "test" else self.ds.x_train, rows)
+        base = self._base[part]
+        if self.kind == "rotated":
+            return rotate_images(base, self.angle(k))
+        return base.clone() if self.first_identity and k == 0 else permute_pixels(base, self.permutation(k))
+
+    def task(self, k: int) -> Task:
+        classes = self._classes(k)
+        if self._shared is None and k not in self._split:
+            self._split[k] = self._parts(classes)  # at most num_classes // classes_per_task of them
+        idx, labels = self._shared if self._shared is not None else self._split[k]
+        transform: dict[str, Any] = {"kind": self.kind, "seed": self.seed, "dataset": self.ds.name}
+        if self.kind == "permuted":
+            identity = self.first_identity and k == 0
+            transform.update(identity=identity, permutation=self.permutation(k).tolist())
+        elif self.kind == "rotated":
+            transform["angle"] = self.angle(k)
+        else:
+            transform["classes"] = list(classes)
+        x = {part: partial(self.images, k, part, idx[part]) for part in ("train", "val", "test")}
+        return Task(
+            name=f"{self.kind}-{k}",
+            index=k,
+            x_train=x["train"],
+            y_train=labels["train"],
+            x_val=x["val"],
+            y_val=labels["val"],
+            x_test=x["test"],
+            y_test=labels["test"],
+            classes=classes,
+            transform=transform,
+            indices=dict(idx),
+        )
+
+
 def make_sequence(
     dataset: Dataset | str,
     kind: str,
@@ -156,8 +261,9 @@ def make_sequence(
     classes_per_task: int = 2,
     max_train_per_task: int | None = None,
     max_eval_per_task: int | None = None,
-) -> list[Task]:
-    """Build ``n_tasks`` tasks of ``kind`` (one of ``SEQUENCES``) from ``dataset`` (or its name).
+    cache_bytes: int = CACHE_BYTES,
+) -> TaskSequence:
+    """``n_tasks`` tasks of ``kind`` (one of ``SEQUENCES``) from ``dataset`` (or its name).
 
     - ``permuted``: a fixed random pixel permutation per task; task 0 is the identity when
       ``first_identity``. All tasks share the label set.
@@ -168,6 +274,11 @@ def make_sequence(
     ``val_fraction`` of each class of the training split becomes the validation part.
     ``max_train_per_task`` / ``max_eval_per_task`` subsample train / val and test for quick runs
     (the same base images for every permuted or rotated task).
+
+    The result is a :class:`~ewc.data.tasks.TaskSequence`: task ``k`` is built when it is read,
+    its images when they are read; validation and test parts are kept up to ``cache_bytes`` in
+    all (0: none kept), training parts are built on each read.
+    Labels are shared by the tasks of a permuted or rotated sequence (one tensor per part).
     """
     if kind not in SEQUENCES:
         raise ValueError(f"unknown sequence kind {kind!r}; valid kinds: {', '.join(SEQUENCES)}")
@@ -194,53 +305,14 @@ def make_sequence(
             f"split: {n_tasks} tasks of {classes_per_task} classes need {n_tasks * classes_per_task} "
             f"classes, {ds.name} has {ds.num_classes} (at most {ds.num_classes // classes_per_task} tasks)"
         )
-    if kind == "rotated" and angles is None:
-        angles = [180.0 * k / n_tasks for k in range(n_tasks)]
-
-    fit_idx, val_idx = stratified_split(ds.y_train, float(val_fraction), _rng(seed, _VAL_SPLIT))
-    test_idx = np.arange(len(ds.y_test))
-    n_pixels = math.prod(ds.image_shape)
-    tasks: list[Task] = []
-    for k in range(n_tasks):
-        if kind == "split":
-            classes = tuple(range(k * classes_per_task, (k + 1) * classes_per_task))
-            tr = fit_idx[np.isin(ds.y_train[fit_idx], classes)]
-            va = val_idx[np.isin(ds.y_train[val_idx], classes)]
-            te = test_idx[np.isin(ds.y_test, classes)]
-        else:
-            classes = tuple(range(ds.num_classes))
-            tr, va, te = fit_idx, val_idx, test_idx
-        # Subsamples do not depend on k: permuted/rotated tasks transform the same base images.
-        tr = _subsample(tr, max_train_per_task, _rng(seed, _SUB_TRAIN))
-        va = _subsample(va, max_eval_per_task, _rng(seed, _SUB_VAL))
-        te = _subsample(te, max_eval_per_task, _rng(seed, _SUB_TEST))
-
-        xs = [_images(ds.x_train, tr), _images(ds.x_train, va), _images(ds.x_test, te)]
-        transform: dict[str, Any] = {"kind": kind, "seed": seed, "dataset": ds.name}
-        if kind == "permuted":
-            identity = first_identity and k == 0
-            perm = np.arange(n_pixels) if identity else _rng(seed, _PERMUTATION, k).permutation(n_pixels)
-            transform.update(identity=identity, permutation=perm.tolist())
-            xs = [permute_pixels(x, perm) for x in xs]
-        elif kind == "rotated":
-            assert angles is not None
-            transform["angle"] = angles[k]
-            xs = [rotate_images(x, angles[k]) for x in xs]
-        else:
-            transform["classes"] = list(classes)
-        tasks.append(
-            Task(
-                name=f"{kind}-{k}",
-                index=k,
-                x_train=xs[0],
-                y_train=_labels(ds.y_train, tr),
-                x_val=xs[1],
-                y_val=_labels(ds.y_train, va),
-                x_test=xs[2],
-                y_test=_labels(ds.y_test, te),
-                classes=classes,
-                transform=transform,
-                indices={"train": tr, "val": va, "test": te},
-            )
-        )
-    return tasks
+    options = {
+        "val_fraction": float(val_fraction),
+        "first_identity": first_identity,
+        "angles": angles,
+        "classes_per_task": classes_per_task,
+        "max_train_per_task": max_train_per_task,
+        "max_eval_per_task": max_eval_per_task,
+        "cache_bytes": cache_bytes,
+    }
+    builder = _Builder(ds, kind, n_tasks, seed, options)
+    return TaskSequence(n_tasks, builder.task, cache=builder.cache)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,18 @@ import torch
 import ewc
 from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers, Registered
 from ewc.config import param, parse_floats, parse_setting, validate
-from ewc.data import DATASETS, SEQUENCES, Task, load_dataset, make_sequence
+from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, check_task_count, load_dataset, make_sequence
 from ewc.experiments.common import check_out_dir, write_json
 from ewc.methods import METHOD_SPECS, make_method
 from ewc.methods.registry import LAM_SETTINGS, combinations
 from ewc.pool import run_jobs
+from ewc.runtime import run_threads
 from ewc.scenario import Scenario
 from ewc.train import TrainConfig, method_params, run_method
 
 DEFAULT_METHODS = "sgd,l2,ewc,online-ewc,joint"
+#: the most tasks ``ewc run`` / ``ewc compare`` take: tasks² evaluations, a tasks × tasks matrix
+MAX_TASKS = 1000
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,12 @@ class RunConfig:
     data_root: str | None = param(
         None, "directory with the dataset files", type=str, shown="$EWC_DATA, cache, system"
     )
-    tasks: int = param(10, "number of tasks", check=POSITIVE_INT)
+    tasks: int = param(
+        10,
+        f"number of tasks (at most {MAX_TASKS}: every task is tested after every task, so the time "
+        "and the accuracy matrix grow as tasks²)",
+        check=Interval(int, 1, MAX_TASKS),
+    )
     methods: str = methods_param(DEFAULT_METHODS)
     select_lam: tuple[float, ...] | None = param(
         None,
@@ -127,7 +136,10 @@ class RunConfig:
         None, "subsample train parts", type=int, check=Interval(int, 1, allow_none=True)
     )
     jobs: int = param(
-        1, "methods trained in parallel worker processes, one torch thread each", check=POSITIVE_INT
+        1,
+        "methods trained in parallel worker processes, each with --threads torch threads (the "
+        "numbers do not depend on --jobs)",
+        check=POSITIVE_INT,
     )
     quiet: bool = param(False, "no progress bar")
     train: TrainConfig = param(help="training settings", default_factory=TrainConfig, nested=True)
@@ -135,6 +147,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         validate(self)
         check_lam_grids(self.method_names(), self.select_lam, self.select_l2_lam)
+        check_task_count(self.sequence, self.tasks, self.data, DATASETS[self.data].num_classes)
 
     def method_names(self) -> list[str]:
         """The methods to run (``all``: every registered one)."""
@@ -220,9 +233,11 @@ def with_params(config: TrainConfig, method: str, params: dict[str, Any]) -> Tra
     return dataclasses.replace(config, params=merged)
 
 
-def validation_tasks(tasks: list[Task]) -> list[Task]:
+def validation_tasks(tasks: Sequence[Task]) -> Sequence[Task]:
     """The same tasks with their validation parts in place of the test parts (for tuning)."""
-    return [dataclasses.replace(t, x_test=t.x_val, y_test=t.y_val) for t in tasks]
+    if isinstance(tasks, TaskSequence):
+        return tasks.validation()  # still built when read
+    return [t.validation() for t in tasks]
 
 
 def choose_lam(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
@@ -271,13 +286,13 @@ def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
     return f"{method}-{'val' if on_val else 'test'}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-_TASK_CACHE: dict[tuple, tuple[list[Task], int]] = {}
+_TASK_CACHE: dict[tuple, tuple[TaskSequence, int]] = {}
 
 
 def build_tasks(
     sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
-) -> tuple[list[Task], int]:
-    """The task sequence and the number of classes (built once per process)."""
+) -> tuple[TaskSequence, int]:
+    """The task sequence (its tasks built when read) and the number of classes (once per process)."""
     key = (sequence, data, n_tasks, seed, max_train, data_root)
     if key not in _TASK_CACHE:
         _TASK_CACHE.clear()
@@ -290,17 +305,17 @@ def build_tasks(
 def run_all(specs: list[tuple], jobs: int) -> list[dict[str, Any]]:
     """Run independent training jobs, in parallel worker processes when ``jobs`` > 1.
 
-    On CPU each worker runs one torch thread, so that ``jobs`` processes use ``jobs`` cores
-    without oversubscribing them. Every run is seeded: with the same thread count (e.g.
-    ``--threads 1``) the results do not depend on ``jobs``.
+    Every run is seeded and uses its config's thread count (``--threads``, 1 by default) wherever
+    it runs, so the results do not depend on ``jobs``; ``jobs`` workers use ``jobs × threads``
+    cores.
     """
-    return run_jobs(_job, specs, jobs, for_workers=_one_thread)
+    return run_jobs(_job, specs, jobs, for_workers=_no_progress)
 
 
-def _one_thread(spec: tuple) -> tuple:
-    """A job spec as a worker runs it: one torch thread, no progress bar."""
+def _no_progress(spec: tuple) -> tuple:
+    """A job spec as a worker runs it: no progress bar (workers share the caller's terminal)."""
     key, method, config, *rest = spec
-    return (key, method, dataclasses.replace(config, threads=1, progress=False), *rest)
+    return (key, method, dataclasses.replace(config, progress=False), *rest)
 
 
 def run_sequence(
@@ -345,6 +360,7 @@ def run_sequence(
     for m in methods:  # bad parameters fail here, before any training
         make_method(m, **method_params(m, config))
     out_dir = check_out_dir(out) if out is not None else None
+    config = dataclasses.replace(config, threads=run_threads(config.threads))  # the same in every worker
     key = (sequence, data, n_tasks, max_train_per_task, data_root)
     tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train_per_task, data_root)
 
@@ -396,9 +412,9 @@ def run_sequence(
         {
             "name": t.name,
             "classes": list(t.classes),
-            "n_train": len(t.x_train),
-            "n_val": len(t.x_val),
-            "n_test": len(t.x_test),
+            "n_train": len(t.y_train),
+            "n_val": len(t.y_val),
+            "n_test": len(t.y_test),
         }
         for t in tasks
     ]

@@ -32,7 +32,7 @@ import torch
 
 from ewc.checks import POSITIVE, POSITIVE_INT, SEED, THREADS, Interval, Registered, Sizes
 from ewc.config import validate
-from ewc.data import DATASETS, load_dataset, make_sequence
+from ewc.data import DATASETS, check_task_count, load_dataset, make_sequence
 from ewc.data.tabular import NAN_POLICIES, Table, load_table
 from ewc.experiments.common import (
     check_out_dir,
@@ -151,6 +151,8 @@ class Config:
         object.__setattr__(self, "schedule", parse_schedule(self.schedule))
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         validate(self)
+        if self.csv is None:
+            check_task_count(self.sequence, self.tasks, self.data, DATASETS[self.data].num_classes)
         bad = [t for t in self.schedule if not 0 <= t < self.tasks]
         if bad:
             raise ValueError(
@@ -196,7 +198,9 @@ class Stream:
 
 
 def sequence_stream(config: Config) -> Stream:
-    """The tasks of a sequence (permuted / split) replayed along ``config.schedule``."""
+    """The tasks of a sequence (permuted / split) replayed along ``config.schedule``; tested on
+    the tasks the schedule names (only those are built: memory grows with the tasks streamed,
+    not with ``--tasks``)."""
     dataset = load_dataset(config.data)
     tasks = make_sequence(
         dataset, config.sequence, config.tasks, seed=config.seed, max_train_per_task=config.max_train_per_task
@@ -209,9 +213,9 @@ def sequence_stream(config: Config) -> Stream:
         min_len=config.min_len,
         max_len=config.max_len,
     )
-    tests = [(f"task {t.index}", t.x_test, t.y_test) for t in tasks]
+    tests = [(f"task {k}", tasks[k].x_test, tasks[k].y_test) for k in sorted(set(config.schedule))]
     source = {"data": config.data, "sequence": config.sequence, "tasks": config.tasks}
-    return Stream(batches, true_ids, tests, int(tasks[0].x_train[0].numel()), dataset.num_classes, source)
+    return Stream(batches, true_ids, tests, math.prod(dataset.image_shape), dataset.num_classes, source)
 
 
 WARMUP_ROWS = 1000  # rows whose feature statistics scale a table's features

@@ -19,7 +19,7 @@ the point. Methods that need the model on other data (replay, LwF, GEM) call ``s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,16 +62,16 @@ class Method:
     #: dropout rate the trainer builds the model with (None: the run's setting)
     dropout: float | None = None
 
-    def epoch_size(self, index: int, tasks: list[Task]) -> int:
+    def epoch_size(self, index: int, tasks: Sequence[Task]) -> int:
         """Samples per epoch; the trainer draws them afresh from ``train_data`` every epoch."""
-        return len(tasks[index].x_train)
+        return len(tasks[index].y_train)
 
     def setup(self, model: nn.Module, scenario: Scenario | None = None) -> None:
         """Bind to the model (and the scenario that maps outputs to tasks) once, before task 0."""
         self.model = model
         self.scenario = scenario if scenario is not None else Scenario.shared()
 
-    def train_data(self, index: int, tasks: list[Task]) -> tuple[Tensor, ...]:
+    def train_data(self, index: int, tasks: Sequence[Task]) -> tuple[Tensor, ...]:
         """The (x, y) a task trains on: by default that task's training part only.
 
         A method that mixes tasks returns (x, y, task ids) so that each sample is trained on its
@@ -127,16 +127,26 @@ class Joint(Method):
         self.budget = budget
         self.name = "joint" if budget == "task" else "joint-cumulative"
 
-    def train_data(self, index: int, tasks: list[Task]) -> tuple[Tensor, Tensor, Tensor]:
-        """The union of tasks 0..index, with each sample's task id (for task-specific heads)."""
+    def train_data(self, index: int, tasks: Sequence[Task]) -> tuple[Tensor, Tensor, Tensor]:
+        """The union of tasks 0..index, with each sample's task id (for task-specific heads).
+
+        The union is filled one task at a time (a lazy sequence builds each task's images then), so
+        at most one task's images exist besides it; the same values as ``torch.cat``."""
         seen = tasks[: index + 1]
         ids = torch.cat([torch.full((len(t.y_train),), k, dtype=torch.long) for k, t in enumerate(seen)])
-        return torch.cat([t.x_train for t in seen]), torch.cat([t.y_train for t in seen]), ids
+        first = seen[0].x_train
+        x = first.new_empty((len(ids), *first.shape[1:]))
+        start = 0
+        for k, t in enumerate(seen):
+            part = first if k == 0 else t.x_train
+            x[start : start + len(part)] = part
+            start += len(part)
+        return x, torch.cat([t.y_train for t in seen]), ids
 
-    def epoch_size(self, index: int, tasks: list[Task]) -> int:
+    def epoch_size(self, index: int, tasks: Sequence[Task]) -> int:
         if self.budget == "task":
-            return len(tasks[index].x_train)
-        return sum(len(t.x_train) for t in tasks[: index + 1])
+            return len(tasks[index].y_train)
+        return sum(len(t.y_train) for t in tasks[: index + 1])
 
 
 register(

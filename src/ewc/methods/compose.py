@@ -13,6 +13,7 @@ parts' total. Registry name ``ewc+replay``: ``Compose(EWCMethod(...), ReplayMeth
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -53,10 +54,10 @@ class Compose(Method):
         for m in self.methods:
             m.setup(model, self.scenario)
 
-    def epoch_size(self, index: int, tasks: list[Task]) -> int:
+    def epoch_size(self, index: int, tasks: Sequence[Task]) -> int:
         return self._first_overriding("epoch_size").epoch_size(index, tasks)
 
-    def train_data(self, index: int, tasks: list[Task]) -> tuple[Tensor, ...]:
+    def train_data(self, index: int, tasks: Sequence[Task]) -> tuple[Tensor, ...]:
         return self._first_overriding("train_data").train_data(index, tasks)
 
     def before_task(self, index: int, task: Task) -> None:
