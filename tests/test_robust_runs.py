@@ -349,3 +349,37 @@ def test_every_resumable_command_refuses_other_settings(
     (out / "run.json").write_text(json.dumps(record))
     line = one_line_error(run_cli(*args, "--out", str(out)))
     assert expect in line
+
+
+def test_an_experiment_with_a_sequence_inside_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ewc experiment many-tasks`` killed after some of its training jobs: run again, the jobs
+    that finished are read back (not trained again) and the results are those of a whole run."""
+    from ewc.experiments import many_tasks as exp
+    from ewc.experiments import sequence
+
+    config = exp.Config(**exp.SMALLEST)
+    calls = {"n": 0, "die_at": 0}
+    original = sequence.run_method
+
+    def counted(*args: object, **kwargs: object) -> dict:
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise Killed
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sequence, "run_method", counted)
+    whole = without_timings(exp.run(config, str(tmp_path / "whole")))
+    total = calls["n"]
+    calls.update(n=0, die_at=3)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        exp.run(config, str(out))
+    assert len(list((out / "progress").glob("*.json"))) == 2
+    calls.update(n=0, die_at=0)
+    again = without_timings(exp.run(config, str(out)))
+    assert calls["n"] == total - 2  # the two finished jobs were read back, not trained again
+    for record in (whole, again):
+        record.pop("command", None)
+    assert again == whole

@@ -211,7 +211,7 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
         for lam in grid
     ]
     specs += [(key, "sgd", train_config(config, batchnorm=bn), False) for bn in CONDITIONS.values()]
-    done = iter(run_all(specs, config.jobs))
+    done = iter(run_all(specs, config.jobs, out))
     selection = {
         c: choose_lam(grid, {lam: next(done)["average_accuracy"] for lam in grid}) for c in CONDITIONS
     }
@@ -224,7 +224,7 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
         (key, "ewc", train_config(config, batchnorm=CONDITIONS[c], lam=selection[c]["chosen"]), False)
         for c in todo
     ]
-    for c, res in zip(todo, run_all(specs, config.jobs), strict=True):
+    for c, res in zip(todo, run_all(specs, config.jobs, out), strict=True):
         runs[c]["ewc_chosen"] = {"lam": selection[c]["chosen"], **run_summary(res)}
 
     # 3. EWC at the fixed λ here, keeping the model: its first Fisher and the BatchNorm diagnostic

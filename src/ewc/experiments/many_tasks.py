@@ -145,7 +145,7 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
         for m, grid in grids.items()
         for v in grid
     ]
-    scores = iter(run_all(specs, config.jobs))
+    scores = iter(run_all(specs, config.jobs, out))
     selection = {
         m: choose_lam(grid, {v: next(scores)["average_accuracy"] for v in grid}) for m, grid in grids.items()
     }
@@ -158,7 +158,7 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
         chosen["sgd"] = {}
     specs = [(key, BASE_METHOD[m], train_config(config, **kw), False) for m, kw in chosen.items()]
     methods = {}
-    for (m, kw), res in zip(chosen.items(), run_all(specs, config.jobs), strict=True):
+    for (m, kw), res in zip(chosen.items(), run_all(specs, config.jobs, out), strict=True):
         methods[m] = {"label": LABELS[m], **kw, **run_summary(res)}
         methods[m]["average_so_far"] = average_so_far(res["accuracy_matrix"])
         methods[m]["first_task"] = [row[0] for row in res["accuracy_matrix"]]

@@ -302,13 +302,16 @@ def build_tasks(
     return _TASK_CACHE[key]
 
 
-def run_all(specs: list[tuple], jobs: int) -> list[dict[str, Any]]:
+def run_all(specs: list[tuple], jobs: int, out: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Run independent training jobs, in parallel worker processes when ``jobs`` > 1.
 
     Every run is seeded and uses its config's thread count (``--threads``, 1 by default) wherever
     it runs, so the results do not depend on ``jobs``; ``jobs`` workers use ``jobs × threads``
-    cores.
+    cores. With ``out``, jobs given without a progress folder save theirs in ``OUT/progress``
+    (see :func:`_job`): the experiment run again after a kill resumes them.
     """
+    if out is not None:
+        specs = [(*s, None, Path(out) / "progress") if len(s) == 4 else s for s in specs]
     return run_jobs(_job, specs, jobs, for_workers=_no_progress)
 
 
