@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import same_state
 from torch import nn
 
 from ewc import EWC, diagonal_fisher
@@ -35,19 +36,6 @@ def _copied(state: Any) -> Any:
     torch.save(state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal nested dicts / lists / tensors (tensors bit for bit, NaN equal to NaN)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
-        return math.isnan(b)
-    return a == b
 
 
 def _task(index: int, n: int = 24, d: int = 6, classes: int = 3, seed: int = 0) -> Task:
@@ -135,7 +123,7 @@ def test_a_label_past_the_model_outputs_changes_nothing(label: int) -> None:
     y[2] = label
     with pytest.raises(ValueError, match=rf"y must be class labels in \[0, 3\).*got {label}"):
         learner.partial_fit(torch.randn(8, 4, generator=g), y)
-    assert _same(_copied(learner.state_dict()), before)
+    assert same_state(_copied(learner.state_dict()), before)
 
 
 def test_the_first_batch_of_a_stream_is_checked_too() -> None:
@@ -143,7 +131,7 @@ def test_the_first_batch_of_a_stream_is_checked_too() -> None:
     before = _copied(learner.state_dict())
     with pytest.raises(ValueError, match=r"class labels in \[0, 3\)"):
         learner.partial_fit(torch.randn(8, 4), torch.full((8,), 7))
-    assert _same(_copied(learner.state_dict()), before)
+    assert same_state(_copied(learner.state_dict()), before)
 
 
 def test_num_classes_must_match_the_model_outputs() -> None:
@@ -160,7 +148,7 @@ def test_a_huge_label_is_refused_before_the_detector_counts_the_batch(label: int
     before = _copied(det.state_dict())
     with pytest.raises(ValueError, match=r"labels must be class indices < max_classes"):
         det.update(torch.randn(8, 4), torch.full((8,), label))
-    assert _same(_copied(det.state_dict()), before)
+    assert same_state(_copied(det.state_dict()), before)
 
 
 def test_max_classes_is_a_setting_and_is_saved() -> None:
@@ -240,7 +228,7 @@ def test_a_detector_state_that_does_not_fit_changes_nothing(kind: str) -> None:
     state = _detector_corrupt(kind, _copied(_detector().state_dict()))
     with pytest.raises(ValueError, match="TaskDetector state"):
         det.load_state_dict(state)
-    assert _same(_copied(det.state_dict()), before)
+    assert same_state(_copied(det.state_dict()), before)
 
 
 def test_a_detector_state_names_the_non_finite_key() -> None:
@@ -305,7 +293,7 @@ def test_a_method_state_that_does_not_fit_changes_nothing(name: str, kind: str, 
     params = [p.detach().clone() for p in method.model.parameters()]
     with pytest.raises(ValueError, match=message):
         method.load_state_dict(state)
-    assert _same(_copied(method.state_dict()), before)
+    assert same_state(_copied(method.state_dict()), before)
     assert all(torch.equal(p, q) for p, q in zip(method.model.parameters(), params, strict=True))
 
 
@@ -317,7 +305,7 @@ def test_a_memory_state_that_does_not_fit_changes_nothing() -> None:
     before = _copied(memory.state_dict())
     with pytest.raises(ValueError, match="memory state 'y' must be an integer tensor"):
         memory.load_state_dict(state)
-    assert _same(_copied(memory.state_dict()), before)
+    assert same_state(_copied(memory.state_dict()), before)
 
 
 def _fitted_learner(seed: int = 0) -> StreamLearner:
@@ -349,7 +337,7 @@ def test_a_stream_state_with_nan_is_refused_and_changes_nothing(where: str, mess
     before = _copied(learner.state_dict())
     with pytest.raises(ValueError, match=message):
         learner.load_state_dict(state)
-    assert _same(_copied(learner.state_dict()), before)
+    assert same_state(_copied(learner.state_dict()), before)
 
 
 def _checkpoint(tmp_path: Path, corrupt: Any) -> Path:
@@ -447,4 +435,4 @@ def test_an_agent_state_that_does_not_fit_changes_nothing(kind: str, message: st
     before = _copied(agent.state_dict())
     with pytest.raises(ValueError, match=message):
         agent.load_state_dict(state)
-    assert _same(_copied(agent.state_dict()), before)
+    assert same_state(_copied(agent.state_dict()), before)

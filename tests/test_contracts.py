@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_state
 
 from ewc.checkpoint import load_checkpoint, save_checkpoint
 from ewc.cli import build_parser, config_from
@@ -55,16 +56,6 @@ def tiny_tasks(n_tasks: int = 2, n: int = 48, dim: int = 10, classes: int = 4) -
     return tasks
 
 
-def _state_equal(a: object, b: object) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_state_equal(u, v) for u, v in zip(a, b, strict=True))
-    return a == b
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_trains_round_trips_and_reloads(name: str, tmp_path: Path) -> None:
     torch.set_num_threads(1)
@@ -82,7 +73,7 @@ def test_every_method_trains_round_trips_and_reloads(name: str, tmp_path: Path) 
     twin = make_method(name, **method_params(name, CONFIG))
     twin.setup(twin_model, method.scenario)
     twin.load_state_dict(state)
-    assert _state_equal(twin.state_dict(), state)
+    assert same_state(twin.state_dict(), state)
 
     # a saved checkpoint: identical predictions, memory and loss on a batch of the next task
     path = tmp_path / f"{name}.pt"
