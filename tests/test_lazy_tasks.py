@@ -237,3 +237,34 @@ def test_joint_fills_its_union_one_task_at_a_time(mnist10k: Dataset) -> None:
     assert torch.equal(x, torch.cat([t.x_train for t in tasks])) and x.is_contiguous()
     assert torch.equal(y, torch.cat([t.y_train for t in tasks]))
     assert ids.tolist() == [0] * 40 + [1] * 40 + [2] * 40
+
+
+@pytest.mark.parametrize("kind", ["permuted", "rotated"])
+def test_read_builds_a_part_into_the_callers_buffer(mnist10k: Dataset, kind: str) -> None:
+    """A run reads test part after test part into one buffer: no allocation per evaluation."""
+    part = 20 * 784 * 4
+    tasks = make_sequence(mnist10k, kind, 50, max_eval_per_task=20, cache_bytes=2 * part)
+    buf = torch.empty(20, 1, 28, 28)
+    kept = tasks.read(0, "test", out=buf)  # kept by the cache: returned as it is, buf untouched
+    assert kept is not buf and kept is tasks.read(0, "test") and kept is tasks[0].x_test
+    assert tasks.read(1, "test") is tasks[1].x_test  # the cache is full now
+    for k in (2, 30, 49):
+        x = tasks.read(k, "test", out=buf)
+        assert x is buf and torch.equal(x, tasks[k].x_test)
+    assert torch.equal(tasks.read(-1, "train", out=torch.empty(1)), tasks[49].x_train)  # no fit: new
+    assert torch.equal(tasks.validation().read(4, "test", out=torch.empty(20, 1, 28, 28)), tasks[4].x_val)
+    with pytest.raises(ValueError, match="part must be one of train, val, test, got 'x'"):
+        tasks.read(0, "x")
+    with pytest.raises(IndexError, match="task index 50 is out of range for 50 tasks"):
+        tasks.read(50, "test")
+    plain = TaskSequence(3, tasks.__getitem__)  # a sequence without a reader reads the task's field
+    assert torch.equal(plain.read(2, "val", out=buf), tasks[2].x_val)
+
+
+def test_release_freed_memory_is_safe_to_call() -> None:
+    from ewc.runtime import release_freed_memory
+
+    x = torch.ones(10**6)
+    del x
+    release_freed_memory()
+    release_freed_memory()

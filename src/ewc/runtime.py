@@ -1,4 +1,5 @@
-"""The one place that decides threads, seeds and device for a run, and how optimisers are built.
+"""The one place that decides threads, seeds and device for a run, and how optimisers are built
+(and where freed heap memory is given back to the OS).
 
 Threads: a training run uses the thread count its config names (``TrainConfig.threads``, 1 by
 default), in this process or in a ``--jobs`` worker alike. The count must not depend on where a
@@ -8,8 +9,10 @@ with 2 threads differs in its last bits, and training carries that into the repo
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -65,6 +68,26 @@ def setup_runtime(seed: int, threads: int | None = None, device: str = "cpu") ->
     dev = check_device(device)
     torch.manual_seed(seed)
     return dev
+
+
+_MALLOC_TRIM: Any = None  # glibc's malloc_trim, False where there is none (looked up once)
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere a
+    no-op). Once glibc has freed a large block its mmap threshold rises, so later blocks of that
+    size come from the heap; small long-lived allocations placed between them (a run's records)
+    then keep the freed holes from being reused or trimmed. A run that tested 1000 tasks after
+    every task grew by gigabytes of such holes; calling this every few dozen evaluations keeps
+    the resident memory at what is in use (a few ms a call)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 #: the optimisers a run or a stream learner can use (a fresh one per task in ``ewc run``)

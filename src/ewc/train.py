@@ -38,6 +38,7 @@ from ewc.runtime import (
     check_device,
     check_optimizer,
     make_optimizer,
+    release_freed_memory,
     setup_runtime,
     torch_threads,
 )
@@ -260,7 +261,7 @@ def _train(
     model = build_model(config.model, input_shape, scenario.num_outputs, **options).to(device)
     method.setup(model, scenario)
 
-    tests, subsets = _test_parts(tasks, device), _test_parts(tasks, device, config.curve_samples)
+    tests, subsets = _test_parts(tasks, device, input_shape, config.curve_samples)
     baseline = [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
     curves = _Curves()
     matrix: list[list[float]] = []
@@ -387,31 +388,62 @@ def _identity(method: Method, config: TrainConfig, scenario: Scenario, tasks: Se
     return digest.hexdigest()
 
 
-class _LazyTestParts(Sequence[tuple[Tensor, Tensor]]):
-    """Every task's test part ``(x, y)`` (its first ``rows``), built from the task when read."""
+#: test parts built (not kept by the sequence) between two releases of freed heap memory
+RELEASE_EVERY = 32
 
-    def __init__(self, tasks: TaskSequence, device: torch.device, rows: int | None):
-        self.tasks, self.device, self.rows = tasks, device, rows
+
+class _TestReader:
+    """Reads a lazy sequence's test parts for evaluation: a part the sequence does not keep is
+    built into one buffer that every read reuses, so evaluating every task after every task
+    allocates no part per evaluation; and every ``RELEASE_EVERY`` such builds the freed heap
+    memory is given back (runtime.release_freed_memory: the evaluations' activations, freed T²
+    times between small long-lived records, fragmented glibc's heap until a 1000-task run held
+    6 GB). A part read is valid until the next read."""
+
+    def __init__(self, tasks: TaskSequence, device: torch.device, input_shape: tuple[int, ...]):
+        self.tasks, self.device, self.input_shape = tasks, device, input_shape
+        self.buffer: Tensor | None = None
+        self.builds = 0
+
+    def read(self, j: int, rows: int | None = None) -> tuple[Tensor, Tensor]:
+        y = self.tasks[j].y_test
+        shape = (len(y), *self.input_shape)
+        if self.buffer is None or tuple(self.buffer.shape) != shape:
+            self.buffer = torch.empty(shape)
+        x = self.tasks.read(j, "test", out=self.buffer)
+        if x is self.buffer:  # built now, not kept
+            self.builds += 1
+            if self.builds % RELEASE_EVERY == 0:
+                release_freed_memory()
+        return x[:rows].to(self.device), y[:rows].to(self.device)
+
+
+class _LazyTestParts(Sequence[tuple[Tensor, Tensor]]):
+    """Every task's test part ``(x, y)`` (its first ``rows``), read when indexed (one at a time)."""
+
+    def __init__(self, reader: _TestReader, rows: int | None):
+        self.reader, self.rows = reader, rows
 
     def __len__(self) -> int:
-        return len(self.tasks)
+        return len(self.reader.tasks)
 
     def __getitem__(self, j: Any) -> Any:
         if isinstance(j, slice):
-            return [self[i] for i in range(*j.indices(len(self)))]
-        task = self.tasks[j]
-        x, y = task.x_test[: self.rows], task.y_test[: self.rows]
-        return x.to(self.device), y.to(self.device)
+            raise TypeError("test parts are read one at a time (a read reuses the last one's buffer)")
+        return self.reader.read(j, self.rows)
 
 
 def _test_parts(
-    tasks: Sequence[Task], device: torch.device, rows: int | None = None
-) -> Sequence[tuple[Tensor, Tensor]]:
-    """The test parts evaluated after every task: a lazy sequence's are built when evaluated
-    (memory bounded by its cache, not by the number of tasks); a list's are moved once."""
+    tasks: Sequence[Task], device: torch.device, input_shape: tuple[int, ...], rows: int
+) -> tuple[Sequence[tuple[Tensor, Tensor]], Sequence[tuple[Tensor, Tensor]]]:
+    """The test parts evaluated after every task, and their first ``rows`` (the curves): a lazy
+    sequence's are read when evaluated (memory bounded by its cache, not by the number of tasks);
+    a list's are moved to the device once."""
     if isinstance(tasks, TaskSequence):
-        return _LazyTestParts(tasks, device, rows)
-    return [(t.x_test[:rows].to(device), t.y_test[:rows].to(device)) for t in tasks]
+        reader = _TestReader(tasks, device, input_shape)
+        return _LazyTestParts(reader, None), _LazyTestParts(reader, rows)
+    tests = [(t.x_test.to(device), t.y_test.to(device)) for t in tasks]
+    return tests, [(x[:rows], y[:rows]) for x, y in tests]
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

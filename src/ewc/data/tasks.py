@@ -120,6 +120,10 @@ class PartCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._kept
 
+    def room(self, nbytes: int) -> bool:
+        """Whether a tensor of ``nbytes`` would still be kept."""
+        return self.bytes + nbytes <= self.max_bytes
+
     def get(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         kept = self._kept.get(key)
         if kept is not None:
@@ -142,7 +146,8 @@ class TaskSequence(Sequence[Task]):
     Indexing (negative indices and slices too) and iteration work as on a list; nothing is kept
     here besides what ``build`` keeps: :func:`ewc.data.make_sequence`'s builder keeps images in
     ``cache`` (a :class:`PartCache`). :meth:`validation` is the same sequence with validation
-    parts as test parts.
+    parts as test parts. :meth:`read` reads one part of one task, into a buffer the caller reuses
+    if ``reader`` (``reader(k, part, out)``) can build into one.
     """
 
     def __init__(
@@ -151,9 +156,10 @@ class TaskSequence(Sequence[Task]):
         build: Callable[[int], Task],
         *,
         cache: PartCache | None = None,
+        reader: Callable[[int, str, torch.Tensor | None], torch.Tensor] | None = None,
         validation: bool = False,
     ):
-        self._n, self._build, self._validation = n_tasks, build, validation
+        self._n, self._build, self._reader, self._validation = n_tasks, build, reader, validation
         self.cache = cache
 
     def __len__(self) -> int:
@@ -168,17 +174,35 @@ class TaskSequence(Sequence[Task]):
     def __getitem__(self, k: int | slice) -> Task | list[Task]:
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(self._n))]
+        task = self._build(self._index(k))
+        return task.validation() if self._validation else task
+
+    def validation(self) -> TaskSequence:
+        """The same tasks with their validation parts in place of the test parts (for tuning)."""
+        return TaskSequence(self._n, self._build, cache=self.cache, reader=self._reader, validation=True)
+
+    def read(self, k: int, part: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Task ``k``'s images of ``part`` (``train``, ``val`` or ``test``), the values of
+        ``self[k].x_<part>``. A part that is built on this read is written into ``out`` when
+        ``out`` has its shape and dtype: a caller that reads part after part (a run evaluating
+        every task) reuses one buffer instead of allocating one per read. A kept part is returned
+        as it is; so is a built part when ``out`` is None or does not fit (then it is new)."""
+        if part not in ("train", "val", "test"):
+            raise ValueError(f"part must be one of train, val, test, got {part!r}")
+        if self._validation and part == "test":
+            part = "val"
+        i = self._index(k)
+        if self._reader is None:
+            return getattr(self._build(i), f"x_{part}")
+        return self._reader(i, part, out)
+
+    def _index(self, k: int) -> int:
         i = operator.index(k)
         if i < 0:
             i += self._n
         if not 0 <= i < self._n:
             raise IndexError(f"task index {k} is out of range for {self._n} tasks")
-        task = self._build(i)
-        return task.validation() if self._validation else task
-
-    def validation(self) -> TaskSequence:
-        """The same tasks with their validation parts in place of the test parts (for tuning)."""
-        return TaskSequence(self._n, self._build, cache=self.cache, validation=True)
+        return i
 
     def __repr__(self) -> str:
         return f"TaskSequence({self._n} tasks{', validation parts as test' if self._validation else ''})"
