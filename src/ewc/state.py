@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import pickle
 import pickletools
@@ -107,6 +109,12 @@ def _os_error(exc: BaseException) -> OSError | None:
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+def json_digest(obj: Any) -> str:
+    """sha256 (hex) of ``obj`` as canonical JSON (sorted keys; other types by ``str``): the name of
+    a run's or a job's settings, for progress files that only the same settings may resume."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _fsync_directory(directory: str) -> None:

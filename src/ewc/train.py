@@ -9,8 +9,6 @@ Fig. 2A, and the learning-curve area).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
@@ -43,6 +41,7 @@ from ewc.runtime import (
     torch_threads,
 )
 from ewc.scenario import SCENARIOS, Scenario
+from ewc.state import json_digest
 
 
 @dataclass
@@ -375,17 +374,13 @@ def _identity(method: Method, config: TrainConfig, scenario: Scenario, tasks: Se
     """A digest of what a run's results depend on: the method and its parameters, the settings,
     the scenario, the number of tasks and the first task's name and first rows (a dataset or
     sequence of its own changes them; the other tasks are not read, so lazy ones stay unmade)."""
-    digest = hashlib.sha256()
     settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
     head = [method.name, method_params(method.name, config) if method.name in METHOD_SPECS else None]
     head += [settings, scenario.kind, [list(c) for c in scenario.task_classes]]
-    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
     first = tasks[0]
-    digest.update(json.dumps([len(tasks), first.name]).encode())
-    for part in (first.x_train, first.y_train):
-        digest.update(str((tuple(part.shape), str(part.dtype))).encode())
-        digest.update(part[:16].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    parts = (first.x_train, first.y_train)
+    rows = [[tuple(p.shape), str(p.dtype), p[:16].detach().cpu().tolist()] for p in parts]
+    return json_digest([head, len(tasks), first.name, rows])
 
 
 #: test parts built (not kept by the sequence) between two releases of freed heap memory

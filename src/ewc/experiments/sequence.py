@@ -8,7 +8,6 @@ writes ``results.json`` plus the report (figures, CSV, Markdown) into the output
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ from ewc.methods.registry import LAM_SETTINGS, combinations
 from ewc.pool import run_jobs
 from ewc.runtime import run_threads
 from ewc.scenario import Scenario
+from ewc.state import json_digest
 from ewc.train import TrainConfig, method_params, run_method
 
 DEFAULT_METHODS = "sgd,l2,ewc,online-ewc,joint"
@@ -282,8 +282,8 @@ def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
     """``METHOD-val|test-DIGEST``: the digest covers the data key, the method and every setting
     the job runs with (progress display excepted)."""
     settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
-    text = json.dumps([list(key), method, settings, on_val], sort_keys=True, default=str)
-    return f"{method}-{'val' if on_val else 'test'}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    digest = json_digest([list(key), method, settings, on_val])
+    return f"{method}-{'val' if on_val else 'test'}-{digest[:16]}"
 
 
 _TASK_CACHE: dict[tuple, tuple[TaskSequence, int]] = {}

@@ -18,7 +18,6 @@ Not an ``ewc experiment``: it is its own subcommand, ``ewc stream``, with the sa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -45,7 +44,7 @@ from ewc.experiments.common import (
 from ewc.experiments.stream_report import figure, findings, tables
 from ewc.methods import METHOD_SPECS
 from ewc.models import make_mlp
-from ewc.state import atomic_save, safe_load
+from ewc.state import atomic_save, json_digest, safe_load
 from ewc.stream import StreamLearner
 from ewc.taskid import TaskDetector
 from ewc.taskid_eval import assignment_metrics, make_stream
@@ -346,9 +345,8 @@ def _learn(
 
 def _tag(config: Config, method: str, given_ids: bool) -> str:
     """A learner's progress file name: its method, ids kind and a digest of every setting."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "threads"}
-    text = json.dumps([settings, method, given_ids], sort_keys=True, default=str)
-    return f"{method}-{'true' if given_ids else 'inferred'}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    digest = json_digest([dataclasses.asdict(config), method, given_ids])
+    return f"{method}-{'true' if given_ids else 'inferred'}-{digest[:16]}"
 
 
 def run(config: Config, out: str | Path | None = None) -> dict[str, Any]:
