@@ -86,11 +86,12 @@ def test_search_and_set_choose_and_fix_method_parameters(tmp_path: Path) -> None
     assert lwf["temperature"] == 3 and lwf["alpha"] == sel["lwf"]["chosen"]["alpha"]
 
 
-def test_set_rejects_unknown_parameters(capsys: pytest.CaptureFixture) -> None:
-    assert main(["run", "permuted", "--methods", "lwf", "--set", "lwf.nope=1", "--out", "x", *TINY]) == 2
+def test_set_rejects_unknown_parameters(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    out = str(tmp_path / "x")  # --out is claimed (made) before the run checks the parameters
+    assert main(["run", "permuted", "--methods", "lwf", "--set", "lwf.nope=1", "--out", out, *TINY]) == 2
     assert "has no parameter(s) nope" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["run", "permuted", "--set", "garbage", "--out", "x", *TINY])
+        main(["run", "permuted", "--set", "garbage", "--out", out, *TINY])
 
 
 def test_help_is_complete(capsys: pytest.CaptureFixture) -> None:
