@@ -520,6 +520,28 @@ def test_sample_categorical_frequencies(dtype: torch.dtype) -> None:
         sample_categorical(p[0], gen(0))
 
 
+def test_sample_categorical_inverts_the_cumulative_sum_exactly() -> None:
+    """The label is the number of partial sums S_c (c < C−1) at or below u·S_{C−1}: checked against
+    that count row by row, for u at 0, just below 1 and on the partial sums themselves,
+    with zero-probability classes anywhere (the last one included)."""
+    from ewc.fisher import sample_categorical
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.rand(300, 7, generator=g)
+    p[p < 0.3] = 0.0
+    p[0], p[1] = torch.tensor([0, 0, 0, 0, 0, 0, 1.0]), torch.tensor([1.0, 0, 0, 0, 0, 0, 0])
+    u = torch.rand(300, 1, generator=g)
+    u[:20], u[20:40] = 0.0, 1.0 - 2.0**-24
+    cdf = p.cumsum(-1)
+    u[40:60] = (cdf[40:60, 2:3] / cdf[40:60, -1:]).clamp(max=1 - 2.0**-24)  # on a partial sum
+    y = sample_categorical(p, u=u)
+    for r in range(300):
+        x = float(u[r, 0] * cdf[r, -1])  # the product in float32, as documented
+        expected = sum(1 for c in range(6) if float(cdf[r, c]) <= x)
+        assert int(y[r]) == expected, (r, int(y[r]), expected)
+        assert p[r, int(y[r])] > 0 or p[r].sum() == 0, r  # never a class of probability 0
+
+
 def test_exact_gaussian_is_expectation_of_sample() -> None:
     torch.manual_seed(22)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)

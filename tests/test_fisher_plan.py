@@ -154,6 +154,19 @@ class EmbedOutput(nn.Module):
         return self.norm(self.emb(tok).mean(dim=1)) @ self.emb.weight.t() + self.bias
 
 
+class TiedHead(nn.Module):
+    """A language model's tied head: the embedding matrix is also the weight of an output Linear
+    applied to every position ([N, T, d] inputs), both called as modules (the rules cover it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(6, 4, padding_idx=0), nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tok: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(tok))).mean(dim=1)
+
+
 class Keeper(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -201,6 +214,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], set
     "custom_block": (CustomBlock, lambda: torch.randn(N, 5, dtype=DT), {"block.lin.weight"}),
     "in_place": (InPlace, lambda: torch.randn(N, 5, dtype=DT), {"a.bias"}),
     "embedding_as_output": (EmbedOutput, tokens, {"emb.weight"}),
+    "tied_head": (TiedHead, tokens, set()),
     "kept_intermediate": (KeptIntermediate, lambda: torch.randn(N, 5, dtype=DT), {"keep.w"}),
 }
 
@@ -210,7 +224,7 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(sorted(MODELS).index(name))
     model = cls().to(DT)
     x = inputs()
-    classes = 6 if name == "embedding_as_output" else 3
+    classes = 6 if name in ("embedding_as_output", "tied_head") else 3
     return model, x, torch.randint(0, classes, (N,))
 
 

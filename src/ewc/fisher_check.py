@@ -83,22 +83,19 @@ def check_plan(
     outputs = [(c, i, t) for _, c in pairs for i, t in enumerate(c.outputs) if t.requires_grad]
     params = [p for _, p in named]
     tol = tolerance([out, *params, *(t for _, _, t in outputs)])
-    # the sum over samples catches a use outside the bound calls; sample 0 alone catches a rule that
-    # reads another axis as the samples (a sequence-first layer whose length equals the batch size,
-    # which only an output with another axis of the batch's size can hide)
-    first = torch.zeros_like(v)
-    first[0] = v[0]
-    n_out = out.shape[0]  # sample 0 alone is needed only where another axis could pass for the samples
-    ambiguous = any(n_out in o.shape[1:] for _, c in pairs for o in c.outputs[:1])
-    differing: set[str] = set()
-    probes = [(first, True)] if ambiguous else []
-    for probe, first_only in [*probes, (v, False)]:  # the whole probe last: choose() reads it
-        true = _true_gradients(out, outputs, named, probe)
-        with torch.no_grad():
-            ruled = _rule_view(pairs, dict(named), first_only=first_only)
-        differing |= set(_differing(true, ruled, tol))  # once per probe: it compares every parameter
-        for c, _, _ in outputs:
-            c.cache.clear()
+    # The probe: v on every sample, whose sum over samples catches a use outside the bound calls.
+    # Where another axis of a call's output has the batch's size (a sequence-first layer whose length
+    # equals the batch size could pass for batch-first), v on sample 0 alone, compared with the rules'
+    # gradient of sample 0 alone: it catches that too, and a use outside the bound calls, in the one
+    # backward pass (such a batch cannot be sliced to a few samples, so a pass costs a whole batch).
+    n_out = out.shape[0]
+    first_only = any(n_out in o.shape[1:] for _, c in pairs for o in c.outputs[:1])
+    if first_only:
+        v = torch.where(torch.arange(n_out, device=v.device).view(-1, *[1] * (v.dim() - 1)) == 0, v, 0)
+    true = _true_gradients(out, outputs, named, v)
+    with torch.no_grad():
+        ruled = _rule_view(pairs, dict(named), first_only=first_only)
+    differing = set(_differing(true, ruled, tol))
     missed = [name for name, _ in named if name in shared or name in differing]
     for c, _, _ in outputs:
         c.cache.clear()

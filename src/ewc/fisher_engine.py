@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ewc.fisher_check import GeneralPath, check_batch_first, check_batchnorm, check_plan, graph_leaves
 from ewc.fisher_data import Output, batch_len, call_model, check_finite, slice_rows, splittable, to_device
 from ewc.fisher_fallback import FuncRule
-from ewc.fisher_rule_base import Call, Rule, chunks, first_grad
+from ewc.fisher_rule_base import Call, Rule, add_squares, chunks, first_grad
 from ewc.fisher_rules import rule_for
 from ewc.fisher_vectors import BackpropVectors
 
@@ -451,14 +451,13 @@ class FisherEngine:
         (or take the absolute value)."""
         first = contributions[0][1]
         g = first_grad(first)
-        numel = self.sums[gname].numel()
-        for sl in chunks(first.batch, g.shape[0] * numel * g.element_size() * 2, like=g):
-            total = None
+        into = self.sums[gname]
+        k, numel = g.shape[0], into.numel()
+        for sl in chunks(first.batch, k * numel * into.element_size(), like=g):
+            total = into.new_zeros(k, sl.stop - sl.start, *into.shape)
             for b, c, local in contributions:
-                ps = b.rule.per_sample(b.module, c, sl)[local]
-                total = ps if total is None else total + ps
-            reduced = total.abs() if self.reduction == "abs" else total.square()
-            self.sums[gname] += reduced.sum(dim=(0, 1))
+                b.rule.add_per_sample(b.module, c, sl, local, total)
+            add_squares(total.flatten(0, 1), into, absolute=self.reduction == "abs")
 
     # ---- batched (mini-batch) mode
 

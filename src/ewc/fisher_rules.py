@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ewc.fisher_fallback import FuncRule
-from ewc.fisher_rule_base import Call, Rule, add_outer_squares, chunks, first_grad, slice_samples
+from ewc.fisher_rule_base import Call, Rule, add_outer_squares, add_squares, chunks, first_grad, slice_samples
 from ewc.fisher_rules_attention import Conv1DRule, MultiheadAttentionRule, lazy_rules, loaded_types
 
 __all__ = [
@@ -113,6 +113,16 @@ class LinearRule(Rule):
         if "bias" in self.names:
             out["bias"] = g4.sum(2)
         return out
+
+    def add_per_sample(self, module: nn.Linear, call: Call, sl: slice, name: str, into: Tensor) -> None:
+        """The weight's per-sample Σ_t g_t a_tᵀ added by one in-place batched matmul (no temporary)."""
+        if name != "weight":
+            return super().add_per_sample(module, call, sl, name, into)
+        a, g = slice_samples(call.args[0], sl), slice_samples(first_grad(call), sl, 1)
+        k, nb = g.shape[0], g.shape[1]
+        a4 = a.reshape(1, nb, -1, a.shape[-1]).expand(k, -1, -1, -1).reshape(k * nb, -1, a.shape[-1])
+        g3 = g.reshape(k * nb, -1, g.shape[-1]).to(into.dtype)  # [K·n, T, out]
+        into.view(k * nb, *into.shape[2:]).baddbmm_(g3.transpose(1, 2), a4.to(into.dtype))
 
 
 class ConvRule(Rule):
@@ -256,8 +266,8 @@ class ConvRule(Rule):
     ) -> None:
         """``into += Σ_k Σ_n (per-sample gradient)²`` (or |…|), a few samples per call, in place.
 
-        The squares are summed over samples and the K vectors by one ``vecdot`` along the
-        flattened (K·n) axis.
+        The squares are summed over samples and the K vectors along the flattened (K·n) axis
+        (:func:`~ewc.fisher_rule_base.add_squares`).
         """
         g = first_grad(call)
         self._check(module, call.args[0])
@@ -265,7 +275,7 @@ class ConvRule(Rule):
             acc = into["weight"]
             for sl in self._groups(module, g.shape[0], g.shape[1]):
                 gw = self._weight_grads(module, call, sl).flatten(0, 1)  # [K·n, *w.shape]
-                acc += gw.abs().sum(0) if absolute else torch.linalg.vecdot(gw, gw, dim=0)
+                add_squares(gw, acc, absolute)
         if "bias" in self.names:
             gb = g.sum(dim=tuple(range(3, g.dim()))).flatten(0, 1)  # [K·n, C_out]
             into["bias"] += gb.abs().sum(0) if absolute else torch.linalg.vecdot(gb, gb, dim=0)
@@ -296,15 +306,27 @@ class EmbeddingRule(Rule):
         return {"weight": out}
 
     def per_sample(self, module: nn.Embedding, call: Call, n: slice | None = None) -> dict[str, Tensor]:
+        g = slice_samples(first_grad(call), n, 1)
+        k, nb, dim = g.shape[0], g.shape[1], g.shape[-1]
+        out = g.new_zeros(k, nb, module.num_embeddings, dim)
+        self._scatter(module, call, n, out)
+        return {"weight": out}
+
+    def add_per_sample(self, module: nn.Embedding, call: Call, sl: slice, name: str, into: Tensor) -> None:
+        """Each token's output gradient added into its row of its sample (a tied output projection's
+        per-sample gradients, say), without a dense temporary."""
+        self._scatter(module, call, sl, into)
+
+    @staticmethod
+    def _scatter(module: nn.Embedding, call: Call, n: slice | None, into: Tensor) -> None:
         idx, g = slice_samples(call.args[0], n), slice_samples(first_grad(call), n, 1)
         k, nb, dim = g.shape[0], g.shape[1], g.shape[-1]
         idx = idx.reshape(nb, -1)
         g = g.reshape(k, nb, -1, dim)
         if module.padding_idx is not None:
             g = g * (idx != module.padding_idx).unsqueeze(-1).to(g.dtype)
-        out = g.new_zeros(k, nb, module.num_embeddings, dim)
         index = idx.unsqueeze(0).unsqueeze(-1).expand(k, nb, idx.shape[1], dim)
-        return {"weight": out.scatter_add_(2, index, g)}
+        into.scatter_add_(2, index, g.to(into.dtype))
 
 
 def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:

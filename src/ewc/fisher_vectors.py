@@ -133,8 +133,10 @@ def sample_categorical(
     With u ~ U[0, 1) per row (``torch.rand(N, 1, generator=generator)`` in ``p``'s dtype, float32
     at least) and S = cumsum(p) (same dtype), the label is #{c < C−1 : S_c ≤ u·S_{C−1}}: class
     c is drawn with probability p_c / Σ p (rows need not sum to exactly 1) and a class of
-    probability 0 never is. One uniform per sample and no per-row search: about 6x faster than
-    ``torch.multinomial`` on a [256, 10] batch (12 vs 70 µs; ~3 % of the floor in ``sample``).
+    probability 0 never is. One uniform per sample and a binary search of S per row (S does not
+    decrease: the p_c are ≥ 0), clamped to C−1: about 6x faster than ``torch.multinomial`` on a
+    [256, 10] batch (12 vs 70 µs; ~3 % of the floor in ``sample``), and 4x faster than counting
+    S_c ≤ u·S_{C−1} with a comparison of the whole row on [2 048, 5 000] (37 vs 145 ms).
     ``u`` (shape [N, 1]) replaces the draw, e.g. one batch's uniforms shared by its parts.
     """
     if p.dim() != 2:
@@ -145,7 +147,8 @@ def sample_categorical(
         raise ValueError(f"u must have shape [N, 1] = [{p.shape[0]}, 1], got {tuple(u.shape)}")
     cdf = p.to(torch.promote_types(p.dtype, torch.float32)).cumsum(-1)  # float32 at least
     u = u.to(cdf.dtype)
-    return (cdf[:, :-1] <= u * cdf[:, -1:]).sum(-1)
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return drawn.clamp_max_(p.shape[1] - 1)
 
 
 def softmax_hessian_factor(p: Tensor) -> Tensor:
