@@ -77,3 +77,45 @@ def test_ewc_takes_the_output_and_fisher_options() -> None:
     assert all(torch.equal(picked[k], direct[k]) for k in direct)
     with pytest.raises(ValueError, match="output"):
         EWC(model, fisher="empirical", output=lambda out: "not a tensor").consolidate(data)
+
+
+class AttentionClassifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+def test_lora_on_multihead_attention_leaves_the_base_weights_alone(mode: str) -> None:
+    """PEFT's LoRA ``MultiheadAttention`` merges its adapter into the base weights for the call and
+    unmerges it after; torch.func stops that forward half-way (it refuses ``.data`` writes), which
+    once left the base weights merged and the Fisher computed on a changed model. The attempt is
+    now undone: the base weights change no more than one plain forward of PEFT's changes them
+    (its merge/unmerge round-off), and the Fisher matches the reference loop on an untouched copy."""
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn"], init_lora_weights=False)
+    model = peft.get_peft_model(AttentionClassifier().to(DT), lora)
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 5, 6, dtype=DT, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    data = [(x[:3], y[:3]), (x[3:], y[3:])]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap's refusal and the plan check's rerouting, by design
+        got = diagonal_fisher(model, data, mode)
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    for name, value in before.items():
+        assert torch.allclose(after[name].detach(), value, rtol=0, atol=1e-12), name
+    ref = reference_fisher(twin, data, mode)
+    assert set(got) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert_fisher_close(got, {n: ref[n] for n in got}, model)

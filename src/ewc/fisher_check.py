@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ewc.fisher_data import Output, batch_len, select_output, slice_rows, splittable
 from ewc.fisher_fallback import FuncRule
-from ewc.fisher_rule_base import Call, chunks
+from ewc.fisher_rule_base import Call, chunks, restored_on_error
 
 # Samples the check runs on (its own forward and backward on the first batch's first rows): the
 # rules' coverage of a parameter is a property of the model's graph, not of the data.
@@ -156,8 +156,9 @@ class GeneralPath:
             return
         for how in ("vmap", "loop"):
             self.how = how
-            try:
-                got = self.per_sample(x, out, v.unsqueeze(0), slice(0, out.shape[0]))
+            try:  # a way that fails half-way must not leave the model changed (restored_on_error)
+                with restored_on_error(self.model):
+                    got = self.per_sample(x, out, v.unsqueeze(0), slice(0, out.shape[0]))
             except Exception:  # noqa: BLE001 - any limitation of this way: try the next one
                 continue
             if not _differing(true, {name: g.sum(dim=(0, 1)) for name, g in got.items()}, tol):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ewc.fisher_rule_base import Call, Rule
+from ewc.fisher_rule_base import Call, Rule, restored_on_error
 
 
 class FuncRule(Rule):
@@ -25,7 +25,7 @@ class FuncRule(Rule):
 
     def __init__(self, names: list[str]):
         super().__init__(names)
-        self._warned = False
+        self._vmap: bool | None = None  # None: untried; False: it failed, the loop from then on
 
     def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
         n_all = call.batch
@@ -59,20 +59,29 @@ class FuncRule(Rule):
             _, vjp_fn = torch.func.vjp(lambda p: fn(p, sample_leaves), params)
             return vjp_fn(tuple(g.unsqueeze(od) for g, od in zip(sample_grads, out_dims, strict=True)))[0]
 
-        try:
-            per_k = [
+        def vmapped() -> list[dict[str, Tensor]]:
+            return [
                 torch.func.vmap(one, in_dims=(b_dims, out_dims))(b_leaves, [g[kk] for g in gs])
                 for kk in range(k)
             ]
-        except Exception as err:  # noqa: BLE001 - any vmap limitation → exact per-sample loop
-            if not self._warned:
+
+        per_k = None
+        if self._vmap is None:  # the first attempt: a failure must not leave the module changed
+            try:
+                with restored_on_error(module):
+                    per_k = vmapped()
+                self._vmap = True
+            except Exception as err:  # noqa: BLE001 - any vmap limitation → exact per-sample loop
+                self._vmap = False
                 warnings.warn(
                     f"{type(module).__name__}: torch.func.vmap failed ({err.__class__.__name__}: {err}); "
                     "using a per-sample loop for this module (correct, slower)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                self._warned = True
+        elif self._vmap:
+            per_k = vmapped()
+        if per_k is None:
             with torch.enable_grad():
                 per_k = [
                     self._loop(params, fn, b_leaves, b_dims, [g[kk] for g in gs], out_dims, nb)

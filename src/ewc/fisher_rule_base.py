@@ -21,7 +21,8 @@ The engine calls ``accumulate``, which adds ``sum_sq`` or ``sum_abs`` into the r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +70,32 @@ def chunks(
         budget = max(budget, DEVICE_CHUNK_BYTES)
     size = max(1, budget // max(1, per_sample_bytes))
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+@contextmanager
+def restored_on_error(module: nn.Module) -> Iterator[None]:
+    """Run a trial of the module's forward (under ``torch.func``) that may fail half-way: if it
+    raises, every parameter and buffer of ``module`` gets back its object and its value.
+
+    A forward that changes its own weights and changes them back (PEFT's LoRA
+    ``MultiheadAttention`` merges the adapter into ``out_proj.weight`` through ``.data`` and
+    unmerges after the call) leaves them changed when ``torch.func`` stops it in between. Costs a
+    copy of the module's state, so it guards first attempts only.
+    """
+    saved = [
+        (owner, name, t, t.detach().clone())
+        for owner in module.modules()
+        for name, t in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]
+    ]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for owner, name, t, value in saved:
+                if getattr(owner, name, None) is not t:
+                    setattr(owner, name, t)
+                t.data = value
+        raise
 
 
 def first_grad(call: Call) -> Tensor | None:
