@@ -383,3 +383,69 @@ def test_an_experiment_with_a_sequence_inside_resumes(
     for record in (whole, again):
         record.pop("command", None)
     assert again == whole
+
+
+def test_save_schedule_keeps_saving_to_its_share_of_the_time() -> None:
+    """Saves are due while they cost at most ``share`` of the time since the previous one: a save
+    that took 2 s is next due 20 s after it ended (share 0.1); cheap saves are due every time."""
+    from ewc.checkpoint import SaveSchedule
+
+    now = [0.0]
+    schedule = SaveSchedule(share=0.1, clock=lambda: now[0])
+    assert schedule.due()  # nothing saved yet
+
+    def save(seconds: float) -> None:
+        now[0] += seconds
+
+    schedule.save(save, 2.0)  # ends at t = 2
+    for t, due in [(2.0, False), (21.9, False), (22.0, True)]:
+        now[0] = t
+        assert schedule.due() is due, t
+    schedule.save(save, 0.001)
+    now[0] += 0.02
+    assert schedule.due()
+
+
+def test_a_run_saving_after_some_tasks_only_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progress saved after the first task only (later saves not due), killed in the third: the
+    resumed run redoes the second and ends with the uninterrupted run's numbers."""
+    import ewc.checkpoint as checkpoint
+
+    torch.set_num_threads(1)
+    tasks = tiny_tasks(3)
+    whole = without_timings(
+        {k: v for k, v in run_method(tasks, "ewc", CONFIG).items() if k not in ("model", "method")}
+    )
+    progress = tmp_path / "job.pt"
+    saved: list[int] = []
+    original_due = checkpoint.SaveSchedule.due
+    monkeypatch.setattr(checkpoint.SaveSchedule, "due", lambda self: self.last_end is None)
+    original_save = checkpoint.save_progress
+
+    def save(path: object, identity: str, model: object, method: object, loop: dict) -> None:
+        saved.append(len(loop["matrix"]))
+        original_save(path, identity, model, method, loop)
+
+    monkeypatch.setattr("ewc.train.save_progress", save)
+    from ewc.methods import make_method
+    from ewc.train import method_params
+
+    method = make_method("ewc", **method_params("ewc", CONFIG))
+    original = method.before_task
+
+    def before_task(i: int, task: object) -> None:
+        if i == 2:
+            raise Killed
+        original(i, task)
+
+    method.before_task = before_task  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        run_method(tasks, method, CONFIG, progress=progress)
+    assert saved == [1]  # after the first task only
+    monkeypatch.setattr(checkpoint.SaveSchedule, "due", original_due)
+    resumed = run_method(tasks, "ewc", CONFIG, progress=progress)
+    assert saved[:2] == [1, 2]  # resumed after the first task: the second redone and saved
+    got = without_timings({k: v for k, v in resumed.items() if k not in ("model", "method")})
+    assert got == whole

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ewc.checkpoint import load_progress, save_progress
+from ewc.checkpoint import SaveSchedule, load_progress, save_progress
 from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, Registered, Sizes
 from ewc.config import param, validate
 from ewc.data import Task, TaskSequence
@@ -221,9 +221,10 @@ def run_method(
 ) -> dict[str, Any]:
     """Train ``method`` on ``tasks`` in order; return its accuracy matrix, curves and metrics.
 
-    ``progress``: a file where the run is saved after every task (atomically) and resumed from
-    when it exists and was written by the same run (same method, settings and tasks): a run
-    killed mid-task restarts that task and ends with the results of an uninterrupted run.
+    ``progress``: a file where the run is saved after a task (atomically; after every task unless
+    saving grows costly, see :class:`~ewc.checkpoint.SaveSchedule`) and resumed from when it
+    exists and was written by the same run (same method, settings and tasks): a run killed
+    mid-task restarts from the last saved task and ends with the results of an uninterrupted run.
 
     ``scenario`` (``task`` / ``domain`` / ``class``, default ``config.scenario``, else the
     natural one: domain-incremental when all tasks share their classes, class-incremental
@@ -285,6 +286,7 @@ def _train(
     total = sum(config.epochs * math.ceil(n / config.batch_size) for n in sizes[len(matrix) :])
     bar = Progress(total, method.name, config.progress)
     start = time.perf_counter() - (done["seconds"] if done is not None else 0.0)
+    schedule = SaveSchedule()
     for i, task in enumerate(tasks):
         if i < len(matrix):
             continue  # resumed: learned before the kill
@@ -339,10 +341,10 @@ def _train(
         t0 = time.perf_counter()
         matrix.append(accuracies(model, tests, scenario, i))
         eval_seconds += time.perf_counter() - t0
-        if progress is not None:
+        if progress is not None and schedule.due():
             loop = {"matrix": matrix, "step": step, "eval_seconds": eval_seconds, "baseline": baseline}
             loop.update(curves=asdict(curves), seconds=time.perf_counter() - start)
-            save_progress(progress, identity, model, method, loop)
+            schedule.save(save_progress, progress, identity, model, method, loop)
     bar.close()
     seconds = time.perf_counter() - start
 
