@@ -249,7 +249,7 @@ def choose_lam(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
 def _job(spec: tuple) -> dict[str, Any]:
     """One training run, in this process or a worker: (data key, method, config, on_validation
     [, checkpoint path, progress folder]). With a checkpoint path the trained learner is saved there
-    (ewc.checkpoint); with a progress folder the run is saved there after every task and its
+    (ewc.checkpoint); with a progress folder the run is saved there after a task (SaveSchedule) and its
     result when it ends, both under a name derived from all of the job's settings, so that the
     same job run again (after a kill) resumes or returns the finished result."""
     (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *rest = spec
