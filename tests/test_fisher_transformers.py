@@ -70,8 +70,16 @@ def check(
 class Attn(nn.Module):
     """An attention layer between two Linear layers, with the options the rule handles."""
 
-    def __init__(self, mask: str = "none", cross: bool = False, use_weights: bool = False, **kw: Any) -> None:
+    def __init__(
+        self,
+        mask: str = "none",
+        cross: bool = False,
+        use_weights: bool = False,
+        shared_kv: bool = False,
+        **kw: Any,
+    ) -> None:
         super().__init__()
+        self.shared_kv = shared_kv  # cross-attention with one tensor as keys and values (k is v)
         self.inp = nn.Linear(4, EMB)
         self.average = kw.pop("average", True)
         self.mha = nn.MultiheadAttention(EMB, 2, batch_first=kw.pop("batch_first", True), **kw)
@@ -86,7 +94,7 @@ class Attn(nn.Module):
         h = self.inp(x)
         bf = self.mha.batch_first
         k = self.mem(ctx) if self.mem is not None else h
-        v = self.memv(ctx) if self.memv is not None else h
+        v = k if self.shared_kv else self.memv(ctx) if self.memv is not None else h
         s = k.shape[1]
         kw: dict[str, Any] = {"need_weights": self.use_weights, "average_attn_weights": self.average}
         if self.mask in ("padding", "both"):
@@ -124,18 +132,41 @@ MHA_CASES = {
     "no_bias": {"bias": False},
     "cross_kdim_vdim": {"cross": True, "kdim": 3, "vdim": 5, "mask": "padding"},
     "cross_same_dim": {"cross": True},
+    "cross_keys_are_values": {"cross": True, "shared_kv": True},
     "weights_per_head": {"use_weights": True, "mask": "padding", "average": False},
 }
 
 
+@pytest.mark.parametrize("record", [True, False], ids=["recorded", "closed_form"])
 @pytest.mark.parametrize("name", list(MHA_CASES))
 @pytest.mark.parametrize("mode", ["exact", "empirical"])
-def test_multihead_attention_rule_matches_reference(name: str, mode: str) -> None:
+def test_multihead_attention_rule_matches_reference(
+    name: str, mode: str, record: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both routes of the rule: the projections' gradients recorded during the forward (the
+    default), and the attention recomputed and differentiated in closed form."""
+    import ewc.fisher_rules_attention as A
+
+    monkeypatch.setattr(A, "RECORD_PROJECTIONS", record)
+    used = {"recorded": 0, "closed_form": 0}
+    recorded_blocks, forward = A.MultiheadAttentionRule._recorded_blocks, A.MultiheadAttentionRule._forward
+
+    def count(route: str, fn: Any) -> Any:
+        def wrapped(*args: Any) -> Any:
+            used[route] += 1
+            return fn(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(A.MultiheadAttentionRule, "_recorded_blocks", count("recorded", recorded_blocks))
+    monkeypatch.setattr(A.MultiheadAttentionRule, "_forward", count("closed_form", forward))
     case = dict(MHA_CASES[name])
     model = Attn(**case).to(DT)
     with bound_rules() as seen:
         check(model, attn_data(case.get("cross", False)), mode)
     assert_no_fallback(seen)
+    # (the first batch's calls come from the forward that bound the rules, without recorders)
+    assert used["closed_form"] > 0 and (used["recorded"] > 0) is record
     mha = [rule for m, rule, _ in seen[0][0] if m is model.mha]
     assert len(mha) == 1 and isinstance(mha[0], R.MultiheadAttentionRule)
     assert any(n.startswith("out_proj.") for n in mha[0].names)

@@ -105,6 +105,7 @@ class FisherEngine:
         self.hooks: list[Any] = []
         self.calls: dict[int, list[Call]] = {}  # id(module) → its calls in the current capture
         self.capturing = False
+        self.recorders: dict[int, Any] = {}  # id(module) → its rule's recorder, open during its call
         self.clone = False  # clone layer inputs/outputs when the model modifies them in place
         self.part_bytes = part_bytes
         self.activation_bytes = 0  # all modules' outputs in the first batch (set by _bind_rules)
@@ -280,6 +281,11 @@ class FisherEngine:
     # ---- forward with capture
 
     def _pre_hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.capturing and self.bindings:
+            rule = next(b.rule for b in self.bindings if b.module is mod)
+            recorder = rule.recorder(mod)
+            if recorder is not None:
+                self.recorders[id(mod)] = recorder.__enter__()
         if not (self.capturing and self.clone):
             return None
         clone = lambda t: t.clone() if isinstance(t, Tensor) else t  # noqa: E731
@@ -294,7 +300,11 @@ class FisherEngine:
         else:
             leaves, spec = tree_flatten(output)
         outs = [t for t in leaves if isinstance(t, Tensor) and t.is_floating_point()]
-        call = Call(args, kwargs, outs)
+        recorder = self.recorders.pop(id(mod), None)
+        if recorder is not None:
+            recorder.__exit__(None, None, None)
+        records = [] if recorder is None else recorder.records
+        call = Call(args, kwargs, outs + [r.output for r in records], recorded=records)
         if not kwargs and all(isinstance(t, Tensor) for t in args):
             in_leaves = list(args)
         else:
@@ -325,6 +335,9 @@ class FisherEngine:
             return call_model(self.model, x, self.output)
         finally:
             self.capturing = False
+            for recorder in self.recorders.values():  # a call that raised: its recorder closes here
+                recorder.__exit__(None, None, None)
+            self.recorders = {}
 
     def _modified(self) -> bool:
         """True (and copies from now on) if an in-place op changed a tensor a rule will read."""

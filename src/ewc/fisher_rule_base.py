@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,9 @@ class Call:
     squared: bool = False  # grads[0] already holds Σ_k G_k² (see Rule.presquare)
     passes: int = 1  # how many times gradients arrive for this call (K vectors, one at a time)
     cache: dict[str, Tensor] = field(default_factory=dict)  # rules' per-call values (all passes)
+    # what the rule's recorder saw inside the call (Rule.recorder); its tensors' gradients are in
+    # ``grads`` after the module's own outputs
+    recorded: list[Any] = field(default_factory=list)
 
 
 def chunks(
@@ -169,6 +173,13 @@ class Rule:
     def per_sample(self, module: nn.Module, call: Call, n: slice | None = None) -> dict[str, Tensor]:
         """Per-sample gradients ``[K, n, *param.shape]`` of samples ``n`` (all when None)."""
         raise NotImplementedError
+
+    def recorder(self, module: nn.Module) -> Any:
+        """None, or a context manager the engine holds open during each captured call of the module:
+        its ``records`` (each with an ``output`` tensor, made inside the call) go into the call's
+        ``recorded``, and the outputs are differentiated with the call's own (gradients of
+        intermediate results, e.g. attention's projections, without recomputing them)."""
+        return None
 
     def add_per_sample(self, module: nn.Module, call: Call, sl: slice, name: str, into: Tensor) -> None:
         """``into += `` the per-sample gradients of parameter ``name`` (local) for samples ``sl``,

@@ -4,10 +4,13 @@ Both reduce to per-sample sums of outer products Σ_t x_t y_tᵀ over positions
 (:func:`~ewc.fisher_rule_base.outer_sums`), squared a cache-sized chunk of samples at a time.
 
 * ``nn.MultiheadAttention`` (batch-first, without ``add_bias_kv`` / ``add_zero_attn``): the rule
-  recomputes the attention from the call's inputs with the module's own weights (once per call,
-  kept for every pass) and backpropagates the output gradients through it in closed form, to the
-  gradients at q, k, v and at ``out_proj``'s input: ``out_proj`` is not called as a module (the
-  forward uses its weight functionally), so the rule covers its parameters too (``submodules``).
+  records the inputs and outputs of the forward's ``F.linear`` calls on its projection weights
+  (:class:`_ProjectionRecorder`), whose output gradients the engine computes with the module's
+  own; where nothing was recorded it recomputes the attention from the call's inputs with the
+  module's own weights (once per call, kept for every pass) and backpropagates the output
+  gradients through it in closed form, to the gradients at q, k, v and at ``out_proj``'s input.
+  ``out_proj`` is not called as a module (the forward uses its weight functionally), so the rule
+  covers its parameters too (``submodules``).
 * Hugging Face's GPT-2 ``Conv1D``, y = x W + b with W [in, out]: per-sample Σ_t a_t g_tᵀ. It is
   matched without importing ``transformers``: :func:`lazy_rules` names it by module and class,
   and the table registers it when its module has been imported (a Conv1D exists only then).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,9 @@ from ewc.fisher_rule_base import Call, Rule, add_outer_squares, chunks, first_gr
 __all__ = ["Conv1DRule", "MultiheadAttentionRule", "lazy_rules"]
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+# Record the projections' inputs and outputs during the captured forward (False: recompute q, k, v
+# and the attention from the call's inputs and backpropagate through them in closed form)
+RECORD_PROJECTIONS = True
 
 
 class _OuterRule(Rule):
@@ -99,6 +106,80 @@ class Conv1DRule(_OuterRule):
         return out
 
 
+@dataclass
+class _Projection:
+    """One ``F.linear`` call inside a MultiheadAttention forward on (rows of) its weights."""
+
+    weight: str  # parameter name (local to the module)
+    rows: slice | None  # the weight's rows it used (None: all)
+    bias: str | None
+    bias_rows: slice | None
+    input: Tensor  # [L, N, in] or [L·N, in] (positions first, as F.multi_head_attention_forward has them)
+    output: Tensor
+
+
+class _ProjectionRecorder:
+    """Records the input and output of every ``F.linear`` call on the module's projection weights
+    while its forward runs (``torch.nn.functional.linear`` replaced for the call's duration): the
+    engine then backpropagates to those outputs, and the projections' per-sample gradients are
+    outer products of what autograd gives there, with no recomputation of the attention."""
+
+    def __init__(self, module: nn.MultiheadAttention):
+        self.module = module
+        self.records: list[_Projection] = []
+
+    def __enter__(self) -> _ProjectionRecorder:
+        self.previous = F.linear
+        F.linear = self._linear
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        F.linear = self.previous
+
+    def _linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        out = self.previous(input, weight, bias)
+        m = self.module
+        if weight is m.out_proj.weight:
+            found = ("out_proj.weight", None)
+            bias_found = ("out_proj.bias", None) if bias is not None and bias is m.out_proj.bias else None
+        else:
+            names = (
+                ["in_proj_weight"]
+                if m._qkv_same_embed_dim
+                else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            )
+            found = _rows_of(weight, [(nm, getattr(m, nm)) for nm in names])
+            bias_found = _rows_of(bias, [("in_proj_bias", m.in_proj_bias)]) if bias is not None else None
+        if found is not None and out.requires_grad and (bias is None or bias_found is not None):
+            self.records.append(_Projection(*found, *(bias_found or (None, None)), input, out))
+        return out
+
+
+def _rows_of(t: Tensor, params: list[tuple[str, Tensor | None]]) -> tuple[str, slice | None] | None:
+    """(name, rows) if ``t`` is one of ``params`` or a slice of its rows (a split of in_proj)."""
+    for name, p in params:
+        if p is None:
+            continue
+        if t is p:
+            return name, None
+        if (
+            t._base is p
+            and t.stride() == p.stride()
+            and (t.storage_offset() - p.storage_offset()) % p.stride(0) == 0
+        ):
+            start = (t.storage_offset() - p.storage_offset()) // p.stride(0)
+            return name, slice(start, start + t.shape[0])
+    return None
+
+
+def _samples_second(t: Tensor, n: int, k: bool) -> Tensor:
+    """A recorded tensor ([L, N, d] or [L·N, d], after a K axis if ``k``) as [(K,) N, L, d]."""
+    lead = 1 if k else 0
+    if t.dim() == lead + 2:
+        t = t.unflatten(lead, (-1, n))
+    return t.transpose(lead, lead + 1)
+
+
 class MultiheadAttentionRule(_OuterRule):
     """``nn.MultiheadAttention``: q, k, v projections, scaled dot-product attention, ``out_proj``.
 
@@ -156,9 +237,15 @@ class MultiheadAttentionRule(_OuterRule):
         cache.update(query=query, key=key, value=value, attn_q=q, attn_k=k, attn_v=v, attn_p=p, attn_c=ctx)
         return cache
 
+    def recorder(self, module: nn.Module) -> _ProjectionRecorder | None:
+        return _ProjectionRecorder(module) if RECORD_PROJECTIONS else None
+
     def blocks(
         self, module: nn.Module, call: Call, sl: slice
     ) -> list[tuple[str, slice | None, Tensor, Tensor | None]]:
+        recorded = self._recorded(call)
+        if recorded is not None:
+            return self._recorded_blocks(call, recorded, sl)
         f = {name: slice_samples(t, sl) for name, t in self._forward(module, call).items()}
         g = slice_samples(first_grad(call), sl, 1)  # [K, n, L, E]
         out: list[tuple[str, slice | None, Tensor, Tensor | None]] = []
@@ -200,6 +287,34 @@ class MultiheadAttentionRule(_OuterRule):
                     out.append((name, None, dt, x))
         if "in_proj_bias" in self.names:
             out += [("in_proj_bias", slice(i * e, (i + 1) * e), dt, None) for i, dt in enumerate(grads)]
+        return out
+
+    def _recorded(self, call: Call) -> list[tuple[_Projection, Tensor | None]] | None:
+        """The recorded projections with their output gradients, if they cover every parameter of
+        the rule (else None: the closed-form route, e.g. on a call captured without the recorder)."""
+        if not call.recorded:
+            return None
+        own = len(call.outputs) - len(call.recorded)
+        pairs = [(r, call.grads[own + j]) for j, r in enumerate(call.recorded)]
+        covered = {r.weight for r in call.recorded} | {r.bias for r in call.recorded if r.bias}
+        return pairs if set(self.names) <= covered else None
+
+    def _recorded_blocks(
+        self, call: Call, pairs: list[tuple[_Projection, Tensor | None]], sl: slice
+    ) -> list[tuple[str, slice | None, Tensor, Tensor | None]]:
+        """Σ_t g_t x_tᵀ of each recorded projection (g: autograd's gradient at its output)."""
+        g0 = first_grad(call)
+        k, n = g0.shape[0], g0.shape[1]
+        out: list[tuple[str, slice | None, Tensor, Tensor | None]] = []
+        for r, g in pairs:
+            if g is None:  # the projection does not reach the outputs
+                g = torch.zeros((k, *r.output.shape), dtype=r.output.dtype, device=r.output.device)
+            gs = slice_samples(_samples_second(g, n, True), sl, 1)  # [K, n, L, out]
+            if r.weight in self.names:
+                x = slice_samples(_samples_second(r.input.detach(), n, False), sl)  # [n, L, in]
+                out.append((r.weight, r.rows, gs, x.unsqueeze(0)))
+            if r.bias is not None and r.bias in self.names:
+                out.append((r.bias, r.bias_rows, gs, None))
         return out
 
 
