@@ -37,16 +37,12 @@ class OutDirInUse(ValueError):
     """Another live process holds the output directory's lock."""
 
 
-def claim(out: str | os.PathLike, command: str = "") -> Path:
-    """Create/check ``out``, prove it writable, and lock it for this process (see module doc).
-
-    Raises a one-line ValueError for an empty path or a path that is a file, OSError (with the
-    path and errno) where the folder cannot be made or written, and :class:`OutDirInUse` when
-    another process holds it. Claiming a folder this process holds already is a no-op.
-    """
+def make_dir(out: str | os.PathLike) -> Path:
+    """``out`` as a directory, created if needed: a one-line ValueError for an empty path (which
+    would be the working directory), a path that is a file, or one under a file or a broken link."""
     text = os.fspath(out)
     if not text.strip():
-        raise ValueError("--out must be a directory path, got an empty string")
+        raise ValueError(f"--out must name a directory, got {text!r}")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {text!r} exists and is not a directory")
@@ -54,6 +50,19 @@ def claim(out: str | os.PathLike, command: str = "") -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a component is a file, or a dangling symlink
         raise ValueError(f"--out {text!r} cannot be made: a part of it is a file or a broken link") from None
+    return path
+
+
+def claim(out: str | os.PathLike, command: str = "") -> Path:
+    """Create/check ``out`` (:func:`make_dir`), prove it writable, and lock it for this process (see
+    module doc).
+
+    Raises a one-line ValueError for an empty path or a path that is a file, OSError (with the
+    path and errno) where the folder cannot be made or written, and :class:`OutDirInUse` when
+    another process holds it. Claiming a folder this process holds already is a no-op.
+    """
+    text = os.fspath(out)
+    path = make_dir(out)
     key = str(path.resolve())
     if key in _HELD:
         return path

@@ -28,6 +28,7 @@ import torch
 import ewc
 from ewc import runtime
 from ewc.config import command_line, config_dict, param
+from ewc.outdir import make_dir
 from ewc.report import figure_style, md_table, new_figure, save_figure
 from ewc.state import atomic_write_bytes
 
@@ -48,15 +49,9 @@ __all__ = [
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:
-    """The output directory, created if needed; a clear error if it is a file or an empty path
-    (which would be the working directory)."""
-    if not os.fspath(out).strip():
-        raise ValueError(f"--out must name a directory, got {os.fspath(out)!r}")
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {str(path)!r} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The output directory of a library call, created if needed (:func:`ewc.outdir.make_dir`; the
+    command line claims it first, with a lock and a write probe)."""
+    return make_dir(out)
 
 
 def setup_runtime(seed: int, threads: int | None) -> torch.Generator:
