@@ -115,9 +115,11 @@ def added_value(t: Tensor, base: Tensor) -> float:
     """What ``t`` adds to ``base`` (a method's loss to its task loss: the penalty), read now: the
     stored part of ``t`` minus ``base`` plus the values ``t`` was waiting for. Exact for a penalty
     added to the task loss (``t = base + p``, ``p`` pure: its value itself, not a difference of
-    rounded sums); ``float(t) - float(base)`` when nothing is deferred. ``t`` is settled."""
+    rounded sums); ``float(t) - float(base)`` when nothing is deferred. ``t`` is settled, without
+    telling its addends they were read (a reader now and then, not at every step: the next
+    evaluation need not compute its value at once)."""
     known = float(known_part(t).detach()) - float(base.detach())
-    pending = settle(t)
+    pending = settle(t, read=False)
     return known + (float(pending) if pending is not None else 0.0)
 
 

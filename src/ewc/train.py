@@ -231,6 +231,11 @@ class _SincePoint:
         self.n += 1
         self.last = (loss, task_loss)
 
+    def next_batch(self) -> None:
+        """Let go of the last batch's losses before the next batch's backward: an unread penalty
+        still held then would have its value computed (its buffers are taken over)."""
+        self.last = None
+
     def read(self) -> tuple[float | None, float | None]:
         """(mean task loss, last penalty), None for both without a batch; then starts afresh."""
         mean = float(self.sum) / self.n if self.n else None
@@ -339,6 +344,7 @@ def _train(
                 idx = order[b : b + config.batch_size]
                 if config.batchnorm and len(idx) < 2:
                     continue  # BatchNorm has no batch statistics for a single sample
+                since.next_batch()
                 xb, yb = x[idx].to(device), y[idx].to(device)
                 out = model(xb)
                 which = i if ids is None else ids[idx].to(device)
