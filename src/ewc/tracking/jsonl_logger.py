@@ -1,9 +1,10 @@
 """JSON lines in ``OUT/metrics.jsonl``: every call of every run, one line each (no extra needed).
 
 The plainest tracker, readable with anything: each line is an object with ``run`` (the child's
-path, ``""`` for the top run) and one of ``params``, ``metrics`` with ``step`` (null for a final
-value), ``artifact`` (the file's path relative to OUT when inside it) or ``end`` (``finished`` /
-``failed``). The file is rewritten by every invocation.
+path, ``""`` for the top run) and one of ``name`` (the first line: the top run's name),
+``params``, ``metrics`` with ``step`` (null for a final value), ``artifact`` (the file's path
+relative to OUT when inside it) or ``end`` (``finished`` / ``failed``). The file is rewritten by
+every invocation.
 """
 
 from __future__ import annotations
