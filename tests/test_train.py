@@ -171,8 +171,9 @@ def test_the_progress_bar_reads_its_info_only_when_it_draws(capsys) -> None:
 
 
 def test_the_loop_trains_on_the_penalty_without_computing_its_value(tasks: list, monkeypatch) -> None:
-    """The NaN check looks at the loss without the penalty's value and nothing else reads it, so
-    a run computes the gradient only (the value would cost one more pass per step)."""
+    """The NaN check looks at the loss without the penalty's value and only the evaluation points
+    read it (curves.penalty), so a run computes the gradient at every step and the value once per
+    point (at every step it would cost one more pass per step)."""
     import ewc.quadratic_eval as quadratic_eval
 
     values, added = [], []
@@ -181,5 +182,7 @@ def test_the_loop_trains_on_the_penalty_without_computing_its_value(tasks: list,
     monkeypatch.setattr(
         quadratic_eval.Evaluation, "add_into_grads", lambda self, idx: added.append(1) or add(self, idx)
     )
-    run_method(tasks[:2], "online-ewc", config(lam=10.0))
-    assert values == [] and len(added) == 300 // 50  # every step of the second task
+    curves = run_method(tasks[:2], "online-ewc", config(lam=10.0))["curves"]
+    assert len(added) == 300 // 50  # every step of the second task
+    assert len(values) == 300 // 50 // 2  # its evaluation points (eval_every=2), no other step
+    assert [p > 0 for p in curves["penalty"][-3:]] == [True] * 3

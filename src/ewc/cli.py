@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Settings that do not change a run's results: a resume may change them.
-VOLATILE = frozenset({"jobs", "quiet", "progress"})
+VOLATILE = frozenset({"jobs", "quiet", "progress", "track"})
 # What a --restart deletes in --out: the partial work of the run made with other settings.
 PROGRESS = ("progress", "checkpoints", "*/progress", "*/checkpoints")
 

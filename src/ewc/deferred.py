@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Addend", "Deferred", "defer", "is_deferred", "known_part", "settle"]
+__all__ = ["Addend", "Deferred", "added_value", "defer", "is_deferred", "known_part", "settle"]
 
 
 class Addend(Protocol):
@@ -90,20 +90,37 @@ def is_deferred(t: Any) -> bool:
     return isinstance(t, Deferred)
 
 
-def settle(t: Any, read: bool = True) -> None:
+def settle(t: Any, read: bool = True) -> Tensor | None:
     """Add the pending addends of a deferred ``t`` into its storage; ``t`` becomes an ordinary
-    tensor. Nothing for anything else. (``read``: tell the addends their value was asked for.)"""
+    tensor. Return the sum of the values added (in order), or None for anything else (nothing is
+    done). (``read``: tell the addends their value was asked for.)"""
     if not isinstance(t, Deferred):
-        return
+        return None
     addends = t._addends
     t.__class__ = Tensor
     del t._addends, t._pure
+    total = None
     with torch.no_grad():
         stored = t.detach()
         for a in addends:
             if read and hasattr(a, "mark_read"):
                 a.mark_read()
-            stored.add_(a.value())
+            value = a.value()
+            stored.add_(value)
+            total = value if total is None else total + value
+    return total
+
+
+def added_value(t: Tensor, base: Tensor) -> float:
+    """What ``t`` adds to ``base`` (a method's loss to its task loss: the penalty), read now: the
+    stored part of ``t`` minus ``base`` plus the values ``t`` was waiting for. Exact for a penalty
+    added to the task loss (``t = base + p``, ``p`` pure: its value itself, not a difference of
+    rounded sums); ``float(t) - float(base)`` when nothing is deferred. ``t`` is settled, without
+    telling its addends they were read (a reader now and then, not at every step: the next
+    evaluation need not compute its value at once)."""
+    known = float(known_part(t).detach()) - float(base.detach())
+    pending = settle(t, read=False)
+    return known + (float(pending) if pending is not None else 0.0)
 
 
 def known_part(t: Tensor) -> Tensor:

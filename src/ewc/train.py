@@ -4,7 +4,9 @@ For each method the loop starts from the same initial weights (seeded) and visit
 in the same order, so methods differ only in the method. After each task it measures test
 accuracy on *every* task (a row of the accuracy matrix R[i][j]); during training it measures a
 fixed test subset of every task every ``eval_every`` mini-batches (the curves of the paper's
-Fig. 2A, and the learning-curve area).
+Fig. 2A, and the learning-curve area), and records with each such point the mean task loss of the
+mini-batches since the previous point and the penalty (what the method adds to the task loss) of
+the last one: read at the evaluation cadence, since a penalty's value is computed only when read.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ewc.checkpoint import SaveSchedule, load_progress, save_progress
 from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, Registered, Sizes
 from ewc.config import param, validate
 from ewc.data import Task, TaskSequence
-from ewc.deferred import known_part
+from ewc.deferred import added_value, known_part
 from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
@@ -209,6 +211,38 @@ class _Curves:
     accuracy: list[list[float]] = field(default_factory=list)
     task_starts: list[int] = field(default_factory=list)
     per_task: list[list[float]] = field(default_factory=list)
+    # at each point: the mean task loss of the batches since the previous point and the penalty
+    # (loss − task loss) of the last one; None where no batch came between (a task's start)
+    task_loss: list[float | None] = field(default_factory=list)
+    penalty: list[float | None] = field(default_factory=list)
+
+
+class _SincePoint:
+    """The batches since the last evaluation point: their task losses summed on the device (no
+    read per step) and the last one's losses, whose penalty is read only at the point."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.n = 0
+        self.last: tuple[Tensor, Tensor] | None = None
+
+    def add(self, loss: Tensor, task_loss: Tensor) -> None:
+        self.sum.add_(task_loss.detach())
+        self.n += 1
+        self.last = (loss, task_loss)
+
+    def next_batch(self) -> None:
+        """Let go of the last batch's losses before the next batch's backward: an unread penalty
+        still held then would have its value computed (its buffers are taken over)."""
+        self.last = None
+
+    def read(self) -> tuple[float | None, float | None]:
+        """(mean task loss, last penalty), None for both without a batch; then starts afresh."""
+        mean = float(self.sum) / self.n if self.n else None
+        penalty = added_value(*self.last) if self.last is not None else None
+        self.sum.zero_()
+        self.n, self.last = 0, None
+        return mean, penalty
 
 
 def run_method(
@@ -267,6 +301,7 @@ def _train(
     matrix: list[list[float]] = []
     step = 0
     eval_seconds = 0.0
+    since = _SincePoint(device)
 
     def evaluate(k: int) -> None:
         nonlocal eval_seconds
@@ -275,6 +310,9 @@ def _train(
         curves.steps.append(step)
         curves.accuracy.append(accs)
         curves.per_task[k].append(accs[k])
+        task_loss, penalty = since.read()
+        curves.task_loss.append(task_loss)
+        curves.penalty.append(penalty)
         eval_seconds += time.perf_counter() - t0
 
     identity = _identity(method, config, scenario, tasks)
@@ -308,6 +346,7 @@ def _train(
                 idx = order[b : b + config.batch_size]
                 if config.batchnorm and len(idx) < 2:
                     continue  # BatchNorm has no batch statistics for a single sample
+                since.next_batch()
                 xb, yb = x[idx].to(device), y[idx].to(device)
                 out = model(xb)
                 which = i if ids is None else ids[idx].to(device)
@@ -326,6 +365,7 @@ def _train(
                 method.after_backward()
                 opt.step()
                 method.after_step()
+                since.add(loss, task_loss)
                 step += 1
                 task_step += 1
                 if task_step % config.eval_every == 0:

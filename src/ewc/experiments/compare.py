@@ -20,9 +20,11 @@ from ewc.checks import Subset
 from ewc.config import names_parser, param
 from ewc.experiments.common import check_out_dir, write_json
 from ewc.experiments.sequence import RunConfig, methods_param, run_sequence, search_param
+from ewc.experiments.tracked import as_tracking, log_compare, open_for
 from ewc.report import figure_style, md_table, method_color, method_label, new_figure, save_figure
 from ewc.scenario import SCENARIOS
 from ewc.state import atomic_write_bytes
+from ewc.tracking import Logger
 from ewc.train import TrainConfig
 
 
@@ -111,15 +113,19 @@ def run_compare(
     max_train_per_task: int | None = None,
     data_root: str | None = None,
     jobs: int = 1,
+    tracker: Logger | None = None,
 ) -> dict[str, Any]:
-    """Run ``methods`` in each of ``scenarios``; write the runs, the table and the figure to ``out``."""
+    """Run ``methods`` in each of ``scenarios``; write the runs, the table and the figure to ``out``
+    (``tracker``: each scenario's run goes to a child, by ``ewc run``'s rules, then this record)."""
     if not scenarios:
         raise ValueError("no scenarios given")
     out_dir = check_out_dir(out)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     runs: dict[str, Any] = {}
+    tracker = as_tracking(tracker)
     for sc in scenarios:
+        child = tracker.child(sc)  # closed with the tracker if the scenario fails
         res = run_sequence(
             sequence,
             data,
@@ -134,7 +140,9 @@ def run_compare(
             max_train_per_task=max_train_per_task,
             data_root=data_root,
             jobs=jobs,
+            tracker=child,
         )
+        child.close()
         runs[sc] = {"selection": res["config"]["selection"], "run": str(Path(sc) / "results.json")}
         for m, r in res["methods"].items():
             rows.append({"scenario": sc, "method": m, **{k: r[k] for k in _COLUMNS}, "chosen": r["params"]})
@@ -170,19 +178,22 @@ def run_compare(
         "",
     ]
     atomic_write_bytes(out_dir / "comparison.md", "\n".join(md).encode())
+    log_compare(tracker, record, out_dir)
     record["table"] = table
     return record
 
 
 def run(config: CompareConfig, out: str | os.PathLike) -> dict[str, Any]:
-    """``ewc compare``: :func:`run_compare` with the settings of ``config``."""
-    return run_compare(
-        config.sequence,
-        config.data,
-        config.tasks,
-        config.method_names(),
-        list(config.scenarios),
-        config.training(),
-        out,
-        **config.options(),
-    )
+    """``ewc compare``: :func:`run_compare` with the settings of ``config`` (and its trackers)."""
+    with open_for("compare", config.track, out) as tracker:
+        return run_compare(
+            config.sequence,
+            config.data,
+            config.tasks,
+            config.method_names(),
+            list(config.scenarios),
+            config.training(),
+            out,
+            tracker=tracker,
+            **config.options(),
+        )

@@ -44,6 +44,7 @@ from ewc.checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, S
 from ewc.config import validate
 from ewc.experiments.common import check_out_dir, command_line, finish, param
 from ewc.experiments.rl_report import figure_per_game, figure_perturb, figure_total, findings, tables
+from ewc.experiments.tracked import log_rl, open_for
 from ewc.pool import run_jobs
 from ewc.rl.agent import DQNConfig
 from ewc.rl.env import GAMES
@@ -65,6 +66,7 @@ from ewc.rl.protocol import (
     total_score,
     write_cached_reference,
 )
+from ewc.tracking import parse_names, track_param
 
 __all__ = [
     "CLAIM",
@@ -214,9 +216,11 @@ class Config:
         DEFAULT_PERTURB_DAMPING, "ε in 1/√(F + ε) (the Fisher has mean 1)", check=POSITIVE
     )
     device: str = param("cpu", "where the networks train: cpu or cuda (one GPU shared by the --jobs runs)")
+    track: tuple[str, ...] = track_param()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "games", _names(self.games))  # before the checks: "a,b" is a list
+        object.__setattr__(self, "track", parse_names(self.track))
         object.__setattr__(self, "methods", _names(self.methods))
         validate(self)
         object.__setattr__(self, "seeds", tuple(self.seeds))
@@ -342,7 +346,8 @@ def _references(
 def run(
     config: Config, out: str | Path | None = None, log: Callable[[str], None] | None = print
 ) -> dict[str, Any]:
-    """Train every (method, seed) and the references, normalise, test, and report (see module doc)."""
+    """Train every (method, seed) and the references, normalise, test, and report (see module doc);
+    then send the record to the trackers of ``config.track``."""
     start = time.perf_counter()
     say = log or (lambda _m: None)
     if config.reference is not None:
@@ -355,7 +360,10 @@ def run(
             else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         )
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        return _run(config, out, out_dir, say, start)
+        tracker = stack.enter_context(open_for("rl", config.track, out))
+        record = _run(config, out, out_dir, say, start)
+        log_rl(tracker, record, Path(out) if out is not None else None)
+        return record
 
 
 def _run(

@@ -24,12 +24,14 @@ from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers
 from ewc.config import param, parse_floats, parse_setting, validate
 from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, check_task_count, load_dataset, make_sequence
 from ewc.experiments.common import check_out_dir, write_json
+from ewc.experiments.tracked import log_sequence, open_for, sequence_files
 from ewc.methods import METHOD_SPECS, make_method
 from ewc.methods.registry import LAM_SETTINGS, combinations
 from ewc.pool import run_jobs
 from ewc.runtime import run_threads
 from ewc.scenario import Scenario
 from ewc.state import json_digest
+from ewc.tracking import Logger, parse_names, track_param
 from ewc.train import TrainConfig, method_params, run_method
 
 DEFAULT_METHODS = "sgd,l2,ewc,online-ewc,joint"
@@ -142,9 +144,11 @@ class RunConfig:
         check=POSITIVE_INT,
     )
     quiet: bool = param(False, "no progress bar")
+    track: tuple[str, ...] = track_param()
     train: TrainConfig = param(help="training settings", default_factory=TrainConfig, nested=True)
 
     def __post_init__(self) -> None:
+        self.track = parse_names(self.track)
         validate(self)
         check_lam_grids(self.method_names(), self.select_lam, self.select_l2_lam)
         check_task_count(self.sequence, self.tasks, self.data, DATASETS[self.data].num_classes)
@@ -175,16 +179,18 @@ class RunConfig:
 
 
 def run(config: RunConfig, out: str | os.PathLike | None) -> dict[str, Any]:
-    """``ewc run``: :func:`run_sequence` with the settings of ``config``."""
-    return run_sequence(
-        config.sequence,
-        config.data,
-        config.tasks,
-        config.method_names(),
-        config.training(),
-        out,
-        **config.options(),
-    )
+    """``ewc run``: :func:`run_sequence` with the settings of ``config`` (and its trackers)."""
+    with open_for("run", config.track, out) as tracker:
+        return run_sequence(
+            config.sequence,
+            config.data,
+            config.tasks,
+            config.method_names(),
+            config.training(),
+            out,
+            tracker=tracker,
+            **config.options(),
+        )
 
 
 def check_lam_grids(methods: list[str], lam_grid: Any, l2_lam_grid: Any) -> None:
@@ -337,6 +343,7 @@ def run_sequence(
     data_root: str | None = None,
     report: bool = True,
     jobs: int = 1,
+    tracker: Logger | None = None,
 ) -> dict[str, Any]:
     """Run ``methods`` on an ``n_tasks`` ``sequence`` of ``data``; write results into ``out``.
 
@@ -346,6 +353,8 @@ def run_sequence(
     values are recorded in ``config.selection``.
     ``save_state`` saves each trained learner (model, method state, scenario) under
     ``out/checkpoints/METHOD.pt``, loadable with :func:`ewc.checkpoint.load_checkpoint`.
+    ``tracker`` (:mod:`ewc.tracking`) receives the record once it is written
+    (:func:`ewc.experiments.tracked.log_sequence`).
     """
     unknown = [m for m in methods if m not in METHOD_SPECS]
     if unknown:
@@ -421,10 +430,12 @@ def run_sequence(
         }
         for t in tasks
     ]
+    paths = None
     if out_dir is not None:
         write_json(results, out_dir / "results.json")
         if report:
             from ewc.report import write_report
 
-            write_report(results, out_dir)
+            paths = write_report(results, out_dir)
+    log_sequence(tracker, results, sequence_files(out_dir, paths))
     return results

@@ -42,12 +42,14 @@ from ewc.experiments.common import (
     write_json,
 )
 from ewc.experiments.stream_report import figure, findings, tables
+from ewc.experiments.tracked import log_stream, open_for
 from ewc.methods import METHOD_SPECS
 from ewc.models import make_mlp
 from ewc.state import atomic_save, json_digest, safe_load
 from ewc.stream import StreamLearner
 from ewc.taskid import TaskDetector
 from ewc.taskid_eval import assignment_metrics, make_stream
+from ewc.tracking import parse_names, track_param
 
 __all__ = ["CLAIM", "TITLE", "Config", "command", "parse_schedule", "run"]
 
@@ -145,9 +147,11 @@ class Config:
     nan_policy: str = param(
         "drop", "--csv rows with missing features: drop (count) or raise", choices=NAN_POLICIES, group=_OWN
     )
+    track: tuple[str, ...] = track_param()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse_schedule(self.schedule))
+        object.__setattr__(self, "track", parse_names(self.track))
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         validate(self)
         if self.csv is None:
@@ -344,13 +348,23 @@ def _learn(
 
 
 def _tag(config: Config, method: str, given_ids: bool) -> str:
-    """A learner's progress file name: its method, ids kind and a digest of every setting."""
-    digest = json_digest([dataclasses.asdict(config), method, given_ids])
+    """A learner's progress file name: its method, ids kind and a digest of every setting (but
+    the trackers, which change no number)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "track"}
+    digest = json_digest([settings, method, given_ids])
     return f"{method}-{'true' if given_ids else 'inferred'}-{digest[:16]}"
 
 
 def run(config: Config, out: str | Path | None = None) -> dict[str, Any]:
-    """Build the stream, learn it (and the baseline), write results.json, timeline.png, report.md."""
+    """Build the stream, learn it (and the baseline), write results.json, timeline.png, report.md;
+    then send the record to the trackers of ``config.track``."""
+    with open_for("stream", config.track, out) as tracker:
+        record = _run(config, out)
+        log_stream(tracker, record, Path(out) if out is not None else None)
+        return record
+
+
+def _run(config: Config, out: str | Path | None) -> dict[str, Any]:
     start = time.perf_counter()
     if out is not None:
         check_out_dir(out)
