@@ -140,6 +140,7 @@ def test_model_module_factory_from_the_working_directory(clean_imports, tmp_path
     )
     data = write_npz(work / "tab.npz", blobs)
     clean_imports.chdir(work)
+    sys.path[:] = [p for p in sys.path if p not in ("", ".")]  # (restored after): cwd not on the path
     assert str(work) not in sys.path
     out = tmp_path / "out"
     assert (
@@ -161,6 +162,7 @@ def test_model_module_factory_from_the_working_directory(clean_imports, tmp_path
         == 0
     )
     assert results(out)["config"]["data"]["path"] == str(data)
+    assert sys.path[-1] == str(work)  # the working directory was searched after everything else
 
 
 @pytest.mark.parametrize(
