@@ -125,9 +125,10 @@ def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "not a directory" in capsys.readouterr().err
     assert main(["run", "permuted", "--methods", "sgd,magic", "--out", str(tmp_path / "o"), *TINY]) == 2
     assert "unknown method" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["run", "permuted", "--data", "cifar", "--out", str(tmp_path / "o")])
-    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert main(["run", "permuted", "--data", "cifar", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "data must be one of mnist-10k" in err and "or a path to a .npz file, got 'cifar'" in err
+    assert not (tmp_path / "o").exists()  # refused before --out is made
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "results.json" in capsys.readouterr().err
 

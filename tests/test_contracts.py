@@ -24,7 +24,7 @@ from ewc.data import DATASETS, DataNotFoundError, Task, load_dataset
 from ewc.experiments import EXPERIMENTS, get_experiment
 from ewc.experiments import stream as stream_experiment
 from ewc.methods import METHOD_SPECS, METHODS, Batch, make_method
-from ewc.models import MODELS, build_model
+from ewc.models import MODELS, build_model, model_options
 from ewc.train import TrainConfig, method_params, run_method
 
 CONFIG = TrainConfig(
@@ -135,28 +135,122 @@ def test_every_dataset_loads_with_its_declared_shapes(name: str) -> None:
     assert len(ds.x_train) == len(ds.y_train) > 0 and len(ds.x_test) == len(ds.y_test) > 0
 
 
+#: one sample's shape as tasks give it: [H, W] data gets a channel, RGB images, small images
+IMAGE_SHAPES = ((1, 28, 28), (28, 28), (3, 32, 32), (3, 8, 8))
+#: not images: rows of features, a 4-D sample
+OTHER_SHAPES = ((20,), (2, 3, 4, 5))
+
+
+def _weights(net: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in net.parameters()]
+
+
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_model_builds_for_any_input_shape(name: str) -> None:
-    torch.manual_seed(0)
-    for shape in ((28, 28), (1, 28, 28), (20,)):
-        net = build_model(name, shape, 7)
-        out = net(torch.randn(5, *shape))
-        assert out.shape == (5, 7)
+def test_every_model_builds_for_image_shapes_seeded(name: str) -> None:
+    """Images of any size and channel count: logits [N, outputs]; the seed decides the weights."""
+    for shape in IMAGE_SHAPES:
         torch.manual_seed(1)
         a = build_model(name, shape, 7)
         torch.manual_seed(1)
         b = build_model(name, shape, 7)
-        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+        torch.manual_seed(2)
+        c = build_model(name, shape, 7)
+        assert all(torch.equal(p, q) for p, q in zip(_weights(a), _weights(b), strict=True))
+        assert not all(torch.equal(p, q) for p, q in zip(_weights(a), _weights(c), strict=True))
+        a.eval()
+        with torch.no_grad():
+            assert a(torch.rand(5, *shape)).shape == (5, 7), shape
     with pytest.raises(ValueError, match="takes no option"):
-        build_model(name, (4,), 2, no_such_option=1)
+        build_model(name, (1, 8, 8), 2, no_such_option=1)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("no-such-model", (4,), 2)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_model_trains_through_the_loop(name: str) -> None:
-    res = run_method(tiny_tasks(), "ewc", dataclasses.replace(CONFIG, model=name))
+def test_every_model_takes_other_inputs_or_refuses_them_clearly(name: str) -> None:
+    for shape in OTHER_SHAPES:
+        try:
+            net = build_model(name, shape, 3)
+        except ValueError as err:  # an image model: the error names the shape it was given
+            assert str(tuple(shape)) in str(err) and "images" in str(err)
+            continue
+        assert net(torch.rand(4, *shape)).shape == (4, 3)
+    assert build_model("mlp", (20,), 3)(torch.rand(4, 20)).shape == (4, 3)  # the default takes any shape
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_works_with_the_fisher_engine(name: str) -> None:
+    """The engine's Fisher equals the per-sample float64 reference, with per-layer rules for
+    every parameter (no warning: no rerouting through per-sample gradients of the whole model)."""
+    import warnings
+
+    from conftest import assert_fisher_close, reference_fisher
+
+    from ewc.fisher import diagonal_fisher
+
+    torch.manual_seed(0)
+    net = build_model(name, (2, 8, 8), 3).double()
+    net.train()
+    with torch.no_grad():  # BatchNorm: running statistics away from their initial (0, 1)
+        net(torch.rand(16, 2, 8, 8, dtype=torch.float64))
+    x, y = torch.rand(6, 2, 8, 8, dtype=torch.float64), torch.arange(6) % 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = diagonal_fisher(net, (x, y), "exact")
+    assert_fisher_close(got, reference_fisher(net, [(x, y)], "exact"), net)
+    assert net.training  # left as it was
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_trains_a_step(name: str) -> None:
+    torch.manual_seed(0)
+    net = build_model(name, (1, 8, 8), 3)
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 3
+    before = _weights(net)
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    torch.optim.SGD(net.parameters(), lr=0.01).step()
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(net(x), y)
+    assert float(after) < float(loss.detach())
+    assert all(not torch.equal(p, q) for p, q in zip(before, _weights(net), strict=True))
+
+
+def tiny_images(n_tasks: int = 2) -> list[Task]:
+    """:func:`tiny_tasks` with each sample a 1×4×4 image."""
+    return [
+        dataclasses.replace(
+            t, **{f"x_{p}": getattr(t, f"x_{p}").reshape(-1, 1, 4, 4) for p in ("train", "val", "test")}
+        )
+        for t in tiny_tasks(n_tasks, dim=16)
+    ]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_trains_through_the_loop_and_its_checkpoint_reloads(name: str, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    hidden = CONFIG.hidden if "hidden" in model_options(name, hidden=()) else TrainConfig().hidden
+    config = dataclasses.replace(CONFIG, model=name, hidden=hidden)
+    tasks = tiny_images()
+    res = run_method(tasks, "ewc", config)
+    model, method = res.pop("model"), res.pop("method")
     assert res["architecture"]["model"] == name and len(res["accuracy_matrix"]) == 2
+    assert res["architecture"]["input_shape"] == [1, 4, 4]
+    path = tmp_path / "ck.pt"
+    params = method_params("ewc", config)
+    save_checkpoint(
+        path,
+        model,
+        method,
+        name="ewc",
+        params=params,
+        scenario=method.scenario,
+        architecture=res["architecture"],
+    )
+    loaded, _, _ = load_checkpoint(path)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(tasks[1].x_test), loaded(tasks[1].x_test))
 
 
 def test_a_user_registered_model_method_and_dataset_run() -> None:
@@ -186,7 +280,8 @@ def test_a_user_registered_model_method_and_dataset_run() -> None:
             return source
 
         assert list(registry.METHOD_SPECS)[0] == "mine"  # placed by its declared order
-        config = dataclasses.replace(CONFIG, model="linear", params={})
+        # (a model that takes no hidden sizes is refused with non-default --hidden: back to the default)
+        config = dataclasses.replace(CONFIG, model="linear", hidden=TrainConfig().hidden, params={})
         res = run_sequence("split", "tiny-digits", 2, ["mine", "sgd"], config, report=False)
         assert set(res["methods"]) == {"mine", "sgd"}
         assert res["methods"]["mine"]["architecture"]["model"] == "linear"

@@ -246,12 +246,16 @@ PROGRESS = ("progress", "checkpoints", "*/progress", "*/checkpoints")
 def _config(args: argparse.Namespace) -> Any:
     """The command's config (validated), then --out claimed (made, proven writable, locked) and,
     for a resumable command, tied to its settings."""
+    from ewc.data.custom import file_sha256, is_npz_path
     from ewc.outdir import check_settings, claim
 
     config = config_from(args, args.config_cls)  # bad flags fail here, before --out is made
     claim(args.out)
     if getattr(args, "resumable", False):
         settings = {"command": args.command_name, **_settings(dataclasses.asdict(config))}
+        data = getattr(config, "data", None)
+        if is_npz_path(data):  # a data file is its contents: a changed file is another run
+            settings["data_sha256"] = file_sha256(data)
         if check_settings(args.out, settings, restart=args.restart, progress=PROGRESS):
             print(f"resuming the run in {args.out}", file=sys.stderr)
     return config

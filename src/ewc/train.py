@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ewc.checkpoint import SaveSchedule, load_progress, save_progress
-from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, Registered, Sizes
+from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, Sizes
 from ewc.config import param, validate
 from ewc.data import Task, TaskSequence
 from ewc.deferred import added_value, known_part
@@ -31,7 +31,17 @@ from ewc.fisher import FISHER_MODES
 from ewc.methods import METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
 from ewc.metrics import accuracy_from_counts, reduce_counts, summarize
-from ewc.models import MLP_HIDDEN, MODELS, build_model, model_options
+from ewc.models import (
+    MLP_HIDDEN,
+    MODELS,
+    ModelChoice,
+    ModelFactory,
+    build_model,
+    check_outputs,
+    check_takes_dropout,
+    model_name,
+    model_options,
+)
 from ewc.runtime import (
     DEFAULT_THREADS,
     OPTIMIZERS,
@@ -56,11 +66,22 @@ class TrainConfig:
     lr: float = param(1e-3, "learning rate", check=POSITIVE)
     optimizer: str = param("adam", "optimiser, fresh state per task", choices=OPTIMIZERS)
     momentum: float = param(0.0, "SGD momentum", check=NON_NEGATIVE)
-    model: str = param("mlp", "network (registry name, ewc.models)", check=Registered(MODELS))
-    hidden: tuple[int, ...] = param(
-        MLP_HIDDEN, "hidden sizes, e.g. 400,400 (none: a linear model)", check=Sizes(allow_empty=True)
+    model: str | ModelFactory = param(
+        "mlp",
+        f"network: a registered name ({', '.join(MODELS)}; see docs/models.md) or MODULE:FACTORY, a "
+        "function importable from sys.path or the working directory, called as FACTORY(input_shape, "
+        "num_outputs) (in Python also the factory itself)",
+        check=ModelChoice(),
+        metavar="NAME|MODULE:FACTORY",
     )
-    dropout: float = param(0.0, "dropout after each hidden layer", check=Interval(float, 0, 1, closed="left"))
+    hidden: tuple[int, ...] = param(
+        MLP_HIDDEN,
+        "hidden sizes of the mlp, e.g. 400,400 (none: a linear model)",
+        check=Sizes(allow_empty=True),
+    )
+    dropout: float = param(
+        0.0, "dropout after each hidden layer (mlp, cnn)", check=Interval(float, 0, 1, closed="left")
+    )
     batchnorm: bool = param(False, "BatchNorm after each hidden layer (the BatchNorm experiment)", cli=False)
     scenario: str | None = param(
         None,
@@ -108,6 +129,21 @@ class TrainConfig:
         validate(self)
         check_optimizer(self.optimizer, self.momentum)
         check_device(self.device)
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        """A ValueError for an architecture setting changed from its default that the model does
+        not take (it would be silently ignored: ``--hidden`` with ``--model cnn``)."""
+        changed = [
+            f.name for f in fields(self) if f.name in ARCHITECTURE and getattr(self, f.name) != f.default
+        ]
+        ignored = sorted(set(changed) - set(model_options(self.model, **dict.fromkeys(changed))))
+        if ignored:
+            takes = sorted(model_options(self.model, **dict.fromkeys(ARCHITECTURE)))
+            raise ValueError(
+                f"model {model_name(self.model)!r} does not take {', '.join(ignored)} (of the architecture "
+                f"settings it takes: {', '.join(takes) or 'none'})"
+            )
 
     def setting(self, name: str) -> Any:
         """A run setting by name; a None setting declared with ``fallback`` reads that one."""
@@ -118,7 +154,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        d["model"] = model_name(self.model)  # a factory given in Python: its module:name
         return d
+
+
+#: the TrainConfig settings offered to every model factory (each takes those it declares)
+ARCHITECTURE = ("hidden", "dropout", "batchnorm")
 
 
 def method_params(name: str, config: TrainConfig) -> dict[str, Any]:
@@ -287,15 +328,20 @@ def _train(
     device = setup_runtime(config.seed, None, config.device)  # threads: set by run_method
     if isinstance(method, str):
         method = make_method(method, **method_params(method, config))
-    input_shape = tuple(tasks[0].x_train.shape[1:])
+    first = tasks[0].x_train
+    input_shape, input_dtype, probe = tuple(first.shape[1:]), first.dtype, first[:2].clone()
     input_dim = math.prod(input_shape)
+    del first  # the task's training part is built again when it is trained
     dropout = config.dropout if method.dropout is None else method.dropout
-    torch.manual_seed(config.seed)  # the same initial weights for every method
     options = model_options(config.model, hidden=config.hidden, dropout=dropout, batchnorm=config.batchnorm)
+    if method.dropout is not None:
+        check_takes_dropout(config.model, method.name)
+    torch.manual_seed(config.seed)  # the same initial weights for every method
     model = build_model(config.model, input_shape, scenario.num_outputs, **options).to(device)
     method.setup(model, scenario)
 
-    tests, subsets = _test_parts(tasks, device, input_shape, config.curve_samples)
+    tests, subsets = _test_parts(tasks, device, input_shape, input_dtype, config.curve_samples)
+    check_outputs(model, probe.to(device), scenario.num_outputs, model_name(config.model))
     baseline = [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
     curves = _Curves()
     matrix: list[list[float]] = []
@@ -397,7 +443,7 @@ def _train(
             "baseline_accuracy": baseline,
             "scenario": scenario.kind,
             "architecture": {
-                "model": config.model,
+                "model": model_name(config.model),
                 "input_shape": list(input_shape),
                 "input_dim": input_dim,
                 "num_classes": scenario.num_outputs,
@@ -437,8 +483,10 @@ class _TestReader:
     times between small long-lived records, fragmented glibc's heap until a 1000-task run held
     6 GB). A part read is valid until the next read."""
 
-    def __init__(self, tasks: TaskSequence, device: torch.device, input_shape: tuple[int, ...]):
-        self.tasks, self.device, self.input_shape = tasks, device, input_shape
+    def __init__(
+        self, tasks: TaskSequence, device: torch.device, input_shape: tuple[int, ...], dtype: torch.dtype
+    ):
+        self.tasks, self.device, self.input_shape, self.dtype = tasks, device, input_shape, dtype
         self.buffer: Tensor | None = None
         self.builds = 0
 
@@ -446,7 +494,7 @@ class _TestReader:
         y = self.tasks[j].y_test
         shape = (len(y), *self.input_shape)
         if self.buffer is None or tuple(self.buffer.shape) != shape:
-            self.buffer = torch.empty(shape)
+            self.buffer = torch.empty(shape, dtype=self.dtype)
         x = self.tasks.read(j, "test", out=self.buffer)
         if x is self.buffer:  # built now, not kept
             self.builds += 1
@@ -471,13 +519,13 @@ class _LazyTestParts(Sequence[tuple[Tensor, Tensor]]):
 
 
 def _test_parts(
-    tasks: Sequence[Task], device: torch.device, input_shape: tuple[int, ...], rows: int
+    tasks: Sequence[Task], device: torch.device, input_shape: tuple[int, ...], dtype: torch.dtype, rows: int
 ) -> tuple[Sequence[tuple[Tensor, Tensor]], Sequence[tuple[Tensor, Tensor]]]:
     """The test parts evaluated after every task, and their first ``rows`` (the curves): a lazy
     sequence's are read when evaluated (memory bounded by its cache, not by the number of tasks);
     a list's are moved to the device once."""
     if isinstance(tasks, TaskSequence):
-        reader = _TestReader(tasks, device, input_shape)
+        reader = _TestReader(tasks, device, input_shape, dtype)
         return _LazyTestParts(reader, None), _LazyTestParts(reader, rows)
     tests = [(t.x_test.to(device), t.y_test.to(device)) for t in tasks]
     return tests, [(x[:rows], y[:rows]) for x, y in tests]

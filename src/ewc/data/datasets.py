@@ -1,9 +1,12 @@
-"""Named image-classification datasets as plain uint8/int64 numpy arrays.
+"""Named image-classification datasets as plain numpy arrays (the :class:`Dataset` record).
 
-``mnist-10k`` (the default) ships inside the package, so tests, demos and CI run offline; the full
-``fashion-mnist`` and ``mnist`` come from disk or a verified download (see ``ewc.data.sources``);
-``digits`` is scikit-learn's 8x8 digits when scikit-learn is installed. Arrays are read-only so a
-dataset shared between tasks or runs cannot be modified by accident.
+A :class:`Dataset` holds any classification data (images with channels, rows of features, token
+ids; a user's ``.npz`` file or torch datasets become one in :mod:`ewc.data.custom`). The named
+ones are uint8 images with int64 labels: ``mnist-10k`` (the default) ships inside the package, so
+tests, demos and CI run offline; the full ``fashion-mnist`` and ``mnist`` come from disk or a
+verified download (see ``ewc.data.sources``); ``digits`` is scikit-learn's 8x8 digits when
+scikit-learn is installed. Arrays are read-only so a dataset shared between tasks or runs cannot
+be modified by accident.
 """
 
 from __future__ import annotations
@@ -77,7 +80,16 @@ _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A train/test split: uint8 images ``[N, H, W]`` and int64 labels in ``[0, num_classes)``."""
+    """A train/test split (and optionally a validation split) as numpy arrays.
+
+    Inputs ``x_*`` are ``[N, *image_shape]`` with one dtype for every split: uint8 (pixels, read
+    as value / 255), a float or bool dtype (values as they are; finite) or another integer dtype
+    (token ids, kept as int64). ``image_shape`` is one sample's shape: ``(H, W)`` or
+    ``(C, H, W)`` for images, ``(D,)`` for rows of features, anything else for other inputs; the
+    input is an image (:attr:`is_image`: rotations apply) when it is ``(H, W)`` or ``(C, H, W)``
+    of uint8, float or bool values. Labels are int64 in ``[0, num_classes)``. ``x_val`` /
+    ``y_val`` (both or neither) replace the validation part carved out of the training split.
+    """
 
     name: str
     x_train: np.ndarray = field(repr=False)
@@ -86,14 +98,22 @@ class Dataset:
     y_test: np.ndarray = field(repr=False)
     num_classes: int
     image_shape: tuple[int, ...]
+    x_val: np.ndarray | None = field(default=None, repr=False)
+    y_val: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for split in ("train", "test"):
+        if (self.x_val is None) != (self.y_val is None):
+            raise ValueError(f"{self.name}: give both x_val and y_val, or neither")
+        splits = ("train", "val", "test") if self.x_val is not None else ("train", "test")
+        dtype = np.asarray(self.x_train).dtype
+        for split in splits:
             x = np.asarray(getattr(self, f"x_{split}"))
             y = np.asarray(getattr(self, f"y_{split}"))
             where = f"{self.name} ({split})"
-            if x.dtype != np.uint8 or x.ndim != 3:
-                raise ValueError(f"{where}: images must be uint8 [N, H, W], got {x.dtype} {x.shape}")
+            if x.ndim < 2 or not _numeric(x.dtype):
+                raise ValueError(f"{where}: inputs must be a numeric array [N, ...], got {x.dtype} {x.shape}")
+            if x.dtype != dtype:
+                raise ValueError(f"{where}: inputs are {x.dtype}, the training inputs {dtype}: use one dtype")
             if y.dtype != np.int64:
                 raise ValueError(f"{where}: labels must be int64, got {y.dtype}")
             check_pair(x, y, where)
@@ -101,6 +121,8 @@ class Dataset:
                 raise ValueError(f"{where}: image shape {x.shape[1:]} != image_shape {self.image_shape}")
             if y.size and (y.min() < 0 or y.max() >= self.num_classes):
                 raise ValueError(f"{where}: labels outside [0, {self.num_classes})")
+            if x.dtype.kind == "f" and not _finite(x):
+                raise ValueError(f"{where}: inputs hold NaN or infinite values")
             # Read-only views: the caller's arrays keep their flags, ours cannot be modified.
             for attr, arr in ((f"x_{split}", x), (f"y_{split}", y)):
                 view = arr.view()
@@ -108,11 +130,28 @@ class Dataset:
                 object.__setattr__(self, attr, view)
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
 
+    @property
+    def is_image(self) -> bool:
+        """Whether a sample is an image, ``(H, W)`` or ``(C, H, W)`` of pixels (uint8, float or bool)."""
+        dtype = self.x_train.dtype
+        return len(self.image_shape) in (2, 3) and (dtype == np.uint8 or dtype.kind in "fb")
+
     def __repr__(self) -> str:
+        val = f", val={len(self.y_val)}" if self.y_val is not None else ""
         return (
-            f"Dataset(name={self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "
+            f"Dataset(name={self.name!r}, train={len(self.y_train)}{val}, test={len(self.y_test)}, "
             f"num_classes={self.num_classes}, image_shape={self.image_shape})"
         )
+
+
+def _numeric(dtype: np.dtype) -> bool:
+    """A dtype the tasks can hold: unsigned / signed integers, floats, bool (not complex or objects)."""
+    return dtype.kind in "uifb"
+
+
+def _finite(x: np.ndarray, rows: int = 4096) -> bool:
+    """Whether a float array holds only finite values (checked in slices: no full-size temporary)."""
+    return all(np.isfinite(x[i : i + rows]).all() for i in range(0, len(x), rows))
 
 
 def array_digest(arrays: Mapping[str, np.ndarray]) -> str:

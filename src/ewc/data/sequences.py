@@ -1,5 +1,13 @@
 """Continual-learning task sequences (permuted, split, rotated) built from a ``Dataset``.
 
+Any classification data works (a registered name, a ``.npz`` file, torch datasets:
+:func:`ewc.data.custom.load_data`): ``permuted`` shuffles the pixels of an image (one permutation
+for every channel: a pixel keeps its colour) and the flattened features of any other input;
+``split`` groups classes; ``rotated`` needs images (``[H, W]`` or ``[C, H, W]`` of uint8 or float
+values) and refuses other inputs. Task inputs: uint8 pixels as float32 in [0, 1] (images
+``[n, C, H, W]``; ``[N, H, W]`` data gets ``C = 1``), float and bool inputs as float32, other
+integers (token ids) as int64, in the shape of one sample.
+
 Every random choice (validation split, pixel permutations, subsamples) is drawn from its own
 ``numpy.random.SeedSequence(seed, spawn_key=(purpose, task))``, so the same ``seed`` always gives
 the same sequence and task ``k`` does not depend on ``n_tasks`` (except the default rotation
@@ -19,6 +27,7 @@ from the dataset's test split and is never used for choices.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -28,13 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from ewc.checks import check_int
-from ewc.data.datasets import Dataset, load_dataset, stratified_split
+from ewc.data.custom import DataInfo, data_info, load_data
+from ewc.data.datasets import Dataset, stratified_split
 from ewc.data.tasks import CACHE_BYTES, PartCache, Task, TaskSequence
 
 __all__ = [
     "SEQUENCES",
     "Task",
     "TaskSequence",
+    "check_sequence_data",
     "check_task_count",
     "make_sequence",
     "patch_permutation",
@@ -54,12 +65,16 @@ def _rng(seed: int, purpose: int, task: int = 0) -> np.random.Generator:
 
 
 def permute_pixels(x: torch.Tensor, permutation: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Images ``[n, C, H, W]`` with the pixels reordered: output pixel ``i`` is input pixel ``perm[i]``
-    (written into ``out``, of ``x``'s shape, when given)."""
+    """``x`` with each row of its last ``len(permutation)`` elements reordered: output element
+    ``i`` is input element ``perm[i]`` (written into ``out``, of ``x``'s shape, when given).
+    Images ``[n, C, H, W]`` with a permutation of ``H·W``: the pixels of every channel; rows
+    ``[n, D]`` with one of ``D``: the features."""
     perm = torch.as_tensor(np.asarray(permutation), dtype=torch.long)
+    if x.numel() % max(1, len(perm)):
+        raise ValueError(f"a permutation of {len(perm)} does not divide inputs of shape {tuple(x.shape)}")
     # rows × pixels, index_select along the last dim: no expanded index (3x faster than
     # x.flatten(2)[:, :, perm], 9x faster than index_select on the 3-D view)
-    rows = x.reshape(-1, x.shape[2] * x.shape[3])
+    rows = x.reshape(-1, len(perm))
     if out is None:
         return rows.index_select(1, perm).reshape(x.shape)
     torch.index_select(rows, 1, perm, out=out.view(rows.shape))
@@ -97,12 +112,13 @@ def permute_patch(x: torch.Tensor, size: int, rng: np.random.Generator | int) ->
     return permute_pixels(x, patch_permutation(x.shape[2], x.shape[3], size, rng))
 
 
-def rotate_images(x: torch.Tensor, angle: float) -> torch.Tensor:
+def rotate_images(x: torch.Tensor, angle: float, *, clamp: bool = True) -> torch.Tensor:
     """Images ``[n, C, H, W]`` rotated counter-clockwise by ``angle`` degrees (bilinear, zero fill).
 
     A multiple of 360 returns ``x`` unchanged (exactly). 90 degrees equals ``np.rot90`` on square
     images. One sampling grid serves all images (they are treated as channels), so memory stays
-    at the size of the output.
+    at the size of the output. ``clamp``: the result is clipped to [0, 1] (pixels scaled from
+    uint8); without it, values keep their range (bilinear weights add up to at most 1).
     """
     if float(angle) % 360.0 == 0.0:
         return x.clone()
@@ -113,7 +129,8 @@ def rotate_images(x: torch.Tensor, angle: float) -> torch.Tensor:
     grid = F.affine_grid(theta, [1, n * c, h, w], align_corners=False)
     flat = x.reshape(1, n * c, h, w)
     out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.reshape(n, c, h, w).clamp_(0.0, 1.0)
+    out = out.reshape(n, c, h, w)
+    return out.clamp_(0.0, 1.0) if clamp else out
 
 
 def _subsample(idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -122,8 +139,14 @@ def _subsample(idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np
     return np.sort(rng.choice(idx, size=cap, replace=False))
 
 
-def _images(x: np.ndarray, idx: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x[idx])).to(torch.float32).div_(255.0).unsqueeze(1)
+def _inputs(x: np.ndarray, idx: np.ndarray, channel: bool) -> torch.Tensor:
+    """Rows ``idx`` of ``x`` as a task's inputs (see the module doc); ``channel``: add C = 1."""
+    t = torch.from_numpy(np.ascontiguousarray(x[idx]))
+    if x.dtype == np.uint8:
+        t = t.to(torch.float32).div_(255.0)
+    else:
+        t = t.to(torch.float32 if x.dtype.kind in "fb" else torch.int64)
+    return t.unsqueeze(1) if channel else t
 
 
 def _labels(y: np.ndarray, idx: np.ndarray) -> torch.Tensor:
@@ -143,6 +166,25 @@ def check_task_count(
         )
 
 
+def _check_rotatable(kind: str, name: str, is_image: bool, shape: tuple[int, ...], dtype: Any) -> None:
+    if kind == "rotated" and not is_image:
+        raise ValueError(
+            f"rotated tasks need images (one sample [H, W] or [C, H, W] of uint8 or float values); "
+            f"{name} has samples of shape {tuple(shape)}, dtype {dtype}: use permuted or split"
+        )
+
+
+def check_sequence_data(kind: str, n_tasks: int, data: str, classes_per_task: int = 2) -> DataInfo:
+    """``data``'s :class:`~ewc.data.custom.DataInfo` (a registered name or a ``.npz`` path, read
+    from its headers and labels only), or a ValueError unless a ``kind`` sequence of ``n_tasks``
+    tasks can be made from it: the task count of a split sequence (:func:`check_task_count`),
+    images for a rotated one."""
+    info = data_info(data)
+    check_task_count(kind, n_tasks, info.name, info.num_classes, classes_per_task)
+    _check_rotatable(kind, info.name, info.is_image, info.input_shape, info.dtype)
+    return info
+
+
 class _Builder:
     """Builds task ``k`` of a sequence on demand; keeps permutations of the tasks read and images
     (in a :class:`PartCache`). Every value is the one the eager construction gave."""
@@ -154,10 +196,19 @@ class _Builder:
         self.per_task = options["classes_per_task"]
         self.caps = (options["max_train_per_task"], options["max_eval_per_task"])
         self.cache = PartCache(options["cache_bytes"])
-        self.fit_idx, self.val_idx = stratified_split(
-            ds.y_train, options["val_fraction"], _rng(seed, _VAL_SPLIT)
-        )
-        self.n_pixels = math.prod(ds.image_shape)
+        if ds.x_val is None:  # the validation part: a stratified share of the training split
+            self.fit_idx, self.val_idx = stratified_split(
+                ds.y_train, options["val_fraction"], _rng(seed, _VAL_SPLIT)
+            )
+            self.x_val, self.y_val = ds.x_train, ds.y_train
+        else:  # or the dataset's own validation split
+            self.fit_idx, self.val_idx = np.arange(len(ds.y_train)), np.arange(len(ds.y_val))
+            self.x_val, self.y_val = ds.x_val, ds.y_val
+        self.channel = ds.is_image and len(ds.image_shape) == 2  # [N, H, W] images: C = 1
+        # a permutation moves the pixels of an image (every channel alike), else the features
+        self.n_pixels = math.prod(ds.image_shape[-2:] if ds.is_image else ds.image_shape)
+        itemsize = 4 if ds.x_train.dtype == np.uint8 or ds.x_train.dtype.kind in "fb" else 8
+        self.sample_bytes = math.prod(ds.image_shape) * itemsize  # of a built input
         self._permutations: dict[int, np.ndarray] = {}
         self._split: dict[int, tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]] = {}
         self._base: dict[str, torch.Tensor] = {}
@@ -169,7 +220,7 @@ class _Builder:
         ds, test_idx = self.ds, np.arange(len(self.ds.y_test))
         if self.kind == "split":
             tr = self.fit_idx[np.isin(ds.y_train[self.fit_idx], classes)]
-            va = self.val_idx[np.isin(ds.y_train[self.val_idx], classes)]
+            va = self.val_idx[np.isin(self.y_val[self.val_idx], classes)]
             te = test_idx[np.isin(ds.y_test, classes)]
         else:
             tr, va, te = self.fit_idx, self.val_idx, test_idx
@@ -182,7 +233,7 @@ class _Builder:
         }
         labels = {
             "train": _labels(ds.y_train, idx["train"]),
-            "val": _labels(ds.y_train, idx["val"]),
+            "val": _labels(self.y_val, idx["val"]),
             "test": _labels(ds.y_test, idx["test"]),
         }
         return idx, labels
@@ -222,7 +273,7 @@ class _Builder:
         at every evaluation, are kept while the cache has room."""
         if part != "train":
             key = (k, part)
-            if key in self.cache or self.cache.room(len(rows) * self.n_pixels * 4):
+            if key in self.cache or self.cache.room(len(rows) * self.sample_bytes):
                 return self.cache.get(key, partial(self._build_images, k, part, rows))
         return self._build_images(k, part, rows, out)
 
@@ -230,23 +281,31 @@ class _Builder:
         self, k: int, part: str, rows: np.ndarray, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self._shared is None:  # split: each task its own rows (few tasks: their parts are kept)
-            return _images(self.ds.x_test if part == "test" else self.ds.x_train, rows)
+            return _inputs(self._source(part), rows, self.channel)
         # Permuted / rotated tasks transform one base tensor per part, scaled once and kept, into
         # ``out`` or one new tensor: no temporaries of the part's size, which (built and freed T²
         # times by a run's evaluations, between small long-lived allocations) fragmented glibc's
         # heap until a 1000-task run held 6 GB.
         if part not in self._base:
-            self._base[part] = _images(self.ds.x_test if part == "test" else self.ds.x_train, rows)
+            self._base[part] = _inputs(self._source(part), rows, self.channel)
         base = self._base[part]
         if out is None or out.shape != base.shape or out.dtype != base.dtype or not out.is_contiguous():
             out = torch.empty_like(base)
         if self.kind == "rotated":  # in chunks of 256 images (the same values as all at once)
             for i in range(0, len(base), 256):
-                out[i : i + 256] = rotate_images(base[i : i + 256], self.angle(k))
+                out[i : i + 256] = rotate_images(base[i : i + 256], self.angle(k), clamp=self.clamp)
             return out
         if self.first_identity and k == 0:
             return out.copy_(base)
         return permute_pixels(base, self.permutation(k), out=out)
+
+    def _source(self, part: str) -> np.ndarray:
+        return {"train": self.ds.x_train, "val": self.x_val, "test": self.ds.x_test}[part]
+
+    @property
+    def clamp(self) -> bool:
+        """Rotated pixels stay in [0, 1] (uint8 data); float images keep their own range."""
+        return self.ds.x_train.dtype == np.uint8
 
     def task(self, k: int) -> Task:
         classes = self._classes(k)
@@ -276,7 +335,7 @@ class _Builder:
 
 
 def make_sequence(
-    dataset: Dataset | str,
+    dataset: Dataset | str | tuple,
     kind: str,
     n_tasks: int,
     *,
@@ -289,15 +348,20 @@ def make_sequence(
     max_eval_per_task: int | None = None,
     cache_bytes: int = CACHE_BYTES,
 ) -> TaskSequence:
-    """``n_tasks`` tasks of ``kind`` (one of ``SEQUENCES``) from ``dataset`` (or its name).
+    """``n_tasks`` tasks of ``kind`` (one of ``SEQUENCES``) from ``dataset``: a ``Dataset``, a
+    registered name, a ``.npz`` path or a ``(train, test[, val])`` tuple of torch datasets
+    (:func:`ewc.data.custom.load_data`).
 
-    - ``permuted``: a fixed random pixel permutation per task; task 0 is the identity when
+    - ``permuted``: a fixed random permutation per task of the pixels (images; the same in every
+      channel) or of the flattened features (other inputs); task 0 is the identity when
       ``first_identity``. All tasks share the label set.
     - ``split``: disjoint class groups ``(0, 1), (2, 3), ...`` of ``classes_per_task`` classes;
       labels stay global. Needs ``n_tasks <= num_classes // classes_per_task``.
-    - ``rotated``: a fixed rotation per task, ``angles`` (degrees) or evenly spaced in [0, 180).
+    - ``rotated``: a fixed rotation per task, ``angles`` (degrees) or evenly spaced in [0, 180);
+      images only (a clear error for other inputs).
 
-    ``val_fraction`` of each class of the training split becomes the validation part.
+    ``val_fraction`` of each class of the training split becomes the validation part (a dataset
+    with its own validation split uses that instead).
     ``max_train_per_task`` / ``max_eval_per_task`` subsample train / val and test for quick runs
     (the same base images for every permuted or rotated task).
 
@@ -323,9 +387,13 @@ def make_sequence(
         angles = [float(a) for a in angles]
         if len(angles) != n_tasks or not all(math.isfinite(a) for a in angles):
             raise ValueError(f"angles must be {n_tasks} finite numbers (one per task), got {angles}")
-    ds = load_dataset(dataset) if isinstance(dataset, str) else dataset
-    if not isinstance(ds, Dataset):
-        raise ValueError(f"dataset must be a Dataset or a dataset name, got {type(dataset).__name__}")
+    if not isinstance(dataset, Dataset | str | os.PathLike | tuple | list):
+        raise ValueError(
+            f"dataset must be a Dataset, a dataset name, a .npz path or a (train, test) pair of torch "
+            f"datasets, got {type(dataset).__name__}"
+        )
+    ds = load_data(dataset)
+    _check_rotatable(kind, ds.name, ds.is_image, ds.image_shape, ds.x_train.dtype)
     if kind == "split" and n_tasks > ds.num_classes // classes_per_task:
         raise ValueError(
             f"split: {n_tasks} tasks of {classes_per_task} classes need {n_tasks * classes_per_task} "

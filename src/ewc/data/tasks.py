@@ -47,11 +47,15 @@ class _Images:
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """One task: float32 images ``[n, 1, H, W]`` in [0, 1] and int64 global class labels.
+    """One task: inputs ``[n, *input_shape]`` and int64 global class labels.
 
-    ``classes`` are the (global) labels the task draws from; ``transform`` describes the input
-    transform (kind, seed, permutation or angle, class group); ``indices`` are the rows of the
-    dataset used for train/val (into its train split) and test (into its test split).
+    Inputs built by :func:`ewc.data.make_sequence` are float32 (images ``[n, C, H, W]`` in
+    [0, 1] from uint8 pixels; float features as they are) or int64 (token ids); a task made by
+    hand may hold any tensors its model takes. ``classes`` are the (global) labels the task draws
+    from; ``transform`` describes the input transform (kind, seed, permutation or angle, class
+    group); ``indices`` are the rows of the dataset used for train (into its train split), val
+    (into its train split, or its own validation split when it has one) and test (into its test
+    split).
 
     An image field may be given as a function of no arguments instead of a tensor: reading the
     field then calls it (the tasks of :func:`ewc.data.make_sequence` are built this way, so a task

@@ -20,13 +20,15 @@ from typing import Any
 import torch
 
 import ewc
-from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers, Registered
+from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers
 from ewc.config import param, parse_floats, parse_setting, validate
-from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, check_task_count, load_dataset, make_sequence
+from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, check_sequence_data, load_data, make_sequence
+from ewc.data.custom import DataChoice, data_record, file_sha256, is_npz_path
 from ewc.experiments.common import check_out_dir, write_json
 from ewc.experiments.tracked import log_sequence, open_for, sequence_files
 from ewc.methods import METHOD_SPECS, make_method
 from ewc.methods.registry import LAM_SETTINGS, combinations
+from ewc.models import check_model, check_takes_dropout, model_name, resolve_model
 from ewc.pool import run_jobs
 from ewc.runtime import run_threads
 from ewc.scenario import Scenario
@@ -95,7 +97,12 @@ class RunConfig:
 
     sequence: str = param(help="how tasks are made from the dataset", choices=SEQUENCES, positional=True)
     data: str = param(
-        "mnist-10k", "dataset", check=Registered(DATASETS), shown="mnist-10k, embedded in the package"
+        "mnist-10k",
+        f"dataset: a registered name ({', '.join(DATASETS)}), or a .npz file with x_train, y_train, "
+        "x_test, y_test (optional x_val, y_val; see docs/data.md)",
+        check=DataChoice(),
+        shown="mnist-10k, embedded in the package",
+        metavar="NAME|FILE.npz",
     )
     data_root: str | None = param(
         None, "directory with the dataset files", type=str, shown="$EWC_DATA, cache, system"
@@ -151,7 +158,11 @@ class RunConfig:
         self.track = parse_names(self.track)
         validate(self)
         check_lam_grids(self.method_names(), self.select_lam, self.select_l2_lam)
-        check_task_count(self.sequence, self.tasks, self.data, DATASETS[self.data].num_classes)
+        # the data and the model, before any work: a .npz file's headers and labels, one model built
+        info = check_sequence_data(self.sequence, self.tasks, self.data)
+        t = self.train
+        options = {"hidden": t.hidden, "dropout": t.dropout, "batchnorm": t.batchnorm}
+        check_model(t.model, info.task_shape, getattr(torch, info.task_dtype), info.num_classes, **options)
 
     def method_names(self) -> list[str]:
         """The methods to run (``all``: every registered one)."""
@@ -288,7 +299,9 @@ def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
     """``METHOD-val|test-DIGEST``: the digest covers the data key, the method and every setting
     the job runs with (progress display excepted)."""
     settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
-    digest = json_digest([list(key), method, settings, on_val])
+    data = key[1]
+    file = [file_sha256(data)] if is_npz_path(data) else []  # a file's contents, not only its name
+    digest = json_digest([list(key), method, settings, on_val, *file])
     return f"{method}-{'val' if on_val else 'test'}-{digest[:16]}"
 
 
@@ -302,10 +315,26 @@ def build_tasks(
     key = (sequence, data, n_tasks, seed, max_train, data_root)
     if key not in _TASK_CACHE:
         _TASK_CACHE.clear()
-        dataset = load_dataset(data, root=data_root)
+        dataset = load_data(data, root=data_root)
         tasks = make_sequence(dataset, sequence, n_tasks, seed=seed, max_train_per_task=max_train)
         _TASK_CACHE[key] = (tasks, dataset.num_classes)
     return _TASK_CACHE[key]
+
+
+def check_model_for_workers(config: TrainConfig, jobs: int) -> None:
+    """A ValueError for a model factory given as a function that ``jobs`` > 1 workers cannot import
+    (they rebuild it from its ``module:name``: a lambda or a nested function has none)."""
+    if jobs > 1 and callable(config.model):
+        name = model_name(config.model)
+        try:
+            same = resolve_model(name) is config.model
+        except ValueError:
+            same = False
+        if not same:
+            raise ValueError(
+                f"the model factory {name} cannot be imported by name, which --jobs {jobs} workers need: "
+                "define it at the top level of a module, or run with jobs=1"
+            )
 
 
 def run_all(specs: list[tuple], jobs: int, out: str | os.PathLike | None = None) -> list[dict[str, Any]]:
@@ -370,9 +399,11 @@ def run_sequence(
     if stray:
         raise ValueError(f"parameters given for method(s) not run: {', '.join(stray)}")
     for m in methods:  # bad parameters fail here, before any training
-        make_method(m, **method_params(m, config))
+        if make_method(m, **method_params(m, config)).dropout is not None:
+            check_takes_dropout(config.model, m)
     out_dir = check_out_dir(out) if out is not None else None
     config = dataclasses.replace(config, threads=run_threads(config.threads))  # the same in every worker
+    check_model_for_workers(config, jobs)
     key = (sequence, data, n_tasks, max_train_per_task, data_root)
     tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train_per_task, data_root)
 
@@ -406,6 +437,7 @@ def run_sequence(
 
     results["config"] = {
         "dataset": data,
+        "data": data_record(data),
         "sequence": sequence,
         "tasks": n_tasks,
         "methods": methods,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,9 +63,14 @@ def pp(x: Any, digits: int = 1) -> str:
 
 
 def run_title(results: Mapping[str, Any], what: str) -> str:
-    """``what`` followed by the run's dataset, sequence and task count, for headings and figures."""
+    """``what`` followed by the run's dataset (a file: its name), sequence, task count and model
+    (unless the default mlp), for headings and figures."""
     cfg = results.get("config", {})
     bits = [str(cfg[k]) for k in ("dataset", "sequence") if cfg.get(k) is not None]
+    if bits and str(cfg.get("dataset", "")).lower().endswith(".npz"):
+        bits[0] = Path(bits[0]).name
     T = len(results["tasks"])
     bits.append(f"{T} task{'s' if T != 1 else ''}")
+    if cfg.get("model") not in (None, "mlp"):
+        bits.append(f"model {cfg['model']}")
     return f"{what} ({', '.join(bits)})"
