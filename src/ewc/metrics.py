@@ -9,7 +9,7 @@ Conventions (see ``docs/metrics.md`` for formulas, edge cases and references):
   be NaN when they were not measured; entries on and below the diagonal must be numbers.
 * ``b[j]`` is the accuracy on task ``j`` of the randomly initialised model (for FWT).
 
-Accuracies come from :func:`accuracy_from_counts` (``ewc.train.accuracy`` uses it); under
+Accuracies come from :func:`accuracy_from_counts` (``ewc.evaluation.accuracy`` uses it); under
 ``torch.distributed`` the (correct, total) counts are first summed over all ranks with
 :func:`reduce_counts`, *then* divided.
 """
