@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(PIP) -e '.[test,transformers,peft,track]'
+	$(PIP) -e '.[test,transformers,peft,lightning,track]'
 	$(PIP) --no-deps 'minatar==1.0.15'
 
 test: install
