@@ -106,8 +106,15 @@ def check_optimizer(name: str, momentum: float = 0.0) -> None:
 def make_optimizer(
     name: str, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.0
 ) -> torch.optim.Optimizer:
-    """``sgd`` (with ``momentum``) or ``adam`` over ``params``; momentum must be 0 for Adam."""
+    """``sgd`` (with ``momentum``) or ``adam`` over ``params``; momentum must be 0 for Adam.
+
+    The multi-tensor (``foreach``) implementations, which torch picks only on CUDA by default: on
+    the CPU they give bit-identical parameters to the per-tensor loop, and an Adam step of the
+    paper's MLP takes 1.6 ms instead of 2.7 ms (a whole training step at batch 64: 3.2 against
+    4.7 ms). ``fused`` Adam (0.6 ms) rounds differently (1e-6), so recorded runs would not
+    reproduce bit for bit.
+    """
     check_optimizer(name, momentum)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    return torch.optim.Adam(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
+    return torch.optim.Adam(params, lr=lr, foreach=True)
