@@ -110,9 +110,9 @@ def make_optimizer(
 
     The multi-tensor (``foreach``) implementations, which torch picks only on CUDA by default: on
     the CPU they give bit-identical parameters to the per-tensor loop, and an Adam step of the
-    paper's MLP takes 1.6 ms instead of 2.7 ms (a whole training step at batch 64: 3.2 against
-    4.7 ms). ``fused`` Adam (0.6 ms) rounds differently (1e-6), so recorded runs would not
-    reproduce bit for bit.
+    paper's MLP took 1.6-2.4 ms instead of 2.7-2.8 ms (three runs, one thread, a loaded machine;
+    in whole runs of the loop the difference was within the noise). ``fused`` Adam (0.6-0.7 ms)
+    rounds differently (1e-7 to 1e-6), so recorded runs would not reproduce bit for bit.
     """
     check_optimizer(name, momentum)
     if name == "sgd":
