@@ -124,7 +124,7 @@ class RunConfig:
     search: bool = search_param(False)
     seeds: tuple[int, ...] | None = param(
         None,
-        "run every method once per seed (each seed its own permutations / class order, data order and "
+        "run every method once per seed (each seed its own permutations, validation split, data order and "
         "initial weights) and report the mean ± the 95-percent confidence interval over the seeds, with "
         "paired tests, e.g. 0,1,2,3,4; λ / --search choices are made once, on the first seed's validation "
         "parts",

@@ -207,7 +207,7 @@ def seeds_note(results: Mapping[str, Any]) -> str:
     n = len(seeds)
     return (
         f"Every value is the mean over {n} seed{'s' if n != 1 else ''} ({', '.join(map(str, seeds))}: each "
-        "seed its own permutations / class order, data order and initial weights) ± the half-width of "
+        "seed its own permutations, validation split, data order and initial weights) ± the half-width of "
         f"its {100 * LEVEL:g} % confidence interval (Student's t, {n - 1} degree{'s' if n != 2 else ''} "
         "of freedom"
         + ("; none with one seed" if n < 2 else "")
