@@ -164,19 +164,25 @@ TINY_SEEDS = ["run", "permuted", "--methods", "sgd,ewc", "--jobs", "1", *TINY]
 
 
 def test_run_with_seeds_is_each_single_seed_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main([*TINY_SEEDS, "--seeds", "0,1", "--out", str(tmp_path / "both")]) == 0
+    assert main([*TINY_SEEDS, "--seeds", "0,1", "--save-state", "--out", str(tmp_path / "both")]) == 0
     printed = capsys.readouterr().out
     res = json.loads((tmp_path / "both" / "results.json").read_text())
     assert res["config"]["seeds"] == [0, 1] and [p["seed"] for p in res["per_seed"]] == [0, 1]
     assert main([*TINY_SEEDS, "--seed", "1", "--out", str(tmp_path / "one")]) == 0
     single = json.loads((tmp_path / "one" / "results.json").read_text())
     for m in ("sgd", "ewc"):
-        assert without_timings(res["per_seed"][1]["methods"][m]) == without_timings(single["methods"][m])
+        seed1 = {k: v for k, v in res["per_seed"][1]["methods"][m].items() if k != "checkpoint"}
+        assert without_timings(seed1) == without_timings(single["methods"][m])
+        assert "checkpoint" not in res["methods"][m]
         accs = [p["methods"][m]["average_accuracy"] for p in res["per_seed"]]
         assert accs[0] != accs[1]  # another permutation and initial weights
         assert res["methods"][m]["average_accuracy"] == pytest.approx(statistics.mean(accs))
         assert res["methods"][m]["stats"]["average_accuracy"]["ci95"] == pytest.approx(half_width(accs))
     assert res["per_seed"][1]["tasks"] == single["tasks"]
+    for p in res["per_seed"]:  # one checkpoint per method and seed
+        for m, r in p["methods"].items():
+            assert r["checkpoint"] == f"checkpoints/{m}-seed{p['seed']}.pt"
+            assert (tmp_path / "both" / r["checkpoint"]).is_file()
     assert "± " in printed and "paired t-test on ACC, sgd vs ewc" in printed
     assert (tmp_path / "both" / "seeds.csv").exists()
     # the reports of the two runs compared: one method's ACC paired over the common seed 1 only
