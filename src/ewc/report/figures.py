@@ -193,7 +193,7 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
 
         handles.append(Patch(facecolor="#fff1c9", edgecolor="none"))
         labels.append("this task being trained")
-        if any("stats" in results["methods"][n] for n in names):
+        if any(num(results["methods"][n].get("n")) > 1 for n in names):  # a band was drawn
             handles.append(Patch(facecolor="#999999", alpha=0.3, edgecolor="none"))
             labels.append("95 % CI of the mean over seeds")
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), frameon=False)
