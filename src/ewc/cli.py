@@ -269,12 +269,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ewc.experiments.sequence import run
 
     results = run(_config(args), args.out)
-    print(f"{'method':<12} {'ACC':>6} {'BWT':>7} {'forget':>7} {'seconds':>8}")
-    for name, r in results["methods"].items():
-        acc, bwt, fgt, sec = r["average_accuracy"], r["bwt"], r["forgetting"], r["seconds"]
-        print(f"{name:<12} {acc:6.3f} {bwt:7.3f} {fgt:7.3f} {sec:8.1f}")
+    if "per_seed" in results:
+        _print_seeds(results)
+    else:
+        print(f"{'method':<12} {'ACC':>6} {'BWT':>7} {'forget':>7} {'seconds':>8}")
+        for name, r in results["methods"].items():
+            acc, bwt, fgt, sec = r["average_accuracy"], r["bwt"], r["forgetting"], r["seconds"]
+            print(f"{name:<12} {acc:6.3f} {bwt:7.3f} {fgt:7.3f} {sec:8.1f}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _print_seeds(results: dict[str, Any]) -> None:
+    """The table of a ``--seeds`` run (mean ± 95 % CI) and the paired tests on ACC."""
+    from ewc.report.seeds import paired_tests
+    from ewc.report.values import fmt_stat
+
+    seeds = results["config"]["seeds"]
+    print(f"mean ± 95 % CI over {len(seeds)} seed(s) {','.join(map(str, seeds))} (Student's t)")
+    print(f"{'method':<12} {'ACC':>15} {'BWT':>16} {'forget':>15} {'seconds':>13}")
+    for name, r in results["methods"].items():
+        cells = [fmt_stat(r, k) for k in ("average_accuracy", "bwt", "forgetting")] + [
+            fmt_stat(r, "seconds", 1)
+        ]
+        print(f"{name:<12} {cells[0]:>15} {cells[1]:>16} {cells[2]:>15} {cells[3]:>13}")
+    for test in paired_tests(results):
+        print(f"paired t-test on ACC, {test['a']} vs {test['b']}: {test['verdict']}")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

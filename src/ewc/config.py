@@ -33,6 +33,7 @@ __all__ = [
     "names_parser",
     "param",
     "parse_floats",
+    "parse_ints",
     "parse_setting",
     "validate",
 ]
@@ -130,6 +131,17 @@ def parse_floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` → ``(0, 1, 2)`` (a list of seeds)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
     return values
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 import ewc
-from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers
-from ewc.config import param, parse_floats, parse_setting, validate
+from ewc.checks import NON_NEGATIVE, POSITIVE_INT, SEED, Constraint, Interval, Numbers, check
+from ewc.config import param, parse_floats, parse_ints, parse_setting, validate
 from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, check_sequence_data, load_data, make_sequence
 from ewc.data.custom import DataChoice, data_record, file_sha256, is_npz_path
 from ewc.experiments.common import check_out_dir, write_json
@@ -131,6 +131,17 @@ class RunConfig:
         shown="the --select-lam grid",
     )
     search: bool = search_param(False)
+    seeds: tuple[int, ...] | None = param(
+        None,
+        "run every method once per seed (each seed its own permutations, validation split, data order and "
+        "initial weights) and report the mean ± the 95-percent confidence interval over the seeds, with "
+        "paired tests, e.g. 0,1,2,3,4; λ / --search choices are made once, on the first seed's validation "
+        "parts",
+        type=parse_ints,
+        metavar="SEEDS",
+        check=Numbers(SEED, distinct=True, allow_none=True),
+        shown="one run, with --seed",
+    )
     save_state: bool = param(
         False, "save each trained learner (weights, method state, scenario) as OUT/checkpoints/METHOD.pt"
     )
@@ -163,6 +174,7 @@ class RunConfig:
         t = self.train
         options = {"hidden": t.hidden, "dropout": t.dropout, "batchnorm": t.batchnorm}
         check_model(t.model, info.task_shape, getattr(torch, info.task_dtype), info.num_classes, **options)
+        check_seeds(self.seeds, self.train.seed)
 
     def method_names(self) -> list[str]:
         """The methods to run (``all``: every registered one)."""
@@ -186,6 +198,7 @@ class RunConfig:
             "max_train_per_task": self.max_train_per_task,
             "data_root": self.data_root,
             "jobs": self.jobs,
+            "seeds": self.seeds,
         }
 
 
@@ -201,6 +214,19 @@ def run(config: RunConfig, out: str | os.PathLike | None) -> dict[str, Any]:
             out,
             tracker=tracker,
             **config.options(),
+        )
+
+
+def check_seeds(seeds: Sequence[int] | None, seed: int) -> None:
+    """A ValueError for bad ``seeds`` or when ``--seed`` and ``--seeds`` disagree: with ``--seeds`` the
+    first seed is the run's ``seed`` (it chooses λ); ``--seed`` may be left at its default or repeat it."""
+    if seeds is None:
+        return
+    check(list(seeds), Numbers(SEED, distinct=True), "seeds")
+    if seed not in (TrainConfig.__dataclass_fields__["seed"].default, seeds[0]):
+        raise ValueError(
+            f"--seed {seed} and --seeds {','.join(map(str, seeds))} disagree: give --seeds alone "
+            "(every seed in it is run; the first also chooses λ)"
         )
 
 
@@ -308,6 +334,15 @@ def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
 _TASK_CACHE: dict[tuple, tuple[TaskSequence, int]] = {}
 
 
+def task_records(
+    sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
+) -> list[dict[str, Any]]:
+    """What results.json says of each task: its name, classes and the sizes of its parts."""
+    tasks, _ = build_tasks(sequence, data, n_tasks, seed, max_train, data_root)
+    parts = lambda t: {"n_train": len(t.y_train), "n_val": len(t.y_val), "n_test": len(t.y_test)}  # noqa: E731
+    return [{"name": t.name, "classes": list(t.classes), **parts(t)} for t in tasks]
+
+
 def build_tasks(
     sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
 ) -> tuple[TaskSequence, int]:
@@ -373,6 +408,7 @@ def run_sequence(
     report: bool = True,
     jobs: int = 1,
     tracker: Logger | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run ``methods`` on an ``n_tasks`` ``sequence`` of ``data``; write results into ``out``.
 
@@ -384,6 +420,9 @@ def run_sequence(
     ``out/checkpoints/METHOD.pt``, loadable with :func:`ewc.checkpoint.load_checkpoint`.
     ``tracker`` (:mod:`ewc.tracking`) receives the record once it is written
     (:func:`ewc.experiments.tracked.log_sequence`).
+    ``seeds``: every method's test run once per seed (``config.seed`` becomes the first, which
+    chooses the hyper-parameters); the record keeps each seed's run under ``per_seed`` and the mean
+    ± 95 % CI under ``methods`` (:mod:`ewc.report.seeds`); checkpoints are ``METHOD-seedS.pt``.
     """
     unknown = [m for m in methods if m not in METHOD_SPECS]
     if unknown:
@@ -395,6 +434,9 @@ def run_sequence(
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     check_lam_grids(methods, lam_grid, l2_lam_grid)
+    check_seeds(seeds, config.seed)
+    if seeds is not None:
+        config = dataclasses.replace(config, seed=int(seeds[0]))
     stray = sorted(set(config.params) - set(methods))
     if stray:
         raise ValueError(f"parameters given for method(s) not run: {', '.join(stray)}")
@@ -421,19 +463,32 @@ def run_sequence(
     # 2. the test run of every method, with its chosen hyper-parameters
     configs = {m: with_params(config, m, selection[m]["chosen"]) for m in selection}
     configs = {m: configs.get(m, config) for m in methods}
-    saves = {m: None for m in methods}
+    # (with --seeds: once per seed, the first seed's choices for all; checkpoints METHOD-seedS.pt)
+    run_seeds = [int(s) for s in seeds] if seeds is not None else [config.seed]
+    form = "{m}.pt" if seeds is None else "{m}-seed{s}.pt"
+    saves = {(m, s): Path("checkpoints", form.format(m=m, s=s)) for s in run_seeds for m in methods}
     if save_state and out_dir is not None:
         (out_dir / "checkpoints").mkdir(exist_ok=True)
-        saves = {m: out_dir / "checkpoints" / f"{m}.pt" for m in methods}
-    runs = run_all([(key, m, configs[m], False, saves[m], progress) for m in methods], jobs)
-    results: dict[str, Any] = {"methods": {}}
-    for m, res in zip(methods, runs, strict=True):
+    else:
+        saves = dict.fromkeys(saves)
+    specs = [(m, dataclasses.replace(configs[m], seed=s), p and out_dir / p) for (m, s), p in saves.items()]
+    runs = run_all([(key, m, c, False, p, progress) for m, c, p in specs], jobs)
+    per_seed = [
+        {"seed": s, "tasks": task_records(sequence, data, n_tasks, s, max_train_per_task, data_root)}
+        for s in run_seeds
+    ]
+    for ((m, s), path), res in zip(saves.items(), runs, strict=True):
         res["params"] = method_params(m, configs[m])
-        if saves[m] is not None:
-            res["checkpoint"] = f"checkpoints/{m}.pt"
-        if m in selection and "lam" in selection[m]["chosen"]:
+        if path is not None:
+            res["checkpoint"] = path.as_posix()
+        if "lam" in selection.get(m, {}).get("chosen", {}):
             res["lam"] = selection[m]["chosen"]["lam"]
-        results["methods"][m] = res
+        per_seed[run_seeds.index(s)].setdefault("methods", {})[m] = res
+    results: dict[str, Any] = {"methods": per_seed[0]["methods"]}
+    if seeds is not None:
+        from ewc.report.seeds import aggregate_seeds
+
+        results["methods"] = aggregate_seeds(per_seed)
 
     results["config"] = {
         "dataset": data,
@@ -447,21 +502,15 @@ def run_sequence(
         "search": search,
         "selection": selection,
         "jobs": jobs,
+        **({} if seeds is None else {"seeds": run_seeds}),
         **config.to_dict(),
         "scenario": Scenario.for_tasks(config.scenario, [t.classes for t in tasks]).kind,
         "versions": {"ewc": ewc.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    results["tasks"] = [
-        {
-            "name": t.name,
-            "classes": list(t.classes),
-            "n_train": len(t.y_train),
-            "n_val": len(t.y_val),
-            "n_test": len(t.y_test),
-        }
-        for t in tasks
-    ]
+    results["tasks"] = per_seed[0]["tasks"]
+    if seeds is not None:
+        results["per_seed"] = per_seed
     paths = None
     if out_dir is not None:
         write_json(results, out_dir / "results.json")

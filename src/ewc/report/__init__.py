@@ -11,7 +11,8 @@ or from the shell: ``ewc report RUN_DIR`` and ``ewc report RUN_DIR RUN_DIR ... [
 
 The modules: ``checks`` (load and validate results.json), ``style`` (matplotlib style, method
 labels and colours), ``values`` (numbers in and out), ``tables`` (metrics.csv, Markdown,
-report.md), ``figures`` (curves, matrix, summary) and ``compare`` (several runs).  Every file
+report.md), ``figures`` (curves, matrix, summary), ``compare`` (several runs) and ``seeds`` (a
+``--seeds`` run: mean ± 95 % CI over seeds, paired tests).  Every file
 is written to a temporary file then renamed, so an interrupted report never leaves a
 half-written file behind.
 """
@@ -25,6 +26,7 @@ from typing import Any
 from ewc.report.checks import RESULTS_FILE, load_results, validate_results
 from ewc.report.compare import compare_runs
 from ewc.report.figures import plot_curves, plot_matrix, plot_summary
+from ewc.report.seeds import is_multi_seed, seeds_csv
 from ewc.report.style import DPI, figure_style, method_color, method_label, new_figure, save_figure
 from ewc.report.tables import md_table, metrics_csv, report_md
 from ewc.state import atomic_write_bytes
@@ -52,10 +54,12 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``metrics.csv``, ``curves.png``, ``matrix.png``, ``summary.png`` and ``report.md``.
+    """Write ``metrics.csv``, ``curves.png``, ``matrix.png``, ``summary.png`` and ``report.md``
+    (and ``seeds.csv``, every seed's metrics, for a ``--seeds`` run).
 
     ``results`` is the parsed ``results.json`` of a run (see :func:`load_results`).  Returns the
-    written paths under the keys ``metrics``, ``curves``, ``matrix``, ``summary`` and ``report``.
+    written paths under the keys ``metrics``, ``curves``, ``matrix``, ``summary``, ``report`` (and
+    ``seeds``).
     """
     validate_results(results, "results")
     out = Path(out_dir)
@@ -66,5 +70,7 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> di
         "matrix": plot_matrix(results, out / "matrix.png"),
         "summary": plot_summary(results, out / "summary.png"),
     }
+    if is_multi_seed(results):
+        paths["seeds"] = _write_text(out / "seeds.csv", seeds_csv(results))
     paths["report"] = _write_text(out / "report.md", report_md(results))
     return paths

@@ -1,7 +1,9 @@
 """Reading and validating a run's ``results.json``: the one input of every report.
 
 Only the parts of the schema the report draws from are checked, so a malformed file fails here
-with the file and the offending key named, not deep inside a plot.
+with the file and the offending key named, not deep inside a plot. A ``--seeds`` run's file (see
+:mod:`ewc.report.seeds`) is checked as a run, then each seed's run under ``per_seed`` likewise,
+and each method's ``stats``; a single run's file (with no ``per_seed``) is read as it always was.
 """
 
 from __future__ import annotations
@@ -67,7 +69,43 @@ def validate_results(results: Any, source: str) -> dict[str, Any]:
         ts = curves.get("task_starts")
         if ts is not None and (not isinstance(ts, list) or len(ts) != T):
             raise fail(f"{where}['curves']['task_starts'] must have one step per task ({T})")
+        band = curves.get("accuracy_ci95")
+        if band is not None and (not isinstance(band, list) or len(band) != len(curves.get("steps", []))):
+            raise fail(f"{where}['curves']['accuracy_ci95'] must have one row per point of 'steps'")
+    if "per_seed" in results:
+        _validate_seeds(results, fail, source)
     return results
+
+
+def _validate_seeds(results: dict[str, Any], fail: Any, source: str) -> None:
+    """The parts of a ``--seeds`` run: every seed's run, and each method's ``stats`` and ``seeds``."""
+    per_seed = results["per_seed"]
+    if not isinstance(per_seed, list) or not per_seed:
+        raise fail("'per_seed' must be a non-empty list (one run per seed)")
+    names = list(results["methods"])
+    for k, run in enumerate(per_seed):
+        where = f"per_seed[{k}]"
+        if not isinstance(run, dict) or not isinstance(run.get("seed"), int):
+            raise fail(f"{where} must be an object with an integer 'seed'")
+        if not isinstance(run.get("methods"), dict) or list(run["methods"]) != names:
+            raise fail(f"{where}['methods'] must hold the run's methods ({', '.join(names)})")
+        inner = {
+            "config": results["config"],
+            "tasks": run.get("tasks", results["tasks"]),
+            "methods": run["methods"],
+        }
+        validate_results(inner, f"{source}: {where}")
+    seeds = [run["seed"] for run in per_seed]
+    for name, m in results["methods"].items():
+        where = f"methods[{name!r}]"
+        stats = m.get("stats")
+        if not isinstance(stats, dict) or m.get("seeds") != seeds:
+            raise fail(f"{where} must have 'stats' (an object) and 'seeds' {seeds} (those of 'per_seed')")
+        for key, st in stats.items():
+            if not isinstance(st, dict) or not {"mean", "ci95", "n"} <= set(st):
+                raise fail(f"{where}['stats'][{key!r}] must be an object with 'mean', 'ci95' and 'n'")
+            if "values" in st and (not isinstance(st["values"], list) or len(st["values"]) != len(seeds)):
+                raise fail(f"{where}['stats'][{key!r}]['values'] must hold one value per seed ({len(seeds)})")
 
 
 def _other_kind(results: dict[str, Any], source: str) -> str | None:

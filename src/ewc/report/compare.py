@@ -1,9 +1,11 @@
-"""Comparison of several saved runs: the methods' metrics side by side, the config keys that
-differ, and a grouped bar chart of ACC per method per run.
+"""Comparison of several saved runs: the methods' metrics side by side (mean ± 95 % CI for
+``--seeds`` runs), paired t-tests of each method between runs over their common seeds, the config
+keys that differ, and a grouped bar chart of ACC per method per run.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -15,6 +17,7 @@ import numpy as np
 
 from ewc.report.checks import load_results
 from ewc.report.figures import bar_labels
+from ewc.report.seeds import compare_values, paired_table, seed_values, verdict
 from ewc.report.style import (
     figure_style,
     load_matplotlib,
@@ -24,7 +27,7 @@ from ewc.report.style import (
     save_figure,
 )
 from ewc.report.tables import flatten, md_cell, md_table
-from ewc.report.values import fmt, nan_low, num
+from ewc.report.values import fmt_stat, nan_low, num, stat
 from ewc.state import atomic_write_bytes
 
 
@@ -66,7 +69,7 @@ def compare_runs(
             if m not in r["methods"]:
                 continue
             mm = r["methods"][m]
-            acc = fmt(mm.get("average_accuracy"))
+            acc = fmt_stat(mm, "average_accuracy")
             if len(accs) > 1 and math.isfinite(best) and num(mm.get("average_accuracy")) == best:
                 acc = f"**{acc}**"
             rows.append(
@@ -74,15 +77,17 @@ def compare_runs(
                     method_label(m),
                     f"`{name}`",
                     acc,
-                    *[fmt(mm.get(k)) for k in ("bwt", "fwt", "forgetting", "lca")],
-                    fmt(mm.get("seconds"), 1),
+                    *[fmt_stat(mm, k) for k in ("bwt", "fwt", "forgetting", "lca")],
+                    fmt_stat(mm, "seconds", 1),
+                    str(mm.get("n", 1)),
                 ]
             )
     table = md_table(
-        ["Method", "Run", "ACC ↑", "BWT ↑", "FWT ↑", "Forgetting ↓", "LCA ↑", "Seconds"],
+        ["Method", "Run", "ACC ↑", "BWT ↑", "FWT ↑", "Forgetting ↓", "LCA ↑", "Seconds", "Seeds"],
         rows,
-        ["---", "---", *["---:"] * 6],
+        ["---", "---", *["---:"] * 7],
     )
+    tests = _paired_across_runs(runs, names, methods)
 
     flats = [flatten(r["config"]) for r in runs]
     if not any("tasks" in f for f in flats):
@@ -100,8 +105,25 @@ def compare_runs(
     parts = [
         f"# Comparison of {len(runs)} run{'s' if len(runs) != 1 else ''}",
         "",
+        "Values of a `--seeds` run are the mean over its seeds ± the half-width of the 95 % confidence "
+        "interval (Student's t); a single run's are its values.",
+        "",
         table,
         "",
+    ]
+    if tests:
+        parts += [
+            "## Paired tests between runs",
+            "",
+            "Each method's ACC in two runs, compared by a paired t-test over the seeds both runs ran "
+            "(the same seed: the same data, permutations and initial weights, when the runs share those "
+            "settings); "
+            '"beats" only when significant at the 5 % level.',
+            "",
+            paired_table(tests),
+            "",
+        ]
+    parts += [
         "## Config differences",
         "",
     ]
@@ -133,6 +155,29 @@ def compare_runs(
     return text
 
 
+def _paired_across_runs(
+    runs: Sequence[Mapping[str, Any]], names: Sequence[str], methods: Sequence[str]
+) -> list[dict[str, Any]]:
+    """For each method and each pair of runs that have it: the paired t-test on per-seed ACC."""
+    tests = []
+    for m in methods:
+        have = [(n, r) for n, r in zip(names, runs, strict=True) if m in r["methods"]]
+        for (na, ra), (nb, rb) in itertools.combinations(have, 2):
+            a = seed_values(ra["methods"][m], ra.get("config", {}))
+            b = seed_values(rb["methods"][m], rb.get("config", {}))
+            test = compare_values(a, b)
+            label_a, label_b = f"{method_label(m)} in `{na}`", f"{method_label(m)} in `{nb}`"
+            tests.append(
+                {
+                    **test,
+                    "a_label": label_a,
+                    "b_label": label_b,
+                    "verdict": verdict(test, f"`{na}`", f"`{nb}`"),
+                }
+            )
+    return tests
+
+
 def _plot_comparison(
     runs: Sequence[Mapping[str, Any]], names: Sequence[str], methods: Sequence[str], path: Path
 ) -> Path:
@@ -153,9 +198,25 @@ def _plot_comparison(
                     for m in methods
                 ]
             )
+            e = np.array(
+                [
+                    stat(r["methods"][m], "average_accuracy")[1] if m in r["methods"] else math.nan
+                    for m in methods
+                ]
+            )
             bars = ax.bar(
                 x - 0.4 + bw * (i + 0.5), np.nan_to_num(v), bw * 0.92, color=run_colors[i], label=name
             )
+            if np.isfinite(e).any():  # a --seeds run: its 95 % CI
+                ax.errorbar(
+                    x - 0.4 + bw * (i + 0.5),
+                    np.nan_to_num(v),
+                    yerr=np.nan_to_num(e),
+                    fmt="none",
+                    ecolor="#333333",
+                    capsize=2,
+                    lw=0.8,
+                )
             if nr * nm <= 30:
                 bar_labels(ax, bars, list(v), 2, fontsize=7 if nr > 2 else 8)
         ax.set_xticks(x)

@@ -21,7 +21,7 @@ from ewc.report.style import (
     new_figure,
     save_figure,
 )
-from ewc.report.values import METRIC_KEYS, arr, fmt, num, run_title
+from ewc.report.values import METRIC_KEYS, arr, fmt_stat, num, run_title, stat
 
 
 def _curve_series(m: Mapping[str, Any], T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
@@ -58,6 +58,13 @@ def _curve_series(m: Mapping[str, Any], T: int) -> tuple[np.ndarray, np.ndarray,
     return None
 
 
+def _curve_band(m: Mapping[str, Any], shape: tuple[int, int]) -> np.ndarray | None:
+    """The 95 % half-width of a ``--seeds`` run's mean curves ([P, T]), or None."""
+    c = m.get("curves")
+    band = arr(c.get("accuracy_ci95")) if isinstance(c, Mapping) and c.get("accuracy_ci95") else None
+    return band if band is not None and band.shape == shape else None
+
+
 def _remap(x: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Piecewise-linear map of steps so that task boundaries ``src`` land on ``dst``."""
     if src.shape != dst.shape or np.any(~np.isfinite(src)) or np.any(np.diff(src) <= 0):
@@ -86,7 +93,7 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
         xlabel = "Tasks trained"
     rescaled: list[str] = []
 
-    def xy(n: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def xy(n: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         m = results["methods"][n]
         s = series[n]
         if s is None or ref is None:
@@ -95,8 +102,9 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
             R = arr(m["accuracy_matrix"])
             base = arr(m.get("baseline_accuracy"))
             before = R[k - 1, k] if k > 0 else (base[0] if base.shape == (T,) else math.nan)
-            return bounds[k:], np.concatenate([[before], R[k:, k]])
+            return bounds[k:], np.concatenate([[before], R[k:, k]]), None
         steps, acc, starts = s
+        band = _curve_band(m, acc.shape)
         x = steps
         if starts is not None and n != ref and not np.allclose(starts, r_starts):
             end = max(float(np.nanmax(steps)), starts[-1])
@@ -105,7 +113,7 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
                 rescaled.append(method_label(n))
         t0 = starts[k] if starts is not None else bounds[k]
         keep = steps >= t0
-        return x[keep], acc[keep, k]
+        return x[keep], acc[keep, k], None if band is None else band[keep, k]
 
     panel_h = 1.75 if T <= 4 else max(0.7, 13.0 / T) if T > 8 else 1.45
     height = min(1.4 + panel_h * T, 17.0)
@@ -124,8 +132,12 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
                     zorder=1,
                 )
             for n in names:
-                x, y = xy(n, k)
+                x, y, h = xy(n, k)
                 ok = np.isfinite(x) & np.isfinite(y)
+                if h is not None and (ok & np.isfinite(h)).any():  # the 95 % CI of a --seeds run's mean
+                    b = ok & np.isfinite(h)
+                    y_lo, y_hi = np.clip(y - h, 0, 1), np.clip(y + h, 0, 1)
+                    ax.fill_between(x[b], y_lo[b], y_hi[b], color=method_color(n, names), alpha=0.2, lw=0)
                 if ok.any():
                     lo = min(lo, float(np.min(y[ok])))
                     joint = canonical_name(n) == "joint"
@@ -181,6 +193,9 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
 
         handles.append(Patch(facecolor="#fff1c9", edgecolor="none"))
         labels.append("this task being trained")
+        if any(num(results["methods"][n].get("n")) > 1 for n in names):  # a band was drawn
+            handles.append(Patch(facecolor="#999999", alpha=0.3, edgecolor="none"))
+            labels.append("95 % CI of the mean over seeds")
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), frameon=False)
         fig.suptitle(run_title(results, "Accuracy on each task during sequential training"))
         return save_figure(fig, path)
@@ -228,7 +243,7 @@ def plot_matrix(results: Mapping[str, Any], path: Path) -> Path:
                             alpha=1.0 if j <= i else 0.75,
                         )
             ax.set_title(
-                f"{method_label(name)}  (ACC {fmt(m.get('average_accuracy'))}, BWT {fmt(m.get('bwt'))})",
+                f"{method_label(name)}  (ACC {fmt_stat(m, 'average_accuracy')}, BWT {fmt_stat(m, 'bwt')})",
                 color=method_color(name, names),
                 fontweight="bold",
                 fontsize=10,
@@ -282,6 +297,7 @@ def plot_summary(results: Mapping[str, Any], path: Path) -> Path:
     methods = results["methods"]
     names = list(methods)
     vals = {k: np.array([num(methods[n].get(k)) for n in names]) for k in METRIC_KEYS}
+    errs = {k: np.array([stat(methods[n], k)[1] for n in names]) for k in METRIC_KEYS}  # --seeds: 95 % CI
     panels = [("average_accuracy", "ACC (higher is better)")]
     if len(results["tasks"]) > 1:  # with one task both are 0 by definition
         panels += [("forgetting", "Forgetting (lower is better)"), ("bwt", "BWT (higher is better)")]
@@ -297,9 +313,16 @@ def plot_summary(results: Mapping[str, Any], path: Path) -> Path:
         colors = [method_color(n, names) for n in names]
         for ax, (key, title) in zip(axes, panels, strict=True):
             v = vals[key]
+            e = errs[key]
+            yerr = np.nan_to_num(e, nan=0.0) if np.isfinite(e).any() else None
             bars = ax.bar(x, np.nan_to_num(v, nan=0.0), color=colors, width=0.7, edgecolor="white")
+            if yerr is not None:
+                ax.errorbar(
+                    x, np.nan_to_num(v, nan=0.0), yerr=yerr, fmt="none", ecolor="#333333", capsize=3, lw=1
+                )
             bar_labels(ax, bars, list(v), 1 if key == "seconds" else 3)
-            fin = v[np.isfinite(v)]
+            ends = np.concatenate([v, v + np.nan_to_num(e), v - np.nan_to_num(e)])
+            fin = ends[np.isfinite(ends)]
             hi = float(fin.max()) if fin.size else 1.0
             lo_v = float(fin.min()) if fin.size else 0.0
             if key == "average_accuracy":
@@ -322,5 +345,6 @@ def plot_summary(results: Mapping[str, Any], path: Path) -> Path:
             )
             ax.grid(axis="y", color="#e6e6e6", lw=0.6)
             ax.set_axisbelow(True)
-        fig.suptitle(run_title(results, "Summary"))
+        seeds = np.isfinite(errs["average_accuracy"]).any()
+        fig.suptitle(run_title(results, "Summary" + (": mean ± 95 % CI over seeds" if seeds else "")))
         return save_figure(fig, path)

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from ewc.report.seeds import is_multi_seed, paired_table, paired_tests, seeds_note
 from ewc.report.style import canonical_name, method_label
-from ewc.report.values import METRIC_KEYS, arr, fmt, nan_low, num, pct, pp, run_title
+from ewc.report.values import METRIC_KEYS, arr, fmt, fmt_ci, fmt_stat, nan_low, num, pct, pp, run_title, stat
 
 # ----------------------------------------------------------------------------------------------
 # Markdown helpers
@@ -60,14 +61,20 @@ def _csv_value(x: Any) -> str:
 
 
 def metrics_csv(results: Mapping[str, Any]) -> str:
-    """``metrics.csv``: one row per method, the scalar metrics then the final accuracy of each task."""
+    """``metrics.csv``: one row per method, the scalar metrics then the final accuracy of each task
+    (a ``--seeds`` run: their means, then ``n`` and each scalar metric's 95 % half-width)."""
     T = len(results["tasks"])
+    seeds = is_multi_seed(results)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", *METRIC_KEYS, *[f"final_acc_{j}" for j in range(T)]])
+    extra = ["n", *[f"{k}_ci95" for k in METRIC_KEYS]] if seeds else []
+    w.writerow(["method", *METRIC_KEYS, *[f"final_acc_{j}" for j in range(T)], *extra])
     for name, m in results["methods"].items():
         fa = _final_accuracies(m, T)
-        w.writerow([name, *[_csv_value(m.get(k)) for k in METRIC_KEYS], *[_csv_value(v) for v in fa]])
+        row = [name, *[_csv_value(m.get(k)) for k in METRIC_KEYS], *[_csv_value(v) for v in fa]]
+        if seeds:
+            row += [str(m.get("n", "")), *[_csv_value(stat(m, k)[1]) for k in METRIC_KEYS]]
+        w.writerow(row)
     return buf.getvalue()
 
 
@@ -76,20 +83,11 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
     best_acc = max((num(m.get("average_accuracy")) for m in methods.values()), default=math.nan, key=nan_low)
     rows = []
     for name, m in methods.items():
-        acc = fmt(m.get("average_accuracy"))
+        acc = fmt_stat(m, "average_accuracy")
         if math.isfinite(best_acc) and num(m.get("average_accuracy")) == best_acc:
             acc = f"**{acc}**"
-        rows.append(
-            [
-                method_label(name),
-                acc,
-                fmt(m.get("bwt")),
-                fmt(m.get("fwt")),
-                fmt(m.get("forgetting")),
-                fmt(m.get("lca")),
-                fmt(m.get("seconds"), 1),
-            ]
-        )
+        rest = [fmt_stat(m, k) for k in ("bwt", "fwt", "forgetting", "lca")]
+        rows.append([method_label(name), acc, *rest, fmt_stat(m, "seconds", 1)])
     return md_table(["Method", "ACC ↑", "BWT ↑", "FWT ↑", "Forgetting ↓", "LCA ↑", "Seconds"], rows)
 
 
@@ -97,9 +95,13 @@ def _final_table(results: Mapping[str, Any]) -> str:
     tasks = results["tasks"]
     T = len(tasks)
     header = ["Method", *[str(t.get("name", f"task {j}")) for j, t in enumerate(tasks)]]
-    rows = [
-        [method_label(n), *[fmt(v) for v in _final_accuracies(m, T)]] for n, m in results["methods"].items()
-    ]
+    rows = []
+    for n, m in results["methods"].items():
+        half = arr((m.get("stats") or {}).get("final_accuracies", {}).get("ci95"))
+        half = half if half.shape == (T,) else np.full(T, np.nan)
+        rows.append(
+            [method_label(n), *[fmt_ci(v, h) for v, h in zip(_final_accuracies(m, T), half, strict=True)]]
+        )
     return md_table(header, rows)
 
 
@@ -158,6 +160,9 @@ def _reading(results: Mapping[str, Any]) -> list[str]:
     joint = _find(methods, "joint")
     sgd = _find(methods, "sgd")
 
+    if is_multi_seed(results):
+        n_seeds = len(results["per_seed"])
+        out.append(f"Means over {n_seeds} seed{'s' if n_seeds != 1 else ''}; see the paired tests below.")
     ranked = sorted((n for n in acc if math.isfinite(acc[n])), key=lambda n: -acc[n])
     sequential = [n for n in ranked if n != joint]
     if sequential:
@@ -228,6 +233,20 @@ def _reading(results: Mapping[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _paired_section(results: Mapping[str, Any]) -> list[str]:
+    """The paired t-tests of every pair of methods on their per-seed ACC."""
+    return [
+        "## Paired tests over seeds",
+        "",
+        "Each pair of methods compared by a paired t-test on their per-seed ACC (pair k: the same seed, "
+        "so the same data, permutations and initial weights): the mean difference ± its 95 % half-width, "
+        't, the two-sided p-value, and the reading at the 5 % level ("beats" only when significant).',
+        "",
+        paired_table(paired_tests(results)),
+        "",
+    ]
+
+
 def report_md(results: Mapping[str, Any]) -> str:
     """The ``report.md`` page: summary, metrics, the figures, final accuracies, config and tasks."""
     cfg = results["config"]
@@ -243,9 +262,11 @@ def report_md(results: Mapping[str, Any]) -> str:
         "(negative = forgetting); FWT: accuracy on a task before training it, relative to a random init; "
         "Forgetting: mean drop from the best earlier accuracy; LCA: learning-curve area (fast learning). "
         "Accuracies are fractions in [0, 1].",
+        *(["", seeds_note(results)] if is_multi_seed(results) else []),
         "",
         _metrics_table(results),
         "",
+        *(_paired_section(results) if is_multi_seed(results) else []),
         "## Learning curves",
         "",
         "Test accuracy of each task (one panel per task) over the whole training sequence; "

@@ -50,6 +50,28 @@ def fmt(x: Any, digits: int = 3) -> str:
     return "–" if not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+def stat(m: Mapping[str, Any], key: str) -> tuple[float, float]:
+    """(value, 95 % half-width) of a method's metric: the mean ± CI of a ``--seeds`` run (its
+    ``stats``), else the single run's value and NaN."""
+    s = m.get("stats")
+    entry = s.get(key) if isinstance(s, Mapping) else None
+    if isinstance(entry, Mapping):
+        return num(entry.get("mean")), num(entry.get("ci95"))
+    return num(m.get(key)), math.nan
+
+
+def fmt_ci(value: Any, half: Any = None, digits: int = 3) -> str:
+    """``value ± half`` (``fmt`` alone when there is no interval: one seed, or a single run)."""
+    h = num(half)
+    shown = math.isfinite(h) and math.isfinite(num(value))
+    return fmt(value, digits) + (f" ± {h:.{digits}f}" if shown else "")
+
+
+def fmt_stat(m: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    """A method's metric as ``mean ± CI`` (``--seeds`` runs) or its value (single runs)."""
+    return fmt_ci(*stat(m, key), digits)
+
+
 def pct(x: Any, digits: int = 1) -> str:
     """An accuracy in percent, ``n/a`` when missing."""
     v = num(x)
@@ -73,4 +95,7 @@ def run_title(results: Mapping[str, Any], what: str) -> str:
     bits.append(f"{T} task{'s' if T != 1 else ''}")
     if cfg.get("model") not in (None, "mlp"):
         bits.append(f"model {cfg['model']}")
+    if isinstance(results.get("per_seed"), list):
+        n = len(results["per_seed"])
+        bits.append(f"{n} seed{'s' if n != 1 else ''}")
     return f"{what} ({', '.join(bits)})"
