@@ -24,12 +24,13 @@ from ewc.checks import NON_NEGATIVE, POSITIVE_INT, Constraint, Interval, Numbers
 from ewc.config import param, parse_floats, parse_setting, validate
 from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, check_sequence_data, load_data, make_sequence
 from ewc.data.custom import DataChoice, data_record, file_sha256, is_npz_path
+from ewc.executors import Executor, executor_param, make_executor, ray_address_param
 from ewc.experiments.common import check_out_dir, write_json
+from ewc.experiments.detached import run_detached
 from ewc.experiments.tracked import log_sequence, open_for, sequence_files
 from ewc.methods import METHOD_SPECS, make_method
 from ewc.methods.registry import LAM_SETTINGS, combinations
 from ewc.models import check_model, check_takes_dropout, model_name, resolve_model
-from ewc.pool import run_jobs
 from ewc.runtime import run_threads
 from ewc.scenario import Scenario
 from ewc.state import json_digest
@@ -150,6 +151,8 @@ class RunConfig:
         "numbers do not depend on --jobs)",
         check=POSITIVE_INT,
     )
+    executor: str = executor_param()
+    ray_address: str | None = ray_address_param()
     quiet: bool = param(False, "no progress bar")
     track: tuple[str, ...] = track_param()
     train: TrainConfig = param(help="training settings", default_factory=TrainConfig, nested=True)
@@ -163,6 +166,7 @@ class RunConfig:
         t = self.train
         options = {"hidden": t.hidden, "dropout": t.dropout, "batchnorm": t.batchnorm}
         check_model(t.model, info.task_shape, getattr(torch, info.task_dtype), info.num_classes, **options)
+        make_executor(self.executor, self.ray_address)  # checked now, connected when jobs run
 
     def method_names(self) -> list[str]:
         """The methods to run (``all``: every registered one)."""
@@ -186,6 +190,7 @@ class RunConfig:
             "max_train_per_task": self.max_train_per_task,
             "data_root": self.data_root,
             "jobs": self.jobs,
+            "executor": make_executor(self.executor, self.ray_address),
         }
 
 
@@ -272,8 +277,7 @@ def _job(spec: tuple) -> dict[str, Any]:
     (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *rest = spec
     save, progress = (*rest, None, None)[:2]
     if progress is not None:
-        tag = job_tag(spec[0], method, config, on_val)
-        finished, partial = Path(progress) / f"{tag}.json", Path(progress) / f"{tag}.pt"
+        finished, partial = progress_files(spec)
         if finished.exists() and (save is None or Path(save).exists()):
             return json.loads(finished.read_text())
         Path(progress).mkdir(parents=True, exist_ok=True)
@@ -293,6 +297,13 @@ def _job(spec: tuple) -> dict[str, Any]:
         write_json(res, finished)
         partial.unlink(missing_ok=True)
     return res
+
+
+def progress_files(spec: tuple) -> tuple[Path, Path]:
+    """The (result, progress after a task) files of a job with a progress folder."""
+    key, method, config, on_val, _, progress = spec
+    tag = job_tag(key, method, config, on_val)
+    return Path(progress) / f"{tag}.json", Path(progress) / f"{tag}.pt"
 
 
 def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
@@ -337,17 +348,26 @@ def check_model_for_workers(config: TrainConfig, jobs: int) -> None:
             )
 
 
-def run_all(specs: list[tuple], jobs: int, out: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Run independent training jobs, in parallel worker processes when ``jobs`` > 1.
+def run_all(
+    specs: list[tuple], jobs: int, out: str | os.PathLike | None = None, executor: Executor | None = None
+) -> list[dict[str, Any]]:
+    """Run independent training jobs, ``jobs`` at a time, on ``executor`` (default: worker
+    processes on this machine, :mod:`ewc.executors`).
 
     Every run is seeded and uses its config's thread count (``--threads``, 1 by default) wherever
-    it runs, so the results do not depend on ``jobs``; ``jobs`` workers use ``jobs × threads``
-    cores. With ``out``, jobs given without a progress folder save theirs in ``OUT/progress``
-    (see :func:`_job`): the experiment run again after a kill resumes them.
+    it runs, so the results depend neither on ``jobs`` nor on the executor; ``jobs`` local workers
+    use ``jobs × threads`` cores. With ``out``, jobs given without a progress folder save theirs in
+    ``OUT/progress`` (see :func:`_job`): the experiment run again after a kill resumes them (on
+    workers that do not see ``out``, :mod:`ewc.experiments.detached`).
     """
-    if out is not None:
-        specs = [(*s, None, Path(out) / "progress") if len(s) == 4 else s for s in specs]
-    return run_jobs(_job, specs, jobs, for_workers=_no_progress)
+    folder = Path(out) / "progress" if out is not None else None
+    specs = [(*s, None, folder) if len(s) == 4 else s for s in specs]
+    executor, cpus = executor or make_executor(), max((s[2].threads or 1 for s in specs), default=1)
+    if executor.shares_files:
+        return executor.run(_job, specs, jobs, cpus=cpus, for_workers=_no_progress)
+    return run_detached(
+        executor, _job, specs, jobs, cpus=cpus, for_workers=_no_progress, files=progress_files
+    )
 
 
 def _no_progress(spec: tuple) -> tuple:
@@ -373,6 +393,7 @@ def run_sequence(
     report: bool = True,
     jobs: int = 1,
     tracker: Logger | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run ``methods`` on an ``n_tasks`` ``sequence`` of ``data``; write results into ``out``.
 
@@ -383,7 +404,8 @@ def run_sequence(
     ``save_state`` saves each trained learner (model, method state, scenario) under
     ``out/checkpoints/METHOD.pt``, loadable with :func:`ewc.checkpoint.load_checkpoint`.
     ``tracker`` (:mod:`ewc.tracking`) receives the record once it is written
-    (:func:`ewc.experiments.tracked.log_sequence`).
+    (:func:`ewc.experiments.tracked.log_sequence`). ``executor`` runs the training jobs, ``jobs``
+    at a time (default: local worker processes; :func:`ewc.executors.make_executor`).
     """
     unknown = [m for m in methods if m not in METHOD_SPECS]
     if unknown:
@@ -412,7 +434,7 @@ def run_sequence(
     specs = [(key, m, with_params(config, m, combo), True) for m, combos in grids.items() for combo in combos]
     progress = out_dir / "progress" if out_dir is not None else None
     specs = [(*spec, None, progress) for spec in specs]
-    scores = iter(run_all(specs, jobs))
+    scores = iter(run_all(specs, jobs, executor=executor))
     selection: dict[str, Any] = {}
     for m, combos in grids.items():
         accs = [next(scores)["average_accuracy"] for _ in combos]
@@ -425,7 +447,8 @@ def run_sequence(
     if save_state and out_dir is not None:
         (out_dir / "checkpoints").mkdir(exist_ok=True)
         saves = {m: out_dir / "checkpoints" / f"{m}.pt" for m in methods}
-    runs = run_all([(key, m, configs[m], False, saves[m], progress) for m in methods], jobs)
+    specs = [(key, m, configs[m], False, saves[m], progress) for m in methods]
+    runs = run_all(specs, jobs, executor=executor)
     results: dict[str, Any] = {"methods": {}}
     for m, res in zip(methods, runs, strict=True):
         res["params"] = method_params(m, configs[m])
