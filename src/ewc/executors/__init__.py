@@ -36,9 +36,9 @@ def executor_param() -> Any:
     """The ``--executor`` field, declared once for ``ewc run`` and ``ewc compare``."""
     return param(
         "local",
-        "where the training jobs run: local (--jobs worker processes on this machine) or ray (tasks on "
-        "a Ray cluster, --jobs at a time, each reserving --threads CPUs; pip install 'ewc[ray]'; see "
-        "docs/robustness.md); the numbers are the same",
+        "where the training jobs run (the numbers do not depend on it): "
+        + "; ".join(f"{name}: {spec.help}" for name, spec in EXECUTORS.items())
+        + " (see docs/robustness.md)",
         check=Registered(EXECUTORS),
     )
 

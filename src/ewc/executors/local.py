@@ -39,4 +39,4 @@ class LocalPool:
         return run_jobs(fn, specs, jobs, for_workers=for_workers, on_result=on_result)
 
 
-register_executor(ExecutorSpec("local", LocalPool, "worker processes on this machine (--jobs at a time)"))
+register_executor(ExecutorSpec("local", LocalPool, "--jobs worker processes on this machine"))

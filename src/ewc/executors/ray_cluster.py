@@ -5,11 +5,12 @@ cluster this machine belongs to) or ``local`` (start a Ray instance on this mach
 process, which ends with it). With neither, the run is refused before any work: a run meant for
 a cluster does not quietly train on the laptop. ``ray`` is imported only when jobs are sent.
 
-Each job is one Ray task that reserves as many CPUs as the torch threads it sets itself, so the
-numbers are those of ``--executor local`` on any node. At most ``jobs`` tasks are in flight; a
-task whose worker process or node dies is run again from its start, up to :data:`RETRIES` more
-times (same spec, same seeds: the same numbers). A job that raises is not retried: its exception
-(type and message) is raised here, and the tasks still running are cancelled, as on Ctrl-C.
+Each job is one Ray task; it sets its own torch threads and seeds, so its numbers are those of
+``--executor local`` on any node, and it reserves as many CPUs as it uses threads (Ray places it
+where they are free). At most ``jobs`` tasks are in flight; a task whose worker process or node
+dies is run again from its start, up to :data:`RETRIES` more times (same spec, same seeds: the
+same numbers). A job that raises is not retried: its exception (type and message) is raised
+here, and the tasks still running are cancelled, as on Ctrl-C.
 Before it runs, a task checks that its node has the versions of ewc, torch and numpy that this
 process has (else the numbers could differ): a node with others fails the run with one line.
 Jobs must not rely on a shared file system: what they make comes back as their result.
@@ -17,10 +18,12 @@ Jobs must not rely on a shared file system: what they make comes back as their r
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -137,28 +140,28 @@ class RayCluster:
         task = ray.remote(_call).options(num_cpus=cpus, max_retries=RETRIES, retry_exceptions=False)
         expected = versions()
         results: dict[int, R] = {}
-        running: dict[Any, int] = {}
-        queued = iter(range(len(specs)))
+        running: dict[Any, int] = {}  # task → spec index
+        waiting = deque(range(len(specs)))
+
+        def start() -> None:
+            i = waiting.popleft()
+            running[task.remote((fn, specs[i], expected))] = i
+
         try:
-            for i in queued:
-                running[task.remote((fn, specs[i], expected))] = i
-                if len(running) >= max(jobs, 1):
-                    break
+            while waiting and len(running) < max(jobs, 1):
+                start()
             while running:
                 (ref,), _ = ray.wait(list(running), num_returns=1)
                 i = running.pop(ref)
                 results[i] = _result(ray, ref, i)
                 if on_result is not None:
                     on_result(i, results[i])
-                for k in queued:  # one ended, one more starts
-                    running[task.remote((fn, specs[k], expected))] = k
-                    break
+                if waiting:  # one ended, the next starts
+                    start()
         except BaseException:
             for ref in running:
-                try:
+                with contextlib.suppress(Exception):  # ended or lost already: nothing to stop
                     ray.cancel(ref, force=True)
-                except Exception:  # noqa: BLE001 (already ended or lost: nothing to stop)
-                    pass
             raise
         return [results[i] for i in range(len(specs))]
 
@@ -190,7 +193,8 @@ EXECUTORS_RAY = register_executor(
     ExecutorSpec(
         "ray",
         RayCluster,
-        "tasks on a Ray cluster (--ray-address or $RAY_ADDRESS), --jobs at a time",
+        "tasks on a Ray cluster (--ray-address), --jobs at a time, each reserving --threads CPUs; "
+        "pip install 'ewc[ray]'",
         module="ray",
         extra="ray",
         address_flag="--ray-address",
