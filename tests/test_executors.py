@@ -138,6 +138,18 @@ def test_every_executor_raises_the_jobs_own_exception(executor: Any) -> None:
         executor.run(math.sqrt, [4.0, -1.0, 9.0], 2)
 
 
+def test_a_module_missing_on_the_workers_is_one_line(
+    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "only_here.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # this process imports it; the workers cannot
+    import only_here  # type: ignore[import-not-found]
+
+    with pytest.raises(ExecutorError, match="No module named 'only_here' .every node needs ewc") as err:
+        make_executor("ray", cluster.address).run(only_here.twice, [1], 1)
+    assert "\n" not in str(err.value)
+
+
 def test_only_the_local_pool_shares_files() -> None:
     assert make_executor("local").shares_files and not RayCluster("h:1").shares_files
 
@@ -231,6 +243,16 @@ def test_detached_jobs_write_the_same_files_and_resume(tmp_path: Path) -> None:
     (tmp_path / "detached" / "checkpoints" / "sgd.pt").unlink()
     again = sequence.run_sequence(*args, tmp_path / "detached", executor=Unshared(), **options)
     assert Unshared.sent == 5 and without_timings(again) == without_timings(shared)
+
+
+def test_a_worker_with_another_data_file_refuses_the_job(tmp_path: Path) -> None:
+    from ewc.experiments.detached import _detached_job
+
+    data = tmp_path / "mine.npz"
+    data.write_bytes(b"not the file the run was started with")
+    spec = (("permuted", str(data), 2, None, None), "sgd", TrainConfig(), False, None, None)
+    with pytest.raises(ValueError, match=r"mine\.npz: the file on .* differs from the run's"):
+        _detached_job((sequence._job, spec, "0" * 64))
 
 
 # ----------------------------------------------------------------------------- the acceptance run

@@ -13,7 +13,8 @@ same numbers). A job that raises is not retried: its exception (type and message
 here, and the tasks still running are cancelled, as on Ctrl-C.
 Before it runs, a task checks that its node has the versions of ewc, torch and numpy that this
 process has (else the numbers could differ): a node with others fails the run with one line.
-Jobs must not rely on a shared file system: what they make comes back as their result.
+Jobs must not rely on a shared file system: what they make comes back as their result. What the
+workers print stays in each node's Ray logs (not streamed here: a failed job is one line here).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def connect(address: str) -> Any:
         return ray
     local = {"include_dashboard": False} if address == "local" else {}
     try:
-        ray.init(address=address, logging_level=logging.WARNING, **local)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **local)
     except (ConnectionError, RuntimeError) as err:
         raise ExecutorError(f"cannot connect to the Ray cluster at {address}: {err}") from None
     return ray
@@ -167,26 +168,33 @@ class RayCluster:
 
 
 def _result(ray: Any, ref: Any, index: int) -> Any:
-    """A task's value; its job's own exception when the job raised; an ExecutorError when Ray
-    lost it (worker or node died more than :data:`RETRIES` times, cluster gone)."""
+    """A task's value; its job's own exception when the job raised; an ExecutorError when the job
+    could not start on its worker (a module it needs is missing there) or Ray lost it (its worker
+    or node died more than :data:`RETRIES` times, the cluster is gone)."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None)
-        if isinstance(cause, ImportError):
-            raise ExecutorError(
-                f"a Ray worker cannot import what job {index} needs ({cause}): install ewc with the same "
-                "extras on every node"
-            ) from None
-        if isinstance(cause, BaseException):
+        if isinstance(cause, BaseException) and not isinstance(cause, ImportError | ray.exceptions.RayError):
             raise cause from None
-        raise ExecutorError(f"job {index} failed on the Ray cluster: {err}") from None
+        why = _first_line(cause if cause is not None else err)
+        hint = (
+            " (every node needs ewc with the same extras, and the modules the run names: a --model "
+            "module:factory)"
+            if "No module named" in why
+            else ""
+        )
+        raise ExecutorError(f"job {index} could not run on the Ray cluster: {why}{hint}") from None
     except ray.exceptions.RayError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ExecutorError(
-            f"job {index} was lost on the Ray cluster ({type(err).__name__}: {first}; "
+            f"job {index} was lost on the Ray cluster ({type(err).__name__}: {_first_line(err)}; "
             f"tried {RETRIES + 1} times)"
         ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 EXECUTORS_RAY = register_executor(

@@ -277,7 +277,7 @@ def _job(spec: tuple) -> dict[str, Any]:
     (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *rest = spec
     save, progress = (*rest, None, None)[:2]
     if progress is not None:
-        finished, partial = progress_files(spec)
+        finished, partial = job_files(spec)
         if finished.exists() and (save is None or Path(save).exists()):
             return json.loads(finished.read_text())
         Path(progress).mkdir(parents=True, exist_ok=True)
@@ -299,11 +299,10 @@ def _job(spec: tuple) -> dict[str, Any]:
     return res
 
 
-def progress_files(spec: tuple) -> tuple[Path, Path]:
+def job_files(spec: tuple) -> tuple[Path, Path]:
     """The (result, progress after a task) files of a job with a progress folder."""
-    key, method, config, on_val, _, progress = spec
-    tag = job_tag(key, method, config, on_val)
-    return Path(progress) / f"{tag}.json", Path(progress) / f"{tag}.pt"
+    folder, tag = Path(spec[5]), job_tag(*spec[:4])
+    return folder / f"{tag}.json", folder / f"{tag}.pt"
 
 
 def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
@@ -351,8 +350,7 @@ def check_model_for_workers(config: TrainConfig, jobs: int) -> None:
 def run_all(
     specs: list[tuple], jobs: int, out: str | os.PathLike | None = None, executor: Executor | None = None
 ) -> list[dict[str, Any]]:
-    """Run independent training jobs, ``jobs`` at a time, on ``executor`` (default: worker
-    processes on this machine, :mod:`ewc.executors`).
+    """Run independent training jobs, ``jobs`` at a time, on ``executor`` (local workers by default).
 
     Every run is seeded and uses its config's thread count (``--threads``, 1 by default) wherever
     it runs, so the results depend neither on ``jobs`` nor on the executor; ``jobs`` local workers
@@ -365,9 +363,7 @@ def run_all(
     executor, cpus = executor or make_executor(), max((s[2].threads or 1 for s in specs), default=1)
     if executor.shares_files:
         return executor.run(_job, specs, jobs, cpus=cpus, for_workers=_no_progress)
-    return run_detached(
-        executor, _job, specs, jobs, cpus=cpus, for_workers=_no_progress, files=progress_files
-    )
+    return run_detached(executor, _job, specs, jobs, cpus=cpus, for_workers=_no_progress, files=job_files)
 
 
 def _no_progress(spec: tuple) -> tuple:
@@ -404,8 +400,8 @@ def run_sequence(
     ``save_state`` saves each trained learner (model, method state, scenario) under
     ``out/checkpoints/METHOD.pt``, loadable with :func:`ewc.checkpoint.load_checkpoint`.
     ``tracker`` (:mod:`ewc.tracking`) receives the record once it is written
-    (:func:`ewc.experiments.tracked.log_sequence`). ``executor`` runs the training jobs, ``jobs``
-    at a time (default: local worker processes; :func:`ewc.executors.make_executor`).
+    (:func:`ewc.experiments.tracked.log_sequence`).
+    ``executor`` (:func:`ewc.executors.make_executor`) runs the training jobs, ``jobs`` at a time.
     """
     unknown = [m for m in methods if m not in METHOD_SPECS]
     if unknown:
