@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(PIP) -e '.[test,transformers,peft,lightning,track]'
+	$(PIP) -e '.[test,transformers,peft,lightning,track,ray]'
 	$(PIP) --no-deps 'minatar==1.0.15'
 
 test: install

@@ -356,12 +356,12 @@ def test_an_experiment_with_a_sequence_inside_resumes(
 ) -> None:
     """``ewc experiment many-tasks`` killed after some of its training jobs: run again, the jobs
     that finished are read back (not trained again) and the results are those of a whole run."""
+    from ewc.experiments import jobs
     from ewc.experiments import many_tasks as exp
-    from ewc.experiments import sequence
 
     config = exp.Config(**exp.SMALLEST)
     calls = {"n": 0, "die_at": 0}
-    original = sequence.run_method
+    original = jobs.run_method
 
     def counted(*args: object, **kwargs: object) -> dict:
         calls["n"] += 1
@@ -369,7 +369,7 @@ def test_an_experiment_with_a_sequence_inside_resumes(
             raise Killed
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sequence, "run_method", counted)
+    monkeypatch.setattr(jobs, "run_method", counted)
     whole = without_timings(exp.run(config, str(tmp_path / "whole")))
     total = calls["n"]
     calls.update(n=0, die_at=3)

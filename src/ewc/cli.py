@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from ewc.checks import Registered
 from ewc.config import default_of, field_check
+from ewc.executors.base import ExecutorError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Settings that do not change a run's results: a resume may change them.
-VOLATILE = frozenset({"jobs", "quiet", "progress", "track"})
+VOLATILE = frozenset({"jobs", "quiet", "progress", "track", "executor", "ray_address"})
 # What a --restart deletes in --out: the partial work of the run made with other settings.
 PROGRESS = ("progress", "checkpoints", "*/progress", "*/checkpoints")
 
@@ -360,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"ewc: error: {err}", file=sys.stderr)
         return 2
+    except ExecutorError as err:  # a cluster unreachable, a job lost on it too often
+        print(f"ewc: error: {err}", file=sys.stderr)
+        return 1
     except OSError as err:  # a read-only or full disk, a path under a file: one line, not a traceback
         where = f"{err.filename}: " if err.filename else ""
         reason = err.strerror or str(err)

@@ -2,8 +2,8 @@
 
 Each job runs in this process when there is one worker or one job, otherwise in a spawned worker
 process (``spawn``: no forked torch state, the same start on every platform). Results come back in
-the order of the specs, whatever order the workers finish in; the first failing job's exception is
-raised in the caller. Jobs print their own progress (a worker's stdout is the caller's).
+the order of the specs, whatever order the workers finish in; the exception of the first job to
+fail is raised in the caller. Jobs print their own progress (a worker's stdout is the caller's).
 
 Workers never outlive the process that started them: on Linux the kernel kills a worker when its
 parent dies (``PR_SET_PDEATHSIG``), and on every platform a watchdog thread in the worker ends it
@@ -41,19 +41,26 @@ def run_jobs(
     jobs: int,
     *,
     for_workers: Callable[[S], S] | None = None,
+    on_result: Callable[[int, R], None] | None = None,
 ) -> list[R]:
     """``[fn(spec) for spec in specs]``, in ``jobs`` spawned worker processes when jobs > 1.
 
     ``fn`` must be a module-level function and the specs picklable (they cross process
     boundaries). ``for_workers``, if given, replaces each spec before it is sent to a worker (e.g.
     no progress bar); it must not change what a job computes. It is not applied on the in-process
-    path, so ``jobs <= 1`` runs the specs exactly as given.
+    path, so ``jobs <= 1`` runs the specs exactly as given. ``on_result(i, result)``, if given, is
+    called in this process as each job ends (in the order they end), before the list is returned.
     """
     specs = list(specs)
+    done = on_result or (lambda i, r: None)
     if jobs <= 1 or len(specs) <= 1:
-        return [fn(s) for s in specs]
+        results = []
+        for i, s in enumerate(specs):
+            results.append(fn(s))
+            done(i, results[-1])
+        return results
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     if for_workers is not None:
         specs = [for_workers(s) for s in specs]
@@ -64,12 +71,17 @@ def run_jobs(
         initargs=(os.getpid(),),
     )
     try:
-        results = list(pool.map(fn, specs))
+        futures = {pool.submit(fn, s): i for i, s in enumerate(specs)}
+        ended: dict[int, R] = {}
+        for future in as_completed(futures):
+            i = futures[future]
+            ended[i] = future.result()
+            done(i, ended[i])
     except BaseException:
         _stop(pool)
         raise
     pool.shutdown(wait=True)
-    return results
+    return [ended[i] for i in range(len(specs))]
 
 
 def _stop(pool: object) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ewc.checks import Subset
 from ewc.config import names_parser, param
+from ewc.executors import Executor
 from ewc.experiments.common import check_out_dir, write_json
 from ewc.experiments.sequence import RunConfig, methods_param, run_sequence, search_param
 from ewc.experiments.tracked import as_tracking, log_compare, open_for
@@ -130,6 +131,7 @@ def run_compare(
     jobs: int = 1,
     tracker: Logger | None = None,
     seeds: list[int] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run ``methods`` in each of ``scenarios``; write the runs, the table and the figure to ``out``
     (``tracker``: each scenario's run goes to a child, by ``ewc run``'s rules, then this record)."""
@@ -158,6 +160,7 @@ def run_compare(
             jobs=jobs,
             tracker=child,
             seeds=seeds,
+            executor=executor,
         )
         child.close()
         runs[sc] = {"selection": res["config"]["selection"], "run": str(Path(sc) / "results.json")}

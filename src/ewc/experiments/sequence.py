@@ -8,7 +8,6 @@ writes ``results.json`` plus the report (figures, CSV, Markdown) into the output
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -22,19 +21,24 @@ import torch
 import ewc
 from ewc.checks import NON_NEGATIVE, POSITIVE_INT, SEED, Constraint, Interval, Numbers, check
 from ewc.config import param, parse_floats, parse_ints, parse_setting, validate
-from ewc.data import DATASETS, SEQUENCES, Task, TaskSequence, check_sequence_data, load_data, make_sequence
-from ewc.data.custom import DataChoice, data_record, file_sha256, is_npz_path
+from ewc.data import DATASETS, SEQUENCES, check_sequence_data
+from ewc.data.custom import DataChoice, data_record
+from ewc.executors import Executor, executor_param, make_executor, ray_address_param
 from ewc.experiments.common import check_out_dir, write_json
+from ewc.experiments.jobs import (
+    build_tasks,
+    check_model_for_workers,
+    run_all,
+    task_records,
+)
 from ewc.experiments.tracked import log_sequence, open_for, sequence_files
 from ewc.methods import METHOD_SPECS, make_method
 from ewc.methods.registry import LAM_SETTINGS, combinations
-from ewc.models import check_model, check_takes_dropout, model_name, resolve_model
-from ewc.pool import run_jobs
+from ewc.models import check_model, check_takes_dropout
 from ewc.runtime import run_threads
 from ewc.scenario import Scenario
-from ewc.state import json_digest
 from ewc.tracking import Logger, parse_names, track_param
-from ewc.train import TrainConfig, method_params, run_method
+from ewc.train import TrainConfig, method_params
 
 DEFAULT_METHODS = "sgd,l2,ewc,online-ewc,joint"
 #: the most tasks ``ewc run`` / ``ewc compare`` take: tasks² evaluations, a tasks × tasks matrix
@@ -161,6 +165,8 @@ class RunConfig:
         "numbers do not depend on --jobs)",
         check=POSITIVE_INT,
     )
+    executor: str = executor_param()
+    ray_address: str | None = ray_address_param()
     quiet: bool = param(False, "no progress bar")
     track: tuple[str, ...] = track_param()
     train: TrainConfig = param(help="training settings", default_factory=TrainConfig, nested=True)
@@ -175,6 +181,7 @@ class RunConfig:
         options = {"hidden": t.hidden, "dropout": t.dropout, "batchnorm": t.batchnorm}
         check_model(t.model, info.task_shape, getattr(torch, info.task_dtype), info.num_classes, **options)
         check_seeds(self.seeds, self.train.seed)
+        make_executor(self.executor, self.ray_address)  # checked now, connected when jobs run
 
     def method_names(self) -> list[str]:
         """The methods to run (``all``: every registered one)."""
@@ -199,6 +206,7 @@ class RunConfig:
             "data_root": self.data_root,
             "jobs": self.jobs,
             "seeds": self.seeds,
+            "executor": make_executor(self.executor, self.ray_address),
         }
 
 
@@ -276,119 +284,10 @@ def with_params(config: TrainConfig, method: str, params: dict[str, Any]) -> Tra
     return dataclasses.replace(config, params=merged)
 
 
-def validation_tasks(tasks: Sequence[Task]) -> Sequence[Task]:
-    """The same tasks with their validation parts in place of the test parts (for tuning)."""
-    if isinstance(tasks, TaskSequence):
-        return tasks.validation()  # still built when read
-    return [t.validation() for t in tasks]
-
-
 def choose_lam(grid: list[float], scores: dict[float, float]) -> dict[str, Any]:
     """The λ with the best validation ACC (ties: the smaller λ)."""
     best = max(grid, key=lambda lam: (scores[lam], -lam))
     return {"grid": grid, "validation_acc": [scores[lam] for lam in grid], "chosen": best}
-
-
-def _job(spec: tuple) -> dict[str, Any]:
-    """One training run, in this process or a worker: (data key, method, config, on_validation
-    [, checkpoint path, progress folder]). With a checkpoint path the trained learner is saved there
-    (ewc.checkpoint); with a progress folder the run is saved there after a task (SaveSchedule) and its
-    result when it ends, both under a name derived from all of the job's settings, so that the
-    same job run again (after a kill) resumes or returns the finished result."""
-    (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *rest = spec
-    save, progress = (*rest, None, None)[:2]
-    if progress is not None:
-        tag = job_tag(spec[0], method, config, on_val)
-        finished, partial = Path(progress) / f"{tag}.json", Path(progress) / f"{tag}.pt"
-        if finished.exists() and (save is None or Path(save).exists()):
-            return json.loads(finished.read_text())
-        Path(progress).mkdir(parents=True, exist_ok=True)
-    tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
-    res = run_method(
-        validation_tasks(tasks) if on_val else tasks, method, config, progress=partial if progress else None
-    )
-    model, learner = res.pop("model"), res.pop("method")
-    if save is not None:
-        from ewc.checkpoint import save_checkpoint
-
-        params, arch = method_params(method, config), res["architecture"]
-        save_checkpoint(
-            save, model, learner, name=method, params=params, scenario=learner.scenario, architecture=arch
-        )
-    if progress is not None:
-        write_json(res, finished)
-        partial.unlink(missing_ok=True)
-    return res
-
-
-def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
-    """``METHOD-val|test-DIGEST``: the digest covers the data key, the method and every setting
-    the job runs with (progress display excepted)."""
-    settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
-    data = key[1]
-    file = [file_sha256(data)] if is_npz_path(data) else []  # a file's contents, not only its name
-    digest = json_digest([list(key), method, settings, on_val, *file])
-    return f"{method}-{'val' if on_val else 'test'}-{digest[:16]}"
-
-
-_TASK_CACHE: dict[tuple, tuple[TaskSequence, int]] = {}
-
-
-def task_records(
-    sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
-) -> list[dict[str, Any]]:
-    """What results.json says of each task: its name, classes and the sizes of its parts."""
-    tasks, _ = build_tasks(sequence, data, n_tasks, seed, max_train, data_root)
-    parts = lambda t: {"n_train": len(t.y_train), "n_val": len(t.y_val), "n_test": len(t.y_test)}  # noqa: E731
-    return [{"name": t.name, "classes": list(t.classes), **parts(t)} for t in tasks]
-
-
-def build_tasks(
-    sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
-) -> tuple[TaskSequence, int]:
-    """The task sequence (its tasks built when read) and the number of classes (once per process)."""
-    key = (sequence, data, n_tasks, seed, max_train, data_root)
-    if key not in _TASK_CACHE:
-        _TASK_CACHE.clear()
-        dataset = load_data(data, root=data_root)
-        tasks = make_sequence(dataset, sequence, n_tasks, seed=seed, max_train_per_task=max_train)
-        _TASK_CACHE[key] = (tasks, dataset.num_classes)
-    return _TASK_CACHE[key]
-
-
-def check_model_for_workers(config: TrainConfig, jobs: int) -> None:
-    """A ValueError for a model factory given as a function that ``jobs`` > 1 workers cannot import
-    (they rebuild it from its ``module:name``: a lambda or a nested function has none)."""
-    if jobs > 1 and callable(config.model):
-        name = model_name(config.model)
-        try:
-            same = resolve_model(name) is config.model
-        except ValueError:
-            same = False
-        if not same:
-            raise ValueError(
-                f"the model factory {name} cannot be imported by name, which --jobs {jobs} workers need: "
-                "define it at the top level of a module, or run with jobs=1"
-            )
-
-
-def run_all(specs: list[tuple], jobs: int, out: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Run independent training jobs, in parallel worker processes when ``jobs`` > 1.
-
-    Every run is seeded and uses its config's thread count (``--threads``, 1 by default) wherever
-    it runs, so the results do not depend on ``jobs``; ``jobs`` workers use ``jobs × threads``
-    cores. With ``out``, jobs given without a progress folder save theirs in ``OUT/progress``
-    (see :func:`_job`): the experiment run again after a kill resumes them.
-    """
-    if out is not None:
-        specs = [(*s, None, Path(out) / "progress") if len(s) == 4 else s for s in specs]
-    return run_jobs(_job, specs, jobs, for_workers=_no_progress)
-
-
-def _no_progress(spec: tuple) -> tuple:
-    """A job spec as a worker runs it: no progress bar (workers share the caller's terminal)."""
-    key, method, config, *rest = spec
-    return (key, method, dataclasses.replace(config, progress=False), *rest)
 
 
 def run_sequence(
@@ -409,6 +308,7 @@ def run_sequence(
     jobs: int = 1,
     tracker: Logger | None = None,
     seeds: Sequence[int] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run ``methods`` on an ``n_tasks`` ``sequence`` of ``data``; write results into ``out``.
 
@@ -423,6 +323,7 @@ def run_sequence(
     ``seeds``: every method's test run once per seed (``config.seed`` becomes the first, which
     chooses the hyper-parameters); the record keeps each seed's run under ``per_seed`` and the mean
     ± 95 % CI under ``methods`` (:mod:`ewc.report.seeds`); checkpoints are ``METHOD-seedS.pt``.
+    ``executor`` (:func:`ewc.executors.make_executor`) runs the training jobs, ``jobs`` at a time.
     """
     unknown = [m for m in methods if m not in METHOD_SPECS]
     if unknown:
@@ -454,7 +355,7 @@ def run_sequence(
     specs = [(key, m, with_params(config, m, combo), True) for m, combos in grids.items() for combo in combos]
     progress = out_dir / "progress" if out_dir is not None else None
     specs = [(*spec, None, progress) for spec in specs]
-    scores = iter(run_all(specs, jobs))
+    scores = iter(run_all(specs, jobs, executor=executor))
     selection: dict[str, Any] = {}
     for m, combos in grids.items():
         accs = [next(scores)["average_accuracy"] for _ in combos]
@@ -472,7 +373,7 @@ def run_sequence(
     else:
         saves = dict.fromkeys(saves)
     specs = [(m, dataclasses.replace(configs[m], seed=s), p and out_dir / p) for (m, s), p in saves.items()]
-    runs = run_all([(key, m, c, False, p, progress) for m, c, p in specs], jobs)
+    runs = run_all([(key, m, c, False, p, progress) for m, c, p in specs], jobs, executor=executor)
     per_seed = [
         {"seed": s, "tasks": task_records(sequence, data, n_tasks, s, max_train_per_task, data_root)}
         for s in run_seeds

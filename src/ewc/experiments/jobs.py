@@ -1,0 +1,152 @@
+"""The training jobs of ``ewc run`` / ``ewc compare`` and of the experiments with a sequence inside:
+one job is one method trained on one task sequence (on its validation or its test parts), run
+in this process, in local workers or on a Ray cluster (:mod:`ewc.executors`), saved and resumed
+under a name derived from all of its settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ewc.data import Task, TaskSequence, load_data, make_sequence
+from ewc.data.custom import file_sha256, is_npz_path
+from ewc.executors import Executor, make_executor
+from ewc.experiments.common import write_json
+from ewc.experiments.detached import run_detached
+from ewc.models import model_name, resolve_model
+from ewc.state import json_digest
+from ewc.train import TrainConfig, method_params, run_method
+
+__all__ = [
+    "build_tasks",
+    "check_model_for_workers",
+    "job_files",
+    "job_tag",
+    "run_all",
+    "task_records",
+    "validation_tasks",
+]
+
+
+def validation_tasks(tasks: Sequence[Task]) -> Sequence[Task]:
+    """The same tasks with their validation parts in place of the test parts (for tuning)."""
+    if isinstance(tasks, TaskSequence):
+        return tasks.validation()  # still built when read
+    return [t.validation() for t in tasks]
+
+
+def _job(spec: tuple) -> dict[str, Any]:
+    """One training run, in this process or a worker: (data key, method, config, on_validation
+    [, checkpoint path, progress folder]). With a checkpoint path the trained learner is saved there
+    (ewc.checkpoint); with a progress folder the run is saved there after a task (SaveSchedule) and its
+    result when it ends, both under a name derived from all of the job's settings, so that the
+    same job run again (after a kill) resumes or returns the finished result."""
+    (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *rest = spec
+    save, progress = (*rest, None, None)[:2]
+    if progress is not None:
+        finished, partial = job_files(spec)
+        if finished.exists() and (save is None or Path(save).exists()):
+            return json.loads(finished.read_text())
+        Path(progress).mkdir(parents=True, exist_ok=True)
+    tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
+    res = run_method(
+        validation_tasks(tasks) if on_val else tasks, method, config, progress=partial if progress else None
+    )
+    model, learner = res.pop("model"), res.pop("method")
+    if save is not None:
+        from ewc.checkpoint import save_checkpoint
+
+        params, arch = method_params(method, config), res["architecture"]
+        save_checkpoint(
+            save, model, learner, name=method, params=params, scenario=learner.scenario, architecture=arch
+        )
+    if progress is not None:
+        write_json(res, finished)
+        partial.unlink(missing_ok=True)
+    return res
+
+
+def job_files(spec: tuple) -> tuple[Path, Path]:
+    """The (result, progress after a task) files of a job with a progress folder."""
+    folder, tag = Path(spec[5]), job_tag(*spec[:4])
+    return folder / f"{tag}.json", folder / f"{tag}.pt"
+
+
+def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
+    """``METHOD-val|test-DIGEST``: the digest covers the data key, the method and every setting
+    the job runs with (progress display excepted)."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
+    data = key[1]
+    file = [file_sha256(data)] if is_npz_path(data) else []  # a file's contents, not only its name
+    digest = json_digest([list(key), method, settings, on_val, *file])
+    return f"{method}-{'val' if on_val else 'test'}-{digest[:16]}"
+
+
+_TASK_CACHE: dict[tuple, tuple[TaskSequence, int]] = {}
+
+
+def task_records(
+    sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
+) -> list[dict[str, Any]]:
+    """What results.json says of each task: its name, classes and the sizes of its parts."""
+    tasks, _ = build_tasks(sequence, data, n_tasks, seed, max_train, data_root)
+    parts = lambda t: {"n_train": len(t.y_train), "n_val": len(t.y_val), "n_test": len(t.y_test)}  # noqa: E731
+    return [{"name": t.name, "classes": list(t.classes), **parts(t)} for t in tasks]
+
+
+def build_tasks(
+    sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
+) -> tuple[TaskSequence, int]:
+    """The task sequence (its tasks built when read) and the number of classes (once per process)."""
+    key = (sequence, data, n_tasks, seed, max_train, data_root)
+    if key not in _TASK_CACHE:
+        _TASK_CACHE.clear()
+        dataset = load_data(data, root=data_root)
+        tasks = make_sequence(dataset, sequence, n_tasks, seed=seed, max_train_per_task=max_train)
+        _TASK_CACHE[key] = (tasks, dataset.num_classes)
+    return _TASK_CACHE[key]
+
+
+def check_model_for_workers(config: TrainConfig, jobs: int) -> None:
+    """A ValueError for a model factory given as a function that ``jobs`` > 1 workers cannot import
+    (they rebuild it from its ``module:name``: a lambda or a nested function has none)."""
+    if jobs > 1 and callable(config.model):
+        name = model_name(config.model)
+        try:
+            same = resolve_model(name) is config.model
+        except ValueError:
+            same = False
+        if not same:
+            raise ValueError(
+                f"the model factory {name} cannot be imported by name, which --jobs {jobs} workers need: "
+                "define it at the top level of a module, or run with jobs=1"
+            )
+
+
+def run_all(
+    specs: list[tuple], jobs: int, out: str | os.PathLike | None = None, executor: Executor | None = None
+) -> list[dict[str, Any]]:
+    """Run independent training jobs, ``jobs`` at a time, on ``executor`` (local workers by default).
+
+    Every run is seeded and uses its config's thread count (``--threads``, 1 by default) wherever
+    it runs, so the results depend neither on ``jobs`` nor on the executor; ``jobs`` local workers
+    use ``jobs × threads`` cores. With ``out``, jobs given without a progress folder save theirs in
+    ``OUT/progress`` (see :func:`_job`): the experiment run again after a kill resumes them (on
+    workers that do not see ``out``, :mod:`ewc.experiments.detached`).
+    """
+    folder = Path(out) / "progress" if out is not None else None
+    specs = [(*s, None, folder) if len(s) == 4 else s for s in specs]
+    executor, cpus = executor or make_executor(), max((s[2].threads or 1 for s in specs), default=1)
+    if executor.shares_files:
+        return executor.run(_job, specs, jobs, cpus=cpus, for_workers=_no_progress)
+    return run_detached(executor, _job, specs, jobs, cpus=cpus, for_workers=_no_progress, files=job_files)
+
+
+def _no_progress(spec: tuple) -> tuple:
+    """A job spec as a worker runs it: no progress bar (workers share the caller's terminal)."""
+    key, method, config, *rest = spec
+    return (key, method, dataclasses.replace(config, progress=False), *rest)
