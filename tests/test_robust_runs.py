@@ -97,6 +97,23 @@ class Killed(Exception):
     pass
 
 
+def killed_before(name: str, task: int) -> object:
+    """Method ``name`` (CONFIG's parameters) that raises Killed as task ``task`` begins."""
+    from ewc.methods import make_method
+    from ewc.train import method_params
+
+    method = make_method(name, **method_params(name, CONFIG))
+    original = method.before_task
+
+    def before_task(i: int, t: object) -> None:
+        if i == task:
+            raise Killed
+        original(i, t)
+
+    method.before_task = before_task  # type: ignore[method-assign]
+    return method
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_resumes_to_the_uninterrupted_result(name: str, tmp_path: Path) -> None:
     """Killed before its third task (progress saved after the second), run again: the same
@@ -107,21 +124,8 @@ def test_every_method_resumes_to_the_uninterrupted_result(name: str, tmp_path: P
         {k: v for k, v in run_method(tasks, name, CONFIG).items() if k not in ("model", "method")}
     )
     progress = tmp_path / "job.pt"
-
-    from ewc.methods import make_method
-    from ewc.train import method_params
-
-    method = make_method(name, **method_params(name, CONFIG))
-    original = method.before_task
-
-    def before_task(i: int, task: object) -> None:
-        if i == 2:
-            raise Killed
-        original(i, task)
-
-    method.before_task = before_task  # type: ignore[method-assign]
     with pytest.raises(Killed):
-        run_method(tasks, method, CONFIG, progress=progress)
+        run_method(tasks, killed_before(name, 2), CONFIG, progress=progress)
     assert progress.exists()
     resumed = run_method(tasks, name, CONFIG, progress=progress)
     got = without_timings({k: v for k, v in resumed.items() if k not in ("model", "method")})
@@ -429,20 +433,8 @@ def test_a_run_saving_after_some_tasks_only_resumes_to_the_uninterrupted_result(
         original_save(path, identity, model, method, loop)
 
     monkeypatch.setattr("ewc.train.save_progress", save)
-    from ewc.methods import make_method
-    from ewc.train import method_params
-
-    method = make_method("ewc", **method_params("ewc", CONFIG))
-    original = method.before_task
-
-    def before_task(i: int, task: object) -> None:
-        if i == 2:
-            raise Killed
-        original(i, task)
-
-    method.before_task = before_task  # type: ignore[method-assign]
     with pytest.raises(Killed):
-        run_method(tasks, method, CONFIG, progress=progress)
+        run_method(tasks, killed_before("ewc", 2), CONFIG, progress=progress)
     assert saved == [1]  # after the first task only
     monkeypatch.setattr(checkpoint.SaveSchedule, "due", original_due)
     resumed = run_method(tasks, "ewc", CONFIG, progress=progress)
