@@ -302,3 +302,12 @@ def same_state(a: object, b: object) -> bool:
     if isinstance(a, float) and isinstance(b, float) and a != a:
         return b != b
     return a == b
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` of a child the test will interrupt: SIGINT back to its default action. A
+    shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler: a test suite started that way (``.ci/run &``) must still reach the child's."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -23,6 +23,7 @@ from typing import Any
 
 import executor_jobs
 import pytest
+from conftest import sigint_default
 from executor_jobs import square_after
 
 import ewc
@@ -269,7 +270,12 @@ def _start_sweep(cluster: Any, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "import sys; from ewc.cli import main; sys.exit(main())"]
     argv = [*SWEEP, "--jobs", "2", "--executor", "ray", "--out", str(out)]
     return subprocess.Popen(
-        [*cmd, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True
+        [*cmd, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        preexec_fn=sigint_default,
     )
 
 

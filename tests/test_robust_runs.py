@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigint_default
 from test_contracts import CONFIG, tiny_tasks
 
 import ewc
@@ -40,7 +41,9 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def start_cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SRC}
-    return subprocess.Popen(ewc_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen(
+        ewc_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=sigint_default
+    )
 
 
 def without_timings(obj: object) -> object:
