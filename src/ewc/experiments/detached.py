@@ -41,10 +41,12 @@ def run_detached(
     cpus: int,
     for_workers: Callable[[Spec], Spec],
     files: Callable[[Spec], tuple[Path, Path]],
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """``[job(spec) for spec in specs]`` on ``executor``, with the files written here (see the
     module docstring). ``files(spec)``: the (result, progress) files of a spec with a progress
-    folder, as ``job`` names them."""
+    folder, as ``job`` names them. ``on_result(i, result)``, if given, is called as job ``i`` ends
+    here (not for results already on disk)."""
     results: dict[int, dict[str, Any]] = {}
     todo = []
     for i, spec in enumerate(specs):
@@ -67,6 +69,8 @@ def run_detached(
             write_json(res, finished)
             partial.unlink(missing_ok=True)  # a local run's progress on the same job, now done
         results[i] = res
+        if on_result is not None:
+            on_result(i, res)
 
     calls = [(job, for_workers(specs[i]), _data_digest(specs[i])) for i in todo]
     executor.run(_detached_job, calls, jobs, cpus=cpus, on_result=keep)

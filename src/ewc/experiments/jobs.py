@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +142,32 @@ def run_all(
     folder = Path(out) / "progress" if out is not None else None
     specs = [(*s, None, folder) if len(s) == 4 else s for s in specs]
     executor, cpus = executor or make_executor(), max((s[2].threads or 1 for s in specs), default=1)
+    # workers draw no bar (they share the terminal): a line on stderr as each job ends instead
+    tell = (
+        _ended(specs)
+        if jobs > 1 and len(specs) > 1 and any(s[2].progress is not False for s in specs)
+        else None
+    )
     if executor.shares_files:
-        return executor.run(_job, specs, jobs, cpus=cpus, for_workers=_no_progress)
-    return run_detached(executor, _job, specs, jobs, cpus=cpus, for_workers=_no_progress, files=job_files)
+        return executor.run(_job, specs, jobs, cpus=cpus, for_workers=_no_progress, on_result=tell)
+    return run_detached(
+        executor, _job, specs, jobs, cpus=cpus, for_workers=_no_progress, files=job_files, on_result=tell
+    )
+
+
+def _ended(specs: list[tuple]) -> Callable[[int, dict[str, Any]], None]:
+    """``on_result`` that prints ``[k/n] method: ACC …, … s`` on stderr as each job ends."""
+    ended = [0]
+
+    def tell(i: int, res: dict[str, Any]) -> None:
+        ended[0] += 1
+        where = " (validation)" if specs[i][3] else ""
+        acc, seconds = res["average_accuracy"], res["seconds"]
+        print(
+            f"[{ended[0]}/{len(specs)}] {specs[i][1]}{where}: ACC {acc:.3f}, {seconds:.1f} s", file=sys.stderr
+        )
+
+    return tell
 
 
 def _no_progress(spec: tuple) -> tuple:
