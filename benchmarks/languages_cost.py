@@ -18,7 +18,7 @@
 
 Process CPU time with one torch thread, because the 2-core machine may be shared with other jobs.
 
-Run (from the repository root; about 2 minutes)::
+Run (from the repository root; under a minute)::
 
     .venv/bin/python benchmarks/languages_cost.py
 """

@@ -161,7 +161,7 @@ def test_the_three_paths_agree(tmp_path: Path) -> None:
             assert diff < 1e-3, (path, m, diff)
 
 
-def test_own_model_without_transformers(tmp_path: Path) -> None:
+def test_own_model_trains_every_kind_of_method(tmp_path: Path) -> None:
     tiny = {**TINY, "model": "own", "methods": ("finetune", "online-ewc", "replay"), "steps": 10}
     res = run(Config(**tiny, dict_dir=str(word_lists(tmp_path))))["results"]
     assert res["model"] == "own" and res["parameters"] > 0
@@ -238,6 +238,94 @@ def test_cli(tmp_path: Path) -> None:
     assert record["experiment"] == "languages" and record["config"]["seeds"] == [0, 1]
     ewc = record["results"]["methods"]["ewc"]
     assert len(ewc["runs"]) == 2 and len(ewc["gap_closed"]["final"]) == 2 and ewc["lam"] == 10.0
+    # the gap of each seed against fine-tuning's and joint's runs of the same seed, by hand
+    last = {m: [sum(r["matrix"][-1]) / 2 for r in e["runs"]] for m, e in record["results"]["methods"].items()}
+    for k in range(2):
+        by_hand = (last["finetune"][k] - last["ewc"][k]) / (last["finetune"][k] - last["joint"][k])
+        assert ewc["gap_closed"]["final"][k] == pytest.approx(by_hand, rel=1e-9)
     report = (out / "report.md").read_text()
     assert languages.TITLE in report and "Gap closed" in report and "seed 1" in report
     assert (out / "matrix.png").stat().st_size > 1000 and (out / "curves.png").stat().st_size > 1000
+
+
+def test_the_pilot_reads_validation_words_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every evaluation of the λ pilot is on the validation words; the test words are read only by the
+    final runs, which start after the pilot (jobs = 1 runs them in order)."""
+    config = Config(
+        **{**TINY, "methods": ("finetune", "ewc", "l2"), "steps": 5}, dict_dir=str(word_lists(tmp_path))
+    )
+    original, splits = languages_train.evaluate, []
+
+    def evaluate(model: torch.nn.Module, tasks: list, split: str) -> list[float]:
+        splits.append(split)
+        return original(model, tasks, split)
+
+    monkeypatch.setattr(languages_train, "evaluate", evaluate)
+    res = run(config)["results"]
+    pilot_jobs = sum(len(g) for g in languages.grids(config).values() if len(g) > 1)
+    assert pilot_jobs >= 2
+    rows = len(config.languages) + 1  # the untrained row, then one per language
+    assert splits[: pilot_jobs * rows] == ["val"] * (pilot_jobs * rows)
+    assert splits[pilot_jobs * rows :] == ["test"] * (3 * rows)
+    assert set(res["selection"]) == {m for m, g in languages.grids(config).items() if len(g) > 1}
+
+
+def test_hidden_extras_fall_back_or_refuse_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without transformers ``auto`` trains the plain-PyTorch model; ``--model gpt2`` and the two
+    integration paths name the extra to install, in one line, before any job."""
+    import importlib.util
+
+    folder = str(word_lists(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("transformers", "lightning") else real(name, *a),
+    )
+    res = run(Config(**{**TINY, "methods": ("finetune",), "steps": 3}, dict_dir=folder))["results"]
+    assert res["model"] == "own" and res["parameters"] > 0
+    base = ["experiment", "languages", "--dict-dir", folder, "--languages", "english,swedish"]
+    base += ["--methods", "finetune,ewc", "--steps", "2"]
+    for extra, want in (
+        (["--model", "gpt2"], "--model gpt2 needs transformers: pip install 'ewc[transformers]'"),
+        (
+            ["--path", "transformers"],
+            "--path transformers needs transformers: pip install 'ewc[transformers]'",
+        ),
+        (["--path", "lightning"], "--path lightning needs lightning: pip install 'ewc[lightning]'"),
+    ):
+        assert main([*base, *extra, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"ewc: error: {want}\n"
+    assert not (tmp_path / "out" / "progress").exists() or not any((tmp_path / "out" / "progress").iterdir())
+
+
+def test_a_job_is_named_by_the_model_it_trains_and_the_words_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed run never mixes jobs of another model (``auto`` resolved otherwise) or of a word list
+    changed on disk; a corrupt record is named."""
+    import importlib.util
+
+    folder = word_lists(tmp_path)
+    s = languages.settings(Config(**TINY, dict_dir=str(folder)))
+    spec = {"settings": s, "method": "ewc", "seed": 0, "lam": 1.0, "split": "val"}
+    first = languages_train.job_tag(spec)
+    real = importlib.util.find_spec
+    with monkeypatch.context() as m:
+        m.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a)
+        )
+        assert languages_train.job_tag(spec) != first  # auto is now own
+    assert languages_train.job_tag(spec) == first
+    english = folder / LANGUAGES["english"].file
+    english.write_bytes(english.read_bytes() + b"zazaza\n")
+    languages_train._TASKS.clear()
+    assert languages_train.job_tag(spec) != first
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    (progress / f"{languages_train.job_tag(spec)}.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt progress file .*delete it"):
+        languages_train.run_job({**spec, "progress": str(progress)})

@@ -46,6 +46,19 @@ def test_read_words_decodes_with_the_lists_encoding(tmp_path: Path) -> None:
         read_words(path, "utf-8")
     with pytest.raises(ValueError, match="unknown encoding 'klingon'"):
         read_words(path, "klingon")
+    # ISO-8859-1 decodes any bytes: a UTF-8 list declared ISO-8859-1 would lose å, ä, ö words silently
+    utf8 = write(tmp_path / "swedish-utf8", ["fisk", "fågel", "öl"])
+    with pytest.raises(ValueError, match="is UTF-8, not iso-8859-1"):
+        read_words(utf8, "iso-8859-1")
+    assert read_words(write(tmp_path / "ascii", ["fisk", "ko"]), "iso-8859-1") == ["fisk", "ko"]
+
+
+def test_read_words_byte_order_mark_and_decomposed_capitals(tmp_path: Path) -> None:
+    bom = tmp_path / "bom"
+    bom.write_bytes(b"\xef\xbb\xbfapple\nzebra\n")
+    assert read_words(bom) == ["apple", "zebra"]  # the BOM does not cost the first word
+    # a decomposed capital (O + U+0308) and a composed one are the same lower-case word
+    assert read_words(write(tmp_path / "umlaut", ["O\u0308sel", "Ösel", "ösel"])) == ["ösel"]
 
 
 def test_read_words_refusals(tmp_path: Path) -> None:

@@ -5,9 +5,11 @@ wdutch wswedish``) live in ``/usr/share/dict``; :data:`LANGUAGES` names each one
 encoding (``swedish`` is ISO-8859-1, the others UTF-8) and the package that installs it.
 
 Reading a list (:func:`read_words`): every line is decoded with the list's encoding (a byte that
-does not decode is an error naming the file), normalised to Unicode NFC (a decomposed "é" and a
-composed one are the same character), lower-cased (a capitalised word is the same word: proper
-nouns and sentence-initial forms do not double the alphabet), and kept only if every character is
+does not decode is an error naming the file, and so is a UTF-8 file for a list declared in a
+single-byte encoding, which would otherwise decode into other letters), lower-cased (a
+capitalised word is the same word: proper nouns and sentence-initial forms do not double the
+alphabet), normalised to Unicode NFC (a decomposed "é" and a composed one are the same
+character), and kept only if every character is
 a letter (``str.isalpha``): English possessives (``AA's``), hyphenated or dotted forms and
 abbreviations with digits are dropped. Words longer than ``max_length`` characters are dropped
 (long German and Dutch compounds); duplicates left by lower-casing are removed, and the words are
@@ -27,6 +29,7 @@ for.
 
 from __future__ import annotations
 
+import codecs
 import os
 import unicodedata
 import zlib
@@ -91,20 +94,33 @@ def read_words(path: str | os.PathLike, encoding: str = "utf-8", max_length: int
     except IsADirectoryError:
         raise ValueError(f"word list {str(path)!r} is a directory, not a file") from None
     try:
-        text = raw.decode(encoding)
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r} for word list {str(path)!r}") from None
+    if codec != "utf-8" and not raw.isascii() and _is_utf8(raw):
+        # a single-byte encoding decodes any bytes: a UTF-8 file would lose its non-ASCII words silently
+        raise ValueError(f"word list {str(path)!r} is UTF-8, not {encoding} as its language declares")
+    try:
+        text = raw.decode("utf-8-sig" if codec == "utf-8" else encoding)  # utf-8-sig: a BOM is not a letter
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise ValueError(
             f"word list {str(path)!r} is not {encoding} (line {line}: byte {raw[err.start]:#04x})"
         ) from None
-    except LookupError:
-        raise ValueError(f"unknown encoding {encoding!r} for word list {str(path)!r}") from None
-    # the whole text at once (NFC and lower-casing do not reach across a line break)
-    lines = unicodedata.normalize("NFC", text).lower().splitlines()
+    # the whole text at once (neither reaches across a line break)
+    lines = unicodedata.normalize("NFC", text.lower()).splitlines()
     words = {w for w in map(str.strip, lines) if 0 < len(w) <= max_length and w.isalpha()}
     if not words:
         raise ValueError(f"word list {str(path)!r} has no word of letters only up to {max_length} characters")
     return sorted(words)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def language_file(name: str, root: str | os.PathLike = DICT_DIR) -> Path:

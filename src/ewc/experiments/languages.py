@@ -3,10 +3,11 @@
 One task per language (``/usr/share/dict``: ``apt-get install wamerican wngerman wfrench wspanish
 witalian wportuguese wdutch wswedish``; reading, normalisation and splits in
 :mod:`ewc.data.words`). A small causal transformer (:mod:`ewc.experiments.languages_model`: Hugging
-Face's GPT-2 built from a ``GPT2Config``, or the same shape in plain PyTorch) learns to spell the
-words of each language in turn; each language's held-out words measure bits per character. The
-methods (fine-tuning, EWC, online EWC, L2, replay, joint training; :mod:`ewc.experiments.languages_train`)
-start from the same weights and see the same words in the same order.
+Face's GPT-2 built from a ``GPT2Config``, or one of the same width, depth and heads in plain
+PyTorch) learns to spell the words of each language in turn; each language's held-out words
+measure bits per character. The methods (fine-tuning, EWC, online EWC, L2, replay, joint
+training; :mod:`ewc.experiments.languages_train`) start from the same weights and see the same
+words in the same order.
 
 1. λ of EWC, online EWC and L2 is chosen by a pilot on the validation words (never the test words):
    one run per λ of the grid with the first seed; the λ with the lowest bits per character averaged
@@ -24,6 +25,7 @@ command again resumes after the last finished language of every job.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import statistics
 import time
 from collections.abc import Sequence
@@ -45,7 +47,7 @@ from ewc.checks import (
 from ewc.config import validate
 from ewc.data.words import DICT_DIR, LANGUAGES, language_file
 from ewc.experiments.common import finish, param
-from ewc.experiments.languages_model import MODELS
+from ewc.experiments.languages_model import MODELS, resolve_model
 from ewc.experiments.languages_report import LABELS, figures, findings, tables
 from ewc.experiments.languages_train import LAMBDA_METHODS, METHODS, PATH_METHODS, PATHS, run_job
 from ewc.fisher import FISHER_MODES
@@ -155,6 +157,8 @@ class Config:
             raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
+        if self.path == "transformers" and self.model == "own":
+            raise ValueError("--path transformers trains transformers' GPT-2: --model gpt2 or auto, not own")
         if self.path != "library" and not set(self.methods) <= set(PATH_METHODS):
             other = sorted(set(self.methods) - set(PATH_METHODS))
             raise ValueError(
@@ -210,11 +214,31 @@ def choose(grid: Sequence[float], scores: Sequence[float]) -> float:
     return min(zip(scores, grid, strict=True), key=lambda p: (p[0], p[1]))[1]
 
 
+def check_extras(config: Config) -> None:
+    """A one-line ValueError naming what to install when the run's model or path needs a missing
+    extra (``--model auto`` needs none: it falls back to ``own``)."""
+    kind = resolve_model(config.model)
+    if config.path == "transformers" and kind != "gpt2":
+        raise ValueError("--path transformers needs transformers: pip install 'ewc[transformers]'")
+    needs = {"lightning": ("lightning", "lightning")} if config.path == "lightning" else {}
+    if kind == "gpt2":
+        needs["transformers"] = ("transformers", "transformers")
+    for what, (module, extra) in needs.items():
+        if importlib.util.find_spec(module) is None:
+            flag = (
+                "--model gpt2"
+                if what == "transformers" and config.path != "transformers"
+                else f"--path {config.path}"
+            )
+            raise ValueError(f"{flag} needs {module}: pip install 'ewc[{extra}]'")
+
+
 def run(config: Config, out: str | None = None) -> dict[str, Any]:
     """The pilot on validation words, then every method × seed on the test words; the report."""
     start = time.perf_counter()
-    for name in config.languages:  # a missing word list fails here, before any job starts
+    for name in config.languages:  # a missing word list or extra fails here, before any job starts
         language_file(name, config.dict_dir)
+    check_extras(config)
     progress = str(Path(out) / "progress") if out is not None else None
     if progress is not None:
         Path(progress).mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ Two models, the same size settings:
 
 * ``gpt2``: Hugging Face's ``GPT2LMHeadModel`` built from a ``GPT2Config`` (no download; needs
   ``pip install 'ewc[transformers]'``), dropout off (so every path computes the same steps);
-* ``own``: :class:`CharTransformer`, a pre-LayerNorm causal transformer of the same shape written
-  with ``nn.MultiheadAttention`` (plain PyTorch: the experiment runs without the extra);
+* ``own``: :class:`CharTransformer`, a pre-LayerNorm causal transformer of the same width, depth
+  and heads written with ``nn.MultiheadAttention`` (plain PyTorch: the experiment runs without the extra);
 * ``auto``: ``gpt2`` when transformers is installed, else ``own`` (the run records which).
 
 Both take ``input_ids`` and ``position_ids`` ``[N, T]`` and return per-position logits ``[N, T, V]``

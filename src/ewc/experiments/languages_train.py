@@ -53,6 +53,7 @@ __all__ = [
     "METHODS",
     "PATHS",
     "PATH_METHODS",
+    "data_digest",
     "data_order",
     "fisher_batches",
     "load_tasks",
@@ -70,11 +71,22 @@ FORMAT = "ewc.languages/1"
 # the data settings (what load_tasks reads) and the rest of a job's settings
 DATA_KEYS = ("languages", "dict_dir", "train_words", "val_words", "test_words", "max_length", "split_seed")
 
-_TASKS: dict[str, tuple[int, list[WordTask]]] = {}  # one process's loaded languages, by settings
+_TASKS: dict[str, tuple[int, list[WordTask], str]] = {}  # one process's loaded languages, by settings
 
 
 def load_tasks(settings: dict[str, Any]) -> tuple[int, list[WordTask]]:
     """(vocabulary size, one WordTask per language) for a job's data settings (loaded once per process)."""
+    vocab_size, tasks, _ = _loaded(settings)
+    return vocab_size, tasks
+
+
+def data_digest(settings: dict[str, Any]) -> str:
+    """A digest of the words a job reads (every split of every language, encoded): a word list
+    changed on disk between two sessions makes other jobs, not a mix of old and new."""
+    return _loaded(settings)[2]
+
+
+def _loaded(settings: dict[str, Any]) -> tuple[int, list[WordTask], str]:
     key = json_digest({k: settings[k] for k in DATA_KEYS})
     if key not in _TASKS:
         vocab, tasks = load_languages(
@@ -87,7 +99,8 @@ def load_tasks(settings: dict[str, Any]) -> tuple[int, list[WordTask]]:
             seed=settings["split_seed"],
         )
         _TASKS.clear()
-        _TASKS[key] = (len(vocab), tasks)
+        words = [[t.name, t.train, t.val, t.test] for t in tasks]
+        _TASKS[key] = (len(vocab), tasks, json_digest([len(vocab), words]))
     return _TASKS[key]
 
 
@@ -170,8 +183,11 @@ def evaluate(model: nn.Module, tasks: Sequence[WordTask], split: str) -> list[fl
 
 
 def job_tag(spec: dict[str, Any]) -> str:
-    """The name of a job's progress files: a digest of everything it computes with."""
-    return json_digest([FORMAT, spec["method"], spec["seed"], spec["lam"], spec["split"], spec["settings"]])
+    """The name of a job's progress files: a digest of everything it computes with (the model that
+    ``auto`` resolves to here and the words read included)."""
+    s = spec["settings"]
+    computed = [resolve_model(s["model"]), data_digest(s)]
+    return json_digest([FORMAT, spec["method"], spec["seed"], spec["lam"], spec["split"], s, computed])
 
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +196,13 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     progress = Path(spec["progress"]) if spec.get("progress") else None
     tag = job_tag(spec)
     if progress is not None and (progress / f"{tag}.json").exists():
-        return json.loads((progress / f"{tag}.json").read_text())
+        done = progress / f"{tag}.json"
+        try:
+            return json.loads(done.read_text())
+        except ValueError:
+            raise ValueError(
+                f"corrupt progress file {str(done)!r}: delete it to run that job again"
+            ) from None
     with torch_threads(s["threads"]):
         return _train(spec, progress, tag)
 
@@ -205,6 +227,8 @@ def _train(spec: dict[str, Any], progress: Path | None, tag: str) -> dict[str, A
     done, rows, spent = 0, [], {"seconds": 0.0, "cpu_seconds": 0.0}
     if partial is not None and partial.exists():
         state = safe_load(partial)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{str(partial)!r} is not a saved {FORMAT} job: delete it to run that job again")
         model.load_state_dict(state["model"])
         if reg is not None:
             reg.load_state_dict(state["reg"])
