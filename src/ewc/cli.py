@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser(
         "experiment",
-        help="the paper's analysis experiments (patterns, many-tasks, overlap, perturb, kl, batchnorm)",
+        help="the analysis experiments (patterns, many-tasks, overlap, perturb, kl, batchnorm, languages)",
         description="Run one of the paper's analysis experiments; each writes results.json, "
         "PNG figure(s) and report.md into --out. Defaults reproduce the qualitative result on "
         "2 CPU cores in minutes; flags scale them up.",

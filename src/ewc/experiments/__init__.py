@@ -17,6 +17,7 @@ EXPERIMENTS: dict[str, str] = {
     "perturb": "ewc.experiments.perturb",
     "kl": "ewc.experiments.kl",
     "batchnorm": "ewc.experiments.batchnorm",
+    "languages": "ewc.experiments.languages",
 }
 
 
