@@ -209,7 +209,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(
         ),
         ({"n_embd": 30, "n_head": 4}, r"n_head \(4\) must divide n_embd \(30\)"),
         ({"languages": ("english", "klingon")}, "languages must be"),
-        ({"seeds": (1, 1)}, "seeds must be distinct"),
+        ({"seeds": (1, 1)}, "seeds must be a non-empty list of distinct values"),
+        ({"seed": -1}, "seed"),
         ({"lam_grid": (0.0,)}, "lam_grid"),
         ({"fisher": "batched"}, "fisher"),
     ],
@@ -231,20 +232,28 @@ def test_cli(tmp_path: Path) -> None:
     argv = ["experiment", "languages", "--dict-dir", str(folder), "--languages", "english,swedish"]
     argv += ["--train-words", "200", "--val-words", "20", "--test-words", "30", "--steps", "5"]
     argv += ["--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--methods", "finetune,ewc,joint"]
-    argv += ["--lam-grid", "10", "--fisher-samples", "40", "--seeds", "0,1", "--jobs", "1"]
+    argv += ["--lam-grid", "10,20", "--fisher-samples", "40", "--seed", "7", "--seeds", "0,1", "--jobs", "1"]
     out = tmp_path / "out"
     assert main([*argv, "--out", str(out)]) == 0
     record = json.loads((out / "results.json").read_text())
     assert record["experiment"] == "languages" and record["config"]["seeds"] == [0, 1]
     ewc = record["results"]["methods"]["ewc"]
-    assert len(ewc["runs"]) == 2 and len(ewc["gap_closed"]["final"]) == 2 and ewc["lam"] == 10.0
+    selection = record["results"]["selection"]["ewc"]
+    assert selection["seed"] == 7 and ewc["lam"] == selection["chosen"] in (10.0, 20.0)
+    assert (
+        len(ewc["runs"]) == 2
+        and len(ewc["gap_closed"]["final"]) == 2
+        and [r["seed"] for r in ewc["runs"]] == [0, 1]
+    )
     # the gap of each seed against fine-tuning's and joint's runs of the same seed, by hand
     last = {m: [sum(r["matrix"][-1]) / 2 for r in e["runs"]] for m, e in record["results"]["methods"].items()}
     for k in range(2):
         by_hand = (last["finetune"][k] - last["ewc"][k]) / (last["finetune"][k] - last["joint"][k])
         assert ewc["gap_closed"]["final"][k] == pytest.approx(by_hand, rel=1e-9)
     report = (out / "report.md").read_text()
-    assert languages.TITLE in report and "Gap closed" in report and "seed 1" in report
+    assert (
+        languages.TITLE in report and "Gap closed" in report and "seed 1" in report and "(seed 7;" in report
+    )
     assert (out / "matrix.png").stat().st_size > 1000 and (out / "curves.png").stat().st_size > 1000
 
 

@@ -10,8 +10,9 @@ training; :mod:`ewc.experiments.languages_train`) start from the same weights an
 words in the same order.
 
 1. λ of EWC, online EWC and L2 is chosen by a pilot on the validation words (never the test words):
-   one run per λ of the grid with the first seed; the λ with the lowest bits per character averaged
-   over all languages after the last one wins (ties: the smaller λ). A grid of one value is used as is.
+   one run per λ of the grid with ``seed`` (the pilot's seed, 0 by default); the λ with the lowest
+   bits per character averaged over all languages after the last one wins (ties: the smaller λ). A
+   grid of one value is used as is.
 2. Every method runs with every seed; the test words give the matrix R[i][j], bits per character on
    language j after training language i (plus the untrained model's row), and from it the metrics
    (:func:`bpc_metrics`) and the gap each method closes between fine-tuning and joint training.
@@ -137,8 +138,11 @@ class Config:
     fisher_batch: int = param(250, "words per Fisher batch", check=POSITIVE_INT)
     memory: int = param(2_000, "replay: words kept, balanced over the languages seen", check=POSITIVE_INT)
     replay_batch: int = param(32, "replay: stored words replayed per step", check=POSITIVE_INT)
+    seed: int = param(0, "seed of the λ pilot's runs on the validation words", check=SEED)
     seeds: tuple[int, ...] = param(
-        (0, 1, 2), "seeds (initial weights, word order, Fisher labels, memory)", check=Numbers(SEED)
+        (0, 1, 2),
+        "seeds of the reported runs (initial weights, word order, Fisher labels, memory)",
+        check=Numbers(SEED, distinct=True),
     )
     path: str = param(
         "library", "run through the library loop, EWCTrainer or the Lightning EWCCallback", choices=PATHS
@@ -155,8 +159,6 @@ class Config:
         validate(self)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
         if self.path == "transformers" and self.model == "own":
             raise ValueError("--path transformers trains transformers' GPT-2: --model gpt2 or auto, not own")
         if self.path != "library" and not set(self.methods) <= set(PATH_METHODS):
@@ -168,7 +170,7 @@ class Config:
 
 def settings(config: Config) -> dict[str, Any]:
     """A job's settings: every field that changes what a job computes (not the grids, seeds, jobs)."""
-    skip = {"methods", "lam_grid", "online_lam_grid", "l2_lam_grid", "seeds", "jobs"}
+    skip = {"methods", "lam_grid", "online_lam_grid", "l2_lam_grid", "seed", "seeds", "jobs"}
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
     values["languages"] = list(config.languages)
     return values
@@ -254,15 +256,15 @@ def run(config: Config, out: str | None = None) -> dict[str, Any]:
             "progress": progress,
         }
 
-    # 1. the pilot: λ on the validation words, first seed
+    # 1. the pilot: λ on the validation words, the pilot's seed
     searched = {m: g for m, g in grids(config).items() if len(g) > 1}
-    pilot = [spec(m, config.seeds[0], lam, "val") for m, g in searched.items() for lam in g]
+    pilot = [spec(m, config.seed, lam, "val") for m, g in searched.items() for lam in g]
     scores = iter(run_jobs(run_job, pilot, config.jobs))
     selection = {}
     for m, g in searched.items():
         runs = [next(scores) for _ in g]
         bpc = [bpc_metrics(r["matrix"], r["initial"])["final"] for r in runs]
-        selection[m] = {"grid": list(g), "validation_bpc": bpc, "chosen": choose(g, bpc)}
+        selection[m] = {"grid": list(g), "validation_bpc": bpc, "chosen": choose(g, bpc), "seed": config.seed}
         selection[m]["cpu_seconds"] = sum(r["cpu_seconds"] for r in runs)
     lams = {m: selection[m]["chosen"] if m in selection else g[0] for m, g in grids(config).items()}
 

@@ -130,7 +130,8 @@ def tables(res: dict[str, Any]) -> list[str]:
         ]
     if res["selection"]:
         out += [
-            "## Pilot: λ on the validation words (first seed; final bits per character over all languages)",
+            f"## Pilot: λ on the validation words (seed {next(iter(res['selection'].values()))['seed']}; "
+            "final bits per character over all languages)",
             md_table(
                 ["Method", "λ", "validation bpc", "chosen"],
                 [
