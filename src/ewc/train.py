@@ -23,13 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from ewc.checkpoint import SaveSchedule, load_progress, save_progress
-from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, Sizes
-from ewc.config import param, validate
+from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, OrWord, Sizes
+from ewc.config import param, parse_strength, validate
 from ewc.data import Task
 from ewc.deferred import added_value, known_part
 from ewc.evaluation import accuracies, accuracy, test_parts
 from ewc.fisher import FISHER_MODES
-from ewc.methods import METHOD_SPECS, Batch, Method, make_method
+from ewc.methods import AUTO, METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
 from ewc.metrics import summarize
 from ewc.models import (
@@ -89,14 +89,22 @@ class TrainConfig:
         choices=SCENARIOS,
         shown="domain when the tasks share their classes, as in permuted; class otherwise",
     )
-    lam: float = param(EWC_DEFAULTS["lam"], "EWC strength λ (penalty λ/2·ΣF(θ−θ*)²)", check=NON_NEGATIVE)
-    l2_lam: float | None = param(
+    lam: float | str = param(
+        EWC_DEFAULTS["lam"],
+        "EWC strength λ (penalty λ/2·ΣF(θ−θ*)²), or auto: chosen on the validation parts by a search "
+        "that costs about two runs (ewc run / ewc compare; docs/methods.md)",
+        type=parse_strength,
+        check=OrWord(NON_NEGATIVE, AUTO),
+        metavar="LAM|auto",
+    )
+    l2_lam: float | str | None = param(
         None,
-        "L2 strength",
-        type=float,
-        check=Interval(float, 0, allow_none=True),
+        "L2 strength, or auto",
+        type=parse_strength,
+        check=OrWord(Interval(float, 0, allow_none=True), AUTO),
         fallback="lam",
         shown="--lam",
+        metavar="LAM|auto",
     )
     gamma: float = param(
         EWC_DEFAULTS["gamma"], "online EWC decay γ in (0, 1]", check=Interval(float, 0, 1, closed="right")
@@ -286,7 +294,14 @@ def _train(
         scenario = Scenario.for_tasks(scenario or config.scenario, [t.classes for t in tasks])
     device = setup_runtime(config.seed, None, config.device)  # threads: set by run_method
     if isinstance(method, str):
-        method = make_method(method, **method_params(method, config))
+        params = method_params(method, config)
+        auto = [k for k, v in params.items() if v == AUTO]
+        if auto:
+            raise ValueError(
+                f"{method}: {', '.join(auto)}={AUTO!r} is chosen by ewc run's search (run_sequence), "
+                "not by run_method: give a number"
+            )
+        method = make_method(method, **params)
     first = tasks[0].x_train
     input_shape, input_dtype, probe = tuple(first.shape[1:]), first.dtype, first[:2].clone()
     input_dim = math.prod(input_shape)
