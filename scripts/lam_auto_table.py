@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ewc.experiments.jobs import run_all
+from ewc.experiments.jobs import clear_caches, run_all
 from ewc.experiments.sequence import run_sequence, with_params
 from ewc.methods import AUTO, METHOD_SPECS
 from ewc.train import TrainConfig
@@ -34,21 +34,24 @@ def case(
     key = (sequence, data, args.tasks, args.max_train, None)
     grid = [0.0, *spec.bracket]
     oracle: dict[float, float] = {}
-    one_run_cpu = []
     for lam in grid:  # each strength's test ACC: the oracle's grid, one run each
-        t0 = time.process_time()
         res = run_all([(key, method, with_params(config, method, {strength: lam}), False)], 1)[0]
-        one_run_cpu.append(time.process_time() - t0)
         oracle[lam] = res["average_accuracy"]
-        steps = res["curves"]["steps"][-1]
     best = max(grid, key=lambda lam: (oracle[lam], -lam))
-    auto = with_params(config, method, {strength: AUTO})
     out = Path(tempfile.mkdtemp())
-    t0 = time.process_time()
-    results = run_sequence(
-        sequence, data, args.tasks, [method], auto, out, max_train_per_task=args.max_train, report=False
-    )
-    auto_cpu = time.process_time() - t0
+
+    def cpu_seconds(lam: float | str, where: Path) -> tuple[float, dict[str, Any]]:
+        """CPU seconds of this process for one ``ewc run`` of the method (data loading included)."""
+        clear_caches()
+        t0 = time.process_time()
+        one = with_params(config, method, {strength: lam})
+        res = run_sequence(
+            sequence, data, args.tasks, [method], one, where, max_train_per_task=args.max_train, report=False
+        )
+        return time.process_time() - t0, res
+
+    one_run_cpu, _ = cpu_seconds(best, out / "fixed")  # one run at a fixed strength
+    auto_cpu, results = cpu_seconds(AUTO, out / "auto")
     record = results["config"]["selection"][method]
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
@@ -70,8 +73,8 @@ def case(
         "zero_acc": oracle[0.0],
         "ratio": acc / oracle[best] if oracle[best] else float("nan"),
         "cost_steps": record["cost"]["ratio_steps"],
-        "cost_cpu": auto_cpu / (sum(one_run_cpu) / len(one_run_cpu)),
-        "steps": steps,
+        "cost_cpu": auto_cpu / one_run_cpu,
+        "steps": record["cost"]["final_steps"],
         "oracle": {f"{k:g}": v for k, v in oracle.items()},
     }
 

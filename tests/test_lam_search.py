@@ -18,7 +18,9 @@ from ewc.experiments.lam_search import (
     MIN_GAIN,
     Rung,
     decide,
+    flat,
     noise_margin,
+    rung_training,
     schedule,
     search_auto,
     successive_halving,
@@ -42,6 +44,14 @@ def test_schedule_spends_the_budget_with_growing_rungs(n_tasks: int) -> None:
     assert _cost(rungs, [8, 4], n_tasks) == pytest.approx(DEFAULT_BUDGET, rel=0.25)
     assert all(2 <= r.tasks <= n_tasks and 0 < r.fraction <= 1 for r in rungs)
     assert rungs[1].tasks * rungs[1].fraction > rungs[0].tasks * rungs[0].fraction
+    assert rungs[-1].tasks == n_tasks  # the deciding rung learns the whole sequence
+
+
+def test_a_rung_trains_the_fewest_epochs_that_give_its_steps() -> None:
+    assert rung_training(0.27, 2) == pytest.approx((1, 0.54))  # one epoch over 54 % of the data
+    assert rung_training(0.225, 5) == pytest.approx((2, 0.5625))
+    assert rung_training(0.3, 1) == pytest.approx((1, 0.3))
+    assert rung_training(1.0, 3) == (3, 1.0)
 
 
 def _bump(peak: float, height: float = 0.3):
@@ -80,11 +90,25 @@ def test_a_flat_curve_says_no_lam_helps_rather_than_an_extreme_value() -> None:
     assert record["verdict"] == "no λ helps" and record["lam"] == 0.0 and record["edge"] is None
 
 
+def _rung(lams: list[float], accs: list[float], n: int = 1000) -> dict:
+    return {"lams": lams, "validation_acc": accs, "n_val": n}
+
+
 def test_noise_margin_and_verdict() -> None:
     assert noise_margin(0.5, 10**9) == MIN_GAIN
     assert noise_margin(0.8, 1600) == pytest.approx(2 * math.sqrt(0.16 / 1600))
-    assert decide([0.0, 10.0, 100.0], [0.5, 0.6, 0.6], 1000)["lam"] == 10.0  # ties: the smaller λ
-    assert decide([0.0, 10.0], [0.5, 0.505], 1000)["verdict"] == "no λ helps"
+    clear = decide([_rung([0.0, 10.0, 100.0], [0.5, 0.6, 0.6])])
+    assert clear["verdict"] == "helps" and clear["lam"] == 10.0  # ties: the smaller λ
+    early = _rung([0.0, 1.0, 10.0, 100.0], [0.5, 0.5, 0.56, 0.5])  # rung 0: 10 beat λ = 0
+    within = decide([early, _rung([0.0, 10.0], [0.5, 0.495])])  # the last rung: within noise
+    assert within["verdict"] == "helps (within noise)" and within["lam"] == 10.0
+    never = decide([_rung([0.0, 1.0, 10.0], [0.56, 0.5, 0.55]), _rung([0.0, 10.0], [0.5, 0.495])])
+    assert never["verdict"] == "no λ helps" and never["lam"] == 0.0  # λ = 0 never beaten
+    worse = decide([early, _rung([0.0, 10.0, 100.0], [0.5, 0.45, 0.42])])  # beaten beyond noise
+    assert worse["verdict"] == "no λ helps" and worse["lam"] == 0.0 and worse["best"] == 10.0
+    level = [_rung([0.0, 10.0], [0.5, 0.503], 10**6), _rung([0.0, 10.0], [0.5, 0.502], 10**6)]
+    assert flat(level) and decide(level)["verdict"] == "no λ helps"  # nothing differs beyond noise
+    assert not flat([early])
 
 
 def test_auto_agrees_with_the_full_validation_grid_on_a_small_problem(tmp_path: Path) -> None:
@@ -169,7 +193,8 @@ def test_the_search_never_reads_test_data(monkeypatch: pytest.MonkeyPatch) -> No
 )
 def test_every_penalty_method_searches_its_strength(tmp_path: Path, flags, method, parameter) -> None:
     parser = build_parser()
-    args = parser.parse_args(["run", "permuted", *flags, "--tasks", "2", "--out", str(tmp_path / "x")])
+    tiny = ["--tasks", "2", "--epochs", "1", "--hidden", "16", "--fisher-samples", "100"]
+    args = parser.parse_args(["run", "permuted", *flags, *tiny, "--out", str(tmp_path / "x")])
     config: RunConfig = config_from(args, RunConfig)
     res = run_sequence(
         "permuted", "mnist-10k", 2, [method], config.training(), tmp_path / method, max_train_per_task=120
@@ -204,3 +229,19 @@ def test_run_method_refuses_an_unresolved_auto() -> None:
     tasks, _ = build_tasks("permuted", "mnist-10k", 2, 0, 50, None)
     with pytest.raises(ValueError, match="chosen by ewc run's search"):
         run_method(list(tasks), "ewc", TrainConfig(lam="auto", progress=False))
+
+
+def test_rungs_of_other_sizes_do_not_read_the_dataset_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ewc.experiments import jobs
+
+    loads = []
+    real = jobs.load_data
+    monkeypatch.setattr(jobs, "load_data", lambda *a, **k: loads.append(a) or real(*a, **k))
+    jobs.clear_caches()
+    a, _ = build_tasks("permuted", "mnist-10k", 3, 0, 100, None)
+    b, _ = build_tasks("permuted", "mnist-10k", 3, 0, 50, None)
+    assert len(loads) == 1 and len(a[0].y_train) == 100 and len(b[0].y_train) == 50
+    assert bool((a[0].y_val == b[0].y_val).all())  # the same validation parts at every size
+    jobs.clear_caches()
+    build_tasks("permuted", "mnist-10k", 3, 0, 50, None)
+    assert len(loads) == 2

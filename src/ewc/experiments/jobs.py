@@ -25,6 +25,7 @@ from ewc.train import TrainConfig, method_params, run_method
 __all__ = [
     "build_tasks",
     "check_model_for_workers",
+    "clear_caches",
     "job_files",
     "job_tag",
     "run_all",
@@ -91,6 +92,9 @@ def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
 
 
 _TASK_CACHE: dict[tuple, tuple[TaskSequence, int]] = {}
+#: the last registered dataset loaded (sequences of it with other sizes, e.g. the rungs of a λ
+#: search, are made without reading it again); a .npz file is read again each time
+_DATA_CACHE: dict[tuple, Any] = {}
 
 
 def task_records(
@@ -105,14 +109,24 @@ def task_records(
 def build_tasks(
     sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
 ) -> tuple[TaskSequence, int]:
-    """The task sequence (its tasks built when read) and the number of classes (once per process)."""
+    """The task sequence (its tasks built when read) and the number of classes (once per process;
+    :func:`clear_caches` forgets them)."""
     key = (sequence, data, n_tasks, seed, max_train, data_root)
     if key not in _TASK_CACHE:
         _TASK_CACHE.clear()
-        dataset = load_data(data, root=data_root)
+        if is_npz_path(data) or (data, data_root) not in _DATA_CACHE:
+            _DATA_CACHE.clear()
+            _DATA_CACHE[(data, data_root)] = load_data(data, root=data_root)
+        dataset = _DATA_CACHE[(data, data_root)]
         tasks = make_sequence(dataset, sequence, n_tasks, seed=seed, max_train_per_task=max_train)
         _TASK_CACHE[key] = (tasks, dataset.num_classes)
     return _TASK_CACHE[key]
+
+
+def clear_caches() -> None:
+    """Forget the sequence and the dataset kept by :func:`build_tasks` (their memory goes back)."""
+    _TASK_CACHE.clear()
+    _DATA_CACHE.clear()
 
 
 def check_model_for_workers(config: TrainConfig, jobs: int) -> None:

@@ -2,15 +2,17 @@
 parts by successive halving, at a cost of about ``budget`` runs of the whole sequence.
 
 Rung 0 tries λ = 0 (plain fine-tuning, the reference) and the method's bracket (one value per
-decade, ``MethodSpec.bracket``) on the first tasks of the sequence, each task trained on a seeded
-fraction of its training part. Each later rung keeps the best third of the λ > 0 (η = 3) and λ = 0,
-and gives each of them η times the resources (more tasks and more of each task's data), so every
-rung costs about as much as the one before. The best λ of the last rung is chosen, unless it beats
-λ = 0 by no more than the noise of the validation ACC (:func:`noise_margin`): then "no λ helps" and
-the method runs with λ = 0. A run's score is ACC over the tasks it learned, measured on their
-validation parts (:func:`ewc.experiments.jobs.validation_tasks`): the test parts are never read.
-The search's cost (optimizer steps and seconds of all its runs) is recorded with the final run's
-(docs/methods.md, "λ chosen by a search").
+decade, ``MethodSpec.bracket``) on the first tasks of the sequence, each task trained for a
+fraction of its steps (fewer epochs, then a seeded share of its training part). Each later rung
+keeps the best third of the λ > 0 (η = 3) and λ = 0, and gives each of them η times the resources,
+so every rung costs about as much as the one before; the last rung trains all tasks. Its best λ is
+chosen unless λ = 0 beats it there beyond noise, no λ > 0 beat λ = 0 in any rung, or no strength
+changed the validation ACC beyond noise (:func:`decide`): then "no λ helps" and the method runs
+with λ = 0. A run's
+score is ACC over the tasks it learned, measured on their validation parts
+(:func:`ewc.experiments.jobs.validation_tasks`): the test parts are never read. The search's cost
+(optimizer steps and seconds of all its runs) is recorded with the final run's (docs/methods.md,
+"λ chosen by a search").
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ __all__ = [
     "auto_methods",
     "check_auto",
     "decide",
+    "ever_beaten",
     "finish_cost",
+    "flat",
     "noise_margin",
     "probe_config",
+    "rung_training",
     "schedule",
     "search_auto",
     "successive_halving",
@@ -66,8 +71,9 @@ class Rung:
 def schedule(n_tasks: int, n_values: int, budget: float = DEFAULT_BUDGET) -> list[Rung]:
     """The rungs for ``n_values`` λ > 0 (each rung also runs λ = 0): candidates n, ⌈n/η⌉, ... down
     to ⌈n/η^r⌉ ≤ η, resources r₀·η^r with Σ (candidates + 1)·resource = ``budget``. A rung of
-    resource r trains k = T·√r tasks (at least 2: one task has nothing to forget) on r·T/k of each
-    task's data, so tasks and steps per task grow together."""
+    resource r trains k = T·√r tasks (at least 2: one task has nothing to forget) for r·T/k of each
+    task's steps, so tasks and steps per task grow together; the last rung, which decides, trains
+    all T tasks (for r of each task's steps)."""
     if n_values < 1 or n_tasks < 1 or budget <= 0:
         raise ValueError(f"need λ values, tasks and a positive budget, got {n_values}, {n_tasks}, {budget}")
     sizes = [n_values]
@@ -78,8 +84,20 @@ def schedule(n_tasks: int, n_values: int, budget: float = DEFAULT_BUDGET) -> lis
     for r in range(len(sizes)):
         resource = min(1.0, r0 * ETA**r)
         k = min(n_tasks, max(min(2, n_tasks), round(n_tasks * math.sqrt(resource))))
+        if r == len(sizes) - 1:
+            k = n_tasks  # the deciding rung faces the whole sequence's plasticity / stability trade-off
         rungs.append(Rung(k, min(1.0, resource * n_tasks / k), resource))
     return rungs
+
+
+def rung_training(fraction: float, epochs: int) -> tuple[int, float]:
+    """(epochs, share of each task's training data) of a rung that trains ``fraction`` of a run's
+    steps per task: the fewest epochs that do, so each run sees as much of the data as it can."""
+    work = fraction * epochs  # epochs' worth of steps per task
+    if work >= epochs:
+        return epochs, 1.0
+    fewest = max(1, math.ceil(work - 1e-9))
+    return fewest, work / fewest
 
 
 def noise_margin(acc: float, n_samples: int) -> float:
@@ -90,21 +108,53 @@ def noise_margin(acc: float, n_samples: int) -> float:
     return max(MIN_GAIN, 2.0 * math.sqrt(p * (1.0 - p) / max(1, n_samples)))
 
 
-def decide(lams: Sequence[float], accs: Sequence[float], n_samples: int) -> dict[str, Any]:
-    """The verdict of the last rung: the best λ > 0 (ties: the smaller) against λ = 0."""
-    scores = dict(zip(lams, accs, strict=True))
+def flat(rungs: Sequence[dict[str, Any]]) -> bool:
+    """True when no strength moved the validation ACC by more than noise in any rung (the
+    method makes no difference at any strength)."""
+    return all(
+        max(r["validation_acc"]) - min(r["validation_acc"])
+        <= noise_margin(sum(r["validation_acc"]) / len(r["validation_acc"]), r["n_val"])
+        for r in rungs
+    )
+
+
+def ever_beaten(rungs: Sequence[dict[str, Any]]) -> bool:
+    """True when some λ > 0 scored above λ = 0 in some rung."""
+    return any(
+        max(a for lam, a in zip(r["lams"], r["validation_acc"], strict=True) if lam > 0)
+        > r["validation_acc"][r["lams"].index(0.0)]
+        for r in rungs
+    )
+
+
+def decide(rungs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The verdict: the last rung's best λ > 0 (ties: the smaller) against λ = 0 there.
+
+    ``helps``: its gain is beyond the noise margin. ``no λ helps`` (λ = 0 is chosen): λ = 0 beats it
+    by more than the margin, or no λ > 0 scored above λ = 0 in any rung, or no strength changed
+    the ACC beyond noise in any rung (:func:`flat`). ``helps (within noise)`` otherwise: the best λ
+    is still chosen, since the rungs train a fraction of a run's steps (where a strength's benefit
+    shows less than in the full run) and fine-tuning's own ACC varies by a few points between
+    runs, so a difference within noise at the last rung is not evidence against the method."""
+    last = rungs[-1]
+    scores = dict(zip(last["lams"], last["validation_acc"], strict=True))
     reference = scores[0.0]
-    best = max((lam for lam in lams if lam > 0), key=lambda lam: (scores[lam], -lam))
-    gain, margin = scores[best] - reference, noise_margin(reference, n_samples)
-    helps = gain > margin
+    best = max((lam for lam in last["lams"] if lam > 0), key=lambda lam: (scores[lam], -lam))
+    gain, margin = scores[best] - reference, noise_margin(reference, last["n_val"])
+    if gain > margin:
+        verdict = "helps"
+    elif gain < -margin or flat(rungs) or not ever_beaten(rungs):
+        verdict = "no λ helps"
+    else:
+        verdict = "helps (within noise)"
     return {
         "best": best,
         "best_acc": scores[best],
         "reference_acc": reference,
         "gain": gain,
         "margin": margin,
-        "verdict": "helps" if helps else "no λ helps",
-        "lam": best if helps else 0.0,
+        "verdict": verdict,
+        "lam": 0.0 if verdict == "no λ helps" else best,
     }
 
 
@@ -130,13 +180,12 @@ def successive_halving(
                 "validation_acc": accs,
                 "steps": [r["steps"] for r in results],
                 "seconds": [r["seconds"] for r in results],
-                "n_val": results[0]["n_val"],
+                **{k: v for k, v in results[0].items() if k not in ("acc", "steps", "seconds")},
             }
         )
         ranked = sorted(alive, key=lambda lam: (-accs[lams.index(lam)], lam))
         alive = sorted(ranked[: math.ceil(len(alive) / ETA)])
-    last = rungs[-1]
-    verdict = decide(last["lams"], last["validation_acc"], last["n_val"])
+    verdict = decide(rungs)
     edge = {bracket[0]: "lower", bracket[-1]: "upper"}.get(verdict["lam"]) if verdict["lam"] else None
     cost = {
         "budget": budget,
@@ -211,9 +260,11 @@ def search_auto(
     quiet = dataclasses.replace(config, eval_every=10**9, curve_samples=1)
 
     def specs(m: str, rung: Rung, lams: list[float]) -> list[tuple]:
-        cap = max_train if rung.fraction >= 1 else math.ceil(rung.fraction * max(n_train[: rung.tasks]))
+        epochs, share = rung_training(rung.fraction, config.epochs)
+        cap = max_train if share >= 1 else math.ceil(share * max(n_train[: rung.tasks]))
         rung_key = (sequence, data, n_tasks, cap, data_root, rung.tasks)
-        return [(rung_key, m, _with(quiet, m, autos[m], lam), True, None, progress) for lam in lams]
+        run = dataclasses.replace(quiet, epochs=epochs)
+        return [(rung_key, m, _with(run, m, autos[m], lam), True, None, progress) for lam in lams]
 
     records: dict[str, dict[str, Any]] = {}
     for m, name in autos.items():
@@ -232,14 +283,17 @@ def _runner(specs: Callable, m: str, n_val: list[int], jobs: int, executor: Exec
     """The evaluate function of one method: a rung's runs on the validation parts."""
 
     def evaluate(rung: Rung, lams: list[float]) -> list[dict[str, Any]]:
-        results = run_all(specs(m, rung, lams), jobs, executor=executor)
-        n = sum(n_val[: rung.tasks])
+        runs = specs(m, rung, lams)
+        results = run_all(runs, jobs, executor=executor)
+        n, epochs, cap = sum(n_val[: rung.tasks]), runs[0][2].epochs, runs[0][0][3]
         return [
             {
                 "acc": r["average_accuracy"],
                 "steps": r["curves"]["steps"][-1],
                 "seconds": r["seconds"],
                 "n_val": n,
+                "epochs": epochs,
+                "max_train_per_task": cap,
             }
             for r in results
         ]

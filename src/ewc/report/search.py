@@ -41,8 +41,8 @@ def summary_line(method: str, record: Mapping[str, Any]) -> str:
         )
     return (
         f"{method}: no λ helps: the best, {name} = {record['best']:g}, has validation ACC "
-        f"{record['best_acc']:.3f} vs {record['reference_acc']:.3f} at {name} = 0, a gain within the noise "
-        f"margin {record['margin']:.3f}; run with {name} = 0{ratio}"
+        f"{record['best_acc']:.3f} vs {record['reference_acc']:.3f} at {name} = 0 (noise margin "
+        f"{record['margin']:.3f}); run with {name} = 0{ratio}"
     )
 
 
@@ -66,9 +66,9 @@ def search_section(results: Mapping[str, Any], figure: str | None = "search.png"
         "## Strength chosen by a search (auto)",
         "",
         "Successive halving on the validation parts: rung 0 tries 0 and one value per decade of the "
-        "method's bracket on the first tasks with part of each task's data; each later rung keeps the best "
-        "third with more tasks and data; the best of the last rung is chosen unless its gain over 0 is "
-        "within the noise margin (docs/methods.md).",
+        "method's bracket on the first tasks with part of each task's steps; each later rung keeps the best "
+        "third with more tasks and steps, the last one on all tasks; its best is chosen unless 0 does as "
+        "well there or no value changed the ACC beyond noise (docs/methods.md).",
         "",
     ]
     for m, record in records.items():
