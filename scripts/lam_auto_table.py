@@ -86,7 +86,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lam = f"{r['auto_lam']:g}" + (" (no λ helps)" if r["verdict"] != "helps" else "")
+        lam = f"{r['auto_lam']:g}" + {"helps": "", "helps (within noise)": " (within noise)"}.get(
+            r["verdict"], " (no λ helps)"
+        )
         lam += f" ({r['edge']} edge)" if r["edge"] else ""
         lines.append(
             f"| {r['case']} | {r['method']} | {lam} | {r['auto_acc']:.3f} | {r['oracle_lam']:g} | "
@@ -98,7 +100,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", required=True, help="SEQUENCE:DATA:METHOD,... (e.g. permuted:mnist-10k:ewc)")
+    p.add_argument("--cases", help="SEQUENCE:DATA:METHOD,... (e.g. permuted:mnist-10k:ewc)")
+    p.add_argument("--render", type=Path, nargs="*", help="print the table of rows saved with --json instead")
     p.add_argument("--tasks", type=int, default=5)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-train", type=int, default=4000)
@@ -106,6 +109,9 @@ def main() -> None:
     p.add_argument("--save", type=Path, default=None, help="folder for each auto run's results.json")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args()
+    if args.render:
+        print(table([row for path in args.render for row in json.loads(path.read_text())]))
+        return
     rows = []
     for item in args.cases.split(","):
         sequence, data, method = item.split(":")

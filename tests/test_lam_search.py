@@ -3,6 +3,7 @@ successive halving, with a "no λ helps" verdict, at about three times the cost 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -245,3 +246,12 @@ def test_rungs_of_other_sizes_do_not_read_the_dataset_again(monkeypatch: pytest.
     jobs.clear_caches()
     build_tasks("permuted", "mnist-10k", 3, 0, 50, None)
     assert len(loads) == 2
+
+
+def test_a_search_run_tests_only_after_the_last_task_with_the_same_acc() -> None:
+    tasks, _ = build_tasks("permuted", "mnist-10k", 3, 0, 100, None)
+    full = run_method(list(tasks), "ewc", SMALL)
+    final = run_method(list(tasks), "ewc", dataclasses.replace(SMALL, final_only=True))
+    assert final["average_accuracy"] == full["average_accuracy"]
+    assert final["accuracy_matrix"] == [[], [], full["accuracy_matrix"][-1]]
+    assert final["bwt"] is None and final["baseline_accuracy"] is None

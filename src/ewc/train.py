@@ -131,6 +131,12 @@ class TrainConfig:
         check=Interval(int, 1, MAX_THREADS, allow_none=True),
     )
     progress: bool | None = param(None, "a bar on a terminal (None), always, or never", cli=False)
+    final_only: bool = param(
+        False,
+        "test the tasks only after the last one (ACC alone: no earlier rows of the matrix, no baseline); "
+        "the runs of a λ search, which are scored by ACC",
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
@@ -316,7 +322,11 @@ def _train(
 
     tests, subsets = test_parts(tasks, device, input_shape, input_dtype, config.curve_samples)
     check_outputs(model, probe.to(device), scenario.num_outputs, model_name(config.model))
-    baseline = [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
+    baseline = (
+        None
+        if config.final_only
+        else [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
+    )
     curves = _Curves()
     matrix: list[list[float]] = []
     step = 0
@@ -399,7 +409,8 @@ def _train(
         del data, x, y, ids  # the task's training data: not held while the next task's is built
         method.after_task(i, task)
         t0 = time.perf_counter()
-        matrix.append(accuracies(model, tests, scenario, i))
+        final_only = config.final_only and i < len(tasks) - 1
+        matrix.append([] if final_only else accuracies(model, tests, scenario, i))  # [] : not tested
         eval_seconds += time.perf_counter() - t0
         if progress is not None and schedule.due():
             loop = {"matrix": matrix, "step": step, "eval_seconds": eval_seconds, "baseline": baseline}
@@ -409,7 +420,12 @@ def _train(
     seconds = time.perf_counter() - start
 
     out: dict[str, Any] = {"accuracy_matrix": matrix}
-    out.update(summarize(matrix, baseline, curves.per_task))
+    if config.final_only:  # ACC and the last row; the metrics that need the matrix are None
+        last = matrix[-1]
+        out.update(average_accuracy=sum(last) / len(last), final_accuracies=last, bwt=None, fwt=None)
+        out.update(forgetting=None, lca=None)
+    else:
+        out.update(summarize(matrix, baseline, curves.per_task))
     out.update(
         {
             "seconds": seconds,

@@ -256,8 +256,8 @@ def search_auto(
     sequence, data, n_tasks, max_train, data_root = key
     n_train = [len(t.y_train) for t in tasks]
     n_val = [len(t.y_val) for t in tasks]
-    # search runs draw no learning curves: their test-subset evaluations are not needed
-    quiet = dataclasses.replace(config, eval_every=10**9, curve_samples=1)
+    # search runs are scored by ACC alone: no learning curves, no rows of the matrix before the last
+    quiet = dataclasses.replace(config, eval_every=10**9, curve_samples=1, final_only=True)
 
     def specs(m: str, rung: Rung, lams: list[float]) -> list[tuple]:
         epochs, share = rung_training(rung.fraction, config.epochs)
