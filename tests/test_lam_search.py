@@ -204,6 +204,15 @@ def test_every_penalty_method_searches_its_strength(tmp_path: Path, flags, metho
     assert record["parameter"] == parameter and record["chosen"] == {parameter: record["lam"]}
     assert res["methods"][method]["params"][parameter] == record["lam"]
     assert {"ratio_steps", "ratio_seconds", "final_steps"} <= set(record["cost"])
+    full = {
+        "ewc": ("fisher_samples", 100),
+        "online-ewc": ("fisher_samples", 100),
+        "mas": ("max_samples", 1000),
+    }
+    for rung in record["rungs"]:  # a rung's Fisher / importances: its fraction of the samples
+        if method in full:
+            name, samples = full[method]
+            assert rung[name] == math.ceil(rung["fraction"] * samples)
 
 
 @pytest.mark.parametrize(

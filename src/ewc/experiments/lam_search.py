@@ -3,7 +3,8 @@ parts by successive halving, at a cost of about ``budget`` runs of the whole seq
 
 Rung 0 tries λ = 0 (plain fine-tuning, the reference) and the method's bracket (one value per
 decade, ``MethodSpec.bracket``) on the first tasks of the sequence, each task trained for a
-fraction of its steps (fewer epochs, then a seeded share of its training part). Each later rung
+fraction of its steps (fewer epochs, then a seeded share of its training part) and of the
+samples of its other per-task work (EWC's Fisher, MAS's importances). Each later rung
 keeps the best third of the λ > 0 (η = 3) and λ = 0, and gives each of them η times the resources,
 so every rung costs about as much as the one before; the last rung trains all tasks. Its best λ is
 chosen unless λ = 0 beats it there beyond noise, no λ > 0 beat λ = 0 in any rung, or no strength
@@ -53,6 +54,9 @@ __all__ = [
 DEFAULT_BUDGET = 1.8
 #: each rung keeps the best 1/ETA of the λ > 0 and gives each ETA times the resources
 ETA = 3
+#: a method's parameters that count the samples of its per-task work besides the steps (EWC's
+#: Fisher, MAS's importances): a rung that trains a fraction of the steps uses that fraction of them
+SAMPLE_PARAMS = ("fisher_samples", "max_samples")
 #: the least gain in validation ACC over λ = 0 that counts as help, whatever the validation size:
 #: about the seed-to-seed spread of ACC of one method (docs/results.md, 5 seeds)
 MIN_GAIN = 0.01
@@ -264,6 +268,11 @@ def search_auto(
         cap = max_train if share >= 1 else math.ceil(share * max(n_train[: rung.tasks]))
         rung_key = (sequence, data, n_tasks, cap, data_root, rung.tasks)
         run = dataclasses.replace(quiet, epochs=epochs)
+        # the per-task work besides the steps (a Fisher's / MAS's samples) scaled alike
+        params = {**METHOD_SPECS[m].defaults, **method_params(m, run)}
+        for name in SAMPLE_PARAMS:
+            if isinstance(params.get(name), int):
+                run = _with(run, m, name, max(1, math.ceil(rung.fraction * params[name])))
         return [(rung_key, m, _with(run, m, autos[m], lam), True, None, progress) for lam in lams]
 
     records: dict[str, dict[str, Any]] = {}
@@ -286,6 +295,7 @@ def _runner(specs: Callable, m: str, n_val: list[int], jobs: int, executor: Exec
         runs = specs(m, rung, lams)
         results = run_all(runs, jobs, executor=executor)
         n, epochs, cap = sum(n_val[: rung.tasks]), runs[0][2].epochs, runs[0][0][3]
+        samples = {k: v for k, v in method_params(m, runs[0][2]).items() if k in SAMPLE_PARAMS}
         return [
             {
                 "acc": r["average_accuracy"],
@@ -294,6 +304,7 @@ def _runner(specs: Callable, m: str, n_val: list[int], jobs: int, executor: Exec
                 "n_val": n,
                 "epochs": epochs,
                 "max_train_per_task": cap,
+                **samples,
             }
             for r in results
         ]
