@@ -254,9 +254,10 @@ def search_auto(
     executor: Executor | None = None,
     progress: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Choose the strength of every method in ``autos`` (rungs of all methods run together, ``jobs``
-    at a time). ``key``: the run's data key (sequence, data, tasks, max train, data root); ``tasks``:
-    its sequence (the sizes of the training and validation parts are read from it)."""
+    """Choose the strength of every method in ``autos``, one method after another (a rung's runs
+    ``jobs`` at a time, on ``executor``). ``key``: the run's data key (sequence, data, tasks, max
+    train, data root); ``tasks``: its sequence (the sizes of its training and validation parts are
+    read from it)."""
     sequence, data, n_tasks, max_train, data_root = key
     n_train = [len(t.y_train) for t in tasks]
     n_val = [len(t.y_val) for t in tasks]
