@@ -28,6 +28,7 @@ from ewc.experiments.lam_search import (
 )
 from ewc.experiments.sequence import RunConfig, run_sequence, with_params
 from ewc.methods import METHOD_SPECS
+from ewc.report.search import summary_line
 from ewc.train import TrainConfig, run_method
 
 SMALL = TrainConfig(epochs=1, hidden=(32,), progress=False)
@@ -107,9 +108,25 @@ def test_noise_margin_and_verdict() -> None:
     assert never["verdict"] == "no λ helps" and never["lam"] == 0.0  # λ = 0 never beaten
     worse = decide([early, _rung([0.0, 10.0, 100.0], [0.5, 0.45, 0.42])])  # beaten beyond noise
     assert worse["verdict"] == "no λ helps" and worse["lam"] == 0.0 and worse["best"] == 10.0
+    hair = decide([_rung([0.0, 1.0, 10.0], [0.5, 0.5003, 0.3]), _rung([0.0, 1.0], [0.5, 0.5002])])
+    assert hair["verdict"] == "no λ helps"  # beaten by less than a standard error: no evidence
     level = [_rung([0.0, 10.0], [0.5, 0.503], 10**6), _rung([0.0, 10.0], [0.5, 0.502], 10**6)]
     assert flat(level) and decide(level)["verdict"] == "no λ helps"  # nothing differs beyond noise
     assert not flat([early])
+
+
+def test_the_summary_line_names_the_chosen_value_and_the_verdict() -> None:
+    record = successive_halving(EWC_BRACKET, 5, _bump(300.0))
+    assert summary_line("ewc", record).startswith("ewc: lam = 100 chosen by auto")
+    within = {
+        **record,
+        **decide([_rung([0.0, 1.0, 10.0], [0.5, 0.5, 0.56]), _rung([0.0, 10.0], [0.5, 0.498])]),
+    }
+    assert "lam = 10 chosen by auto" in summary_line("ewc", within) and "within the noise" in summary_line(
+        "ewc", within
+    )
+    none = {**record, **decide([_rung([0.0, 10.0], [0.5, 0.4]), _rung([0.0, 10.0], [0.5, 0.4])])}
+    assert "no λ helps" in summary_line("ewc", none) and "run with lam = 0" in summary_line("ewc", none)
 
 
 def test_auto_agrees_with_the_full_validation_grid_on_a_small_problem(tmp_path: Path) -> None:

@@ -123,19 +123,22 @@ def flat(rungs: Sequence[dict[str, Any]]) -> bool:
 
 
 def ever_beaten(rungs: Sequence[dict[str, Any]]) -> bool:
-    """True when some λ > 0 scored above λ = 0 in some rung."""
-    return any(
-        max(a for lam, a in zip(r["lams"], r["validation_acc"], strict=True) if lam > 0)
-        > r["validation_acc"][r["lams"].index(0.0)]
-        for r in rungs
-    )
+    """True when some λ > 0 scored above λ = 0 by more than one standard error (half the noise
+    margin) in some rung: weaker evidence than a gain beyond the margin, enough to keep the best λ
+    when the last rung cannot tell."""
+    for r in rungs:
+        reference = r["validation_acc"][r["lams"].index(0.0)]
+        best = max(a for lam, a in zip(r["lams"], r["validation_acc"], strict=True) if lam > 0)
+        if best - reference > noise_margin(reference, r["n_val"]) / 2:
+            return True
+    return False
 
 
 def decide(rungs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The verdict: the last rung's best λ > 0 (ties: the smaller) against λ = 0 there.
 
     ``helps``: its gain is beyond the noise margin. ``no λ helps`` (λ = 0 is chosen): λ = 0 beats it
-    by more than the margin, or no λ > 0 scored above λ = 0 in any rung, or no strength changed
+    by more than the margin, or no λ > 0 beat λ = 0 in any rung (:func:`ever_beaten`), or no strength changed
     the ACC beyond noise in any rung (:func:`flat`). ``helps (within noise)`` otherwise: the best λ
     is still chosen, since the rungs train a fraction of a run's steps (where a strength's benefit
     shows less than in the full run) and fine-tuning's own ACC varies by a few points between

@@ -31,13 +31,18 @@ def summary_line(method: str, record: Mapping[str, Any]) -> str:
     )
     if not record["rungs"]:
         return f"{method}: no λ helps (one task: the penalty never acts); {name} = 0"
-    if record["verdict"] == "helps":
+    if record["verdict"] != "no λ helps":
         edge = (
             f" (at the bracket's {record['edge']} edge: the best may lie beyond it)" if record["edge"] else ""
         )
+        noise = (
+            f", a difference within the noise margin {record['margin']:.3f}"
+            if record["verdict"] != "helps"
+            else ""
+        )
         return (
             f"{method}: {name} = {lam:g} chosen by auto{edge}: validation ACC {record['best_acc']:.3f} vs "
-            f"{record['reference_acc']:.3f} at {name} = 0{ratio}"
+            f"{record['reference_acc']:.3f} at {name} = 0{noise}{ratio}"
         )
     return (
         f"{method}: no λ helps: the best, {name} = {record['best']:g}, has validation ACC "
