@@ -1,7 +1,7 @@
 """Argument checks shared by the package: one constraint vocabulary, one wording everywhere.
 
 A constraint (:class:`Interval`, :class:`Options`, :class:`Sizes`, :class:`Numbers`, :class:`Subset`,
-:class:`Boolean`, :class:`Registered`) says what a value must be;
+:class:`Boolean`, :class:`Registered`, :class:`OrWord`) says what a value must be;
 :func:`check` raises ``ValueError("NAME must be DESCRIPTION, got VALUE")`` when it is not. Config
 fields declare their constraint next to their default (``ewc.config.param(check=...)``), so the
 command line, the docs and the library refuse the same values with the same message
@@ -167,6 +167,20 @@ class Boolean(Constraint):
 
     def describe(self) -> str:
         return "True or False"
+
+
+@dataclass(frozen=True)
+class OrWord(Constraint):
+    """A value ``inner`` accepts, or the one word ``word`` (``--lam auto``: chosen by a search)."""
+
+    inner: Constraint
+    word: str
+
+    def accepts(self, value: Any) -> bool:
+        return value == self.word or self.inner.accepts(value)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()}{' or None' if self.inner.allow_none else ''} or {self.word!r}"
 
 
 POSITIVE_INT = Interval(int, 1)

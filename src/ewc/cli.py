@@ -277,6 +277,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for name, r in results["methods"].items():
             acc, bwt, fgt, sec = r["average_accuracy"], r["bwt"], r["forgetting"], r["seconds"]
             print(f"{name:<12} {acc:6.3f} {bwt:7.3f} {fgt:7.3f} {sec:8.1f}")
+    from ewc.report.search import auto_records, summary_line
+
+    for name, record in auto_records(results).items():
+        print(summary_line(name, record))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 

@@ -34,6 +34,7 @@ __all__ = [
     "param",
     "parse_floats",
     "parse_ints",
+    "parse_strength",
     "parse_setting",
     "validate",
 ]
@@ -132,6 +133,16 @@ def parse_floats(text: str) -> tuple[float, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
+
+
+def parse_strength(text: str) -> float | str:
+    """``"300"`` → ``300.0``; ``"auto"`` stays ``"auto"`` (a strength chosen by a search)."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def parse_ints(text: str) -> tuple[int, ...]:

@@ -23,13 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from ewc.checkpoint import SaveSchedule, load_progress, save_progress
-from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, Sizes
-from ewc.config import param, validate
+from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, OrWord, Sizes
+from ewc.config import param, parse_strength, validate
 from ewc.data import Task
 from ewc.deferred import added_value, known_part
 from ewc.evaluation import accuracies, accuracy, test_parts
 from ewc.fisher import FISHER_MODES
-from ewc.methods import METHOD_SPECS, Batch, Method, make_method
+from ewc.methods import AUTO, METHOD_SPECS, Batch, Method, make_method
 from ewc.methods.regularizers import EWC_DEFAULTS
 from ewc.metrics import summarize
 from ewc.models import (
@@ -89,14 +89,22 @@ class TrainConfig:
         choices=SCENARIOS,
         shown="domain when the tasks share their classes, as in permuted; class otherwise",
     )
-    lam: float = param(EWC_DEFAULTS["lam"], "EWC strength λ (penalty λ/2·ΣF(θ−θ*)²)", check=NON_NEGATIVE)
-    l2_lam: float | None = param(
+    lam: float | str = param(
+        EWC_DEFAULTS["lam"],
+        "EWC strength λ (penalty λ/2·ΣF(θ−θ*)²), or auto: chosen on the validation parts by a search "
+        "costing about --auto-budget runs (ewc run / ewc compare; docs/methods.md)",
+        type=parse_strength,
+        check=OrWord(NON_NEGATIVE, AUTO),
+        metavar="LAM|auto",
+    )
+    l2_lam: float | str | None = param(
         None,
-        "L2 strength",
-        type=float,
-        check=Interval(float, 0, allow_none=True),
+        "L2 strength, or auto",
+        type=parse_strength,
+        check=OrWord(Interval(float, 0, allow_none=True), AUTO),
         fallback="lam",
         shown="--lam",
+        metavar="LAM|auto",
     )
     gamma: float = param(
         EWC_DEFAULTS["gamma"], "online EWC decay γ in (0, 1]", check=Interval(float, 0, 1, closed="right")
@@ -123,6 +131,12 @@ class TrainConfig:
         check=Interval(int, 1, MAX_THREADS, allow_none=True),
     )
     progress: bool | None = param(None, "a bar on a terminal (None), always, or never", cli=False)
+    final_only: bool = param(
+        False,
+        "test the tasks only after the last one (ACC alone: no earlier rows of the matrix, no baseline); "
+        "the runs of a λ search, which are scored by ACC",
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
@@ -286,7 +300,14 @@ def _train(
         scenario = Scenario.for_tasks(scenario or config.scenario, [t.classes for t in tasks])
     device = setup_runtime(config.seed, None, config.device)  # threads: set by run_method
     if isinstance(method, str):
-        method = make_method(method, **method_params(method, config))
+        params = method_params(method, config)
+        auto = [k for k, v in params.items() if v == AUTO]
+        if auto:
+            raise ValueError(
+                f"{method}: {', '.join(auto)}={AUTO!r} is chosen by ewc run's search (run_sequence), "
+                "not by run_method: give a number"
+            )
+        method = make_method(method, **params)
     first = tasks[0].x_train
     input_shape, input_dtype, probe = tuple(first.shape[1:]), first.dtype, first[:2].clone()
     input_dim = math.prod(input_shape)
@@ -301,7 +322,11 @@ def _train(
 
     tests, subsets = test_parts(tasks, device, input_shape, input_dtype, config.curve_samples)
     check_outputs(model, probe.to(device), scenario.num_outputs, model_name(config.model))
-    baseline = [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
+    baseline = (
+        None
+        if config.final_only
+        else [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
+    )
     curves = _Curves()
     matrix: list[list[float]] = []
     step = 0
@@ -384,7 +409,8 @@ def _train(
         del data, x, y, ids  # the task's training data: not held while the next task's is built
         method.after_task(i, task)
         t0 = time.perf_counter()
-        matrix.append(accuracies(model, tests, scenario, i))
+        final_only = config.final_only and i < len(tasks) - 1
+        matrix.append([] if final_only else accuracies(model, tests, scenario, i))  # [] : not tested
         eval_seconds += time.perf_counter() - t0
         if progress is not None and schedule.due():
             loop = {"matrix": matrix, "step": step, "eval_seconds": eval_seconds, "baseline": baseline}
@@ -394,7 +420,12 @@ def _train(
     seconds = time.perf_counter() - start
 
     out: dict[str, Any] = {"accuracy_matrix": matrix}
-    out.update(summarize(matrix, baseline, curves.per_task))
+    if config.final_only:  # ACC and the last row; the metrics that need the matrix are None
+        last = matrix[-1]
+        out.update(average_accuracy=sum(last) / len(last), final_accuracies=last, bwt=None, fwt=None)
+        out.update(forgetting=None, lca=None)
+    else:
+        out.update(summarize(matrix, baseline, curves.per_task))
     out.update(
         {
             "seconds": seconds,

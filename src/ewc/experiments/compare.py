@@ -23,6 +23,7 @@ from ewc.checks import Subset
 from ewc.config import names_parser, param
 from ewc.executors import Executor
 from ewc.experiments.common import check_out_dir, write_json
+from ewc.experiments.lam_search import DEFAULT_BUDGET
 from ewc.experiments.sequence import RunConfig, methods_param, run_sequence, search_param
 from ewc.experiments.tracked import as_tracking, log_compare, open_for
 from ewc.report import figure_style, md_table, method_color, method_label, new_figure, save_figure
@@ -125,6 +126,7 @@ def run_compare(
     lam_grid: list[float] | None = None,
     l2_lam_grid: list[float] | None = None,
     search: bool = True,
+    auto_budget: float = DEFAULT_BUDGET,
     save_state: bool = False,
     max_train_per_task: int | None = None,
     data_root: str | None = None,
@@ -154,6 +156,7 @@ def run_compare(
             lam_grid=lam_grid,
             l2_lam_grid=l2_lam_grid,
             search=search,
+            auto_budget=auto_budget,
             save_state=save_state,
             max_train_per_task=max_train_per_task,
             data_root=data_root,

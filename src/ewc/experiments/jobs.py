@@ -19,12 +19,14 @@ from ewc.executors import Executor, make_executor
 from ewc.experiments.common import write_json
 from ewc.experiments.detached import run_detached
 from ewc.models import model_name, resolve_model
+from ewc.scenario import Scenario
 from ewc.state import json_digest
 from ewc.train import TrainConfig, method_params, run_method
 
 __all__ = [
     "build_tasks",
     "check_model_for_workers",
+    "clear_caches",
     "job_files",
     "job_tag",
     "run_all",
@@ -42,11 +44,12 @@ def validation_tasks(tasks: Sequence[Task]) -> Sequence[Task]:
 
 def _job(spec: tuple) -> dict[str, Any]:
     """One training run, in this process or a worker: (data key, method, config, on_validation
-    [, checkpoint path, progress folder]). With a checkpoint path the trained learner is saved there
+    [, checkpoint path, progress folder]); the data key is (sequence, data, tasks, max train per
+    task, data root[, the first tasks to train on]). With a checkpoint path the trained learner is saved there
     (ewc.checkpoint); with a progress folder the run is saved there after a task (SaveSchedule) and its
     result when it ends, both under a name derived from all of the job's settings, so that the
     same job run again (after a kill) resumes or returns the finished result."""
-    (sequence, data, n_tasks, max_train, data_root), method, config, on_val, *rest = spec
+    (sequence, data, n_tasks, max_train, data_root, *first), method, config, on_val, *rest = spec
     save, progress = (*rest, None, None)[:2]
     if progress is not None:
         finished, partial = job_files(spec)
@@ -54,9 +57,11 @@ def _job(spec: tuple) -> dict[str, Any]:
             return json.loads(finished.read_text())
         Path(progress).mkdir(parents=True, exist_ok=True)
     tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
-    res = run_method(
-        validation_tasks(tasks) if on_val else tasks, method, config, progress=partial if progress else None
-    )
+    scenario = Scenario.for_tasks(config.scenario, [t.classes for t in tasks]) if first else None
+    run_on = validation_tasks(tasks) if on_val else tasks
+    if first:  # the first tasks only (a search's rung), with the whole sequence's output layer
+        run_on = run_on[: first[0]]
+    res = run_method(run_on, method, config, scenario, progress=partial if progress else None)
     model, learner = res.pop("model"), res.pop("method")
     if save is not None:
         from ewc.checkpoint import save_checkpoint
@@ -88,6 +93,9 @@ def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
 
 
 _TASK_CACHE: dict[tuple, tuple[TaskSequence, int]] = {}
+#: the last registered dataset loaded (sequences of it with other sizes, e.g. the rungs of a λ
+#: search, are made without reading it again); a .npz file is read again each time
+_DATA_CACHE: dict[tuple, Any] = {}
 
 
 def task_records(
@@ -102,14 +110,24 @@ def task_records(
 def build_tasks(
     sequence: str, data: str, n_tasks: int, seed: int, max_train: int | None, data_root: str | None
 ) -> tuple[TaskSequence, int]:
-    """The task sequence (its tasks built when read) and the number of classes (once per process)."""
+    """The task sequence (its tasks built when read) and the number of classes (once per process;
+    :func:`clear_caches` forgets them)."""
     key = (sequence, data, n_tasks, seed, max_train, data_root)
     if key not in _TASK_CACHE:
         _TASK_CACHE.clear()
-        dataset = load_data(data, root=data_root)
+        if is_npz_path(data) or (data, data_root) not in _DATA_CACHE:
+            _DATA_CACHE.clear()
+            _DATA_CACHE[(data, data_root)] = load_data(data, root=data_root)
+        dataset = _DATA_CACHE[(data, data_root)]
         tasks = make_sequence(dataset, sequence, n_tasks, seed=seed, max_train_per_task=max_train)
         _TASK_CACHE[key] = (tasks, dataset.num_classes)
     return _TASK_CACHE[key]
+
+
+def clear_caches() -> None:
+    """Forget the sequence and the dataset kept by :func:`build_tasks` (their memory goes back)."""
+    _TASK_CACHE.clear()
+    _DATA_CACHE.clear()
 
 
 def check_model_for_workers(config: TrainConfig, jobs: int) -> None:

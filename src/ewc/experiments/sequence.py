@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import ewc
-from ewc.checks import NON_NEGATIVE, POSITIVE_INT, SEED, Constraint, Interval, Numbers, check
+from ewc.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Constraint, Interval, Numbers, check
 from ewc.config import param, parse_floats, parse_ints, parse_setting, validate
 from ewc.data import DATASETS, SEQUENCES, check_sequence_data
 from ewc.data.custom import DataChoice, data_record
@@ -31,6 +31,7 @@ from ewc.experiments.jobs import (
     run_all,
     task_records,
 )
+from ewc.experiments.lam_search import DEFAULT_BUDGET, check_auto, finish_cost, probe_config, search_auto
 from ewc.experiments.tracked import log_sequence, open_for, sequence_files
 from ewc.methods import METHOD_SPECS, make_method
 from ewc.methods.registry import LAM_SETTINGS, combinations
@@ -135,6 +136,12 @@ class RunConfig:
         shown="the --select-lam grid",
     )
     search: bool = search_param(False)
+    auto_budget: float = param(
+        DEFAULT_BUDGET,
+        "what the search of an auto strength (--lam auto, --l2-lam auto, --set si.c=auto, "
+        "--set mas.lam=auto) may cost, in runs of the whole sequence (the final run comes on top)",
+        check=POSITIVE,
+    )
     seeds: tuple[int, ...] | None = param(
         None,
         "run every method once per seed (each seed its own permutations, validation split, data order and "
@@ -175,6 +182,8 @@ class RunConfig:
         self.track = parse_names(self.track)
         validate(self)
         check_lam_grids(self.method_names(), self.select_lam, self.select_l2_lam)
+        lam_grids = search_grids(self.method_names(), False, self.select_lam, self.select_l2_lam)
+        check_auto(self.method_names(), self.training(), lam_grids)
         # the data and the model, before any work: a .npz file's headers and labels, one model built
         info = check_sequence_data(self.sequence, self.tasks, self.data)
         t = self.train
@@ -201,6 +210,7 @@ class RunConfig:
             "lam_grid": self.select_lam,
             "l2_lam_grid": self.select_l2_lam,
             "search": self.search,
+            "auto_budget": self.auto_budget,
             "save_state": self.save_state,
             "max_train_per_task": self.max_train_per_task,
             "data_root": self.data_root,
@@ -301,6 +311,7 @@ def run_sequence(
     lam_grid: list[float] | None = None,
     l2_lam_grid: list[float] | None = None,
     search: bool = False,
+    auto_budget: float = DEFAULT_BUDGET,
     save_state: bool = False,
     max_train_per_task: int | None = None,
     data_root: str | None = None,
@@ -315,7 +326,9 @@ def run_sequence(
     With ``search``, every method's registered grid (``METHOD_SPECS[m].grid``) is searched on
     the validation parts first; ``lam_grid`` / ``l2_lam_grid`` set the λ grid of every method
     whose spec takes λ from ``--lam`` / ``--l2-lam`` (with or without ``search``). The chosen
-    values are recorded in ``config.selection``.
+    values are recorded in ``config.selection``. A method whose strength is ``auto`` (``--lam auto``,
+    ``--set si.c=auto``) has it chosen by :func:`ewc.experiments.lam_search.search_auto` (about
+    ``auto_budget`` runs); its curve, verdict and cost are recorded there too.
     ``save_state`` saves each trained learner (model, method state, scenario) under
     ``out/checkpoints/METHOD.pt``, loadable with :func:`ewc.checkpoint.load_checkpoint`.
     ``tracker`` (:mod:`ewc.tracking`) receives the record once it is written
@@ -341,8 +354,9 @@ def run_sequence(
     stray = sorted(set(config.params) - set(methods))
     if stray:
         raise ValueError(f"parameters given for method(s) not run: {', '.join(stray)}")
+    autos = check_auto(methods, config, search_grids(methods, False, lam_grid, l2_lam_grid))
     for m in methods:  # bad parameters fail here, before any training
-        if make_method(m, **method_params(m, config)).dropout is not None:
+        if make_method(m, **method_params(m, probe_config(config, autos))).dropout is not None:
             check_takes_dropout(config.model, m)
     out_dir = check_out_dir(out) if out is not None else None
     config = dataclasses.replace(config, threads=run_threads(config.threads))  # the same in every worker
@@ -352,6 +366,7 @@ def run_sequence(
 
     # 1. hyper-parameters on the validation parts (never the test parts)
     grids = search_grids(methods, search, lam_grid, l2_lam_grid)
+    grids = {m: g for m, g in grids.items() if m not in autos}  # auto replaces the --search grid
     specs = [(key, m, with_params(config, m, combo), True) for m, combos in grids.items() for combo in combos]
     progress = out_dir / "progress" if out_dir is not None else None
     specs = [(*spec, None, progress) for spec in specs]
@@ -361,6 +376,11 @@ def run_sequence(
         accs = [next(scores)["average_accuracy"] for _ in combos]
         best = max(range(len(combos)), key=lambda k: (accs[k], -k))  # ties: the first in grid order
         selection[m] = {"grid": combos, "validation_acc": accs, "chosen": combos[best]}
+    selection.update(
+        search_auto(
+            key, tasks, autos, config, budget=auto_budget, jobs=jobs, executor=executor, progress=progress
+        )
+    )
     # 2. the test run of every method, with its chosen hyper-parameters
     configs = {m: with_params(config, m, selection[m]["chosen"]) for m in selection}
     configs = {m: configs.get(m, config) for m in methods}
@@ -385,6 +405,7 @@ def run_sequence(
         if "lam" in selection.get(m, {}).get("chosen", {}):
             res["lam"] = selection[m]["chosen"]["lam"]
         per_seed[run_seeds.index(s)].setdefault("methods", {})[m] = res
+    finish_cost(selection, per_seed[0]["methods"])
     results: dict[str, Any] = {"methods": per_seed[0]["methods"]}
     if seeds is not None:
         from ewc.report.seeds import aggregate_seeds
@@ -401,6 +422,7 @@ def run_sequence(
         "lam_grid": lam_grid,
         "l2_lam_grid": l2_lam_grid,
         "search": search,
+        "auto_budget": auto_budget,
         "selection": selection,
         "jobs": jobs,
         **({} if seeds is None else {"seeds": run_seeds}),

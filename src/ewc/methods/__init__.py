@@ -19,7 +19,7 @@ from ewc.methods.dropout import DropoutMethod
 from ewc.methods.gem import AGEMMethod, GEMMethod
 from ewc.methods.importance import MASMethod, SIMethod
 from ewc.methods.lwf import LwFMethod
-from ewc.methods.registry import METHOD_SPECS, MethodSpec, register
+from ewc.methods.registry import AUTO, METHOD_SPECS, MethodSpec, register
 from ewc.methods.regularizers import EWCMethod, L2Method
 from ewc.methods.replay import ReplayMethod
 
@@ -44,6 +44,7 @@ def make_method(name: str, **params: Any) -> Method:
 
 
 __all__ = [
+    "AUTO",
     "AGEMMethod",
     "Compose",
     "GEMMethod",

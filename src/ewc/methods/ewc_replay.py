@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ewc.methods.compose import Compose
 from ewc.methods.registry import MethodSpec, register
-from ewc.methods.regularizers import EWC_DEFAULTS, EWC_LAM_GRID, EWC_RUN_PARAMS, EWCMethod
+from ewc.methods.regularizers import EWC_BRACKET, EWC_DEFAULTS, EWC_LAM_GRID, EWC_RUN_PARAMS, EWCMethod
 from ewc.methods.replay import REPLAY_DEFAULTS, ReplayMethod
 
 
@@ -40,5 +40,7 @@ register(
         color="#98df8a",
         order=11,
         run_params=EWC_RUN_PARAMS,
+        strength="lam",
+        bracket=EWC_BRACKET,
     )
 )

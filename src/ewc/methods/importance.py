@@ -19,7 +19,7 @@ from ewc.checks import check_count
 from ewc.data import Task
 from ewc.fisher import diagonal_importance
 from ewc.methods.base import Batch, Method, check_number, check_state_keys
-from ewc.methods.registry import MethodSpec, register
+from ewc.methods.registry import MethodSpec, decades, register
 from ewc.penalty import EWC
 from ewc.scenario import Scenario
 from ewc.state import check_finite_state
@@ -247,6 +247,8 @@ register(
         label="SI",
         color="#9467bd",
         order=4,
+        strength="c",
+        bracket=decades(-3, 3),
     )
 )
 register(
@@ -259,5 +261,7 @@ register(
         label="MAS",
         color="#8c564b",
         order=5,
+        strength="lam",
+        bracket=decades(-3, 3),
     )
 )

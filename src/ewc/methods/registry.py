@@ -17,6 +17,13 @@ from typing import Any
 #: the run settings a method's λ can come from (``--lam`` / ``--l2-lam``), each chosen by its own
 #: grid (``--select-lam`` / ``--select-l2-lam``)
 LAM_SETTINGS: tuple[str, ...] = ("lam", "l2_lam")
+#: a strength given as this word is chosen by ``ewc run``'s search (``--lam auto``, ``--set si.c=auto``)
+AUTO = "auto"
+
+
+def decades(low: int, high: int) -> tuple[float, ...]:
+    """One value per decade, ``10**low .. 10**high`` (a log-scale bracket of strengths)."""
+    return tuple(float(10.0**e) for e in range(low, high + 1))
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,10 @@ class MethodSpec:
 
     ``run_params`` maps a parameter of the method to the run setting (a ``TrainConfig`` field)
     it is taken from when the method runs in a sequence; ``order`` places the method in
-    ``METHODS`` (the order of ``--methods all``, tables and legends).
+    ``METHODS`` (the order of ``--methods all``, tables and legends). ``strength`` names the
+    parameter that weighs what the method adds to the task loss (EWC's λ, SI's c), which
+    ``auto`` chooses by a search over ``bracket`` (log-spaced values; λ = 0 is added to them as
+    the reference: plain fine-tuning).
     """
 
     name: str
@@ -37,6 +47,8 @@ class MethodSpec:
     color: str = "#7f7f7f"
     order: int = 100
     run_params: dict[str, str] = field(default_factory=dict)
+    strength: str | None = None
+    bracket: tuple[float, ...] = ()
 
     def combinations(self) -> list[dict[str, Any]]:
         """Every point of the search grid (one empty dict when there is nothing to search)."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ewc.data import Task
 from ewc.methods.base import Batch, Method
-from ewc.methods.registry import MethodSpec, register
+from ewc.methods.registry import MethodSpec, decades, register
 from ewc.penalty import EWC, L2
 from ewc.scenario import Scenario
 
@@ -105,6 +105,8 @@ class EWCMethod(L2Method):
 EWC_DEFAULTS: dict[str, Any] = {"lam": 100.0, "gamma": 1.0, "fisher": "exact", "fisher_samples": 1000}
 EWC_RUN_PARAMS = {"lam": "lam", "gamma": "gamma", "fisher": "fisher", "fisher_samples": "fisher_samples"}
 EWC_LAM_GRID = (30.0, 100.0, 300.0, 1000.0)
+#: the decades ``--lam auto`` starts from (docs/methods.md, "λ chosen by a search")
+EWC_BRACKET = decades(-1, 5)
 
 
 def _ewc(mode: str) -> Any:
@@ -125,6 +127,8 @@ register(
         color="#2ca02c",
         order=1,
         run_params={"lam": "l2_lam"},
+        strength="lam",
+        bracket=decades(-4, 2),
     )
 )
 register(
@@ -138,6 +142,8 @@ register(
         color="#d62728",
         order=2,
         run_params=EWC_RUN_PARAMS,
+        strength="lam",
+        bracket=EWC_BRACKET,
     )
 )
 register(
@@ -151,5 +157,7 @@ register(
         color="#ff7f0e",
         order=3,
         run_params=EWC_RUN_PARAMS,
+        strength="lam",
+        bracket=EWC_BRACKET,
     )
 )

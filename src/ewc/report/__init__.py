@@ -26,6 +26,7 @@ from typing import Any
 from ewc.report.checks import RESULTS_FILE, load_results, validate_results
 from ewc.report.compare import compare_runs
 from ewc.report.figures import plot_curves, plot_matrix, plot_summary
+from ewc.report.search import plot_search
 from ewc.report.seeds import is_multi_seed, seeds_csv
 from ewc.report.style import DPI, figure_style, method_color, method_label, new_figure, save_figure
 from ewc.report.tables import md_table, metrics_csv, report_md
@@ -55,11 +56,12 @@ def _write_text(path: Path, text: str) -> Path:
 
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write ``metrics.csv``, ``curves.png``, ``matrix.png``, ``summary.png`` and ``report.md``
-    (and ``seeds.csv``, every seed's metrics, for a ``--seeds`` run).
+    (and ``seeds.csv``, every seed's metrics, for a ``--seeds`` run; ``search.png``, the curve of
+    an ``auto`` strength's search).
 
     ``results`` is the parsed ``results.json`` of a run (see :func:`load_results`).  Returns the
     written paths under the keys ``metrics``, ``curves``, ``matrix``, ``summary``, ``report`` (and
-    ``seeds``).
+    ``seeds``, ``search``).
     """
     validate_results(results, "results")
     out = Path(out_dir)
@@ -70,6 +72,9 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> di
         "matrix": plot_matrix(results, out / "matrix.png"),
         "summary": plot_summary(results, out / "summary.png"),
     }
+    search = plot_search(results, out / "search.png")  # an auto strength's search curve
+    if search is not None:
+        paths["search"] = search
     if is_multi_seed(results):
         paths["seeds"] = _write_text(out / "seeds.csv", seeds_csv(results))
     paths["report"] = _write_text(out / "report.md", report_md(results))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ewc.report.search import search_section
 from ewc.report.seeds import is_multi_seed, paired_table, paired_tests, seeds_note
 from ewc.report.style import canonical_name, method_label
 from ewc.report.values import METRIC_KEYS, arr, fmt, fmt_ci, fmt_stat, nan_low, num, pct, pp, run_title, stat
@@ -267,6 +268,7 @@ def report_md(results: Mapping[str, Any]) -> str:
         _metrics_table(results),
         "",
         *(_paired_section(results) if is_multi_seed(results) else []),
+        *search_section(results),
         "## Learning curves",
         "",
         "Test accuracy of each task (one panel per task) over the whole training sequence; "

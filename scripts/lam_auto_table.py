@@ -1,0 +1,126 @@
+"""``--lam auto`` against an oracle: for each case (sequence × dataset × method), the best strength of
+a wide grid chosen on the TEST parts (what no honest search may do) and ``auto``'s choice on the
+validation parts, with the cost of the search (its final run included) over one run at a fixed
+strength, in optimizer steps and in CPU seconds of this process. Prints the Markdown table of
+docs/results.md ("A λ that transfers") and saves each auto run's results.json under ``--save``.
+
+    PYTHONPATH=src python scripts/lam_auto_table.py --tasks 5 --epochs 2 --max-train 4000 \\
+        --cases permuted:mnist-10k:ewc,split:mnist-10k:ewc --save docs/runs/lam-auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ewc.experiments.jobs import clear_caches, run_all
+from ewc.experiments.sequence import run_sequence, with_params
+from ewc.methods import AUTO, METHOD_SPECS
+from ewc.train import TrainConfig
+
+
+def case(
+    sequence: str, data: str, method: str, args: argparse.Namespace, save: Path | None
+) -> dict[str, Any]:
+    """The oracle grid on test data and one ``auto`` run of ``method``."""
+    spec = METHOD_SPECS[method]
+    strength = spec.strength
+    config = TrainConfig(epochs=args.epochs, progress=False, seed=args.seed)
+    key = (sequence, data, args.tasks, args.max_train, None)
+    grid = [0.0, *spec.bracket]
+    oracle: dict[float, float] = {}
+    for lam in grid:  # each strength's test ACC: the oracle's grid, one run each
+        res = run_all([(key, method, with_params(config, method, {strength: lam}), False)], 1)[0]
+        oracle[lam] = res["average_accuracy"]
+    best = max(grid, key=lambda lam: (oracle[lam], -lam))
+    out = Path(tempfile.mkdtemp())
+
+    def cpu_seconds(lam: float | str, where: Path) -> tuple[float, dict[str, Any]]:
+        """CPU seconds of this process for one ``ewc run`` of the method (data loading included)."""
+        clear_caches()
+        t0 = time.process_time()
+        one = with_params(config, method, {strength: lam})
+        res = run_sequence(
+            sequence, data, args.tasks, [method], one, where, max_train_per_task=args.max_train, report=False
+        )
+        return time.process_time() - t0, res
+
+    one_run_cpu, _ = cpu_seconds(best, out / "fixed")  # one run at a fixed strength
+    auto_cpu, results = cpu_seconds(AUTO, out / "auto")
+    record = results["config"]["selection"][method]
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        for m in results["methods"].values():  # the record stays small: no curves
+            m.pop("curves", None)
+        name = f"{sequence}-{data}-{method}.json"
+        (save / name).write_text(json.dumps(results, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    acc = results["methods"][method]["average_accuracy"]
+    return {
+        "case": f"{sequence} {data}",
+        "method": method,
+        "auto_lam": record["lam"],
+        "verdict": record["verdict"],
+        "edge": record.get("edge"),
+        "auto_acc": acc,
+        "oracle_lam": best,
+        "oracle_acc": oracle[best],
+        "zero_acc": oracle[0.0],
+        "ratio": acc / oracle[best] if oracle[best] else float("nan"),
+        "cost_steps": record["cost"]["ratio_steps"],
+        "cost_cpu": auto_cpu / one_run_cpu,
+        "steps": record["cost"]["final_steps"],
+        "oracle": {f"{k:g}": v for k, v in oracle.items()},
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| case | method | auto λ | auto ACC | oracle λ | oracle ACC | auto / oracle | λ = 0 ACC "
+        "| cost (steps) | cost (CPU s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lam = f"{r['auto_lam']:g}" + {"helps": "", "helps (within noise)": " (within noise)"}.get(
+            r["verdict"], " (no λ helps)"
+        )
+        lam += f" ({r['edge']} edge)" if r["edge"] else ""
+        lines.append(
+            f"| {r['case']} | {r['method']} | {lam} | {r['auto_acc']:.3f} | {r['oracle_lam']:g} | "
+            f"{r['oracle_acc']:.3f} | {100 * r['ratio']:.1f} % | {r['zero_acc']:.3f} | "
+            f"{r['cost_steps']:.2f}× | {r['cost_cpu']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", help="SEQUENCE:DATA:METHOD,... (e.g. permuted:mnist-10k:ewc)")
+    p.add_argument("--render", type=Path, nargs="*", help="print the table of rows saved with --json instead")
+    p.add_argument("--tasks", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-train", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", type=Path, default=None, help="folder for each auto run's results.json")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args()
+    if args.render:
+        print(table([row for path in args.render for row in json.loads(path.read_text())]))
+        return
+    rows = []
+    for item in args.cases.split(","):
+        sequence, data, method = item.split(":")
+        rows.append(case(sequence, data, method, args, args.save))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
