@@ -14,6 +14,7 @@ import numpy as np
 from ewc.experiments.common import figure_style, md_table, new_figure
 from ewc.rl.perturb import PERTURB_KINDS
 from ewc.rl.protocol import AGENTS
+from ewc.stats import mean_ci_array
 
 __all__ = ["figure_per_game", "figure_perturb", "figure_total", "findings", "tables"]
 
@@ -44,7 +45,8 @@ def _shade_visits(ax: Any, schedule: Sequence[str], spv: int, legend: bool) -> N
 def _curve(
     runs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None]
 ) -> tuple[np.ndarray, ...]:
-    """(env steps, mean, min, max) over the runs, at the env steps every run evaluated."""
+    """(env steps, mean, mean − CI, mean + CI) over the runs (95 % t interval of the mean; the
+    band is the mean itself for one run), at the env steps every run evaluated."""
     per_run = []
     for r in runs:
         by_step = {e["env_step"]: value(e) for e in r["record"]["evaluations"]}  # later duplicate wins
@@ -53,7 +55,9 @@ def _curve(
     ys = np.array([[np.nan if d[s] is None else d[s] for s in steps] for d in per_run], dtype=float)
     if not steps:
         return np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0)
-    return np.array(steps), ys.mean(0), ys.min(0), ys.max(0)
+    mean, half = mean_ci_array(ys)
+    half = np.nan_to_num(half)
+    return np.array(steps), mean, mean - half, mean + half
 
 
 def figure_total(results: dict[str, Any]) -> Any:
@@ -74,7 +78,7 @@ def figure_total(results: dict[str, Any]) -> Any:
         ax.set_xlabel("env steps")
         ax.set_ylabel(f"total normalised score (max {n})")
         seeds = len(next(iter(results["runs"].values()))) if results["runs"] else 0
-        ax.set_title(f"Total normalised score over {n} game(s): mean and min–max over {seeds} seed(s)")
+        ax.set_title(f"Total normalised score over {n} game(s): mean ± 95 % CI over {seeds} seed(s)")
         fig.legend(loc="outside lower center", fontsize=8, ncol=5)
     return fig
 
@@ -99,7 +103,7 @@ def figure_per_game(results: dict[str, Any]) -> Any:
             ax.set_xlim(0, len(schedule) * spv)
             ax.set_title(game)
             ax.set_xlabel("env steps")
-            ax.set_ylabel("mean return")
+            ax.set_ylabel("mean return (mean ± 95 % CI over seeds)")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncol=5)
     return fig
@@ -127,10 +131,19 @@ def figure_perturb(p: dict[str, Any], norm: dict[str, Any]) -> Any:
 
 
 def _pm(s: dict[str, Any], digits: int = 3) -> str:
+    """``mean ± std`` of a :func:`ewc.rl.protocol.stats` entry."""
     if s["mean"] is None:
         return "n/a"
     std = "n/a" if s["std"] is None else f"{s['std']:.{digits}f}"
     return f"{s['mean']:.{digits}f} ± {std}"
+
+
+def _ci(s: dict[str, Any], digits: int = 2) -> str:
+    """``mean ± 95 % CI half-width`` of a stats entry (an entry from before issue #19: no CI)."""
+    if s["mean"] is None:
+        return "n/a"
+    half = s.get("ci95")
+    return f"{s['mean']:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
 
 
 def findings(results: dict[str, Any]) -> list[str]:
@@ -158,7 +171,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         )
     if "dqn" in summary and summary["dqn"]["final_total"]["mean"] is not None:
         base = summary["dqn"]["final_total"]
-        for method in ("ewc", "ewc-true-labels"):
+        for method in [m for m in summary if m != "dqn"]:
             if method not in summary or summary[method]["final_total"]["mean"] is None:
                 continue
             t = summary[method]["final_total"]
@@ -179,6 +192,14 @@ def findings(results: dict[str, Any]) -> list[str]:
                     + ("overlap" if overlap else "do not overlap")
                     + f"; {method} ends above the same-seed dqn run in {above} of {len(pairs)} seeds."
                 )
+    for method, s in summary.items():
+        good = s.get("final_games_good")
+        if good and good["mean"] is not None:
+            per_seed = ", ".join(str(r.get("final_games_good", "?")) for r in results["runs"].get(method, []))
+            out.append(
+                f"{method}: games at ≥ 0.5 normalised score at the end: {_ci(good, 1)} (mean ± 95 % CI; "
+                f"per seed {per_seed}; of {n_games})."
+            )
     for method, s in summary.items():
         parts = []
         for g in results["normalised_games"]:
@@ -229,10 +250,13 @@ def tables(results: dict[str, Any]) -> list[str]:
     rows = []
     for method, s in results["summary"].items():
         t = s["final_total"]
+        good = s.get("final_games_good") or {"mean": None}
         rows.append(
             [
                 method,
                 _pm(t),
+                _ci(t),
+                _ci(good, 1),
                 "n/a" if t["min"] is None else f"{t['min']:.3f} / {t['max']:.3f}",
                 *[_pm(s["per_game"][g]["final"]) for g in results["normalised_games"]],
                 f"{s['env_steps_per_s']['mean']:.0f}",
@@ -243,6 +267,8 @@ def tables(results: dict[str, Any]) -> list[str]:
         [
             "method",
             "final total (mean ± std)",
+            "mean ± 95 % CI",
+            "games ≥ 0.5",
             "min / max",
             *[f"{g} final" for g in results["normalised_games"]],
             "env steps/s",
