@@ -212,7 +212,8 @@ def test_reference_file_is_used_as_given(tiny_run: dict, tmp_path: Path) -> None
         ),
         (
             ["--methods", "dqn,sgd"],
-            "methods must be distinct names from dqn, ewc, ewc-true-labels, online-ewc, at least one, got ('dqn', 'sgd')",
+            "methods must be distinct names from dqn, ewc, ewc-true-labels, online-ewc, at least one, "
+            "got ('dqn', 'sgd')",
         ),
         (["--visits", "1"], "--visits 1 is fewer than the 2 games"),
         (["--jobs", "0"], "jobs must be a positive integer, got 0"),

@@ -19,10 +19,11 @@ that running the same command again after a kill resumes where it stopped.
 
 Scores are normalised per game: ``min(1, (score - random) / (reference - random))`` where
 ``random`` is the uniform policy's mean return (100 episodes) and ``reference`` the final score
-of a single-task ``dqn`` agent trained on that game alone for the game's budget (steps per
-visit × its visits in the schedule); references are cached under the user cache. The total
-normalised score is the sum over games (at most the number of games). With ``perturb``, the
-Fisher perturbation test (issue #4, the paper's Fig. 4C) is applied to the final agent.
+of a single-task ``dqn`` agent (seed ``reference_seed``) trained on that game alone for the
+game's budget (steps per visit × its visits in the schedule); references are cached under the
+user cache. The total normalised score is the sum over games (at most the number of games).
+With ``perturb``, the Fisher perturbation test (issue #4, the paper's Fig. 4C) is applied to
+the final agent.
 
 The settings are :mod:`ewc.experiments.rl_config`; this module runs the experiment; the protocol (schedule,
 normalisation, forgetting, reference cache) is :mod:`ewc.rl.protocol`, the perturbation test
@@ -126,7 +127,7 @@ def _references(
     and each game's cache key."""
     games = list(dict.fromkeys(schedule))
     budget = budgets(schedule, config.steps_per_visit)
-    ref_cfg = dqn_config(config, "dqn", config.seeds[0])
+    ref_cfg = dqn_config(config, "dqn", config.reference_seed)
     scores: dict[str, float] = {}
     sources: dict[str, str] = {}
     keys: dict[str, str] = {}

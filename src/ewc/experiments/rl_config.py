@@ -86,6 +86,9 @@ class Config:
         "agent seeds (one run per method and seed)",
         check=Numbers(SEED, distinct=True),
     )
+    reference_seed: int = param(
+        0, "seed of the single-task reference agents (the same references for any --seeds)", check=SEED
+    )
     jobs: int = param(
         DEFAULT_JOBS, "runs in parallel worker processes, one torch thread each", check=POSITIVE_INT
     )
