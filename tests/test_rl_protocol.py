@@ -196,3 +196,37 @@ def test_stats_and_games_at_half() -> None:
     # t_{0.975, 2} = 4.302653; sd = 1
     assert s["n"] == 3 and s["mean"] == 2.0 and s["ci95"] == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5)
     assert stats([1.0])["ci95"] is None
+
+
+# ------------------------------------------------------------------------ task inference
+
+
+def test_task_inference_confusion_per_visit_by_hand() -> None:
+    from ewc.rl.protocol import task_inference
+
+    record = {
+        "detector": {"num_tasks": 3, "retracted": 0, "cap_hits": 0},
+        "visits": [
+            {"game": "a", "contexts": {"0": 90, "1": 10}},
+            {"game": "b", "contexts": {"1": 100}},
+            {"game": "a", "contexts": {"0": 60, "2": 40}},  # a return, recognised
+            {"game": "b", "contexts": {"2": 70, "1": 30}},  # a return, not recognised
+        ],
+    }
+    t = task_inference(record)
+    assert t["per_visit"][0] == {"visit": 0, "game": "a", "shares": {"0": 0.9, "1": 0.1}, "majority": "0"}
+    assert t["per_visit"][3]["majority"] == "2"
+    # over all visits: a has 150 in 0; b has 130 in 1, 70 in 2
+    assert t["game_context"] == {"a": "0", "b": "1"} and t["one_to_one"]
+    assert (t["returns"], t["returns_recognised"], t["num_contexts"]) == (2, 1, 3)
+    assert t["accuracy"] == pytest.approx((150 + 130) / 400)
+    assert task_inference({"visits": record["visits"]}) is None  # true labels: no detector
+
+
+def test_report_reads_a_perturbation_entry_from_before_issue_19() -> None:
+    from ewc.experiments.rl_report import perturb_games
+
+    old = {"method": "ewc", "seed": 0, "game": "breakout", "scores": {"isotropic": [1.0], "fisher": [2.0]}}
+    assert perturb_games(old) == {"breakout": old}
+    new = {"method": "ewc", "seed": 0, "per_game": {"a": {}, "b": {}}}
+    assert list(perturb_games(new)) == ["a", "b"]

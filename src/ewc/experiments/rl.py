@@ -23,7 +23,7 @@ of a single-task ``dqn`` agent (seed ``reference_seed``) trained on that game al
 game's budget (steps per visit × its visits in the schedule); references are cached under the
 user cache. The total normalised score is the sum over games (at most the number of games).
 With ``perturb``, the Fisher perturbation test (issue #4, the paper's Fig. 4C) is applied to
-the final agent.
+the final agent of the first seed, once per game in that game's consolidated context.
 
 The settings are :mod:`ewc.experiments.rl_config`; this module runs the experiment; the protocol (schedule,
 normalisation, forgetting, reference cache) is :mod:`ewc.rl.protocol`, the perturbation test
@@ -163,6 +163,49 @@ def _references(
     return scores, sources, specs, keys
 
 
+def _perturb(
+    config: Config,
+    schedule: list[str],
+    out_dir: Path,
+    runs: dict[str, list[dict[str, Any]]],
+    say: Callable[[str], None],
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The perturbation test of the first seed's final EWC agent (true labels if it ran), per game:
+    ``({"method", "seed", "per_game": {game: perturbation_test(...)}}, None)``, or
+    ``(None, why)``; a game that cannot be tested (no replay states) is listed in ``skipped``."""
+    if not config.perturb:
+        return None, None
+    method = next((m for m in ("ewc-true-labels", "ewc", "online-ewc") if m in config.methods), None)
+    if method is None:
+        why = "it needs ewc-true-labels, ewc or online-ewc among --methods"
+        say(f"perturbation test skipped: {why}")
+        return None, why
+    seed = config.seeds[0]
+    per_game: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for game in dict.fromkeys(schedule):
+        say(f"perturbation test on {method}-s{seed}, {game}")
+        try:
+            per_game[game] = perturbation_test(
+                dqn_config(config, method, seed),
+                out_dir / "checkpoints" / f"{method}-s{seed}.pt",
+                game,
+                runs[method][0]["record"],
+                fisher_samples=config.fisher_samples,
+                episodes=config.perturb_episodes,
+                eval_epsilon=config.eval_epsilon,
+                norms=config.perturb_norms,
+                draws=config.perturb_draws,
+                damping=config.perturb_damping,
+            )
+        except ValueError as exc:  # e.g. no replay states for the context: keep the report
+            skipped[game] = str(exc)
+            say(f"perturbation test on {game} skipped: {exc}")
+    if not per_game:
+        return None, f"{method}-s{seed}: " + "; ".join(f"{g}: {w}" for g, w in skipped.items())
+    return {"method": method, "seed": seed, "per_game": per_game, "skipped": skipped}, None
+
+
 def run(
     config: Config, out: str | Path | None = None, log: Callable[[str], None] | None = print
 ) -> dict[str, Any]:
@@ -248,33 +291,7 @@ def _run(
         runs[spec["method"]].append(score_run(rec, spec["seed"], schedule, spv, normalisation))
     summary = summarise(runs, games)
 
-    perturb, perturb_skipped = None, None
-    if config.perturb:
-        method = next((m for m in ("ewc-true-labels", "ewc") if m in config.methods), None)
-        if method is None:
-            perturb_skipped = "it needs ewc-true-labels or ewc among --methods"
-        else:
-            seed = config.seeds[0]
-            say(f"perturbation test on {method}-s{seed}, {schedule[0]}")
-            try:
-                perturb = perturbation_test(
-                    dqn_config(config, method, seed),
-                    out_dir / "checkpoints" / f"{method}-s{seed}.pt",
-                    schedule[0],
-                    runs[method][0]["record"],
-                    fisher_samples=config.fisher_samples,
-                    episodes=config.perturb_episodes,
-                    eval_epsilon=config.eval_epsilon,
-                    norms=config.perturb_norms,
-                    draws=config.perturb_draws,
-                    damping=config.perturb_damping,
-                )
-                perturb = {"method": method, "seed": seed, **perturb}
-            except ValueError as exc:  # e.g. no replay states for the context: keep the report
-                perturb_skipped = f"{method}-s{seed}: {exc}"
-        if perturb_skipped:
-            say(f"perturbation test skipped: {perturb_skipped}")
-
+    perturb, perturb_skipped = _perturb(config, schedule, out_dir, runs, say)
     results = {
         "schedule": schedule,
         "games": games,
@@ -294,7 +311,7 @@ def _run(
     if out is not None:
         figures = {"total_score.png": figure_total(results), "per_game.png": figure_per_game(results)}
         if perturb is not None:
-            figures["perturb.png"] = figure_perturb(perturb, normalisation[perturb["game"]])
+            figures["perturb.png"] = figure_perturb(perturb, normalisation)
     return finish(
         out,
         "rl",

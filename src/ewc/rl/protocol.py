@@ -47,6 +47,7 @@ __all__ = [
     "score_run",
     "stats",
     "summarise",
+    "task_inference",
     "total_score",
     "trim_record",
     "write_cached_reference",
@@ -291,6 +292,57 @@ def score_run(
         "forgetting": {g: None if v is None else v[2] for g, v in fg.items()},
         "env_steps_per_s": rec.get("env_steps_per_s"),
         "updates_per_s": rec.get("updates_per_s"),
+        "task_inference": task_inference(rec),
+    }
+
+
+def task_inference(record: dict[str, Any]) -> dict[str, Any] | None:
+    """How the detector labelled a run (None with true labels): per visit, the share of its
+    transitions in each context (its row of the confusion matrix); each game's context (the one
+    holding most of its transitions over all its visits); whether that map is one to one; how many
+    return visits went mostly to the game's context of its earlier visits; the share of all
+    transitions in their game's context; and the contexts the detector ended with."""
+    det = record.get("detector")
+    if det is None:
+        return None
+    visits = record["visits"]
+    per_game: dict[str, dict[str, int]] = {}
+    rows = []
+    for v, summary in enumerate(visits):
+        counts = {str(k): int(n) for k, n in summary["contexts"].items()}
+        total = max(sum(counts.values()), 1)
+        game = summary["game"]
+        for k, n in counts.items():
+            per_game.setdefault(game, {}).setdefault(k, 0)
+            per_game[game][k] += n
+        major = max(counts, key=lambda k: counts[k]) if counts else None
+        rows.append(
+            {
+                "visit": v,
+                "game": game,
+                "shares": {k: n / total for k, n in sorted(counts.items(), key=lambda kv: -kv[1])},
+                "majority": major,
+            }
+        )
+    game_context = {g: max(c, key=lambda k: c[k]) for g, c in per_game.items()}
+    returns, recognised, seen = 0, 0, {}
+    for row in rows:
+        g = row["game"]
+        if g in seen:
+            returns += 1
+            recognised += row["majority"] == seen[g]
+        else:
+            seen[g] = row["majority"]
+    right = sum(per_game[g].get(game_context[g], 0) for g in per_game)
+    total = sum(sum(c.values()) for c in per_game.values())
+    return {
+        "per_visit": rows,
+        "game_context": game_context,
+        "one_to_one": len(set(game_context.values())) == len(game_context),
+        "num_contexts": int(det["num_tasks"]),
+        "returns": returns,
+        "returns_recognised": recognised,
+        "accuracy": right / total if total else None,
     }
 
 
