@@ -230,3 +230,42 @@ def test_report_reads_a_perturbation_entry_from_before_issue_19() -> None:
     assert perturb_games(old) == {"breakout": old}
     new = {"method": "ewc", "seed": 0, "per_game": {"a": {}, "b": {}}}
     assert list(perturb_games(new)) == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------ the claims
+
+
+def _run(seed: int, ends: list[dict[str, float]], games_good: int, total: float) -> dict:
+    evals = [{"env_step": 10 * (v + 1), "normalised": n} for v, n in enumerate(ends)]
+    evals.insert(0, {"env_step": 5, "normalised": {"a": 0.0, "b": 0.0}})  # mid-visit: not a visit end
+    record = {"evaluations": evals}
+    return {"seed": seed, "record": record, "final_games_good": games_good, "final_total": total}
+
+
+def test_claims_by_hand() -> None:
+    from ewc.experiments.rl_claims import claims, erasure
+
+    schedule = ["a", "b", "a"]
+    forget = [{"a": 0.9, "b": 0.0}, {"a": 0.1, "b": 0.8}, {"a": 1.0, "b": 0.6}]
+    dqn0 = _run(0, forget, 1, 1.6)
+    e = erasure(dqn0, schedule, 10)
+    # visit 1 (b) took a from 0.9 to 0.1; visit 2 (a) took b from 0.8 to 0.6
+    assert [(p["game"], p["before"], p["after"]) for p in e["pairs"]] == [("a", 0.9, 0.1), ("b", 0.8, 0.6)]
+    assert (e["held_good"], e["lost_half"]) == (2, 1)
+    assert e["mean_before"] == pytest.approx(0.85) and e["mean_after"] == pytest.approx(0.35)
+    results = {
+        "schedule": schedule,
+        "steps_per_visit": 10,
+        "normalised_games": ["a", "b"],
+        "runs": {
+            "dqn": [dqn0, _run(1, forget, 0, 1.0)],
+            "ewc": [_run(0, forget, 2, 1.7), _run(1, forget, 2, 1.5)],
+            "ewc-true-labels": [_run(0, forget, 2, 1.8), _run(1, forget, 1, 1.2)],
+        },
+    }
+    c = claims(results)
+    assert c["games_good"]["ewc"]["mean_diff"] == pytest.approx(1.5)  # (2-1 + 2-0) / 2
+    assert c["games_good"]["ewc"]["n"] == 2
+    assert c["inferred_vs_true"]["mean_diff"] == pytest.approx(0.1)  # (-0.1 + 0.3) / 2
+    assert len(c["lines"]) == 4 and c["lines"][0].startswith("Claim 1")
+    assert "below half in 2" in c["lines"][0]  # 1 per seed, two seeds

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from ewc.experiments.common import check_out_dir, finish
+from ewc.experiments.rl_claims import claims
 from ewc.experiments.rl_config import FULL_PROTOCOL, METHODS, Config, command, dqn_config
 from ewc.experiments.rl_report import figure_per_game, figure_perturb, figure_total, findings, tables
 from ewc.experiments.tracked import log_rl, open_for
@@ -307,6 +308,7 @@ def _run(
         "perturb": perturb,
         "perturb_skipped": perturb_skipped,
     }
+    results["claims"] = claims(results)
     figures = {}
     if out is not None:
         figures = {"total_score.png": figure_total(results), "per_game.png": figure_per_game(results)}

@@ -234,6 +234,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             for seed, t in inf
         ]
         out.append(f"{method}'s task detector ({len(results['games'])} games): " + "; ".join(parts) + ".")
+    out += (results.get("claims") or {}).get("lines", [])
     if results.get("perturb_skipped"):
         out.append(f"Perturbation test skipped: {results['perturb_skipped']}.")
     p = results.get("perturb")
