@@ -8,9 +8,11 @@ in the order of the full protocol's schedule (``make_schedule(GAMES, 10, seed, m
 schedule seed: the contexts found, and whether each game's majority context is its own (one to
 one). A setting passes a seed when it finds exactly five contexts, one per game.
 
-    python scripts/rl_detector_games.py --seeds 12 --block 64 --scale 1 --kappa0 0.1 --alpha0 3
+    python scripts/rl_detector_games.py --seeds 12 --block 64 --scale 1 --kappa0 0.1 --alpha0 3 \
+        --var-floor 0.001
 
-Comma lists in ``--block``, ``--scale``, ``--kappa0`` and ``--alpha0`` run every combination.
+Comma lists in ``--block``, ``--scale``, ``--kappa0``, ``--alpha0``, ``--var-floor`` and
+``--hazard`` run every combination; ``--explain SEED`` prints the first block of each visit.
 Random play is not a learning agent's play (a learning policy makes a game's frames drift more),
 so passing here is necessary, not sufficient.
 """
@@ -53,13 +55,15 @@ def one_schedule(
     counts: dict[str, torch.Tensor],
     block: int,
     scale: float,
-    kappa0: float,
-    alpha0: float,
+    detector: dict[str, float],
     seed: int,
     steps: int,
+    explain: bool = False,
 ) -> tuple[int, bool]:
-    """(contexts found, one context per game) for the schedule of ``seed``."""
-    det = TaskDetector(max_tasks=10, seed=seed, hazard=0.02, kappa0=kappa0, alpha0=alpha0, proj_dim=None)
+    """(contexts found, one context per game) for the schedule of ``seed``, with the detector's
+    ``kappa0``, ``alpha0``, ``var_floor`` and ``hazard`` from ``detector``; ``explain``: print each
+    visit's first block's log-likelihoods (per known context, and as a new task)."""
+    det = TaskDetector(max_tasks=10, seed=seed, proj_dim=None, **detector)
     visits = {g: 0 for g in GAMES}
     ids: dict[str, list[int]] = {g: [] for g in GAMES}
     for game in make_schedule(GAMES, 10, seed, min_visits=2):
@@ -68,6 +72,13 @@ def one_schedule(
         for b in range(steps // block):
             frames = counts[game][start + b * block : start + (b + 1) * block]
             ids[game].append(det.update((frames.sqrt().mean(0) * scale)[None]))
+            if explain and b == 0:
+                h = det.history[-1]
+                known = ", ".join(f"{ll:.1f}" for ll in h["loglik"]) or "none"
+                print(
+                    f"  {game:<15} first block: {h['event']} -> {h['task']}; log-lik per context [{known}], "
+                    f"new task {h['loglik_new']:.1f}"
+                )
     major = {g: max(set(v), key=v.count) for g, v in ids.items()}
     return det.num_tasks, det.num_tasks == len(GAMES) and len(set(major.values())) == len(GAMES)
 
@@ -80,18 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", default="1", help="factor on the block features (comma list)")
     p.add_argument("--kappa0", default="0.1", help="detector kappa0 (comma list)")
     p.add_argument("--alpha0", default="3", help="detector alpha0 (comma list)")
+    p.add_argument("--var-floor", default="0.001", help="detector var_floor (comma list)")
+    p.add_argument("--hazard", default="0.02", help="detector hazard (comma list)")
+    p.add_argument(
+        "--explain", type=int, default=None, help="print the first block of each visit of this seed"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # the cap warning cannot fire below 10 contexts
     counts = {g: frames_counts(g, SECOND_VISIT + args.steps) for g in GAMES}
-    grid = [[float(x) for x in str(v).split(",")] for v in (args.block, args.scale, args.kappa0, args.alpha0)]
-    for block, scale, kappa0, alpha0 in itertools.product(*grid):
-        res = [
-            one_schedule(counts, int(block), scale, kappa0, alpha0, s, args.steps) for s in range(args.seeds)
-        ]
+    knobs = (args.block, args.scale, args.kappa0, args.alpha0, args.var_floor, args.hazard)
+    grid = [[float(x) for x in str(v).split(",")] for v in knobs]
+    for block, scale, kappa0, alpha0, floor, hazard in itertools.product(*grid):
+        detector = {"kappa0": kappa0, "alpha0": alpha0, "var_floor": floor, "hazard": hazard}
+        if args.explain is not None:
+            print(f"schedule seed {args.explain}: {make_schedule(GAMES, 10, args.explain, min_visits=2)}")
+            one_schedule(counts, int(block), scale, detector, args.explain, args.steps, True)
+        res = [one_schedule(counts, int(block), scale, detector, s, args.steps) for s in range(args.seeds)]
         print(
-            f"block {int(block)} scale {scale:g} kappa0 {kappa0:g} alpha0 {alpha0:g}: five contexts, one per "
-            f"game, in {sum(ok for _, ok in res)}/{args.seeds} schedules; contexts {[n for n, _ in res]}",
+            f"block {int(block)} scale {scale:g} kappa0 {kappa0:g} alpha0 {alpha0:g} var_floor {floor:g} "
+            f"hazard {hazard:g}: five contexts, one per game, in {sum(ok for _, ok in res)}/{args.seeds} "
+            f"schedules; contexts {[n for n, _ in res]}",
             flush=True,
         )
     return 0
