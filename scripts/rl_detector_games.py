@@ -14,7 +14,11 @@ one). A setting passes a seed when it finds exactly five contexts, one per game.
 Comma lists in ``--block``, ``--scale``, ``--kappa0``, ``--alpha0``, ``--var-floor`` and
 ``--hazard`` run every combination; ``--explain SEED`` prints the first block of each visit.
 Random play is not a learning agent's play (a learning policy makes a game's frames drift more),
-so passing here is necessary, not sufficient.
+so passing here is necessary, not sufficient. ``--replay DIR`` reads instead the frames a
+learning single-task DQN saw: the replay buffers of the reference checkpoints
+``DIR/reference-{game}.pt`` that ``ewc rl`` writes (their order of insertion, ε decaying over
+the visit); then ``--steps`` frames per visit, a game's first visit from frame 20 000 and its
+second from frame 70 000.
 """
 
 from __future__ import annotations
@@ -51,6 +55,23 @@ def frames_counts(game: str, n: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
+def replay_counts(directory: str, game: str) -> torch.Tensor:
+    """Per-frame channel counts ``[n, C]`` of the observations in a reference checkpoint's replay,
+    in the order they were stored (the buffer must not have wrapped around)."""
+    from ewc.rl.replay import unpack_bits
+    from ewc.state import safe_load
+
+    state = safe_load(f"{directory}/reference-{game}.pt")["agent"]["replay"]
+    (buf,) = state["buffers"].values()
+    if int(buf["added"]) != int(buf["size"]):
+        raise SystemExit(f"reference-{game}.pt: its replay wrapped around; the frames are out of order")
+    shape = [int(d) for d in buf["obs_shape"]]
+    packed = buf["obs"]
+    return torch.cat(
+        [unpack_bits(packed[i : i + 5_000], shape).sum(dim=(2, 3)) for i in range(0, packed.shape[0], 5_000)]
+    )
+
+
 def one_schedule(
     counts: dict[str, torch.Tensor],
     block: int,
@@ -59,6 +80,7 @@ def one_schedule(
     seed: int,
     steps: int,
     explain: bool = False,
+    offsets: tuple[int, int] = (0, SECOND_VISIT),
 ) -> tuple[int, bool]:
     """(contexts found, one context per game) for the schedule of ``seed``, with the detector's
     ``kappa0``, ``alpha0``, ``var_floor`` and ``hazard`` from ``detector``; ``explain``: print each
@@ -67,7 +89,7 @@ def one_schedule(
     visits = {g: 0 for g in GAMES}
     ids: dict[str, list[int]] = {g: [] for g in GAMES}
     for game in make_schedule(GAMES, 10, seed, min_visits=2):
-        start = SECOND_VISIT * visits[game]
+        start = offsets[visits[game]]
         visits[game] += 1
         for b in range(steps // block):
             frames = counts[game][start + b * block : start + (b + 1) * block]
@@ -93,21 +115,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha0", default="3", help="detector alpha0 (comma list)")
     p.add_argument("--var-floor", default="0.001", help="detector var_floor (comma list)")
     p.add_argument("--hazard", default="0.02", help="detector hazard (comma list)")
+    p.add_argument("--replay", default=None, help="read learning frames from DIR/reference-{game}.pt")
     p.add_argument(
         "--explain", type=int, default=None, help="print the first block of each visit of this seed"
     )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # the cap warning cannot fire below 10 contexts
-    counts = {g: frames_counts(g, SECOND_VISIT + args.steps) for g in GAMES}
+    if args.replay is None:
+        counts = {g: frames_counts(g, SECOND_VISIT + args.steps) for g in GAMES}
+        offsets = (0, SECOND_VISIT)
+    else:
+        counts = {g: replay_counts(args.replay, g) for g in GAMES}
+        offsets = (20_000, 70_000)
     knobs = (args.block, args.scale, args.kappa0, args.alpha0, args.var_floor, args.hazard)
     grid = [[float(x) for x in str(v).split(",")] for v in knobs]
     for block, scale, kappa0, alpha0, floor, hazard in itertools.product(*grid):
         detector = {"kappa0": kappa0, "alpha0": alpha0, "var_floor": floor, "hazard": hazard}
         if args.explain is not None:
             print(f"schedule seed {args.explain}: {make_schedule(GAMES, 10, args.explain, min_visits=2)}")
-            one_schedule(counts, int(block), scale, detector, args.explain, args.steps, True)
-        res = [one_schedule(counts, int(block), scale, detector, s, args.steps) for s in range(args.seeds)]
+            one_schedule(counts, int(block), scale, detector, args.explain, args.steps, True, offsets)
+        res = [
+            one_schedule(counts, int(block), scale, detector, s, args.steps, offsets=offsets)
+            for s in range(args.seeds)
+        ]
         print(
             f"block {int(block)} scale {scale:g} kappa0 {kappa0:g} alpha0 {alpha0:g} var_floor {floor:g} "
             f"hazard {hazard:g}: five contexts, one per game, in {sum(ok for _, ok in res)}/{args.seeds} "

@@ -186,6 +186,12 @@ def test_config_refuses_too_few_visits_for_min_visits() -> None:
     assert (d.ewc_mode, d.ewc_gamma, d.true_task_labels, d.ewc_lam) == ("online", 0.8, True, c.lam)
     e = dqn_config(c, "ewc-true-labels", 0)
     assert (e.ewc_mode, e.ewc_gamma) == ("separate", 1.0)  # online_gamma leaves the others alone
+    # --detector-hazard reaches the detector's agent only: the others' configs (and the references'
+    # cache keys) stay those of the default
+    h = Config(detector_hazard=0.2)
+    assert dqn_config(h, "ewc", 0).detector_hazard == 0.2
+    for m in ("dqn", "ewc-true-labels", "online-ewc"):
+        assert dqn_config(h, m, 0) == dqn_config(Config(), m, 0)
 
 
 def test_stats_and_games_at_half() -> None:

@@ -140,6 +140,11 @@ class Config:
     detect_every: int = param(
         DEFAULT_DETECT_EVERY, "observations per task-detector block (ewc)", check=POSITIVE_INT
     )
+    detector_hazard: float = param(
+        DQNConfig.__dataclass_fields__["detector_hazard"].default,
+        "ewc (inferred labels): the detector's prior probability of a task switch between two blocks",
+        check=Interval(float, 0, 1, closed="neither"),
+    )
     reference: str | None = param(
         None, 'JSON file {"game": reference score, ...}: use these instead of training references', type=str
     )
@@ -221,6 +226,9 @@ def dqn_config(config: Config, method: str, seed: int) -> DQNConfig:
         ewc_min_steps=min_steps if agent.ewc else NEVER,
         fisher_samples=config.fisher_samples,
         detect_every=config.detect_every,
+        # only the detector's agent gets it: the others (and the references) keep the default,
+        # so their configs, cache keys and checkpoints do not depend on it
+        **({} if agent.true_labels else {"detector_hazard": config.detector_hazard}),
         true_task_labels=agent.true_labels,
         conv_channels=config.conv_channels,
         hidden=config.hidden,
