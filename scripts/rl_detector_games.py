@@ -17,8 +17,8 @@ Random play is not a learning agent's play (a learning policy makes a game's fra
 so passing here is necessary, not sufficient. ``--replay DIR`` reads instead the frames a
 learning single-task DQN saw: the replay buffers of the reference checkpoints
 ``DIR/reference-{game}.pt`` that ``ewc rl`` writes (their order of insertion, ε decaying over
-the visit); then ``--steps`` frames per visit, a game's first visit from frame 20 000 and its
-second from frame 70 000.
+the visit); then ``--steps`` frames per visit, a game's first visit from its first frame (ε = 1
+at first) and its second ending at its last (the trained policy): the most drift the file holds.
 """
 
 from __future__ import annotations
@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         offsets = (0, SECOND_VISIT)
     else:
         counts = {g: replay_counts(args.replay, g) for g in GAMES}
-        offsets = (20_000, 70_000)
+        n = min(c.shape[0] for c in counts.values())
+        if 2 * args.steps > n:
+            p.error(f"--steps {args.steps}: two visits need {2 * args.steps} frames, the replays hold {n}")
+        offsets = (0, n - args.steps)
     knobs = (args.block, args.scale, args.kappa0, args.alpha0, args.var_floor, args.hazard)
     grid = [[float(x) for x in str(v).split(",")] for v in knobs]
     for block, scale, kappa0, alpha0, floor, hazard in itertools.product(*grid):

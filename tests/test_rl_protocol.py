@@ -140,9 +140,12 @@ def _first_draw(games: list[str], visits: int, seed: int) -> list[str]:
 
 
 def test_full_protocol_schedules_hold_their_constraints_over_many_seeds() -> None:
-    from ewc.experiments.rl_config import FULL_PROTOCOL
+    from ewc.experiments.rl_config import FULL_PROTOCOL, Config, command
     from ewc.rl.protocol import make_schedule
 
+    full = Config(**FULL_PROTOCOL)  # a valid ewc rl configuration, with its command line
+    assert set(full.methods) == {"dqn", "ewc", "ewc-true-labels", "online-ewc"} and len(full.seeds) >= 5
+    assert "--min-visits 2" in command(full) and "--visits 10" in command(full)
     games = list(FULL_PROTOCOL["games"])
     seen = set()
     for seed in range(300):
