@@ -278,3 +278,7 @@ def test_claims_by_hand() -> None:
     assert c["inferred_vs_true"]["mean_diff"] == pytest.approx(0.1)  # (-0.1 + 0.3) / 2
     assert len(c["lines"]) == 4 and c["lines"][0].startswith("Claim 1")
     assert "below half in 2" in c["lines"][0]  # 1 per seed, two seeds
+    # a run scored before issue #19 has no final_games_good: counted from its final scores
+    for r in results["runs"]["ewc"]:
+        r["final_normalised"] = {"a": 0.5, "b": 0.7} if r.pop("final_games_good") == 2 else {}
+    assert claims(results)["games_good"]["ewc"]["mean_diff"] == pytest.approx(1.5)

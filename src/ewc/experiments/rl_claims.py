@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ewc.rl.protocol import GOOD, stats
+from ewc.rl.protocol import GOOD, games_at, stats
 from ewc.stats import paired_t_test
 
 __all__ = ["claims", "erasure"]
@@ -44,6 +44,13 @@ def erasure(run: dict[str, Any], schedule: Sequence[str], spv: int) -> dict[str,
     }
 
 
+def _value(run: dict[str, Any], key: str) -> float:
+    """``run[key]``; a run scored before issue #19 has no ``final_games_good``: counted here."""
+    if key == "final_games_good" and key not in run:
+        return games_at(run["final_normalised"])
+    return run[key]
+
+
 def _paired(results: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any] | None:
     """Paired t-test of ``key`` between methods ``a`` and ``b`` over their common seeds."""
     runs = results["runs"]
@@ -53,7 +60,7 @@ def _paired(results: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any]
     common = [r for r in runs[a] if r["seed"] in rb]
     if not common:
         return None
-    test = paired_t_test([r[key] for r in common], [rb[r["seed"]][key] for r in common])
+    test = paired_t_test([_value(r, key) for r in common], [_value(rb[r["seed"]], key) for r in common])
     return {**test, "a": a, "b": b, "key": key}
 
 
@@ -91,13 +98,12 @@ def claims(results: dict[str, Any]) -> dict[str, Any]:
         test = _paired(results, m, "dqn", "final_games_good")
         if test is None or test["mean_diff"] is None:
             continue
-        mine = stats([r["final_games_good"] for r in runs[m]])
-        base = stats([r["final_games_good"] for r in runs["dqn"]])
+        mine = [_value(r, "final_games_good") for r in runs[m]]
+        base = [_value(r, "final_games_good") for r in runs["dqn"]]
         out.setdefault("games_good", {})[m] = test
         lines.append(
             f"Claim 2, {m} holds more games at once than DQN: games at ≥ {GOOD} at the end "
-            f"{mine['mean']:.1f} (seeds {[r['final_games_good'] for r in runs[m]]}) vs DQN "
-            f"{base['mean']:.1f} (seeds {[r['final_games_good'] for r in runs['dqn']]}); "
+            f"{stats(mine)['mean']:.1f} (seeds {mine}) vs DQN {stats(base)['mean']:.1f} (seeds {base}); "
             f"difference {_fmt(test, 1)}."
         )
     test = _paired(results, "ewc", "ewc-true-labels", "final_total")
