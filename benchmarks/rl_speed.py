@@ -8,7 +8,16 @@ Measured side by side in one run, on one torch thread:
    observations, backward, gradient clipping, fused Adam step (no replay, no agent), updates/s;
 3. the agent's training loop, ``Agent.step()`` with ``train_every=1`` (an update every env step),
    without and with an active EWC term (one game consolidated before), env steps/s;
-4. ratios: the agent's time per step over (raw step + bare update), the framework overhead.
+4. ratios: the agent's time per step over (raw step + bare update), the framework overhead;
+5. where a step's time goes: ε-greedy action (one forward pass), a replay ``add`` (bit-packing),
+   a replay ``sample`` of 32, the agent's step without updates (env + action + store), and the
+   update (the step with one update minus the step without);
+6. evaluation: env steps/s of ``Agent.evaluate`` (30 episodes played in lockstep, one batched
+   forward pass per step) next to the same episodes played one after another with a batch-1
+   forward pass per step (how evaluation ran before issue #19).
+
+All times are CPU time of this process (``time.process_time``), so that another job on a shared
+machine slows the numbers less than wall time would.
 
 Run (from the repository root)::
 
@@ -39,13 +48,13 @@ def raw_minatar(game: str, steps: int, seed: int = 0) -> float:
     env.seed(seed)
     env.reset()
     actions = np.random.default_rng(seed).integers(NUM_ACTIONS, size=steps)
-    tic = time.perf_counter()
+    tic = time.process_time()
     for a in actions:
         _, done = env.act(int(a))
         env.state()
         if done:
             env.reset()
-    return steps / (time.perf_counter() - tic)
+    return steps / (time.process_time() - tic)
 
 
 def wrapped(game: str, steps: int, seed: int = 0) -> float:
@@ -53,12 +62,12 @@ def wrapped(game: str, steps: int, seed: int = 0) -> float:
     env = Game(game, seed=seed)
     env.reset()
     actions = np.random.default_rng(seed).integers(NUM_ACTIONS, size=steps)
-    tic = time.perf_counter()
+    tic = time.process_time()
     for a in actions:
         _, _, done = env.step(int(a))
         if done:
             env.reset()
-    return steps / (time.perf_counter() - tic)
+    return steps / (time.process_time() - tic)
 
 
 def bare_updates(updates: int, conv: int, hidden: int, batch: int = 32, seed: int = 0) -> float:
@@ -89,10 +98,10 @@ def bare_updates(updates: int, conv: int, hidden: int, batch: int = 32, seed: in
 
     for i in range(20):  # warm-up
         step(i)
-    tic = time.perf_counter()
+    tic = time.process_time()
     for i in range(updates):
         step(i)
-    return updates / (time.perf_counter() - tic)
+    return updates / (time.process_time() - tic)
 
 
 def agent_steps(game: str, steps: int, warmup: int, conv: int, hidden: int, ewc: bool) -> tuple[float, int]:
@@ -118,11 +127,68 @@ def agent_steps(game: str, steps: int, warmup: int, conv: int, hidden: int, ewc:
     agent.begin_visit(game)
     for _ in range(warmup):
         agent.step()
-    tic = time.perf_counter()
+    tic = time.process_time()
     for _ in range(steps):
         agent.step()
-    rate = steps / (time.perf_counter() - tic)
+    rate = steps / (time.process_time() - tic)
     return rate, agent.method.reg.num_tasks
+
+
+def step_parts(game: str, steps: int, conv: int, hidden: int) -> dict[str, float]:
+    """Milliseconds (CPU) per call of each part of ``Agent.step`` on ``game`` (see module doc)."""
+    config = DQNConfig(
+        replay_capacity=10_000, learning_starts=10**9, eps_decay_steps=1, conv_channels=conv, hidden=hidden
+    )
+    agent = Agent(config)
+    agent.begin_visit(game)
+    for _ in range(300):
+        agent.step()
+    ms: dict[str, float] = {}
+    tic = time.process_time()
+    for _ in range(steps):
+        agent.step()
+    ms["step without update"] = (time.process_time() - tic) / steps * 1e3
+    obs = torch.zeros(agent.obs_shape)
+    obs[0, 0, 0] = 1.0
+    tic = time.process_time()
+    for _ in range(steps):
+        agent.act(obs, 0.0)
+    ms["ε-greedy action"] = (time.process_time() - tic) / steps * 1e3
+    ctx = agent.context
+    frames = [(torch.rand(agent.obs_shape) < 0.1).float() for _ in range(steps + 1)]
+    tic = time.process_time()
+    for i in range(steps):
+        agent.replay.add(ctx, frames[i], 0, 0.0, frames[i + 1], False)
+    ms["replay add"] = (time.process_time() - tic) / steps * 1e3
+    buf = agent.replay.buffer(ctx)
+    tic = time.process_time()
+    for _ in range(steps):
+        buf.sample(32, agent.gen)
+    ms["replay sample (32)"] = (time.process_time() - tic) / steps * 1e3
+    return ms
+
+
+def eval_rates(game: str, episodes: int, conv: int, hidden: int) -> tuple[float, float]:
+    """Env steps/s of Agent.evaluate (lockstep) and of the same episodes one at a time (batch 1)."""
+    from ewc.rl.config import derive_seed
+
+    agent = Agent(DQNConfig(conv_channels=conv, hidden=hidden, seed=0))
+    idx = GAMES.index(game)
+    tic = time.process_time()
+    r = agent.evaluate(game, episodes, 0.05, seed=1)
+    batched = sum(r["contexts"].values()) / (time.process_time() - tic)
+    env = Game(game, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    n = 0
+    tic = time.process_time()
+    for ep in range(episodes):
+        obs = env.reset(seed=derive_seed(1, 3, ep))
+        for _ in range(27_000):
+            obs, _, done = env.step(agent.act(obs, 0.05, idx, gen))
+            n += 1
+            if done:
+                break
+    return batched, n / (time.process_time() - tic)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=300, help="agent steps per game before timing")
     p.add_argument("--conv-channels", type=int, default=16, help="Q-network filters (MinAtar: 16)")
     p.add_argument("--hidden", type=int, default=128, help="Q-network hidden units (MinAtar: 128)")
+    p.add_argument("--eval-episodes", type=int, default=30, help="episodes per evaluation (ewc rl: 30)")
+    p.add_argument("--skip-parts", action="store_true", help="skip the step breakdown and evaluation")
     args = p.parse_args(argv)
     games = [g.strip() for g in args.games.split(",") if g.strip()]
     bad = [g for g in games if g not in GAMES]
@@ -171,6 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         "\nideal = 1 / (1/raw + 1/bare update); overhead = ideal / agent (the agent's time per step over raw "
         "step + bare update: replay, ε-greedy forward, wrapper); +EWC = agent / agent+EWC"
     )
+    if not args.skip_parts:
+        print("\nwhere a step's time goes (ms CPU per call; update (bare): the bare DQN update above)")
+        for g in games:
+            parts = step_parts(g, args.agent_steps, args.conv_channels, args.hidden)
+            parts["update (bare)"] = 1e3 / upd
+            print(f"{g:<15} " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+        print(f"\nevaluation ({args.eval_episodes} episodes, ε = 0.05, untrained agent), env steps/s")
+        print(f"{'game':<15} {'lockstep':>9} {'one by one':>11} {'speed-up':>9}")
+        for g in games:
+            batched, single = eval_rates(g, args.eval_episodes, args.conv_channels, args.hidden)
+            print(f"{g:<15} {batched:9.0f} {single:11.0f} {batched / single:8.2f}x")
     return 0
 
 

@@ -21,7 +21,7 @@ from ewc.experiments.rl import (  # noqa: E402
     normalise,
     total_score,
 )
-from ewc.rl.env import random_policy_score  # noqa: E402
+from ewc.rl.env import GAMES, random_policy_score  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -166,11 +166,24 @@ def test_tiny_rl_writes_results_figures_and_report(tiny_run: dict) -> None:
     assert r["runs"]["dqn"][0]["record"]["config"]["ewc_lam"] == 0.0
     assert r["runs"]["ewc"][0]["record"]["config"]["true_task_labels"] is False
     p = r["perturb"]
-    assert p["method"] == "ewc-true-labels" and p["game"] == r["schedule"][0]
-    assert p["norms"] == [1.0, 10.0] and set(p["scores"]) == {"isotropic", "fisher"}
-    assert len(p["scores"]["fisher"]) == 2
-    # the shaped noise is, by construction, seen less by the Fisher than isotropic noise
-    assert p["fisher_quadratic"]["fisher"][0] < p["fisher_quadratic"]["isotropic"][0]
+    assert p["method"] == "ewc-true-labels" and p["seed"] == 0 and p["skipped"] == {}
+    assert set(p["per_game"]) == {"breakout", "space_invaders"}  # every game, in its own context
+    for game, t in p["per_game"].items():
+        assert t["game"] == game and t["context"] == GAMES.index(game)
+        assert t["norms"] == [1.0, 10.0] and set(t["scores"]) == {"isotropic", "fisher", "null"}
+        assert len(t["scores"]["fisher"]) == 2
+        # the shaped noise is, by construction, seen less by the Fisher than isotropic noise, and
+        # noise in the null space (F < 1e-3) least of all
+        q = t["fisher_quadratic"]
+        assert q["fisher"][0] < q["isotropic"][0]
+        if t["scores"]["null"] is not None:
+            assert t["null_parameters"] > 0 and q["null"][0] <= 1e-3 * 1.0**2
+    # confusion per visit of the inferred-label run
+    inf = r["runs"]["ewc"][0]["task_inference"]
+    assert [v["game"] for v in inf["per_visit"]] == r["schedule"]
+    assert all(abs(sum(v["shares"].values()) - 1) < 1e-9 for v in inf["per_visit"])
+    assert r["runs"]["dqn"][0]["task_inference"] is None  # true labels: nothing inferred
+    assert "the detector's contexts per visit" in report
 
 
 def test_second_run_uses_cached_references_and_resumes(tiny_run: dict) -> None:
@@ -198,7 +211,7 @@ def test_reference_file_is_used_as_given(tiny_run: dict, tmp_path: Path) -> None
     assert r["excluded_games"] == ["space_invaders"] and r["normalised_games"] == ["breakout"]
     assert any("space_invaders cannot be normalised" in f for f in r["findings"])
     assert r["perturb"] is None and not (out / "perturb.png").exists()  # no EWC agent to perturb
-    assert "needs ewc-true-labels or ewc" in r["perturb_skipped"]
+    assert "needs ewc-true-labels, ewc or online-ewc" in r["perturb_skipped"]
     assert not list((out / "checkpoints").glob("reference-*"))  # no reference was trained
 
 
@@ -212,7 +225,8 @@ def test_reference_file_is_used_as_given(tiny_run: dict, tmp_path: Path) -> None
         ),
         (
             ["--methods", "dqn,sgd"],
-            "methods must be distinct names from dqn, ewc, ewc-true-labels, at least one, got ('dqn', 'sgd')",
+            "methods must be distinct names from dqn, ewc, ewc-true-labels, online-ewc, at least one, "
+            "got ('dqn', 'sgd')",
         ),
         (["--visits", "1"], "--visits 1 is fewer than the 2 games"),
         (["--jobs", "0"], "jobs must be a positive integer, got 0"),

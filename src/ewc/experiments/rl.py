@@ -7,22 +7,25 @@ biases and replay):
 
 - ``dqn``: λ = 0 with the true task labels, the plain baseline (no EWC term is ever built);
 - ``ewc``: λ with task labels inferred by the agent's ``TaskDetector``;
-- ``ewc-true-labels``: λ with the true labels, the paper's control.
+- ``ewc-true-labels``: λ with the true labels, the paper's control;
+- ``online-ewc``: λ with the true labels and one merged penalty (decay ``online_gamma``).
 
 Schedule: seeded by ``order_seed``; the first ``len(games)`` visits are a random permutation of
-the games, every later visit a random game other than the previous one. One schedule for every
+the games, every later visit a random game other than the previous one, every game at least
+``min_visits`` times. One schedule for every
 method and seed. Every (method, seed) is one :func:`ewc.rl.agent.train_sequence` run in its own
 process (``jobs`` at a time, one torch thread each), checkpointed under ``OUT/checkpoints`` so
 that running the same command again after a kill resumes where it stopped.
 
 Scores are normalised per game: ``min(1, (score - random) / (reference - random))`` where
 ``random`` is the uniform policy's mean return (100 episodes) and ``reference`` the final score
-of a single-task ``dqn`` agent trained on that game alone for the game's budget (steps per
-visit × its visits in the schedule); references are cached under the user cache. The total
-normalised score is the sum over games (at most the number of games). With ``perturb``, the
-Fisher perturbation test (issue #4, the paper's Fig. 4C) is applied to the final agent.
+of a single-task ``dqn`` agent (seed ``reference_seed``) trained on that game alone for the
+game's budget (steps per visit × its visits in the schedule); references are cached under the
+user cache. The total normalised score is the sum over games (at most the number of games).
+With ``perturb``, the Fisher perturbation test (issue #4, the paper's Fig. 4C) is applied to
+the final agent of the first seed, once per game in that game's consolidated context.
 
-This module holds the configuration and runs the experiment; the protocol (schedule,
+The settings are :mod:`ewc.experiments.rl_config`; this module runs the experiment; the protocol (schedule,
 normalisation, forgetting, reference cache) is :mod:`ewc.rl.protocol`, the perturbation test
 :mod:`ewc.rl.perturb`, the figures, findings and tables :mod:`ewc.experiments.rl_report`, and the
 worker processes :func:`ewc.pool.run_jobs`.
@@ -34,23 +37,19 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ewc.checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Interval, Numbers, Subset
-from ewc.config import validate
-from ewc.experiments.common import check_out_dir, command_line, finish, param
+from ewc.experiments.common import check_out_dir, finish
+from ewc.experiments.rl_claims import claims
+from ewc.experiments.rl_config import FULL_PROTOCOL, METHODS, Config, command, dqn_config
 from ewc.experiments.rl_report import figure_per_game, figure_perturb, figure_total, findings, tables
 from ewc.experiments.tracked import log_rl, open_for
 from ewc.pool import run_jobs
-from ewc.rl.agent import DQNConfig
-from ewc.rl.env import GAMES
 from ewc.rl.perturb import perturbation_test
 from ewc.rl.protocol import (
-    AGENTS,
     RANDOM_EPISODES,
     budgets,
     forgetting,
@@ -66,10 +65,10 @@ from ewc.rl.protocol import (
     total_score,
     write_cached_reference,
 )
-from ewc.tracking import parse_names, track_param
 
 __all__ = [
     "CLAIM",
+    "FULL_PROTOCOL",
     "METHODS",
     "TITLE",
     "Config",
@@ -92,184 +91,6 @@ CLAIM = (
     "shaped by the inverse diagonal Fisher hurt the agent much less than isotropic noise of the "
     "same norm."
 )
-
-METHODS = tuple(AGENTS)
-
-# ---- defaults: sized so that the default run fits in 40 min on 2 cores (docs/results.md) ----------
-DEFAULT_GAMES = ("breakout", "space_invaders")
-DEFAULT_VISITS = 3
-DEFAULT_STEPS_PER_VISIT = 50_000
-DEFAULT_ORDER_SEED = 0
-DEFAULT_METHODS = METHODS
-DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_JOBS = 2
-DEFAULT_EVAL_EVERY = 25_000
-DEFAULT_EVAL_EPISODES = 30
-DEFAULT_EVAL_EPSILON = 0.05
-DEFAULT_CHECKPOINT_EVERY = 25_000
-DEFAULT_LAM = 10.0
-DEFAULT_LR = 1e-4
-DEFAULT_TRAIN_EVERY = 2
-DEFAULT_LEARNING_STARTS = 5_000
-DEFAULT_REPLAY_CAPACITY = 100_000
-DEFAULT_HIDDEN = 128
-DEFAULT_CONV_CHANNELS = 16
-DEFAULT_FISHER_SAMPLES = 1_024
-DEFAULT_DETECT_EVERY = 64
-DEFAULT_PERTURB_EPISODES = 10
-DEFAULT_PERTURB_NORMS = (0.3, 1.0, 3.0, 10.0, 30.0)
-DEFAULT_PERTURB_DRAWS = 3
-DEFAULT_PERTURB_DAMPING = 1e-3
-# -------------------------------------------------------------------------------------------
-
-NEVER = 10**18  # dqn's ewc_min_steps: λ = 0, so a consolidation would only cost time
-
-
-def _names(values: Any) -> tuple[str, ...]:
-    """``"a, b"`` or ``("a", " b")`` → ``("a", "b")`` (the flag's comma list, stripped)."""
-    if isinstance(values, str):
-        values = values.split(",")
-    return tuple(str(v).strip() for v in values if str(v).strip())
-
-
-@dataclass(frozen=True)
-class Config:
-    """The games and schedule, the methods and seeds, the DQN knobs, evaluation and the tests."""
-
-    games: tuple[str, ...] = param(
-        DEFAULT_GAMES, f"MinAtar games, from: {', '.join(GAMES)}", check=Subset(GAMES)
-    )
-    visits: int = param(
-        DEFAULT_VISITS, "visits in the schedule (>= number of games; revisits after)", check=POSITIVE_INT
-    )
-    steps_per_visit: int = param(DEFAULT_STEPS_PER_VISIT, "env steps per visit", check=POSITIVE_INT)
-    order_seed: int = param(
-        DEFAULT_ORDER_SEED, "seed of the game order (one schedule for all runs)", check=SEED
-    )
-    methods: tuple[str, ...] = param(
-        DEFAULT_METHODS, f"methods, from: {', '.join(METHODS)}", check=Subset(METHODS)
-    )
-    seeds: tuple[int, ...] = param(
-        DEFAULT_SEEDS,
-        "agent seeds (one run per method and seed)",
-        check=Numbers(SEED, distinct=True),
-    )
-    jobs: int = param(
-        DEFAULT_JOBS, "runs in parallel worker processes, one torch thread each", check=POSITIVE_INT
-    )
-    eval_every: int = param(
-        DEFAULT_EVAL_EVERY, "env steps between evaluations of every game", check=POSITIVE_INT
-    )
-    eval_episodes: int = param(DEFAULT_EVAL_EPISODES, "episodes per game and evaluation", check=POSITIVE_INT)
-    eval_epsilon: float = param(
-        DEFAULT_EVAL_EPSILON, "ε of the evaluation policy", check=Interval(float, 0, 1)
-    )
-    checkpoint_every: int = param(
-        DEFAULT_CHECKPOINT_EVERY, "env steps between checkpoints (and after each visit)", check=POSITIVE_INT
-    )
-    lam: float = param(
-        DEFAULT_LAM, "EWC λ (the Fisher is normalised to mean 1 over shared parameters)", check=NON_NEGATIVE
-    )
-    lr: float = param(DEFAULT_LR, "Adam learning rate", check=POSITIVE)
-    train_every: int = param(DEFAULT_TRAIN_EVERY, "env steps per DQN update", check=POSITIVE_INT)
-    learning_starts: int = param(
-        DEFAULT_LEARNING_STARTS, "transitions in a context's replay before updates", check=NON_NEGATIVE_INT
-    )
-    eps_decay_steps: int | None = param(
-        None,
-        "steps of the ε decay, restarted every visit (None: steps_per_visit // 3)",
-        type=int,
-        check=Interval(int, 1, allow_none=True),
-    )
-    ewc_min_steps: int | None = param(
-        None,
-        "transitions in one visit before a context is consolidated (None: steps_per_visit // 2)",
-        type=int,
-        check=Interval(int, 0, allow_none=True),
-    )
-    replay_capacity: int = param(
-        DEFAULT_REPLAY_CAPACITY, "replay transitions per task context", check=POSITIVE_INT
-    )
-    hidden: int = param(DEFAULT_HIDDEN, "hidden units of the Q-network", check=POSITIVE_INT)
-    conv_channels: int = param(
-        DEFAULT_CONV_CHANNELS, "filters of the Q-network's convolution", check=POSITIVE_INT
-    )
-    fisher_samples: int = param(
-        DEFAULT_FISHER_SAMPLES, "replay states the Fisher is averaged over", check=POSITIVE_INT
-    )
-    detect_every: int = param(
-        DEFAULT_DETECT_EVERY, "observations per task-detector block (ewc)", check=POSITIVE_INT
-    )
-    reference: str | None = param(
-        None, 'JSON file {"game": reference score, ...}: use these instead of training references', type=str
-    )
-    cache: bool = param(True, "read and write computed reference scores in the user cache")
-    perturb: bool = param(True, "run the Fisher perturbation test on the final agent")
-    perturb_episodes: int = param(
-        DEFAULT_PERTURB_EPISODES, "evaluation episodes per perturbation", check=POSITIVE_INT
-    )
-    perturb_norms: tuple[float, ...] = param(
-        DEFAULT_PERTURB_NORMS, "L2 norms of the perturbations", check=Numbers(POSITIVE)
-    )
-    perturb_draws: int = param(DEFAULT_PERTURB_DRAWS, "noise draws per norm and kind", check=POSITIVE_INT)
-    perturb_damping: float = param(
-        DEFAULT_PERTURB_DAMPING, "ε in 1/√(F + ε) (the Fisher has mean 1)", check=POSITIVE
-    )
-    device: str = param("cpu", "where the networks train: cpu or cuda (one GPU shared by the --jobs runs)")
-    track: tuple[str, ...] = track_param()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "games", _names(self.games))  # before the checks: "a,b" is a list
-        object.__setattr__(self, "track", parse_names(self.track))
-        object.__setattr__(self, "methods", _names(self.methods))
-        validate(self)
-        object.__setattr__(self, "seeds", tuple(self.seeds))
-        object.__setattr__(self, "perturb_norms", tuple(float(v) for v in self.perturb_norms))
-        if self.visits < len(self.games):
-            raise ValueError(
-                f"--visits {self.visits} is fewer than the {len(self.games)} games: a game would never be "
-                "trained (give --visits >= number of --games)"
-            )
-        if len(self.games) == 1 and self.visits > 1:
-            raise ValueError(
-                "with one game there can be only one visit (a visit never repeats the previous game)"
-            )
-        for method in self.methods:  # the agent's own checks (e.g. replay_capacity >= batch size)
-            try:
-                dqn_config(self, method, self.seeds[0])
-            except ValueError as exc:
-                raise ValueError(f"invalid DQN setting: {exc}") from None
-
-
-def command(config: Config) -> str:
-    """The ``ewc rl`` command that reproduces ``config`` (only non-default flags)."""
-    return command_line("rl", config, prefix=("ewc",))
-
-
-def dqn_config(config: Config, method: str, seed: int) -> DQNConfig:
-    """The agent configuration of ``method`` (``dqn`` never consolidates: with λ = 0 a term would
-    only cost time)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    agent = AGENTS[method]
-    spv = config.steps_per_visit
-    min_steps = spv // 2 if config.ewc_min_steps is None else config.ewc_min_steps
-    return DQNConfig(
-        lr=config.lr,
-        replay_capacity=config.replay_capacity,
-        learning_starts=config.learning_starts,
-        train_every=config.train_every,
-        eps_decay_steps=max(1, spv // 3) if config.eps_decay_steps is None else config.eps_decay_steps,
-        ewc_lam=config.lam if agent.ewc else 0.0,
-        ewc_min_steps=min_steps if agent.ewc else NEVER,
-        fisher_samples=config.fisher_samples,
-        detect_every=config.detect_every,
-        true_task_labels=agent.true_labels,
-        conv_channels=config.conv_channels,
-        hidden=config.hidden,
-        seed=seed,
-        device=config.device,
-    )
 
 
 def _log(name: str) -> Callable[[str], None]:
@@ -307,7 +128,7 @@ def _references(
     and each game's cache key."""
     games = list(dict.fromkeys(schedule))
     budget = budgets(schedule, config.steps_per_visit)
-    ref_cfg = dqn_config(config, "dqn", config.seeds[0])
+    ref_cfg = dqn_config(config, "dqn", config.reference_seed)
     scores: dict[str, float] = {}
     sources: dict[str, str] = {}
     keys: dict[str, str] = {}
@@ -343,6 +164,49 @@ def _references(
     return scores, sources, specs, keys
 
 
+def _perturb(
+    config: Config,
+    schedule: list[str],
+    out_dir: Path,
+    runs: dict[str, list[dict[str, Any]]],
+    say: Callable[[str], None],
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The perturbation test of the first seed's final EWC agent (true labels if it ran), per game:
+    ``({"method", "seed", "per_game": {game: perturbation_test(...)}}, None)``, or
+    ``(None, why)``; a game that cannot be tested (no replay states) is listed in ``skipped``."""
+    if not config.perturb:
+        return None, None
+    method = next((m for m in ("ewc-true-labels", "ewc", "online-ewc") if m in config.methods), None)
+    if method is None:
+        why = "it needs ewc-true-labels, ewc or online-ewc among --methods"
+        say(f"perturbation test skipped: {why}")
+        return None, why
+    seed = config.seeds[0]
+    per_game: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for game in dict.fromkeys(schedule):
+        say(f"perturbation test on {method}-s{seed}, {game}")
+        try:
+            per_game[game] = perturbation_test(
+                dqn_config(config, method, seed),
+                out_dir / "checkpoints" / f"{method}-s{seed}.pt",
+                game,
+                runs[method][0]["record"],
+                fisher_samples=config.fisher_samples,
+                episodes=config.perturb_episodes,
+                eval_epsilon=config.eval_epsilon,
+                norms=config.perturb_norms,
+                draws=config.perturb_draws,
+                damping=config.perturb_damping,
+            )
+        except ValueError as exc:  # e.g. no replay states for the context: keep the report
+            skipped[game] = str(exc)
+            say(f"perturbation test on {game} skipped: {exc}")
+    if not per_game:
+        return None, f"{method}-s{seed}: " + "; ".join(f"{g}: {w}" for g, w in skipped.items())
+    return {"method": method, "seed": seed, "per_game": per_game, "skipped": skipped}, None
+
+
 def run(
     config: Config, out: str | Path | None = None, log: Callable[[str], None] | None = print
 ) -> dict[str, Any]:
@@ -369,7 +233,7 @@ def run(
 def _run(
     config: Config, out: str | Path | None, out_dir: Path, say: Callable[[str], None], start: float
 ) -> dict[str, Any]:
-    schedule = make_schedule(config.games, config.visits, config.order_seed)
+    schedule = make_schedule(config.games, config.visits, config.order_seed, config.min_visits)
     games = list(dict.fromkeys(schedule))
     spv = config.steps_per_visit
     say(f"schedule: {' -> '.join(schedule)} ({spv} env steps per visit)")
@@ -428,33 +292,7 @@ def _run(
         runs[spec["method"]].append(score_run(rec, spec["seed"], schedule, spv, normalisation))
     summary = summarise(runs, games)
 
-    perturb, perturb_skipped = None, None
-    if config.perturb:
-        method = next((m for m in ("ewc-true-labels", "ewc") if m in config.methods), None)
-        if method is None:
-            perturb_skipped = "it needs ewc-true-labels or ewc among --methods"
-        else:
-            seed = config.seeds[0]
-            say(f"perturbation test on {method}-s{seed}, {schedule[0]}")
-            try:
-                perturb = perturbation_test(
-                    dqn_config(config, method, seed),
-                    out_dir / "checkpoints" / f"{method}-s{seed}.pt",
-                    schedule[0],
-                    runs[method][0]["record"],
-                    fisher_samples=config.fisher_samples,
-                    episodes=config.perturb_episodes,
-                    eval_epsilon=config.eval_epsilon,
-                    norms=config.perturb_norms,
-                    draws=config.perturb_draws,
-                    damping=config.perturb_damping,
-                )
-                perturb = {"method": method, "seed": seed, **perturb}
-            except ValueError as exc:  # e.g. no replay states for the context: keep the report
-                perturb_skipped = f"{method}-s{seed}: {exc}"
-        if perturb_skipped:
-            say(f"perturbation test skipped: {perturb_skipped}")
-
+    perturb, perturb_skipped = _perturb(config, schedule, out_dir, runs, say)
     results = {
         "schedule": schedule,
         "games": games,
@@ -470,11 +308,12 @@ def _run(
         "perturb": perturb,
         "perturb_skipped": perturb_skipped,
     }
+    results["claims"] = claims(results)
     figures = {}
     if out is not None:
         figures = {"total_score.png": figure_total(results), "per_game.png": figure_per_game(results)}
         if perturb is not None:
-            figures["perturb.png"] = figure_perturb(perturb, normalisation[perturb["game"]])
+            figures["perturb.png"] = figure_perturb(perturb, normalisation)
     return finish(
         out,
         "rl",

@@ -14,11 +14,12 @@ import numpy as np
 from ewc.experiments.common import figure_style, md_table, new_figure
 from ewc.rl.perturb import PERTURB_KINDS
 from ewc.rl.protocol import AGENTS
+from ewc.stats import mean_ci_array
 
-__all__ = ["figure_per_game", "figure_perturb", "figure_total", "findings", "tables"]
+__all__ = ["figure_per_game", "figure_perturb", "figure_total", "findings", "perturb_games", "tables"]
 
-_KIND_LABELS = {"isotropic": "isotropic", "fisher": "inverse Fisher, 1/√(F+ε)"}
-_KIND_COLORS = {"isotropic": "#1f77b4", "fisher": "#d62728"}
+_KIND_LABELS = {"isotropic": "isotropic", "fisher": "inverse Fisher, 1/√(F+ε)", "null": "Fisher null space"}
+_KIND_COLORS = {"isotropic": "#1f77b4", "fisher": "#d62728", "null": "#2ca02c"}
 _GAME_SHADES = ("#e8e8e8", "#fbe6c9", "#d9ecf7", "#e3f2dc", "#f2def0")
 
 
@@ -44,7 +45,8 @@ def _shade_visits(ax: Any, schedule: Sequence[str], spv: int, legend: bool) -> N
 def _curve(
     runs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None]
 ) -> tuple[np.ndarray, ...]:
-    """(env steps, mean, min, max) over the runs, at the env steps every run evaluated."""
+    """(env steps, mean, mean − CI, mean + CI) over the runs (95 % t interval of the mean; the
+    band is the mean itself for one run), at the env steps every run evaluated."""
     per_run = []
     for r in runs:
         by_step = {e["env_step"]: value(e) for e in r["record"]["evaluations"]}  # later duplicate wins
@@ -53,7 +55,9 @@ def _curve(
     ys = np.array([[np.nan if d[s] is None else d[s] for s in steps] for d in per_run], dtype=float)
     if not steps:
         return np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0)
-    return np.array(steps), ys.mean(0), ys.min(0), ys.max(0)
+    mean, half = mean_ci_array(ys)
+    half = np.nan_to_num(half)
+    return np.array(steps), mean, mean - half, mean + half
 
 
 def figure_total(results: dict[str, Any]) -> Any:
@@ -74,7 +78,7 @@ def figure_total(results: dict[str, Any]) -> Any:
         ax.set_xlabel("env steps")
         ax.set_ylabel(f"total normalised score (max {n})")
         seeds = len(next(iter(results["runs"].values()))) if results["runs"] else 0
-        ax.set_title(f"Total normalised score over {n} game(s): mean and min–max over {seeds} seed(s)")
+        ax.set_title(f"Total normalised score over {n} game(s): mean ± 95 % CI over {seeds} seed(s)")
         fig.legend(loc="outside lower center", fontsize=8, ncol=5)
     return fig
 
@@ -99,38 +103,62 @@ def figure_per_game(results: dict[str, Any]) -> Any:
             ax.set_xlim(0, len(schedule) * spv)
             ax.set_title(game)
             ax.set_xlabel("env steps")
-            ax.set_ylabel("mean return")
+            ax.set_ylabel("mean return (mean ± 95 % CI over seeds)")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncol=5)
     return fig
 
 
-def figure_perturb(p: dict[str, Any], norm: dict[str, Any]) -> Any:
+def perturb_games(p: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{game: test}`` of a results' ``perturb`` entry (one written before issue #19 held one game)."""
+    return p["per_game"] if "per_game" in p else {p["game"]: p}
+
+
+def figure_perturb(p: dict[str, Any], normalisation: dict[str, dict[str, Any]]) -> Any:
+    tests = perturb_games(p)
     with figure_style():
-        fig = new_figure((6, 4))
-        ax = fig.subplots()
-        for kind in PERTURB_KINDS:
-            ax.plot(
-                p["norms"], p["scores"][kind], marker="o", color=_KIND_COLORS[kind], label=_KIND_LABELS[kind]
-            )
-        ax.axhline(p["unperturbed"], color="black", lw=1, ls=":", label="unperturbed")
-        ax.axhline(norm["random"], color="grey", lw=1, ls="--", label="random policy")
-        ax.set_xscale("log")
-        ax.set_xlabel("‖z‖ (L2 norm of the perturbation of the shared parameters)")
-        ax.set_ylabel(f"mean return ({p['episodes']} episodes × {p['draws']} draws)")
-        ax.set_title(f"Perturbing the {p['method']} agent (seed {p['seed']}) on {p['game']}")
-        ax.legend(fontsize=8)
+        fig = new_figure((4.2 * len(tests), 4))
+        axes = np.atleast_1d(fig.subplots(1, len(tests), squeeze=False)[0])
+        for ax, (game, t) in zip(axes, tests.items(), strict=True):
+            for kind in PERTURB_KINDS:
+                if t["scores"].get(kind) is None:
+                    continue
+                color, label = _KIND_COLORS[kind], _KIND_LABELS[kind]
+                ax.plot(t["norms"], t["scores"][kind], marker="o", color=color, label=label)
+            ax.axhline(t["unperturbed"], color="black", lw=1, ls=":", label="unperturbed")
+            ax.axhline(normalisation[game]["random"], color="grey", lw=1, ls="--", label="random policy")
+            ax.set_xscale("log")
+            ax.set_xlabel("‖z‖ (L2 norm, shared parameters)")
+            ax.set_title(f"{game} (context {t['context']})")
+        axes[0].set_ylabel(f"mean return ({p_episodes(tests)} episodes × draws)")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncol=5)
+        fig.suptitle(f"Perturbing the final {p['method']} agent (seed {p['seed']}) in each game's context")
     return fig
+
+
+def p_episodes(tests: dict[str, dict[str, Any]]) -> int:
+    """The evaluation episodes per point of the perturbation tests (the same for every game)."""
+    return int(next(iter(tests.values()))["episodes"])
 
 
 # ------------------------------------------------------------------------ findings, tables
 
 
 def _pm(s: dict[str, Any], digits: int = 3) -> str:
+    """``mean ± std`` of a :func:`ewc.rl.protocol.stats` entry."""
     if s["mean"] is None:
         return "n/a"
     std = "n/a" if s["std"] is None else f"{s['std']:.{digits}f}"
     return f"{s['mean']:.{digits}f} ± {std}"
+
+
+def _ci(s: dict[str, Any], digits: int = 2) -> str:
+    """``mean ± 95 % CI half-width`` of a stats entry (an entry from before issue #19: no CI)."""
+    if s["mean"] is None:
+        return "n/a"
+    half = s.get("ci95")
+    return f"{s['mean']:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
 
 
 def findings(results: dict[str, Any]) -> list[str]:
@@ -158,7 +186,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         )
     if "dqn" in summary and summary["dqn"]["final_total"]["mean"] is not None:
         base = summary["dqn"]["final_total"]
-        for method in ("ewc", "ewc-true-labels"):
+        for method in [m for m in summary if m != "dqn"]:
             if method not in summary or summary[method]["final_total"]["mean"] is None:
                 continue
             t = summary[method]["final_total"]
@@ -180,31 +208,50 @@ def findings(results: dict[str, Any]) -> list[str]:
                     + f"; {method} ends above the same-seed dqn run in {above} of {len(pairs)} seeds."
                 )
     for method, s in summary.items():
+        good = s.get("final_games_good")
+        if good and good["mean"] is not None:
+            per_seed = ", ".join(str(r.get("final_games_good", "?")) for r in results["runs"].get(method, []))
+            out.append(
+                f"{method}: games at ≥ 0.5 normalised score at the end: {_ci(good, 1)} (mean ± 95 % CI; "
+                f"per seed {per_seed}; of {n_games})."
+            )
+    for method, s in summary.items():
         parts = []
         for g in results["normalised_games"]:
             pg = s["per_game"][g]
             parts.append(f"{g} {_pm(pg['final'])} (forgetting {_pm(pg['forgetting'])})")
         if parts:
             out.append(f"{method}, final normalised score per game: " + "; ".join(parts) + ".")
-    det = [r["record"].get("detector") for r in results["runs"].get("ewc", [])]
-    if det and all(d is not None for d in det):
-        found = ", ".join(str(d["num_tasks"]) for d in det)
-        out.append(
-            f"ewc's task detector ended with {found} task(s) per seed for {len(results['games'])} games."
-        )
+    for method, runs in results["runs"].items():
+        inf = [(r["seed"], r.get("task_inference")) for r in runs]
+        if not inf or any(t is None for _, t in inf):
+            continue
+        parts = [
+            f"seed {seed}: {t['num_contexts']} contexts"
+            + (", one per game" if t["one_to_one"] and t["num_contexts"] == len(results["games"]) else "")
+            + f", {t['returns_recognised']} of {t['returns']} returns recognised, "
+            f"{100 * t['accuracy']:.1f} % of transitions in their game's context"
+            for seed, t in inf
+        ]
+        out.append(f"{method}'s task detector ({len(results['games'])} games): " + "; ".join(parts) + ".")
+    out += (results.get("claims") or {}).get("lines", [])
     if results.get("perturb_skipped"):
         out.append(f"Perturbation test skipped: {results['perturb_skipped']}.")
     p = results.get("perturb")
     if p:
-        pairs = ", ".join(
-            f"{r:g}: {a:.2f} vs {b:.2f}"
-            for r, a, b in zip(p["norms"], p["scores"]["isotropic"], p["scores"]["fisher"], strict=True)
-        )
-        out.append(
-            f"Perturbation test ({p['method']}, seed {p['seed']}, {p['game']}, unperturbed "
-            f"{p['unperturbed']:.2f}): "
-            f"mean return at ‖z‖ = {pairs} (isotropic vs inverse-Fisher noise)."
-        )
+        for game, t in perturb_games(p).items():
+            kinds = [k for k in PERTURB_KINDS if t["scores"].get(k) is not None]
+            pairs = ", ".join(
+                f"{r:g}: " + " / ".join(f"{t['scores'][k][i]:.2f}" for k in kinds)
+                for i, r in enumerate(t["norms"])
+            )
+            out.append(
+                f"Perturbation test ({p['method']}, seed {p['seed']}, {game}, context {t['context']}, "
+                f"unperturbed {t['unperturbed']:.2f}): mean return at ‖z‖ = {pairs} "
+                f"({' / '.join(_KIND_LABELS[k] for k in kinds)} noise)."
+            )
+        for game, why in p.get("skipped", {}).items():
+            out.append(f"Perturbation test on {game} skipped: {why}.")
     return out
 
 
@@ -229,10 +276,13 @@ def tables(results: dict[str, Any]) -> list[str]:
     rows = []
     for method, s in results["summary"].items():
         t = s["final_total"]
+        good = s.get("final_games_good") or {"mean": None}
         rows.append(
             [
                 method,
                 _pm(t),
+                _ci(t),
+                _ci(good, 1),
                 "n/a" if t["min"] is None else f"{t['min']:.3f} / {t['max']:.3f}",
                 *[_pm(s["per_game"][g]["final"]) for g in results["normalised_games"]],
                 f"{s['env_steps_per_s']['mean']:.0f}",
@@ -243,6 +293,8 @@ def tables(results: dict[str, Any]) -> list[str]:
         [
             "method",
             "final total (mean ± std)",
+            "mean ± 95 % CI",
+            "games ≥ 0.5",
             "min / max",
             *[f"{g} final" for g in results["normalised_games"]],
             "env steps/s",
@@ -251,22 +303,40 @@ def tables(results: dict[str, Any]) -> list[str]:
         rows,
     )
     out = [t1, t2]
+    for method, runs in results["runs"].items():
+        inf = [(r["seed"], r.get("task_inference")) for r in runs]
+        if not inf or any(t is None for _, t in inf):
+            continue
+        rows = []
+        for v, game in enumerate(results["schedule"]):
+            cells = []
+            for _, t in inf:
+                shares = t["per_visit"][v]["shares"] if v < len(t["per_visit"]) else {}
+                cells.append(", ".join(f"{k}: {100 * x:.0f} %" for k, x in shares.items()) or "n/a")
+            rows.append([str(v), game, *cells])
+        out.append(
+            f"{method}: the detector's contexts per visit (share of the visit's transitions; the game's "
+            "context is the one holding most of its transitions)\n\n"
+            + md_table(["visit", "game", *[f"seed {seed}" for seed, _ in inf]], rows)
+        )
     p = results.get("perturb")
     if p:
-        out.append(
-            md_table(
-                ["‖z‖", "isotropic", "inverse Fisher", "Σ F z² isotropic", "Σ F z² inverse Fisher"],
-                [
-                    [f"{r:g}", f"{a:.2f}", f"{b:.2f}", f"{qa:.3g}", f"{qb:.3g}"]
-                    for r, a, b, qa, qb in zip(
-                        p["norms"],
-                        p["scores"]["isotropic"],
-                        p["scores"]["fisher"],
-                        p["fisher_quadratic"]["isotropic"],
-                        p["fisher_quadratic"]["fisher"],
-                        strict=True,
-                    )
-                ],
+        for game, t in perturb_games(p).items():
+            kinds = [k for k in PERTURB_KINDS if t["scores"].get(k) is not None]
+            out.append(
+                f"Perturbation test, {game} (context {t['context']}, unperturbed {t['unperturbed']:.2f}, "
+                f"{t.get('null_parameters', 'n/a')} of {t['shared_parameters']} shared parameters in "
+                "the Fisher's null space)\n\n"
+                + md_table(
+                    ["‖z‖", *[_KIND_LABELS[k] for k in kinds], *[f"Σ F z² {k}" for k in kinds]],
+                    [
+                        [
+                            f"{r:g}",
+                            *[f"{t['scores'][k][i]:.2f}" for k in kinds],
+                            *[f"{t['fisher_quadratic'][k][i]:.3g}" for k in kinds],
+                        ]
+                        for i, r in enumerate(t["norms"])
+                    ],
+                )
             )
-        )
     return out

@@ -83,6 +83,7 @@ def train_sequence(
             "visits": [],
             "episode_returns": [],
             "train_seconds": 0.0,
+            "eval_seconds": 0.0,
             "env_steps": 0,
             "updates": 0,
         }
@@ -104,10 +105,13 @@ def train_sequence(
                 atomic_save({"agent": agent.state_dict(), "record": record}, checkpoint)
 
         def evaluate(visit: int) -> None:
+            tic = time.perf_counter()
             scores = {
                 g: agent.evaluate(g, eval_episodes, eval_epsilon, seed=derive_seed(config.seed, 4))
                 for g in games
             }
+            # a record from before issue #19 has no eval_seconds
+            record["eval_seconds"] = record.get("eval_seconds", 0.0) + time.perf_counter() - tic
             record["evaluations"].append(
                 {
                     "env_step": agent.env_steps,

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,6 +49,7 @@ from ewc.methods import Batch
 from ewc.rl.config import DQNConfig, derive_seed, saved_config
 from ewc.rl.consolidation import ContextVisit
 from ewc.rl.env import GAMES, NUM_ACTIONS, OBS_SIZE, Game, block_features, check_game, max_channels
+from ewc.rl.evaluation import play_episodes
 from ewc.rl.method import build_method
 from ewc.rl.qnet import QNetwork, SharedView
 from ewc.rl.replay import TaskReplay
@@ -318,7 +318,6 @@ class Agent:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(
         self,
         game: str,
@@ -328,43 +327,15 @@ class Agent:
         max_steps: int = 27_000,
         window: int = 1_024,
     ) -> dict[str, Any]:
-        """Play ``episodes`` of ``game`` without learning; ``{"mean_return", "returns", "contexts"}``.
+        """Play ``episodes`` of ``game`` without learning, all at once with batched forward passes
+        (:func:`ewc.rl.evaluation.play_episodes`); ``{"mean_return", "returns", "contexts"}``.
 
         Context: the game's index (true labels) or, with inferred labels, the argmax over known
         tasks of the detector's ``score`` of the episode's last ``window`` observations, re-chosen
         every ``detect_every`` steps (no detector update). ``contexts`` counts steps per context.
-        Uses its own RNG and game, so training is unaffected.
+        Uses its own RNG and games, so training is unaffected.
         """
-        check_game(game)
-        if episodes < 1:
-            raise ValueError(f"episodes must be >= 1, got {episodes!r}")
-        env = Game(game, seed=seed, sticky_action_prob=self.config.sticky_action_prob)
-        gen = torch.Generator().manual_seed(derive_seed(seed, 2))
-        returns: list[float] = []
-        counts: dict[int, int] = {}
-        for ep in range(episodes):
-            obs = env.reset(seed=derive_seed(seed, 3, ep))
-            seen: list[Tensor] = []
-            total, ctx = 0.0, 0
-            for t in range(max_steps):
-                if self.detector is None:
-                    ctx = GAMES.index(game)
-                elif t % self.config.detect_every == 0:
-                    seen = (seen + [obs])[-window:]
-                    ctx = self._scored_context(seen)
-                else:
-                    seen = (seen + [obs])[-window:]
-                counts[ctx] = counts.get(ctx, 0) + 1
-                obs, reward, done = env.step(self.act(obs, epsilon, ctx, gen))
-                total += reward
-                if done:
-                    break
-            returns.append(total)
-        return {
-            "mean_return": float(np.mean(returns)),
-            "returns": returns,
-            "contexts": {str(k): v for k, v in sorted(counts.items())},
-        }
+        return play_episodes(self, game, episodes, epsilon, seed, max_steps, window)
 
     def _scored_context(self, seen: list[Tensor]) -> int:
         """The known task that best explains observations ``seen`` (0 before any task exists)."""

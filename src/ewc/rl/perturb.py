@@ -1,8 +1,10 @@
 """The Fisher perturbation test on a trained agent (issue #4, the EWC paper's Fig. 4C).
 
-Perturb the agent's shared parameters by noise of a given L2 norm, either isotropic or shaped by
-``1/√(F + ε)`` (F: the game context's normalised policy Fisher), and evaluate the game: if the
-Fisher tells which directions matter, the shaped noise should hurt the agent far less.
+Perturb the agent's shared parameters by noise of a given L2 norm, isotropic, shaped by
+``1/√(F + ε)`` (F: the game context's normalised policy Fisher), or confined to the Fisher's
+(near-)null space (the parameters whose normalised Fisher is below ``null_threshold``), and
+evaluate the game: if the Fisher tells which directions matter, the shaped and the null-space
+noise should hurt the agent far less than isotropic noise of the same norm.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import torch
 from ewc.rl.agent import DQNConfig
 from ewc.rl.env import GAMES
 
-__all__ = ["PERTURB_EVAL_SEED", "PERTURB_KINDS", "perturbation_test"]
+__all__ = ["NULL_THRESHOLD", "PERTURB_EVAL_SEED", "PERTURB_KINDS", "perturbation_test"]
 
 PERTURB_EVAL_SEED = 12345  # the same evaluation episodes for every perturbation
-PERTURB_KINDS = ("isotropic", "fisher")
+PERTURB_KINDS = ("isotropic", "fisher", "null")
+NULL_THRESHOLD = 1e-3  # normalised Fisher (mean 1) below this: the parameter is in the null space
 
 
 @torch.no_grad()
@@ -36,9 +39,11 @@ def perturbation_test(
     norms: Sequence[float],
     draws: int,
     damping: float,
+    null_threshold: float = NULL_THRESHOLD,
 ) -> dict[str, Any]:
     """Perturb the checkpointed agent's shared parameters by noise of each norm in ``norms``,
-    isotropic or shaped by 1/√(F + ``damping``), and evaluate ``game`` (``episodes`` episodes).
+    isotropic, shaped by 1/√(F + ``damping``), or on the parameters with F < ``null_threshold``
+    only, and evaluate ``game`` (``episodes`` episodes).
 
     ``record`` is the run's train_sequence record (with inferred labels, the context the agent used
     most on the game in its final evaluation is the one perturbed and whose Fisher is taken, over
@@ -69,31 +74,37 @@ def perturbation_test(
     params = [named[n] for n in names]
     f = torch.cat([fisher[n].reshape(-1) for n in names]).double()
     theta = parameters_to_vector(params).detach().clone()
-    scales = {"isotropic": torch.ones_like(f), "fisher": (f + damping).rsqrt()}
+    null = f < null_threshold
+    scales = {
+        "isotropic": torch.ones_like(f),
+        "fisher": (f + damping).rsqrt(),
+        "null": null.to(f.dtype),
+    }
+    kinds = [k for k in PERTURB_KINDS if k != "null" or bool(null.any())]
 
     def score() -> float:
         r = agent.evaluate(game, episodes, eval_epsilon, seed=PERTURB_EVAL_SEED)
         return float(r["mean_return"])
 
     base = score()
-    scores: dict[str, list[list[float]]] = {k: [] for k in PERTURB_KINDS}
-    quad: dict[str, list[float]] = {k: [] for k in PERTURB_KINDS}
+    scores: dict[str, list[list[float]]] = {k: [] for k in kinds}
+    quad: dict[str, list[float]] = {k: [] for k in kinds}
     try:
         for r in norms:
-            per = {k: [] for k in PERTURB_KINDS}
-            fz = {k: [] for k in PERTURB_KINDS}
+            per: dict[str, list[float]] = {k: [] for k in kinds}
+            fz: dict[str, list[float]] = {k: [] for k in kinds}
             for d in range(draws):
                 g = torch.randn(
                     f.shape, generator=torch.Generator().manual_seed(1000 + d), dtype=torch.float64
                 ).to(f.device)
-                for kind in PERTURB_KINDS:
+                for kind in kinds:
                     z = g * scales[kind]
                     z = z * (r / z.norm())
                     vector_to_parameters((theta + z).to(theta.dtype), params)
                     per[kind].append(score())
                     fz[kind].append(float((f * z * z).sum()))
             vector_to_parameters(theta, params)
-            for kind in PERTURB_KINDS:
+            for kind in kinds:
                 scores[kind].append(per[kind])
                 quad[kind].append(float(np.mean(fz[kind])))
     finally:
@@ -108,7 +119,10 @@ def perturbation_test(
         "shared_parameters": int(f.numel()),
         "shared_norm": float(theta.norm()),
         "unperturbed": base,
-        "scores": {k: [float(np.mean(v)) for v in scores[k]] for k in PERTURB_KINDS},
+        "null_threshold": null_threshold,
+        "null_parameters": int(null.sum()),
+        "scores": {k: [float(np.mean(v)) for v in scores[k]] if k in kinds else None for k in PERTURB_KINDS},
         "scores_per_draw": scores,
-        "fisher_quadratic": quad,  # mean Σ F z² (normalised Fisher) per norm: how much F "sees" the noise
+        # mean Σ F z² (normalised Fisher) per norm: how much F "sees" the noise
+        "fisher_quadratic": {k: quad.get(k) for k in PERTURB_KINDS},
     }

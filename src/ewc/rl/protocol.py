@@ -1,7 +1,8 @@
 """The continual-RL protocol of ``ewc rl``: schedule, normalised scores, forgetting, reference cache.
 
 Schedule: seeded; the first ``len(games)`` visits are a random permutation of the games, every
-later visit a random game other than the previous one. Scores are normalised per game:
+later visit a random game other than the previous one, drawn again until every game has at least
+``min_visits`` visits (the full protocol: every game returns at least once). Scores are normalised per game:
 ``min(1, (score - random) / (reference - random))`` where ``random`` is the uniform policy's mean
 return and ``reference`` the final score of a single-task agent trained on that game for the
 game's budget (steps per visit × its visits in the schedule), cached under the user cache by a
@@ -28,12 +29,14 @@ from ewc.rl.config import config_key
 
 __all__ = [
     "AGENTS",
+    "GOOD",
     "AgentVariant",
     "MIN_RANGE",
     "RANDOM_EPISODES",
     "REFERENCE_FORMAT",
     "budgets",
     "forgetting",
+    "games_at",
     "make_schedule",
     "normalisation_table",
     "normalise",
@@ -44,6 +47,7 @@ __all__ = [
     "score_run",
     "stats",
     "summarise",
+    "task_inference",
     "total_score",
     "trim_record",
     "write_cached_reference",
@@ -59,6 +63,7 @@ class AgentVariant:
     true_labels: bool
     label: str
     color: str
+    mode: str = "separate"  # the EWC penalty: one term per context, or one merged term (online)
 
 
 #: the agents ``ewc rl --methods`` chooses from, in the order of tables and legends
@@ -66,29 +71,45 @@ AGENTS: dict[str, AgentVariant] = {
     "dqn": AgentVariant(False, True, "DQN (λ = 0)", "#1f77b4"),
     "ewc": AgentVariant(True, False, "EWC, inferred labels", METHOD_SPECS["ewc"].color),
     "ewc-true-labels": AgentVariant(True, True, "EWC, true labels", "#2ca02c"),
+    "online-ewc": AgentVariant(
+        True, True, "online EWC, true labels", METHOD_SPECS["online-ewc"].color, mode="online"
+    ),
 }
 
 RANDOM_EPISODES = 100  # episodes of the uniform policy per game (seed 0) for the "random" score
 MIN_RANGE = 1e-6  # reference - random at or below this: the game cannot be normalised
 REFERENCE_FORMAT = "ewc.rl-reference/1"
+GOOD = 0.5  # a game counts as played well at this normalised score or above
+_SCHEDULE_TRIES = 10_000  # draws of a schedule before min_visits is declared out of reach
 
 
-def make_schedule(games: Sequence[str], visits: int, seed: int) -> list[str]:
+def make_schedule(games: Sequence[str], visits: int, seed: int, min_visits: int = 1) -> list[str]:
     """A seeded game order: a random permutation of ``games``, then random games each different
-    from the previous one, ``visits`` in all (ValueError if a game would never be visited)."""
+    from the previous one, ``visits`` in all, and every game at least ``min_visits`` times (the
+    continuation is drawn again, from the same RNG, until it is; ``min_visits=1`` gives the
+    first draw, the schedules of the earlier code). ValueError if the constraints cannot hold."""
     games = list(games)
     if not games:
         raise ValueError("no games to schedule")
-    if visits < len(games):
-        raise ValueError(f"{visits} visits cannot cover {len(games)} games")
+    if isinstance(min_visits, bool) or not isinstance(min_visits, int) or min_visits < 1:
+        raise ValueError(f"min_visits must be an int >= 1, got {min_visits!r}")
+    if visits < len(games) * min_visits:
+        raise ValueError(f"{visits} visits cannot cover {len(games)} games {min_visits} time(s) each")
     if len(games) == 1 and visits > 1:
         raise ValueError("one game cannot be visited twice in a row")
     rng = np.random.default_rng(seed)
-    schedule = [games[i] for i in rng.permutation(len(games))]
-    while len(schedule) < visits:
-        others = [g for g in games if g != schedule[-1]]
-        schedule.append(others[int(rng.integers(len(others)))])
-    return schedule
+    first = [games[i] for i in rng.permutation(len(games))]
+    for _ in range(_SCHEDULE_TRIES):
+        schedule = list(first)
+        while len(schedule) < visits:
+            others = [g for g in games if g != schedule[-1]]
+            schedule.append(others[int(rng.integers(len(others)))])
+        if min(schedule.count(g) for g in games) >= min_visits:
+            return schedule
+    raise ValueError(  # pragma: no cover - only for extreme visits / min_visits combinations
+        f"no schedule of {visits} visits with every game at least {min_visits} times found "
+        f"in {_SCHEDULE_TRIES} draws"
+    )
 
 
 def budgets(schedule: Sequence[str], steps_per_visit: int) -> dict[str, int]:
@@ -257,33 +278,95 @@ def score_run(
             for g in games
         }
         e["total"] = total_score(e["scores"], normalisation)
+        e["games_good"] = games_at(e["normalised"])
     final = rec["evaluations"][-1]
     fg = {g: forgetting(rec["evaluations"], g, last_end[g]) for g in games}
     return {
         "seed": seed,
         "record": rec,
         "final_total": final["total"],
+        "final_games_good": final["games_good"],
         "final_normalised": final["normalised"],
         "final_scores": final["scores"],
         "best_before_last_visit_end": {g: None if v is None else v[0] for g, v in fg.items()},
         "forgetting": {g: None if v is None else v[2] for g, v in fg.items()},
         "env_steps_per_s": rec.get("env_steps_per_s"),
         "updates_per_s": rec.get("updates_per_s"),
+        "task_inference": task_inference(rec),
+    }
+
+
+def task_inference(record: dict[str, Any]) -> dict[str, Any] | None:
+    """How the detector labelled a run (None with true labels): per visit, the share of its
+    transitions in each context (its row of the confusion matrix); each game's context (the one
+    holding most of its transitions over all its visits); whether that map is one to one; how many
+    return visits went mostly to the game's context of its earlier visits; the share of all
+    transitions in their game's context; and the contexts the detector ended with."""
+    det = record.get("detector")
+    if det is None:
+        return None
+    visits = record["visits"]
+    per_game: dict[str, dict[str, int]] = {}
+    rows = []
+    for v, summary in enumerate(visits):
+        counts = {str(k): int(n) for k, n in summary["contexts"].items()}
+        total = max(sum(counts.values()), 1)
+        game = summary["game"]
+        for k, n in counts.items():
+            per_game.setdefault(game, {}).setdefault(k, 0)
+            per_game[game][k] += n
+        major = max(counts, key=lambda k: counts[k]) if counts else None
+        rows.append(
+            {
+                "visit": v,
+                "game": game,
+                "shares": {k: n / total for k, n in sorted(counts.items(), key=lambda kv: -kv[1])},
+                "majority": major,
+            }
+        )
+    game_context = {g: max(c, key=lambda k: c[k]) for g, c in per_game.items()}
+    returns, recognised, seen = 0, 0, {}
+    for row in rows:
+        g = row["game"]
+        if g in seen:
+            returns += 1
+            recognised += row["majority"] == seen[g]
+        else:
+            seen[g] = row["majority"]
+    right = sum(per_game[g].get(game_context[g], 0) for g in per_game)
+    total = sum(sum(c.values()) for c in per_game.values())
+    return {
+        "per_visit": rows,
+        "game_context": game_context,
+        "one_to_one": len(set(game_context.values())) == len(game_context),
+        "num_contexts": int(det["num_tasks"]),
+        "returns": returns,
+        "returns_recognised": recognised,
+        "accuracy": right / total if total else None,
     }
 
 
 def stats(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean, sample std (None for one value), min, max and count of the values that are not None."""
+    """Mean, sample std and the half-width of the 95 % t interval of the mean (None for one
+    value), min, max and count of the values that are not None."""
+    from ewc.stats import mean_ci
+
     v = [float(x) for x in values if x is not None]
     if not v:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+        return {"mean": None, "std": None, "ci95": None, "min": None, "max": None, "n": 0}
     return {
         "mean": float(np.mean(v)),
         "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+        "ci95": mean_ci(v)["ci95"],
         "min": float(min(v)),
         "max": float(max(v)),
         "n": len(v),
     }
+
+
+def games_at(normalised: dict[str, float | None], level: float = GOOD) -> int:
+    """How many games have a normalised score of at least ``level``."""
+    return sum(v is not None and v >= level for v in normalised.values())
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], games: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -291,6 +374,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]], games: Sequence[str]) -> di
     return {
         m: {
             "final_total": stats([r["final_total"] for r in rs]),
+            # a run scored before issue #19 has no final_games_good: counted from its scores
+            "final_games_good": stats(
+                [r.get("final_games_good", games_at(r["final_normalised"])) for r in rs]
+            ),
             "per_game": {
                 g: {
                     "final": stats([r["final_normalised"][g] for r in rs]),
