@@ -96,15 +96,16 @@ def test_parallel_jobs_tell_when_each_ends_unless_quiet(
     """Workers draw no bar: with --jobs 2 a line per finished job goes to stderr (its ACC as
     results.json has it); --quiet silences it."""
     loud = [a for a in RUN if a not in ("--quiet", "--save-state")]
-    assert main([*loud, "--jobs", "2", "--out", str(tmp_path / "loud")]) == 0
+    assert main([*loud, "--lam", "50", "--jobs", "2", "--out", str(tmp_path / "loud")]) == 0
     err = capfd.readouterr().err
     lines = sorted(line for line in err.splitlines() if line.startswith("["))
     record = json.loads((tmp_path / "loud" / "results.json").read_text())
     acc = {m: r["average_accuracy"] for m, r in record["methods"].items()}
     assert [line[:6] for line in lines] == ["[1/2] ", "[2/2] "]
-    assert sorted(line.split("] ")[1].split(":")[0] for line in lines) == ["ewc", "sgd"]
+    named = sorted(line.split("] ")[1].split(":")[0] for line in lines)
+    assert named == ["ewc lam=50", "sgd"]  # a method's strength is named (SGD has none)
     for line in lines:
-        method = line.split("] ")[1].split(":")[0]
+        method = line.split("] ")[1].split()[0].rstrip(":")
         assert f"ACC {acc[method]:.3f}, " in line and line.endswith(" s")
     assert main([*RUN, "--jobs", "2", "--out", str(tmp_path / "quiet")]) == 0
     assert not [line for line in capfd.readouterr().err.splitlines() if line.startswith("[")]

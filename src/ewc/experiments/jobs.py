@@ -18,6 +18,7 @@ from ewc.data.custom import file_sha256, is_npz_path
 from ewc.executors import Executor, make_executor
 from ewc.experiments.common import write_json
 from ewc.experiments.detached import run_detached
+from ewc.methods import METHOD_SPECS
 from ewc.models import model_name, resolve_model
 from ewc.scenario import Scenario
 from ewc.state import json_digest
@@ -174,16 +175,20 @@ def run_all(
 
 
 def _ended(specs: list[tuple]) -> Callable[[int, dict[str, Any]], None]:
-    """``on_result`` that prints ``[k/n] method: ACC …, … s`` on stderr as each job ends."""
+    """``on_result`` that prints ``[k/n] method [strength=value] [(validation)]: ACC …, … s`` on
+    stderr as each job ends (the strength names a --lam auto rung's or a grid's value)."""
     ended = [0]
 
     def tell(i: int, res: dict[str, Any]) -> None:
         ended[0] += 1
-        where = " (validation)" if specs[i][3] else ""
-        acc, seconds = res["average_accuracy"], res["seconds"]
-        print(
-            f"[{ended[0]}/{len(specs)}] {specs[i][1]}{where}: ACC {acc:.3f}, {seconds:.1f} s", file=sys.stderr
+        method, config = specs[i][1], specs[i][2]
+        strength = METHOD_SPECS[method].strength if method in METHOD_SPECS else None
+        value = method_params(method, config).get(strength) if strength else None
+        where = (f" {strength}={value:g}" if isinstance(value, int | float) else "") + (
+            " (validation)" if specs[i][3] else ""
         )
+        acc, seconds = res["average_accuracy"], res["seconds"]
+        print(f"[{ended[0]}/{len(specs)}] {method}{where}: ACC {acc:.3f}, {seconds:.1f} s", file=sys.stderr)
 
     return tell
 
