@@ -89,12 +89,10 @@ class Variant:
         self.rounds: list[float] = []  # median ms/step of each round
 
 
-def trainer_variant(name: str, tasks: int, out: str, steps: int) -> Variant:
+def trainer_clock(times: list[float]) -> Any:
+    """A ``transformers.TrainerCallback`` appending each step's process CPU time to ``times``
+    (from ``on_step_begin`` to ``on_step_end``)."""
     import transformers
-
-    from ewc.integrations.transformers import EWCTrainer
-
-    times: list[float] = []
 
     class Clock(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
@@ -102,6 +100,16 @@ def trainer_variant(name: str, tasks: int, out: str, steps: int) -> Variant:
 
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
             times.append(time.process_time() - self.t)
+
+    return Clock()
+
+
+def trainer_variant(name: str, tasks: int, out: str, steps: int) -> Variant:
+    import transformers
+
+    from ewc.integrations.transformers import EWCTrainer
+
+    times: list[float] = []
 
     model = char_model()
     args = transformers.TrainingArguments(
@@ -120,7 +128,7 @@ def trainer_variant(name: str, tasks: int, out: str, steps: int) -> Variant:
         "model": model,
         "args": args,
         "train_dataset": data(BATCH * steps),
-        "callbacks": [Clock()],
+        "callbacks": [trainer_clock(times)],
     }
     trainer = EWCTrainer(ewc=filled_ewc(model, tasks), **kw) if tasks else transformers.Trainer(**kw)
     trainer.remove_callback(transformers.PrinterCallback)

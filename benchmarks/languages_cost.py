@@ -37,6 +37,7 @@ import warnings
 from typing import Any
 
 import torch
+from integration_overhead import trainer_clock
 
 from ewc.experiments.languages import Config, settings
 from ewc.experiments.languages_model import build_lm
@@ -87,13 +88,6 @@ def trainer_steps(
 
     times: list[float] = []
 
-    class Clock(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
-            self.t = time.process_time()
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
-            times.append(time.process_time() - self.t)
-
     swedish = tasks[-1].train
     order = data_order(len(swedish), opts.steps, s["batch_size"], task_generator(0, 3, 0))
     items = WordItems([swedish[k] for idx in order for k in idx])
@@ -132,7 +126,7 @@ def trainer_steps(
             train_dataset=items,
             data_collator=collate,
             optimizers=(optimizer, schedule),
-            callbacks=[Clock()],
+            callbacks=[trainer_clock(times)],
             **kw,
         )
         trainer.remove_callback(PrinterCallback)
