@@ -4,6 +4,8 @@ with returns, task-inference confusion per visit, and the perturbation test per 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 pytest.importorskip("minatar")
 
 from ewc.rl.agent import Agent, DQNConfig  # noqa: E402
-from ewc.rl.config import derive_seed  # noqa: E402
+from ewc.rl.config import config_key, derive_seed, saved_config  # noqa: E402
 from ewc.rl.env import GAMES, Game  # noqa: E402
 from ewc.rl.replay import ReplayBuffer, pack_bits  # noqa: E402
 
@@ -146,6 +148,13 @@ def test_full_protocol_schedules_hold_their_constraints_over_many_seeds() -> Non
     full = Config(**FULL_PROTOCOL)  # a valid ewc rl configuration, with its command line
     assert set(full.methods) == {"dqn", "ewc", "ewc-true-labels", "online-ewc"} and len(full.seeds) >= 5
     assert "--min-visits 2" in command(full) and "--visits 10" in command(full)
+    # the command docs/rl.md and docs/results.md print carries every flag of FULL_PROTOCOL
+    root = Path(__file__).resolve().parents[1]
+    for doc in ("docs/rl.md", "docs/results.md"):
+        text = " ".join(root.joinpath(doc).read_text().replace("\\\n", " ").split())
+        for key, value in FULL_PROTOCOL.items():
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
+            assert f"--{key.replace('_', '-')} {shown}" in text, (doc, key)
     games = list(FULL_PROTOCOL["games"])
     seen = set()
     for seed in range(300):
@@ -189,12 +198,19 @@ def test_config_refuses_too_few_visits_for_min_visits() -> None:
     assert (d.ewc_mode, d.ewc_gamma, d.true_task_labels, d.ewc_lam) == ("online", 0.8, True, c.lam)
     e = dqn_config(c, "ewc-true-labels", 0)
     assert (e.ewc_mode, e.ewc_gamma) == ("separate", 1.0)  # online_gamma leaves the others alone
-    # --detector-hazard reaches the detector's agent only: the others' configs (and the references'
-    # cache keys) stay those of the default
-    h = Config(detector_hazard=0.2)
-    assert dqn_config(h, "ewc", 0).detector_hazard == 0.2
+    # the detector's settings reach the detector's agent only: the others' configs (and the
+    # references' cache keys) stay those of the default
+    h = Config(detector_hazard=0.2, detector_kappa0=0.3, detector_var_floor=0.02)
+    d = dqn_config(h, "ewc", 0)
+    assert (d.detector_hazard, d.detector_kappa0, d.detector_var_floor) == (0.2, 0.3, 0.02)
+    det = Agent(d).detector
+    assert (det.hazard, det.kappa0, det.var_floor) == (0.2, 0.3, 0.02)
     for m in ("dqn", "ewc-true-labels", "online-ewc"):
         assert dqn_config(h, m, 0) == dqn_config(Config(), m, 0)
+    # a checkpoint saved before detector_var_floor existed resumes with its default
+    saved = {k: v for k, v in asdict(dqn_config(Config(), "dqn", 0)).items() if k != "detector_var_floor"}
+    assert saved_config(saved) == asdict(dqn_config(Config(), "dqn", 0))
+    assert "detector_var_floor" not in config_key(dqn_config(Config(), "dqn", 0))
 
 
 def test_stats_and_games_at_half() -> None:

@@ -145,6 +145,16 @@ class Config:
         "ewc (inferred labels): the detector's prior probability of a task switch between two blocks",
         check=Interval(float, 0, 1, closed="neither"),
     )
+    detector_kappa0: float = param(
+        DQNConfig.__dataclass_fields__["detector_kappa0"].default,
+        "ewc (inferred labels): the detector's prior precision of a game's mean block features",
+        check=POSITIVE,
+    )
+    detector_var_floor: float = param(
+        DQNConfig.__dataclass_fields__["detector_var_floor"].default,
+        "ewc (inferred labels): the least variance of a block feature within a game",
+        check=NON_NEGATIVE,
+    )
     reference: str | None = param(
         None, 'JSON file {"game": reference score, ...}: use these instead of training references', type=str
     )
@@ -198,9 +208,21 @@ FULL_PROTOCOL: dict[str, Any] = {
     "min_visits": 2,
     "methods": ("dqn", "ewc", "ewc-true-labels", "online-ewc"),
     "seeds": (0, 1, 2, 3, 4),
-    # chosen on scripts/rl_detector_games.py's proxies before any five-game result (results.md)
+    # chosen on scripts/rl_detector_games.py's proxies before any five-game result of the ewc
+    # (inferred labels) agent (docs/results.md, "Task inference across five games")
     "detector_hazard": 0.2,
+    "detector_kappa0": 0.5,
+    "detector_var_floor": 0.02,
 }
+
+
+def _detector_settings(config: Config) -> dict[str, float]:
+    """The task detector's settings (the agent with inferred labels only)."""
+    return {
+        "detector_hazard": config.detector_hazard,
+        "detector_kappa0": config.detector_kappa0,
+        "detector_var_floor": config.detector_var_floor,
+    }
 
 
 def command(config: Config) -> str:
@@ -230,7 +252,7 @@ def dqn_config(config: Config, method: str, seed: int) -> DQNConfig:
         detect_every=config.detect_every,
         # only the detector's agent gets it: the others (and the references) keep the default,
         # so their configs, cache keys and checkpoints do not depend on it
-        **({} if agent.true_labels else {"detector_hazard": config.detector_hazard}),
+        **({} if agent.true_labels else _detector_settings(config)),
         true_task_labels=agent.true_labels,
         conv_channels=config.conv_channels,
         hidden=config.hidden,

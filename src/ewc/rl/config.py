@@ -53,7 +53,7 @@ REFUSED = {
 _OTHER = "it needs labelled data or output heads, which the DQN agent does not have"
 #: fields added after agent checkpoints and reference caches were first written, at the value that
 #: gives the earlier code's behaviour (a saved config without them reads as these)
-LATER_FIELDS = ("method", "method_params")
+LATER_FIELDS = ("method", "method_params", "detector_var_floor")
 
 
 @dataclass
@@ -105,6 +105,9 @@ class DQNConfig:
     )
     detector_kappa0: float = param(
         0.1, "prior precision of a task's mean features (see block_features)", check=POSITIVE
+    )
+    detector_var_floor: float = param(
+        1e-3, "least variance of a block feature within a task (see block_features)", check=NON_NEGATIVE
     )
     true_task_labels: bool = param(True, "context = game index; False: TaskDetector ids", check=Boolean())
     max_tasks: int = param(

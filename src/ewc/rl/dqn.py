@@ -119,6 +119,7 @@ class Agent:
                 temperature=c.detector_temperature,
                 hazard=c.detector_hazard,
                 kappa0=c.detector_kappa0,
+                var_floor=c.detector_var_floor,
                 proj_dim=None,
             )
         )
