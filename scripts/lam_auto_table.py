@@ -132,8 +132,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             r["verdict"], " (no λ helps)"
         )
         lam += f" ({r['edge']} edge)" if r["edge"] else ""
+        seed = f" (seed {r['seed']})" if "seed" in r else ""
         lines.append(
-            f"| {r['case']} | {r['method']} | {lam} | {r['auto_acc']:.3f} | {r['oracle_lam']:g} | "
+            f"| {r['case']}{seed} | {r['method']} | {lam} | {r['auto_acc']:.3f} | {r['oracle_lam']:g} | "
             f"{r['oracle_acc']:.3f} | {100 * r['ratio']:.1f} % | {r['zero_acc']:.3f} | "
             + " | ".join("—" if r[c] is None else f"{r[c]:.2f}×" for c in ("cost_steps", "cost_cpu"))
             + " |"
