@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("minatar")
 
+from rl_helpers import tiny_dqn  # noqa: E402
+
 from ewc.penalty import EWC  # noqa: E402
 from ewc.rl.agent import (  # noqa: E402
     Agent,
@@ -29,19 +31,7 @@ from ewc.taskid_eval import assignment_metrics  # noqa: E402
 
 torch.set_num_threads(1)
 
-# A configuration small enough for tests: updates start after 64 transitions, EWC after 100 steps.
-TINY = DQNConfig(
-    replay_capacity=500,
-    learning_starts=64,
-    target_update=50,
-    eps_decay_steps=200,
-    ewc_min_steps=100,
-    fisher_samples=128,
-    hidden=32,
-    conv_channels=8,
-    detect_every=32,
-    seed=3,
-)
+TINY = tiny_dqn()
 
 
 def _minatar_channels(game: str) -> int:

@@ -11,6 +11,8 @@ import torch
 
 pytest.importorskip("minatar")
 
+from rl_helpers import tiny_dqn  # noqa: E402
+
 from ewc.methods import METHOD_SPECS, L2Method, MASMethod  # noqa: E402
 from ewc.rl.agent import Agent, DQNConfig, PolicyEWC  # noqa: E402
 from ewc.rl.config import AGENT_METHODS  # noqa: E402
@@ -21,15 +23,9 @@ from ewc.rl.qnet import QNetwork, SharedView  # noqa: E402
 
 torch.set_num_threads(1)
 
-TINY = DQNConfig(
-    replay_capacity=500,
-    learning_starts=64,
-    target_update=50,
-    eps_decay_steps=200,
-    fisher_samples=64,
-    hidden=32,
-    conv_channels=8,
-    seed=3,
+# the shared tiny agent, with its Fisher on 64 states and the default consolidation / detector timing
+TINY = tiny_dqn(
+    fisher_samples=64, ewc_min_steps=DQNConfig().ewc_min_steps, detect_every=DQNConfig().detect_every
 )
 
 

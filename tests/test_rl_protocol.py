@@ -13,25 +13,16 @@ import torch
 
 pytest.importorskip("minatar")
 
-from ewc.rl.agent import Agent, DQNConfig  # noqa: E402
+from rl_helpers import tiny_dqn  # noqa: E402
+
+from ewc.rl.agent import Agent  # noqa: E402
 from ewc.rl.config import config_key, derive_seed, saved_config  # noqa: E402
 from ewc.rl.env import GAMES, Game  # noqa: E402
 from ewc.rl.replay import ReplayBuffer, pack_bits  # noqa: E402
 
 torch.set_num_threads(1)
 
-TINY = DQNConfig(
-    replay_capacity=500,
-    learning_starts=64,
-    target_update=50,
-    eps_decay_steps=200,
-    ewc_min_steps=100,
-    fisher_samples=128,
-    hidden=32,
-    conv_channels=8,
-    detect_every=32,
-    seed=3,
-)
+TINY = tiny_dqn()
 
 
 # ------------------------------------------------------------------------------ evaluation
