@@ -44,7 +44,7 @@ def case(
         oracle[lam] = res["average_accuracy"]
     best = max(grid, key=lambda lam: (oracle[lam], -lam))
     if args.search_only:
-        return searched(sequence, data, method, args, config, oracle, best)
+        return searched(key, method, args, config, oracle, best)
     out = Path(tempfile.mkdtemp())
 
     def cpu_seconds(lam: float | str, where: Path) -> tuple[float, dict[str, Any]]:
@@ -68,6 +68,45 @@ def case(
         (save / name).write_text(json.dumps(results, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     acc = results["methods"][method]["average_accuracy"]
+    return row(sequence, data, method, record, acc, oracle, best) | {
+        "cost_steps": record["cost"]["ratio_steps"],
+        "cost_cpu": auto_cpu / one_run_cpu,
+        "steps": record["cost"]["final_steps"],
+    }
+
+
+def searched(
+    key: tuple,
+    method: str,
+    args: argparse.Namespace,
+    config: TrainConfig,
+    oracle: dict[float, float],
+    best: float,
+) -> dict[str, Any]:
+    """The row of ``--search-only``: the search's choice, its ACC read from the oracle's grid."""
+    spec = METHOD_SPECS[method]
+    sequence, data = key[:2]
+    tasks, _ = build_tasks(sequence, data, args.tasks, args.seed, args.max_train, None)
+    auto = with_params(config, method, {spec.strength: AUTO})
+    record = search_auto(key, tasks, {method: spec.strength}, auto)[method]
+    return row(sequence, data, method, record, oracle[record["lam"]], oracle, best) | {
+        "seed": args.seed,
+        "cost_steps": None,
+        "cost_cpu": None,
+        "rungs": record["rungs"],
+    }
+
+
+def row(
+    sequence: str,
+    data: str,
+    method: str,
+    record: dict[str, Any],
+    acc: float,
+    oracle: dict[float, float],
+    best: float,
+) -> dict[str, Any]:
+    """The fields every row has: the search's choice and ACC ``acc`` against the oracle's grid."""
     return {
         "case": f"{sequence} {data}",
         "method": method,
@@ -79,45 +118,7 @@ def case(
         "oracle_acc": oracle[best],
         "zero_acc": oracle[0.0],
         "ratio": acc / oracle[best] if oracle[best] else float("nan"),
-        "cost_steps": record["cost"]["ratio_steps"],
-        "cost_cpu": auto_cpu / one_run_cpu,
-        "steps": record["cost"]["final_steps"],
         "oracle": {f"{k:g}": v for k, v in oracle.items()},
-    }
-
-
-def searched(
-    sequence: str,
-    data: str,
-    method: str,
-    args: argparse.Namespace,
-    config: TrainConfig,
-    oracle: dict[float, float],
-    best: float,
-) -> dict[str, Any]:
-    """The row of ``--search-only``: the search's choice, its ACC read from the oracle's grid."""
-    spec = METHOD_SPECS[method]
-    key = (sequence, data, args.tasks, args.max_train, None)
-    tasks, _ = build_tasks(sequence, data, args.tasks, args.seed, args.max_train, None)
-    auto = with_params(config, method, {spec.strength: AUTO})
-    record = search_auto(key, tasks, {method: spec.strength}, auto)[method]
-    lam = record["lam"]
-    return {
-        "case": f"{sequence} {data}",
-        "method": method,
-        "seed": args.seed,
-        "auto_lam": lam,
-        "verdict": record["verdict"],
-        "edge": record.get("edge"),
-        "auto_acc": oracle[lam],
-        "oracle_lam": best,
-        "oracle_acc": oracle[best],
-        "zero_acc": oracle[0.0],
-        "ratio": oracle[lam] / oracle[best] if oracle[best] else float("nan"),
-        "cost_steps": None,
-        "cost_cpu": None,
-        "oracle": {f"{k:g}": v for k, v in oracle.items()},
-        "rungs": record["rungs"],
     }
 
 
