@@ -92,6 +92,23 @@ def test_a_flat_curve_says_no_lam_helps_rather_than_an_extreme_value() -> None:
     assert record["verdict"] == "no λ helps" and record["lam"] == 0.0 and record["edge"] is None
 
 
+def test_ties_on_a_rung_promote_the_larger_lam() -> None:
+    """A short first rung where the weak strengths all score exactly what λ = 0 scores (as SI's
+    small c do: docs/results.md): the tied values that go on are the larger ones, so the deciding
+    rung sees a strength that acts, and finds the one that helps once there are more tasks."""
+
+    def evaluate(rung: Rung, lams: list[float]) -> list[dict]:
+        if rung.tasks < 5:  # rung 0: no strength up to 10³ changes anything yet
+            accs = [0.8 if lam <= 1e3 else 0.7 for lam in lams]
+        else:  # the deciding rung: 100 helps beyond noise
+            accs = [0.8 + (0.05 if lam == 100.0 else 0.01 * (lam > 1)) for lam in lams]
+        return [{"acc": a, "steps": 1, "seconds": 0.0, "n_val": 4000} for a in accs]
+
+    record = successive_halving(EWC_BRACKET, 5, evaluate)
+    assert record["rungs"][1]["lams"] == [0.0, 10.0, 100.0, 1000.0]  # not 0.1, 1, 10
+    assert record["verdict"] == "helps" and record["lam"] == 100.0
+
+
 def _rung(lams: list[float], accs: list[float], n: int = 1000) -> dict:
     return {"lams": lams, "validation_acc": accs, "n_val": n}
 

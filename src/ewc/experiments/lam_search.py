@@ -4,9 +4,10 @@ parts by successive halving, at a cost of about ``budget`` runs of the whole seq
 Rung 0 tries λ = 0 (plain fine-tuning, the reference) and the method's bracket (one value per
 decade, ``MethodSpec.bracket``) on the first tasks of the sequence, each task trained for a
 fraction of its steps (fewer epochs, then a seeded share of its training part) and of the
-samples of its other per-task work (EWC's Fisher, MAS's importances). Each later rung
-keeps the best third of the λ > 0 (η = 3) and λ = 0, and gives each of them η times the resources,
-so every rung costs about as much as the one before; the last rung trains all tasks. Its best λ is
+samples of its other per-task work (EWC's Fisher, MAS's importances). Each later rung keeps
+the best third of the λ > 0 (η = 3; ties: the larger) and λ = 0, and gives each of them η times
+the resources, so every rung costs about as much as the one before; the last rung trains all
+tasks. Its best λ is
 chosen unless λ = 0 beats it there beyond noise, no λ > 0 beat λ = 0 in any rung, or no strength
 changed the validation ACC beyond noise (:func:`decide`): then "no λ helps" and the method runs
 with λ = 0. A run's
@@ -190,7 +191,9 @@ def successive_halving(
                 **{k: v for k, v in results[0].items() if k not in ("acc", "steps", "seconds")},
             }
         )
-        ranked = sorted(alive, key=lambda lam: (-accs[lams.index(lam)], lam))
+        # ties go to the larger λ: a smaller one that scores the same is the likelier to act like
+        # λ = 0, which every rung runs anyway
+        ranked = sorted(alive, key=lambda lam: (-accs[lams.index(lam)], -lam))
         alive = sorted(ranked[: math.ceil(len(alive) / ETA)])
     verdict = decide(rungs)
     edge = {bracket[0]: "lower", bracket[-1]: "upper"}.get(verdict["lam"]) if verdict["lam"] else None
