@@ -156,9 +156,12 @@ def test_tiny_rl_writes_results_figures_and_report(tiny_run: dict) -> None:
         assert rec["evaluations"][-1]["env_step"] == 600
         assert all("total" in e and "normalised" in e for e in rec["evaluations"])
         assert run["final_total"] == rec["evaluations"][-1]["total"]
+        totals = [e["total"] for e in rec["evaluations"]]
+        assert run["mean_total"] == pytest.approx(sum(totals) / len(totals))
         assert run["env_steps_per_s"] > 0
         s = r["summary"][method]["final_total"]
         assert s["n"] == 1 and s["mean"] == run["final_total"]
+        assert r["summary"][method]["mean_total"]["mean"] == pytest.approx(run["mean_total"])
     for g, n in r["normalisation"].items():
         assert n["reference_source"] == "computed"
         assert n["normalisable"] == (n["reference"] - n["random"] > 1e-6)

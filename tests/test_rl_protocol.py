@@ -252,8 +252,10 @@ def test_report_reads_a_perturbation_entry_from_before_issue_19() -> None:
 
 
 def _run(seed: int, ends: list[dict[str, float]], games_good: int, total: float) -> dict:
-    evals = [{"env_step": 10 * (v + 1), "normalised": n} for v, n in enumerate(ends)]
-    evals.insert(0, {"env_step": 5, "normalised": {"a": 0.0, "b": 0.0}})  # mid-visit: not a visit end
+    evals = [
+        {"env_step": 10 * (v + 1), "normalised": n, "total": sum(n.values())} for v, n in enumerate(ends)
+    ]
+    evals.insert(0, {"env_step": 5, "normalised": {"a": 0.0, "b": 0.0}, "total": 0.0})  # not a visit end
     record = {"evaluations": evals}
     return {"seed": seed, "record": record, "final_games_good": games_good, "final_total": total}
 
@@ -279,7 +281,13 @@ def test_claims_by_hand() -> None:
             "ewc-true-labels": [_run(0, forget, 2, 1.8), _run(1, forget, 1, 1.2)],
         },
     }
+    # the total averaged over the run: DQN's from its evaluations (0 + 0.9 + 0.9 + 1.6) / 4 = 0.85
+    for r, area in zip(results["runs"]["ewc"], (1.0, 1.2), strict=True):
+        r["mean_total"] = area
     c = claims(results)
+    assert c["mean_total"]["ewc"]["mean_diff"] == pytest.approx(0.25)  # (0.15 + 0.35) / 2
+    assert c["inferred_vs_true_mean_total"]["mean_diff"] == pytest.approx(0.25)  # true: 0.85 as DQN
+    assert "total averaged over the run, ewc − DQN = +0.25" in c["lines"][1]
     assert c["games_good"]["ewc"]["mean_diff"] == pytest.approx(1.5)  # (2-1 + 2-0) / 2
     assert c["games_good"]["ewc"]["n"] == 2
     assert c["inferred_vs_true"]["mean_diff"] == pytest.approx(0.1)  # (-0.1 + 0.3) / 2

@@ -429,7 +429,8 @@ def test_rl_tracks_each_method_and_seed(tmp_path: Path) -> None:
                 for k, x in _flat(visit, "visit/").items():
                     steps.setdefault(k, []).append((v, x))
             assert run["metrics"] == {k: sorted(v) for k, v in steps.items()}
-            final = _flat({k: one[k] for k in ("final_total", "env_steps_per_s", "updates_per_s")})
+            keys = ("final_total", "mean_total", "env_steps_per_s", "updates_per_s")
+            final = _flat({k: one[k] for k in keys})
             final.update(_flat({k: one[k] for k in ("final_normalised", "final_scores", "forgetting")}))
             assert run["final"] == final
             assert run["params"] == {"method": method, "seed": 0}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ewc.rl.protocol import GOOD, games_at, stats
+from ewc.rl.protocol import GOOD, games_at, mean_total, stats
 from ewc.stats import paired_t_test
 
 __all__ = ["claims", "erasure"]
@@ -45,9 +45,12 @@ def erasure(run: dict[str, Any], schedule: Sequence[str], spv: int) -> dict[str,
 
 
 def _value(run: dict[str, Any], key: str) -> float:
-    """``run[key]``; a run scored before issue #19 has no ``final_games_good``: counted here."""
+    """``run[key]``; a run scored before issue #19 has no ``final_games_good`` or ``mean_total``:
+    computed here."""
     if key == "final_games_good" and key not in run:
         return games_at(run["final_normalised"])
+    if key == "mean_total":
+        return mean_total(run)
     return run[key]
 
 
@@ -101,16 +104,26 @@ def claims(results: dict[str, Any]) -> dict[str, Any]:
         mine = [_value(r, "final_games_good") for r in runs[m]]
         base = [_value(r, "final_games_good") for r in runs["dqn"]]
         out.setdefault("games_good", {})[m] = test
-        lines.append(
+        line = (
             f"Claim 2, {m} holds more games at once than DQN: games at ≥ {GOOD} at the end "
             f"{stats(mine)['mean']:.1f} (seeds {mine}) vs DQN {stats(base)['mean']:.1f} (seeds {base}); "
-            f"difference {_fmt(test, 1)}."
+            f"difference {_fmt(test, 1)}"
         )
+        area = _paired(results, m, "dqn", "mean_total")
+        if area is not None and area["mean_diff"] is not None:
+            out.setdefault("mean_total", {})[m] = area
+            line += f"; total averaged over the run, {m} − DQN = {_fmt(area)}"
+        lines.append(line + ".")
     test = _paired(results, "ewc", "ewc-true-labels", "final_total")
     if test is not None and test["mean_diff"] is not None:
         out["inferred_vs_true"] = test
-        lines.append(
+        line = (
             f"Claim 3, inferred task labels do about as well as the true ones: final total, ewc − "
-            f"ewc-true-labels = {_fmt(test)}."
+            f"ewc-true-labels = {_fmt(test)}"
         )
+        area = _paired(results, "ewc", "ewc-true-labels", "mean_total")
+        if area is not None and area["mean_diff"] is not None:
+            out["inferred_vs_true_mean_total"] = area
+            line += f"; total averaged over the run = {_fmt(area)}"
+        lines.append(line + ".")
     return out

@@ -184,6 +184,12 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"{method}: final total normalised score {_pm(t)} (mean ± std over {t['n']} seed(s); min "
             f"{t['min']:.3f}, max {t['max']:.3f}; maximum possible {n_games})."
         )
+        area = s.get("mean_total")
+        if area and area["mean"] is not None:
+            out.append(
+                f"{method}: total normalised score averaged over the run's evaluations {_ci(area)} "
+                f"(mean ± 95 % CI over {area['n']} seed(s); min {area['min']:.3f}, max {area['max']:.3f})."
+            )
     if "dqn" in summary and summary["dqn"]["final_total"]["mean"] is not None:
         base = summary["dqn"]["final_total"]
         for method in [m for m in summary if m != "dqn"]:
@@ -277,11 +283,13 @@ def tables(results: dict[str, Any]) -> list[str]:
     for method, s in results["summary"].items():
         t = s["final_total"]
         good = s.get("final_games_good") or {"mean": None}
+        area = s.get("mean_total") or {"mean": None}
         rows.append(
             [
                 method,
                 _pm(t),
                 _ci(t),
+                _ci(area),
                 _ci(good, 1),
                 "n/a" if t["min"] is None else f"{t['min']:.3f} / {t['max']:.3f}",
                 *[_pm(s["per_game"][g]["final"]) for g in results["normalised_games"]],
@@ -294,6 +302,7 @@ def tables(results: dict[str, Any]) -> list[str]:
             "method",
             "final total (mean ± std)",
             "mean ± 95 % CI",
+            "total averaged over the run (mean ± 95 % CI)",
             "games ≥ 0.5",
             "min / max",
             *[f"{g} final" for g in results["normalised_games"]],

@@ -165,7 +165,8 @@ def log_rl(log: Logger | None, record: Mapping[str, Any], out_dir: Path | None) 
                     run.log_metrics(values, e["env_step"])
                 for v, visit in enumerate(rec.get("visits", [])):
                     run.log_metrics(numbers(visit, "visit/"), v)
-                finals = {k: run_record[k] for k in ("final_total", "env_steps_per_s", "updates_per_s")}
+                keys = ("final_total", "mean_total", "env_steps_per_s", "updates_per_s")
+                finals = {k: run_record.get(k) for k in keys}
                 nested = {k: run_record[k] for k in ("final_normalised", "final_scores", "forgetting")}
                 run.log_metrics({**numbers(finals), **numbers(nested)})
     figures = sorted(p.name for p in Path(out_dir).glob("*.png")) if out_dir is not None else []

@@ -38,6 +38,7 @@ __all__ = [
     "forgetting",
     "games_at",
     "make_schedule",
+    "mean_total",
     "normalisation_table",
     "normalise",
     "read_cached_reference",
@@ -285,6 +286,7 @@ def score_run(
         "seed": seed,
         "record": rec,
         "final_total": final["total"],
+        "mean_total": mean_total({"record": rec}),
         "final_games_good": final["games_good"],
         "final_normalised": final["normalised"],
         "final_scores": final["scores"],
@@ -364,6 +366,17 @@ def stats(values: Sequence[float | None]) -> dict[str, Any]:
     }
 
 
+def mean_total(run: dict[str, Any]) -> float | None:
+    """The total normalised score averaged over a run's evaluations (every ``eval_every`` steps and
+    at each visit's end): the area under its total-score curve per evaluation, which weighs the
+    whole sequence rather than the last evaluation alone (30 episodes of one game can move the final
+    total by a game's whole span). Read from the run, or computed for a run scored before it was."""
+    if run.get("mean_total") is not None:
+        return run["mean_total"]
+    totals = [e["total"] for e in run["record"]["evaluations"] if e.get("total") is not None]
+    return float(np.mean(totals)) if totals else None
+
+
 def games_at(normalised: dict[str, float | None], level: float = GOOD) -> int:
     """How many games have a normalised score of at least ``level``."""
     return sum(v is not None and v >= level for v in normalised.values())
@@ -374,6 +387,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], games: Sequence[str]) -> di
     return {
         m: {
             "final_total": stats([r["final_total"] for r in rs]),
+            "mean_total": stats([mean_total(r) for r in rs]),
             # a run scored before issue #19 has no final_games_good: counted from its scores
             "final_games_good": stats(
                 [r.get("final_games_good", games_at(r["final_normalised"])) for r in rs]
