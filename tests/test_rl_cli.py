@@ -132,6 +132,7 @@ def test_tiny_rl_writes_results_figures_and_report(tiny_run: dict) -> None:
         assert (out / png).stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "ewc rl" in report and "![total_score](total_score.png)" in report
+    assert "| total averaged over the run (mean ± 95 % CI) |" in report
     assert r["command"].startswith("ewc rl ")
     for key in (
         "schedule",
@@ -162,6 +163,8 @@ def test_tiny_rl_writes_results_figures_and_report(tiny_run: dict) -> None:
         s = r["summary"][method]["final_total"]
         assert s["n"] == 1 and s["mean"] == run["final_total"]
         assert r["summary"][method]["mean_total"]["mean"] == pytest.approx(run["mean_total"])
+        area = r["summary"][method]["mean_total"]["mean"]
+        assert f"{method}: total normalised score averaged over the run's evaluations {area:.2f}" in report
     for g, n in r["normalisation"].items():
         assert n["reference_source"] == "computed"
         assert n["normalisable"] == (n["reference"] - n["random"] > 1e-6)

@@ -204,6 +204,26 @@ def test_config_refuses_too_few_visits_for_min_visits() -> None:
     assert "detector_var_floor" not in config_key(dqn_config(Config(), "dqn", 0))
 
 
+def test_mean_total_of_runs_scored_before_it_existed() -> None:
+    from ewc.rl.protocol import mean_total, summarise
+
+    old = {"record": {"evaluations": [{"total": 1.0}, {"total": 0.0}, {"total": 2.0}]}}
+    assert mean_total(old) == pytest.approx(1.0)  # (1 + 0 + 2) / 3, from the evaluations
+    assert mean_total({**old, "mean_total": 0.25}) == 0.25  # a scored run's own value
+    assert mean_total({"record": {"evaluations": [{"env_step": 5}]}}) is None  # nothing to average
+    run = {
+        **old,
+        "final_total": 2.0,
+        "final_normalised": {"a": 1.0},
+        "final_scores": {"a": 3.0},
+        "forgetting": {"a": 0.0},
+        "env_steps_per_s": 1.0,
+        "updates_per_s": 1.0,
+    }
+    s = summarise({"dqn": [run, {**run, "mean_total": 3.0}]}, ["a"])["dqn"]["mean_total"]
+    assert (s["n"], s["mean"], s["min"], s["max"]) == (2, pytest.approx(2.0), 1.0, 3.0)
+
+
 def test_stats_and_games_at_half() -> None:
     from ewc.rl.protocol import games_at, stats
 

@@ -7,14 +7,12 @@ fraction of its steps (fewer epochs, then a seeded share of its training part) a
 samples of its other per-task work (EWC's Fisher, MAS's importances). Each later rung keeps
 the best third of the λ > 0 (η = 3; ties: the larger) and λ = 0, and gives each of them η times
 the resources, so every rung costs about as much as the one before; the last rung trains all
-tasks. Its best λ is
-chosen unless λ = 0 beats it there beyond noise, no λ > 0 beat λ = 0 in any rung, or no strength
-changed the validation ACC beyond noise (:func:`decide`): then "no λ helps" and the method runs
-with λ = 0. A run's
-score is ACC over the tasks it learned, measured on their validation parts
-(:func:`ewc.experiments.jobs.validation_tasks`): the test parts are never read. The search's cost
-(optimizer steps and seconds of all its runs) is recorded with the final run's (docs/methods.md,
-"λ chosen by a search").
+tasks. Its best λ is chosen unless λ = 0 beats it there beyond noise, no λ > 0 beat λ = 0 in
+any rung, or no strength changed the validation ACC beyond noise (:func:`decide`): then "no λ
+helps" and the method runs with λ = 0. A run's score is ACC over the tasks it learned, measured
+on their validation parts (:func:`ewc.experiments.jobs.validation_tasks`): the test parts are
+never read. The search's cost (optimizer steps and seconds of all its runs) is recorded with the
+final run's (docs/methods.md, "λ chosen by a search").
 """
 
 from __future__ import annotations

@@ -148,6 +148,8 @@ def log_stream(log: Logger | None, record: Mapping[str, Any], out_dir: Path | No
 
 def log_rl(log: Logger | None, record: Mapping[str, Any], out_dir: Path | None) -> None:
     """``ewc rl``'s record (see the module docstring)."""
+    from ewc.rl.protocol import mean_total
+
     log = as_tracking(log)
     if not log:
         return
@@ -165,8 +167,8 @@ def log_rl(log: Logger | None, record: Mapping[str, Any], out_dir: Path | None) 
                     run.log_metrics(values, e["env_step"])
                 for v, visit in enumerate(rec.get("visits", [])):
                     run.log_metrics(numbers(visit, "visit/"), v)
-                keys = ("final_total", "mean_total", "env_steps_per_s", "updates_per_s")
-                finals = {k: run_record.get(k) for k in keys}
+                finals = {k: run_record[k] for k in ("final_total", "env_steps_per_s", "updates_per_s")}
+                finals["mean_total"] = mean_total(run_record)
                 nested = {k: run_record[k] for k in ("final_normalised", "final_scores", "forgetting")}
                 run.log_metrics({**numbers(finals), **numbers(nested)})
     figures = sorted(p.name for p in Path(out_dir).glob("*.png")) if out_dir is not None else []

@@ -368,9 +368,10 @@ def stats(values: Sequence[float | None]) -> dict[str, Any]:
 
 def mean_total(run: dict[str, Any]) -> float | None:
     """The total normalised score averaged over a run's evaluations (every ``eval_every`` steps and
-    at each visit's end): the area under its total-score curve per evaluation, which weighs the
-    whole sequence rather than the last evaluation alone (30 episodes of one game can move the final
-    total by a game's whole span). Read from the run, or computed for a run scored before it was."""
+    at each visit's end): about the area under its total-score curve over its length (exactly, when
+    ``eval_every`` divides the visit), which weighs the whole sequence rather than the last
+    evaluation alone (30 episodes of one game can move the final total by a game's whole span).
+    Read from the run, or computed for a run scored before it was (None without totals)."""
     if run.get("mean_total") is not None:
         return run["mean_total"]
     totals = [e["total"] for e in run["record"]["evaluations"] if e.get("total") is not None]
