@@ -317,3 +317,36 @@ def test_claims_by_hand() -> None:
     for r in results["runs"]["ewc"]:
         r["final_normalised"] = {"a": 0.5, "b": 0.7} if r.pop("final_games_good") == 2 else {}
     assert claims(results)["games_good"]["ewc"]["mean_diff"] == pytest.approx(1.5)
+
+
+def test_plasticity_by_hand() -> None:
+    from ewc.experiments.rl_claims import claims, plasticity
+
+    norm = {
+        "a": {"random": 1.0, "reference": 3.0},  # span 2
+        "b": {"random": 0.0, "reference": 10.0},  # span 10
+        "c": {"random": 1.0, "reference": 1.0},  # cannot be normalised: left out
+    }
+
+    def run(seed: int, returns: list[float]) -> dict:
+        visits = [{"game": g, "mean_return": x} for g, x in zip("abc", returns, strict=True)]
+        record = {"evaluations": [], "visits": visits}
+        return {"seed": seed, "record": record, "final_total": 0.0, "final_games_good": 0}
+
+    # (3 - 1) / 2 = 1 (capped at 1), (5 - 0) / 10 = 0.5: mean 0.75; c is left out
+    assert plasticity(run(0, [3.0, 5.0, 7.0]), norm) == pytest.approx(0.75)
+    assert plasticity(run(0, [2.0, 1.0, 0.0]), norm) == pytest.approx((0.5 + 0.1) / 2)
+    assert plasticity(run(0, [0.0, 0.0, 9.0]) | {"record": {"visits": []}}, norm) is None
+    results = {
+        "schedule": ["a", "b", "c"],
+        "steps_per_visit": 10,
+        "normalised_games": ["a", "b"],
+        "normalisation": norm,
+        "runs": {
+            "dqn": [run(0, [3.0, 5.0, 0.0]), run(1, [2.0, 5.0, 0.0])],  # 0.75, 0.5
+            "ewc": [run(0, [2.0, 1.0, 0.0]), run(1, [1.0, 1.0, 0.0])],  # 0.3, 0.05
+        },
+    }
+    c = claims(results)
+    assert c["plasticity"]["ewc"]["mean_diff"] == pytest.approx(-0.45)  # (-0.45 - 0.45) / 2
+    assert any(line.startswith("What holding costs, ewc:") and "-0.45" in line for line in c["lines"])

@@ -8,13 +8,13 @@ numbers. Paired comparisons pair runs of the same seed (same initial weights and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ewc.rl.protocol import GOOD, games_at, mean_total, stats
+from ewc.rl.protocol import GOOD, games_at, mean_total, normalise, stats
 from ewc.stats import paired_t_test
 
-__all__ = ["claims", "erasure"]
+__all__ = ["claims", "erasure", "plasticity"]
 
 
 def _at_visit_ends(run: dict[str, Any], visits: int, spv: int) -> list[dict[str, float | None]]:
@@ -44,6 +44,20 @@ def erasure(run: dict[str, Any], schedule: Sequence[str], spv: int) -> dict[str,
     }
 
 
+def plasticity(run: dict[str, Any], normalisation: dict[str, dict[str, Any]]) -> float | None:
+    """How well a run learned the game in hand: the mean, over its visits, of the visit's mean
+    training return (ε-greedy, while learning) normalised like the scores; games that cannot be
+    normalised are left out. What consolidation costs shows here: a penalty that holds old games
+    can keep the new one from being learned."""
+    values = []
+    for visit in run["record"]["visits"]:
+        n = normalisation[visit["game"]]
+        v = normalise(visit["mean_return"], n["random"], n["reference"])
+        if v is not None:
+            values.append(v)
+    return sum(values) / len(values) if values else None
+
+
 def _value(run: dict[str, Any], key: str) -> float:
     """``run[key]``; a run scored before issue #19 has no ``final_games_good`` or ``mean_total``:
     computed here."""
@@ -54,8 +68,11 @@ def _value(run: dict[str, Any], key: str) -> float:
     return run[key]
 
 
-def _paired(results: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any] | None:
-    """Paired t-test of ``key`` between methods ``a`` and ``b`` over their common seeds."""
+def _paired(
+    results: dict[str, Any], a: str, b: str, key: str, value: Callable[[dict[str, Any]], Any] | None = None
+) -> dict[str, Any] | None:
+    """Paired t-test of ``key`` (or of ``value(run)``) between methods ``a`` and ``b`` over their
+    common seeds."""
     runs = results["runs"]
     if a not in runs or b not in runs:
         return None
@@ -63,7 +80,8 @@ def _paired(results: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any]
     common = [r for r in runs[a] if r["seed"] in rb]
     if not common:
         return None
-    test = paired_t_test([_value(r, key) for r in common], [_value(rb[r["seed"]], key) for r in common])
+    get = value or (lambda r: _value(r, key))
+    test = paired_t_test([get(r) for r in common], [get(rb[r["seed"]]) for r in common])
     return {**test, "a": a, "b": b, "key": key}
 
 
@@ -114,6 +132,15 @@ def claims(results: dict[str, Any]) -> dict[str, Any]:
             out.setdefault("mean_total", {})[m] = area
             line += f"; total averaged over the run, {m} − DQN = {_fmt(area)}"
         lines.append(line + ".")
+    if "normalisation" in results:
+        for m in [m for m in runs if m != "dqn"]:
+            test = _paired(results, m, "dqn", "plasticity", lambda r: plasticity(r, results["normalisation"]))
+            if test is not None and test["mean_diff"] is not None:
+                out.setdefault("plasticity", {})[m] = test
+                lines.append(
+                    f"What holding costs, {m}: the game in hand's normalised training return, mean "
+                    f"over the visits, {m} − DQN = {_fmt(test)}."
+                )
     test = _paired(results, "ewc", "ewc-true-labels", "final_total")
     if test is not None and test["mean_diff"] is not None:
         out["inferred_vs_true"] = test
