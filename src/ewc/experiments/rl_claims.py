@@ -93,7 +93,8 @@ def _fmt(test: dict[str, Any], digits: int = 2) -> str:
 
 
 def claims(results: dict[str, Any]) -> dict[str, Any]:
-    """The three claims of the paper's RL experiment with their measurements (``"lines"``: words)."""
+    """The three claims of the paper's RL experiment with their measurements, and what holding costs
+    each method in the game in hand (:func:`plasticity`); ``"lines"``: words."""
     schedule, spv = results["schedule"], results["steps_per_visit"]
     runs = results["runs"]
     n_games = len(results["normalised_games"])
