@@ -59,12 +59,9 @@ def plasticity(run: dict[str, Any], normalisation: dict[str, dict[str, Any]]) ->
 
 
 def _value(run: dict[str, Any], key: str) -> float:
-    """``run[key]``; a run scored before issue #19 has no ``final_games_good`` or ``mean_total``:
-    computed here."""
+    """``run[key]``; a run scored before issue #19 has no ``final_games_good``: counted here."""
     if key == "final_games_good" and key not in run:
         return games_at(run["final_normalised"])
-    if key == "mean_total":
-        return mean_total(run)
     return run[key]
 
 
@@ -128,7 +125,7 @@ def claims(results: dict[str, Any]) -> dict[str, Any]:
             f"{stats(mine)['mean']:.1f} (seeds {mine}) vs DQN {stats(base)['mean']:.1f} (seeds {base}); "
             f"difference {_fmt(test, 1)}"
         )
-        area = _paired(results, m, "dqn", "mean_total")
+        area = _paired(results, m, "dqn", "mean_total", mean_total)
         if area is not None and area["mean_diff"] is not None:
             out.setdefault("mean_total", {})[m] = area
             line += f"; total averaged over the run, {m} − DQN = {_fmt(area)}"
@@ -149,7 +146,7 @@ def claims(results: dict[str, Any]) -> dict[str, Any]:
             f"Claim 3, inferred task labels do about as well as the true ones: final total, ewc − "
             f"ewc-true-labels = {_fmt(test)}"
         )
-        area = _paired(results, "ewc", "ewc-true-labels", "mean_total")
+        area = _paired(results, "ewc", "ewc-true-labels", "mean_total", mean_total)
         if area is not None and area["mean_diff"] is not None:
             out["inferred_vs_true_mean_total"] = area
             line += f"; total averaged over the run = {_fmt(area)}"
