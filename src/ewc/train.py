@@ -133,7 +133,8 @@ class TrainConfig:
     progress: bool | None = param(None, "a bar on a terminal (None), always, or never", cli=False)
     final_only: bool = param(
         False,
-        "test the tasks only after the last one (ACC alone: no earlier rows of the matrix, no baseline); "
+        "test the tasks only after the last one (ACC alone: no earlier rows of the matrix, no baseline) "
+        "and skip the method's consolidation after the last task (no later task needs it); "
         "the runs of a λ search, which are scored by ACC",
         cli=False,
     )
@@ -407,7 +408,8 @@ def _train(
             evaluate(i)
         model.eval()
         del data, x, y, ids  # the task's training data: not held while the next task's is built
-        method.after_task(i, task)
+        if not (config.final_only and i == len(tasks) - 1):  # a search run: nothing follows it
+            method.after_task(i, task)
         t0 = time.perf_counter()
         final_only = config.final_only and i < len(tasks) - 1
         matrix.append([] if final_only else accuracies(model, tests, scenario, i))  # [] : not tested
