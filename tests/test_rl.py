@@ -294,6 +294,71 @@ def test_returning_task_term_is_dropped_then_readded() -> None:
     assert not torch.allclose(new_anchor, old_anchor)
 
 
+class _Labels:
+    """Stands in for the agent's detector: the context of each block, in order."""
+
+    def __init__(self, labels: list[int]) -> None:
+        self.labels, self.retracted, self.cap_hits, self.history = list(labels), 0, 0, []
+
+    @property
+    def num_tasks(self) -> int:
+        return 2
+
+    def update(self, block: torch.Tensor) -> int:
+        return self.labels.pop(0)
+
+    def predict(self, block: torch.Tensor) -> int:
+        return 0
+
+    def state_dict(self) -> dict:
+        return {"labels": list(self.labels)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.labels = list(state["labels"])
+
+
+def test_a_context_left_mid_visit_gets_its_term_back_at_once() -> None:
+    """Inferred labels: a new game's first block labelled as the game before sets that game's term
+    aside; once the detector moves on, the term protects it again (not only at the visit's end),
+    and a return to it within the visit sets it aside again."""
+    agent = Agent(tiny_dqn(true_task_labels=False))
+    every = agent.config.detect_every
+    agent.detector = _Labels([0] * 4 + [0, 1, 0, 1, 1, 1, 1, 1])  # breakout; then asterix
+    agent.begin_visit("breakout")
+    for _ in range(4 * every):
+        agent.step()
+    assert agent.end_visit()["consolidated"] == [0] and agent.method.owners == [0]
+    agent.begin_visit("asterix")
+    for _ in range(every):  # block 1: labelled breakout's context, whose term is set aside
+        agent.step()
+    assert agent.method.owners == [] and set(agent.method.set_aside) == {0}
+    state = agent.state_dict()
+    for _ in range(every):  # block 2: the new context; breakout's 32 transitions < ewc_min_steps
+        agent.step()
+    assert agent.method.owners == [0] and not agent.method.set_aside and agent.left == {0}
+    resumed = Agent(agent.config)
+    resumed.detector = _Labels([])
+    resumed.load_state_dict(agent.state_dict())
+    assert resumed.left == {0}
+    for _ in range(2 * every):  # blocks 3 and 4: back to 0 (set aside again), then 1 (put back)
+        agent.step()
+        if agent.visit_steps == 3 * every:
+            assert agent.method.owners == [] and set(agent.method.set_aside) == {0}
+    assert agent.method.owners == [0] and agent.left == {0}
+    for _ in range(4 * every):
+        agent.step()
+    summary = agent.end_visit()
+    assert summary["consolidated"] == [1] and summary["restored"] == [0]
+    assert summary["contexts"] == {"0": 2 * every, "1": 6 * every}
+    assert agent.method.owners == [0, 1] and agent.left == set()
+    # a state saved before the switch (no "left" in older states either) resumes the same way
+    del state["visit"]["left"]
+    again = Agent(agent.config)
+    again.detector = _Labels([])
+    again.load_state_dict(state)
+    assert again.left == set() and again.method.owners == [] and set(again.method.set_aside) == {0}
+
+
 # -------------------------------------------------------------------------------- save / load
 
 

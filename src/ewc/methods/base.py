@@ -95,6 +95,13 @@ class Method:
     def after_task(self, index: int, task: Task) -> None:
         """Called after the last update on a task (consolidation goes here)."""
 
+    def leave_task(self, index: int, task: Task) -> bool:
+        """Called when training switches away from task ``index`` before its ``after_task`` (a
+        context inferred for part of an RL visit). True when the method put back what
+        ``forget_task`` took; ``forget_task`` then comes again if the task becomes active again.
+        Nothing by default (False)."""
+        return False
+
     def forget_task(self, index: int) -> None:
         """Called when task ``index``, already ended once, starts training again (a stream's
         returning task), before ``before_task``: drop what the method keeps of that task alone

@@ -82,6 +82,9 @@ class Compose(Method):
         for m in self.methods:
             m.after_task(index, task)
 
+    def leave_task(self, index: int, task: Task) -> bool:
+        return any([m.leave_task(index, task) for m in self.methods])  # every member hears it
+
     def forget_task(self, index: int) -> None:
         for m in self.methods:
             m.forget_task(index)

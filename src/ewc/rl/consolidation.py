@@ -105,7 +105,12 @@ class PolicyEWC(Method):
     context becomes active, ``separate`` mode): its own term leaves the penalty and is kept aside
     until its ``after_task``, which replaces it by the fresh consolidation or, after a visit too
     short for one, puts it back unchanged. A second ``forget_task(ctx)`` before that (the detector
-    retracted the context) discards the kept term. ``online``: a returning context stays merged.
+    retracted the context) discards the kept term. ``leave_task(ctx, visit)`` (the agent's context
+    switched away from ``ctx`` mid-visit): a context left after fewer than ``min_steps``
+    transitions cannot be consolidated by this visit, so its set-aside term goes back into the
+    penalty at once rather than at the visit's end (a detector that labels a new game's first
+    block as the game before would otherwise leave that game unprotected for the whole visit);
+    it is set aside again if the context comes back. ``online``: a returning context stays merged.
     Gains and biases are never anchored: the Fisher names only the shared parameters.
     """
 
@@ -145,6 +150,13 @@ class PolicyEWC(Method):
             return
         if self.set_aside.pop(index, None) is None and index in self.reg.keys:
             self.set_aside[index] = self.reg.pop(index)
+
+    def leave_task(self, index: int, task: Any) -> bool:
+        """Put ``index``'s set-aside term back when the visit left it too short to consolidate."""
+        if task.steps < self.min_steps and index in self.set_aside:
+            self.reg.restore(index, self.set_aside.pop(index))
+            return True
+        return False
 
     def after_task(self, index: int, task: Any) -> None:
         """Consolidate ``index`` after a long enough visit (``task``: a :class:`ContextVisit`),

@@ -134,6 +134,7 @@ class Agent:
         self.visit_steps = 0
         self.context = -1  # -1: not known yet (inferred labels, first block of a visit)
         self.context_steps: dict[int, int] = {}  # transitions stored per context in this visit
+        self.left: set[int] = set()  # contexts left in this visit whose term the method put back
         self.obs: Tensor | None = None  # None: the next step starts an episode
         self.episode_return = 0.0
         self.pending: list[tuple[Tensor, int, float, Tensor, bool]] = []  # block awaiting its task id
@@ -179,7 +180,7 @@ class Agent:
         self.game_name = game
         self.game = Game(game, seed=0, sticky_action_prob=self.config.sticky_action_prob)
         self.visit_steps, self.context_steps, self.obs, self.pending = 0, {}, None, []
-        self.context = -1
+        self.context, self.left = -1, set()
         if self.config.true_task_labels:
             self._activate(GAMES.index(game))
 
@@ -195,7 +196,8 @@ class Agent:
             visit = self._visit(ctx)
             self.view.task = ctx
             self.method.after_task(ctx, visit)
-            for what in ["consolidated"] if visit.outcome is None else visit.outcome:
+            outcome = ["consolidated"] if visit.outcome is None else visit.outcome
+            for what in outcome or (["restored"] if ctx in self.left else []):  # put back on leaving
                 done[what].append(ctx)
         self.consolidations.extend(done["consolidated"])
         summary = {
@@ -206,17 +208,27 @@ class Agent:
         }
         self.game = self.game_name = self.obs = None
         self.context, self.context_steps, self.visits = -1, {}, self.visits + 1
+        self.left = set()
         return summary
 
     def _activate(self, ctx: int) -> None:
         """Make ``ctx`` the current context; the first time in a visit, ``method.forget_task`` (a
-        returning context's own share leaves the penalty: PolicyEWC sets it aside) and ``before_task``."""
+        returning context's own share leaves the penalty: PolicyEWC sets it aside) and ``before_task``.
+        Switching away from a context mid-visit (inferred labels) is ``method.leave_task`` (PolicyEWC
+        puts a short-lived context's term back); coming back to it then is ``forget_task`` again."""
+        prev = self.context
+        if prev not in (-1, ctx) and prev in self.context_steps:
+            if self.method.leave_task(prev, self._visit(prev)):
+                self.left.add(prev)
         self.context = ctx
         if ctx not in self.context_steps:
             self.context_steps[ctx] = 0
             self.view.task = ctx
             self.method.forget_task(ctx)
             self.method.before_task(ctx, self._visit(ctx))
+        elif ctx in self.left:
+            self.left.discard(ctx)
+            self.method.forget_task(ctx)
 
     def _visit(self, ctx: int) -> ContextVisit:
         """Context ``ctx`` in this visit, as a method sees it (states drawn only if it asks)."""
@@ -288,6 +300,7 @@ class Agent:
             self.qnet.reset_task(gone)
             self.target.reset_task(gone)
             self.context_steps.pop(gone, None)
+            self.left.discard(gone)
             self.method.forget_task(gone)  # PolicyEWC: its term (kept or set aside) is gone
         self._activate(ctx)
         for t in self.pending:
@@ -363,6 +376,7 @@ class Agent:
                 "visit_steps": self.visit_steps,
                 "context": self.context,
                 "context_steps": {str(k): v for k, v in self.context_steps.items()},
+                "left": sorted(self.left),
                 "pending": pending,
             }
         return {
@@ -427,7 +441,7 @@ class Agent:
         self.env_steps, self.updates = int(counters["env_steps"]), int(counters["updates"])
         self.episodes, self.visits = int(counters["episodes"]), int(counters["visits"])
         self.game = self.game_name = self.obs = None
-        self.context, self.context_steps, self.pending = -1, {}, []
+        self.context, self.context_steps, self.pending, self.left = -1, {}, [], set()
         visit = state["visit"]
         if visit is not None:
             self.game_name = str(visit["game"])
@@ -435,6 +449,7 @@ class Agent:
             self.visit_steps = int(visit["visit_steps"])
             self.context = int(visit["context"])
             self.context_steps = {int(k): int(v) for k, v in visit["context_steps"].items()}
+            self.left = {int(k) for k in visit.get("left", [])}  # absent before leave_task
             p = visit["pending"]
             if p is not None:
                 self.pending = [
