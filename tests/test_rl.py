@@ -340,6 +340,11 @@ def test_a_context_left_mid_visit_gets_its_term_back_at_once() -> None:
     resumed.detector = _Labels([])
     resumed.load_state_dict(agent.state_dict())
     assert resumed.left == {0}
+    for _ in range(2 * every):  # the resumed agent sets it aside on return and puts it back again
+        resumed.step()
+        if resumed.visit_steps == 3 * every:
+            assert resumed.method.owners == [] and set(resumed.method.set_aside) == {0}
+    assert resumed.method.owners == [0] and resumed.left == {0}
     for _ in range(2 * every):  # blocks 3 and 4: back to 0 (set aside again), then 1 (put back)
         agent.step()
         if agent.visit_steps == 3 * every:

@@ -22,10 +22,12 @@ The method (:attr:`Agent.method`, an :class:`ewc.methods.Method` built by
 visit, ``forget_task(t)`` then ``before_task(t, visit)``; at :meth:`Agent.end_visit`,
 ``after_task(t, visit)`` for every context of the visit (``visit``: a
 :class:`~ewc.rl.consolidation.ContextVisit` with its step count and replay states); a context
-the detector retracts gets ``forget_task(t)``. The default, :class:`~ewc.rl.consolidation.PolicyEWC`,
-consolidates a context that received at least ``ewc_min_steps`` transitions with the normalised
-Fisher of its Boltzmann policy on its replay states, on the shared parameters only, and sets a
-returning context's own term aside for the visit (put back unchanged after a short visit).
+the detector retracts gets ``forget_task(t)``; a context left mid-visit gets ``leave_task(t, visit)``
+(and ``forget_task(t)`` again if it comes back after the method put something back). The default,
+:class:`~ewc.rl.consolidation.PolicyEWC`, consolidates a context that received at least
+``ewc_min_steps`` transitions with the normalised Fisher of its Boltzmann policy on its replay
+states, on the shared parameters only, and sets a returning context's own term aside while it is
+trained (put back unchanged after a short visit, or as soon as the agent leaves it too early).
 
 Checkpoints (:meth:`Agent.save` / :meth:`Agent.load`) hold networks, optimiser, the method's state,
 detector, replay buffers, counters and the RNG state. The game's internal state is not saved: a
