@@ -1,15 +1,18 @@
 """``--lam auto`` against an oracle: for each case (sequence × dataset × method), the best strength of
 a wide grid chosen on the TEST parts (what no honest search may do) and ``auto``'s choice on the
-validation parts, with the cost of the search (its final run included) over one run at a fixed
-strength, in optimizer steps and in CPU seconds of this process. Prints the Markdown table of
-docs/results.md ("A λ that transfers") and saves each auto run's results.json under ``--save``.
+validation parts, with the cost of the search (its chosen run included) over one run at a fixed
+strength, in optimizer steps and in CPU seconds of this process (the median of three runs of
+each). Prints the Markdown table of docs/results.md ("A λ that transfers") and saves each auto
+run's results.json under ``--save``.
 
     PYTHONPATH=src python scripts/lam_auto_table.py --tasks 5 --epochs 2 --max-train 4000 \\
         --cases permuted:mnist-10k:ewc,split:mnist-10k:ewc --save docs/runs/lam-auto
 
-``--search-only`` (for more seeds): the oracle's grid and the search alone, no timed runs. The
-auto run's final run is the oracle's run at the chosen strength (same seed, same sequence: the
-two give the same ACC), so its ACC is read from the grid; its cost columns are left empty.
+``--search-only`` (for more seeds): the oracle's grid and the search alone, no timed runs (the cost
+columns are left empty). The search's chosen run is the oracle's run at its strength (same seed,
+same sequence): the row records whether its test ACC is the grid's to the sample
+(``same_as_grid``). ``--oracle FILE ...`` takes the grid from rows saved earlier (same case,
+method and seed) instead of running it again.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +32,9 @@ from ewc.experiments.sequence import run_sequence, with_params
 from ewc.methods import AUTO, METHOD_SPECS
 from ewc.train import TrainConfig
 
+#: CPU measurements of each command per case (their median is compared)
+REPEAT = 3
+
 
 def case(
     sequence: str, data: str, method: str, args: argparse.Namespace, save: Path | None
@@ -38,8 +45,8 @@ def case(
     config = TrainConfig(epochs=args.epochs, progress=False, seed=args.seed)
     key = (sequence, data, args.tasks, args.max_train, None)
     grid = [0.0, *spec.bracket]
-    oracle: dict[float, float] = {}
-    for lam in grid:  # each strength's test ACC: the oracle's grid, one run each
+    oracle: dict[float, float] = recorded(args, f"{sequence} {data}", method)
+    for lam in [lam for lam in grid if lam not in oracle]:  # the oracle's grid, one run each
         res = run_all([(key, method, with_params(config, method, {strength: lam}), False)], 1)[0]
         oracle[lam] = res["average_accuracy"]
     best = max(grid, key=lambda lam: (oracle[lam], -lam))
@@ -57,8 +64,13 @@ def case(
         )
         return time.process_time() - t0, res
 
-    one_run_cpu, _ = cpu_seconds(best, out / "fixed")  # one run at a fixed strength
-    auto_cpu, results = cpu_seconds(AUTO, out / "auto")
+    # each the median of REPEAT measurements, alternating (a single one varies by ±20 %)
+    fixed, auto = [], []
+    for k in range(REPEAT):
+        fixed.append(cpu_seconds(best, out / f"fixed{k}")[0])  # one run at a fixed strength
+        cpu, results = cpu_seconds(AUTO, out / f"auto{k}")
+        auto.append(cpu)
+    one_run_cpu, auto_cpu = statistics.median(fixed), statistics.median(auto)
     record = results["config"]["selection"][method]
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
@@ -75,6 +87,15 @@ def case(
     }
 
 
+def recorded(args: argparse.Namespace, name: str, method: str) -> dict[float, float]:
+    """The oracle's grid of this case and seed from ``--oracle`` rows (empty when none has it)."""
+    for path in args.oracle or []:
+        for r in json.loads(Path(path).read_text()):
+            if (r["case"], r["method"], r.get("seed", 0)) == (name, method, args.seed):
+                return {float(k): v for k, v in r["oracle"].items()}
+    return {}
+
+
 def searched(
     key: tuple,
     method: str,
@@ -89,10 +110,14 @@ def searched(
     tasks, _ = build_tasks(sequence, data, args.tasks, args.seed, args.max_train, None)
     auto = with_params(config, method, {spec.strength: AUTO})
     record = search_auto(key, tasks, {method: spec.strength}, auto)[method]
-    return row(sequence, data, method, record, oracle[record["lam"]], oracle, best) | {
+    acc = record["run"]["average_accuracy"] if "run" in record else oracle[record["lam"]]
+    same = acc == oracle[record["lam"]]
+    return row(sequence, data, method, record, acc, oracle, best) | {
         "seed": args.seed,
         "cost_steps": None,
         "cost_cpu": None,
+        "search_steps": record["cost"]["search_steps"],
+        "same_as_grid": same,
         "rungs": record["rungs"],
     }
 
@@ -154,6 +179,7 @@ def main() -> None:
     p.add_argument("--save", type=Path, default=None, help="folder for each auto run's results.json")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--search-only", action="store_true", help="oracle grid and search only")
+    p.add_argument("--oracle", type=Path, nargs="*", help="rows files to take the oracle grid from")
     args = p.parse_args()
     if args.render:
         print(table([row for path in args.render for row in json.loads(path.read_text())]))

@@ -1,5 +1,6 @@
-"""``--lam auto`` (issue #17, item 5): a method's strength chosen on the validation parts by
-successive halving, with a "no λ helps" verdict, at about three times the cost of one run."""
+"""``--lam auto`` (issue #17, item 5): a method's strength chosen on the validation parts by a
+short screen and a final among full runs that share their first task, with a "no λ helps"
+verdict, at less than three times the cost of one run."""
 
 from __future__ import annotations
 
@@ -10,43 +11,46 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from ewc.checkpoint import load_checkpoint
 from ewc.cli import build_parser, config_from, main
 from ewc.data import sequences
 from ewc.experiments.jobs import build_tasks
 from ewc.experiments.lam_search import (
     DEFAULT_BUDGET,
     MIN_GAIN,
-    Rung,
     decide,
-    flat,
     noise_margin,
     rung_training,
-    schedule,
+    screen_fraction,
     search_auto,
-    successive_halving,
+    shortlist,
 )
 from ewc.experiments.sequence import RunConfig, run_sequence, with_params
-from ewc.methods import METHOD_SPECS
+from ewc.methods import METHOD_SPECS, make_method
 from ewc.report.search import summary_line
+from ewc.scenario import Scenario
+from ewc.snapshots import evaluate_snapshots
 from ewc.train import TrainConfig, run_method
 
 SMALL = TrainConfig(epochs=1, hidden=(32,), progress=False)
 EWC_BRACKET = METHOD_SPECS["ewc"].bracket
-
-
-def _cost(rungs: list[Rung], sizes: list[int], n_tasks: int) -> float:
-    return sum(n * r.tasks / n_tasks * r.fraction for r, n in zip(rungs, sizes, strict=True))
+SEARCHED = [m for m, spec in METHOD_SPECS.items() if spec.bracket]
 
 
 @pytest.mark.parametrize("n_tasks", [2, 5, 10, 50])
-def test_schedule_spends_the_budget_with_growing_rungs(n_tasks: int) -> None:
-    rungs = schedule(n_tasks, 7)
-    assert len(rungs) == 2  # 7 → 3 λ > 0 (η = 3), each rung with λ = 0 as well
-    assert _cost(rungs, [8, 4], n_tasks) == pytest.approx(DEFAULT_BUDGET, rel=0.25)
-    assert all(2 <= r.tasks <= n_tasks and 0 < r.fraction <= 1 for r in rungs)
-    assert rungs[1].tasks * rungs[1].fraction > rungs[0].tasks * rungs[0].fraction
-    assert rungs[-1].tasks == n_tasks  # the deciding rung learns the whole sequence
+def test_the_search_costs_less_than_three_runs(n_tasks: int) -> None:
+    """In task-lengths: the screen's budget (the first task once, then every value's second task at
+    the screen's fraction) and the final (the first task once, three values on the other tasks)."""
+    n = len(EWC_BRACKET)
+    f = screen_fraction(n)
+    assert f * (1 + n) == pytest.approx(DEFAULT_BUDGET)
+    total = DEFAULT_BUDGET + 1 + 3 * (n_tasks - 1)
+    assert total / n_tasks == pytest.approx(3 - (2 - DEFAULT_BUDGET) / n_tasks) and total / n_tasks < 3
+    assert screen_fraction(1, 100.0) == 1.0  # never more than a task's steps
+    with pytest.raises(ValueError, match="positive budget"):
+        screen_fraction(7, 0.0)
 
 
 def test_a_rung_trains_the_fewest_epochs_that_give_its_steps() -> None:
@@ -56,100 +60,122 @@ def test_a_rung_trains_the_fewest_epochs_that_give_its_steps() -> None:
     assert rung_training(1.0, 3) == (3, 1.0)
 
 
-def _bump(peak: float, height: float = 0.3):
-    """A validation-ACC curve over log λ with its best at ``peak`` (a little lower on small rungs)."""
-
-    def evaluate(rung: Rung, lams: list[float]) -> list[dict]:
-        out = []
-        for lam in lams:
-            x = math.log10(lam) if lam > 0 else -9.0
-            acc = 0.6 + height * math.exp(-((x - math.log10(peak)) ** 2) / 2) - 0.02 * (1 - rung.fraction)
-            out.append({"acc": acc, "steps": 10 * rung.tasks, "seconds": 0.1, "n_val": 2000})
-        return out
-
-    return evaluate
+def test_the_shortlist_takes_the_best_and_ties_go_to_the_larger() -> None:
+    """A short screen where the weak strengths all score exactly what the others do (as SI's small
+    c do: docs/results.md): the tied values that go on are the larger ones, the likelier to act."""
+    assert shortlist([0.1, 1.0, 10.0, 100.0], [0.5, 0.7, 0.6, 0.65]) == [1.0, 100.0]
+    assert shortlist([0.001, 0.01, 0.1, 1.0], [0.8, 0.8, 0.8, 0.8]) == [0.1, 1.0]
+    assert shortlist([1.0, 10.0, 100.0], [0.8, 0.9, 0.8], k=1) == [10.0]
 
 
-@pytest.mark.parametrize("peak", [3.0, 300.0, 3e4])
-def test_successive_halving_finds_the_peak_of_a_known_curve(peak: float) -> None:
-    record = successive_halving(EWC_BRACKET, 10, _bump(peak))
-    assert record["verdict"] == "helps"
-    assert abs(math.log10(record["lam"]) - math.log10(peak)) <= 0.5 + 1e-9  # the nearest decade
-    assert [len(r["lams"]) for r in record["rungs"]] == [8, 4]
-    assert all(r["lams"][0] == 0.0 for r in record["rungs"])  # λ = 0 runs in every rung
-    assert record["cost"]["search_steps"] == sum(sum(r["steps"]) for r in record["rungs"])
-
-
-def test_a_flat_curve_says_no_lam_helps_rather_than_an_extreme_value() -> None:
-    def flat(rung: Rung, lams: list[float]) -> list[dict]:  # noise only; the largest λ is "best"
-        return [
-            {"acc": 0.2 + 0.001 * math.log10(1 + lam), "steps": 1, "seconds": 0.0, "n_val": 4000}
-            for lam in lams
-        ]
-
-    record = successive_halving(EWC_BRACKET, 5, flat)
-    assert record["best"] == max(EWC_BRACKET)
-    assert record["verdict"] == "no λ helps" and record["lam"] == 0.0 and record["edge"] is None
-
-
-def test_ties_on_a_rung_promote_the_larger_lam() -> None:
-    """A short first rung where the weak strengths all score exactly what λ = 0 scores (as SI's
-    small c do: docs/results.md): the tied values that go on are the larger ones, so the deciding
-    rung sees a strength that acts, and finds the one that helps once there are more tasks."""
-
-    def evaluate(rung: Rung, lams: list[float]) -> list[dict]:
-        if rung.tasks < 5:  # rung 0: no strength up to 10³ changes anything yet
-            accs = [0.8 if lam <= 1e3 else 0.7 for lam in lams]
-        else:  # the deciding rung: 100 helps beyond noise
-            accs = [0.8 + (0.05 if lam == 100.0 else 0.01 * (lam > 1)) for lam in lams]
-        return [{"acc": a, "steps": 1, "seconds": 0.0, "n_val": 4000} for a in accs]
-
-    record = successive_halving(EWC_BRACKET, 5, evaluate)
-    assert record["rungs"][1]["lams"] == [0.0, 10.0, 100.0, 1000.0]  # not 0.1, 1, 10
-    assert record["verdict"] == "helps" and record["lam"] == 100.0
-
-
-def _rung(lams: list[float], accs: list[float], n: int = 1000) -> dict:
+def _final(lams: list[float], accs: list[float], n: int = 1000) -> dict:
     return {"lams": lams, "validation_acc": accs, "n_val": n}
 
 
 def test_noise_margin_and_verdict() -> None:
     assert noise_margin(0.5, 10**9) == MIN_GAIN
     assert noise_margin(0.8, 1600) == pytest.approx(2 * math.sqrt(0.16 / 1600))
-    clear = decide([_rung([0.0, 10.0, 100.0], [0.5, 0.6, 0.6])])
+    clear = decide(_final([0.0, 10.0, 100.0], [0.5, 0.6, 0.6]))
     assert clear["verdict"] == "helps" and clear["lam"] == 10.0  # ties: the smaller λ
-    early = _rung([0.0, 1.0, 10.0, 100.0], [0.5, 0.5, 0.56, 0.5])  # rung 0: 10 beat λ = 0
-    within = decide([early, _rung([0.0, 10.0], [0.5, 0.495])])  # the last rung: within noise
-    assert within["verdict"] == "helps (within noise)" and within["lam"] == 10.0
-    never = decide([_rung([0.0, 1.0, 10.0], [0.56, 0.5, 0.55]), _rung([0.0, 10.0], [0.5, 0.495])])
-    assert never["verdict"] == "no λ helps" and never["lam"] == 0.0  # λ = 0 never beaten
-    worse = decide([early, _rung([0.0, 10.0, 100.0], [0.5, 0.45, 0.42])])  # beaten beyond noise
-    assert worse["verdict"] == "no λ helps" and worse["lam"] == 0.0 and worse["best"] == 10.0
-    hair = decide([_rung([0.0, 1.0, 10.0], [0.5, 0.5003, 0.3]), _rung([0.0, 1.0], [0.5, 0.5002])])
-    assert hair["verdict"] == "no λ helps"  # beaten by less than a standard error: no evidence
-    level = [_rung([0.0, 10.0], [0.5, 0.503], 10**6), _rung([0.0, 10.0], [0.5, 0.502], 10**6)]
-    assert flat(level) and decide(level)["verdict"] == "no λ helps"  # nothing differs beyond noise
-    assert not flat([early])
+    within = decide(_final([0.0, 10.0, 100.0], [0.5, 0.52, 0.4]))  # margin 2·√(.25/1000) = 0.032
+    assert within["verdict"] == "no λ helps" and within["lam"] == 0.0 and within["best"] == 10.0
+    worse = decide(_final([0.0, 10.0, 100.0], [0.5, 0.45, 0.42]))
+    assert worse["verdict"] == "no λ helps" and worse["lam"] == 0.0
+    big = decide(_final([0.0, 10.0], [0.5, 0.52], 10**6))  # beyond the margin (MIN_GAIN) on many samples
+    assert big["verdict"] == "helps" and big["margin"] == MIN_GAIN
 
 
 def test_the_summary_line_names_the_chosen_value_and_the_verdict() -> None:
-    record = successive_halving(EWC_BRACKET, 5, _bump(300.0))
+    record = {"rungs": [{}], "edge": None, **decide(_final([0.0, 100.0, 1000.0], [0.5, 0.62, 0.6]))}
     assert summary_line("ewc", record).startswith("ewc: lam = 100 chosen by auto")
-    within = {
-        **record,
-        **decide([_rung([0.0, 1.0, 10.0], [0.5, 0.5, 0.56]), _rung([0.0, 10.0], [0.5, 0.498])]),
-    }
-    assert "lam = 10 chosen by auto" in summary_line("ewc", within) and "within the noise" in summary_line(
-        "ewc", within
-    )
-    none = {**record, **decide([_rung([0.0, 10.0], [0.5, 0.4]), _rung([0.0, 10.0], [0.5, 0.4])])}
+    none = {**record, **decide(_final([0.0, 10.0], [0.5, 0.4]))}
     assert "no λ helps" in summary_line("ewc", none) and "run with lam = 0" in summary_line("ewc", none)
+
+
+def _grid(tasks: int = 3, n: int = 200, hidden: int = 16) -> tuple[tuple, TrainConfig]:
+    key = ("permuted", "mnist-10k", tasks, n, None)
+    return key, TrainConfig(epochs=2, hidden=(hidden,), progress=False, threads=1)
+
+
+@pytest.mark.parametrize("method", SEARCHED)
+def test_a_run_from_the_shared_first_task_is_a_run_from_scratch(method: str, tmp_path: Path) -> None:
+    """The reference: each strength's run from scratch. A run with another strength writes the
+    state after its first task; a run that starts from it with its own strength gives the same
+    accuracy matrix, curves and weights, and records the shared part; a run with other settings
+    (here the learning rate) does not use the file."""
+    key, config = _grid()
+    strength, (a, b) = METHOD_SPECS[method].strength, METHOD_SPECS[method].bracket[-2:]
+    tasks, _ = build_tasks(*key[:3], 0, key[3], None)
+    prefix = tmp_path / "prefix.pt"
+    first = run_method(tasks, method, with_params(config, method, {strength: a}), prefix=prefix)
+    assert prefix.exists() and "prefix" not in first
+    forked = run_method(tasks, method, with_params(config, method, {strength: b}), prefix=prefix)
+    scratch = run_method(tasks, method, with_params(config, method, {strength: b}))
+    assert forked["accuracy_matrix"] == scratch["accuracy_matrix"] != first["accuracy_matrix"]
+    assert forked["curves"] == scratch["curves"]
+    for p, q in zip(forked["model"].parameters(), scratch["model"].parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert forked["prefix"]["steps"] == scratch["curves"]["task_starts"][1]
+    other = run_method(
+        tasks, method, with_params(dataclasses.replace(config, lr=2e-3), method, {strength: b}), prefix=prefix
+    )
+    assert "prefix" not in other
+
+
+@pytest.mark.parametrize("method", ["ewc", "si"])
+def test_deferred_tests_give_the_run_its_own_numbers(method: str, tmp_path: Path) -> None:
+    """A run that saves its weights instead of testing them (here also started from a shared first
+    task), tested afterwards by ``evaluate_snapshots``, has the accuracy matrix, baseline, metrics
+    and curves of the same run tested as it went (the reference: a run from scratch)."""
+    key, config = _grid(tasks=3)
+    strength, (a, b) = METHOD_SPECS[method].strength, METHOD_SPECS[method].bracket[-2:]
+    tasks, _ = build_tasks(*key[:3], 0, key[3], None)
+    scenario = Scenario.for_tasks(None, [t.classes for t in tasks])
+    prefix = tmp_path / "prefix.pt"
+    for lam in (a, b):  # a writes the shared first task (and its own weights), b starts from it
+        run = with_params(config, method, {strength: lam})
+        res = run_method(tasks, method, run, prefix=prefix, defer_tests=tmp_path / str(lam))
+        assert res["average_accuracy"] is None and res["accuracy_matrix"] == [[], [], []]
+    saved = sorted(p.name for p in (tmp_path / str(b)).iterdir())
+    assert "prefix" in res and saved == ["init.pt", "task-0.pt", "task-1.pt", "task-2.pt"]
+    tested = evaluate_snapshots(res, tmp_path / str(b), tasks, scenario, threads=1)
+    scratch = run_method(tasks, method, with_params(config, method, {strength: b}))
+    for k in (
+        "accuracy_matrix",
+        "baseline_accuracy",
+        "average_accuracy",
+        "bwt",
+        "fwt",
+        "forgetting",
+        "curves",
+    ):
+        assert tested[k] == scratch[k], k
+    assert "tests_deferred" not in tested
+    (tmp_path / str(b) / "task-1.pt").unlink()
+    with pytest.raises(ValueError, match="a deferred test's weights are missing"):
+        evaluate_snapshots(res, tmp_path / str(b), tasks, scenario, threads=1)
+
+
+def test_a_prefix_needs_a_method_with_a_strength(tmp_path: Path) -> None:
+    tasks, _ = build_tasks("permuted", "mnist-10k", 2, 0, 50, None)
+    with pytest.raises(ValueError, match="sgd has no strength"):
+        run_method(tasks, "sgd", SMALL, prefix=tmp_path / "p.pt")
+    with pytest.raises(ValueError, match="registered method's name"):
+        run_method(tasks, make_method("ewc", lam=1.0), SMALL, prefix=tmp_path / "p.pt")
+
+
+def test_validation_scoring_reads_the_validation_parts() -> None:
+    tasks, _ = build_tasks("permuted", "mnist-10k", 2, 0, 100, None)
+    res = run_method(tasks, "sgd", SMALL, validation=True)
+    on_val = run_method([t.validation() for t in tasks], "sgd", SMALL)
+    assert res["validation_acc"] == on_val["average_accuracy"] != res["average_accuracy"]
 
 
 def test_auto_agrees_with_the_full_validation_grid_on_a_small_problem(tmp_path: Path) -> None:
     """The independent reference: every λ of the bracket (and 0) run in full on the validation parts
     (``--select-lam``); the λ auto chooses, at about a third of the grid's cost, scores near the
-    grid's best there (and auto's record reaches results.json, report.md and search.png)."""
+    grid's best there; its test run is the run of that λ from scratch; its record reaches
+    results.json, report.md and search.png."""
     kw = {"max_train_per_task": 1500}
     small = TrainConfig(epochs=3, hidden=(32,), progress=False)
     grid = [0.0, *EWC_BRACKET]
@@ -161,7 +187,14 @@ def test_auto_agrees_with_the_full_validation_grid_on_a_small_problem(tmp_path: 
     record = res["config"]["selection"]["ewc"]
     assert val[record["lam"]] >= max(val.values()) - 0.02
     assert res["methods"]["ewc"]["params"]["lam"] == record["lam"] == res["methods"]["ewc"]["lam"]
-    assert record["cost"]["ratio_steps"] <= 1 + DEFAULT_BUDGET + 0.25
+    assert record["cost"]["ratio_steps"] <= 3.0
+    final = record["rungs"][-1]
+    assert final["stage"] == "final" and final["lams"][0] == 0.0 and len(final["lams"]) == 3
+    assert final["validation_acc"] == [val[lam] for lam in final["lams"]]  # the grid's full runs
+    scratch = run_sequence(
+        "permuted", "mnist-10k", 3, ["ewc"], with_params(small, "ewc", record["chosen"]), **kw
+    )
+    assert res["methods"]["ewc"]["accuracy_matrix"] == scratch["methods"]["ewc"]["accuracy_matrix"]
     saved = json.loads((tmp_path / "results.json").read_text())["config"]["selection"]["ewc"]
     assert saved["rungs"] == record["rungs"] and saved["cost"] == record["cost"]
     report = (tmp_path / "report.md").read_text()
@@ -198,22 +231,68 @@ def test_no_lam_helps_when_nothing_is_forgotten(tmp_path: Path, capsys: pytest.C
     assert "no λ helps" in (out / "report.md").read_text()
 
 
-def test_the_search_never_reads_test_data(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Test images poisoned: building them raises. The search runs; a test run does not."""
+def test_the_choice_never_reads_test_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final's runs are test runs, but their choice reads only the validation parts: with the
+    test images replaced by noise, the search runs the same values, scores them the same on
+    validation and chooses the same; only the test ACC it records changes."""
+    key = ("split", "mnist-10k", 3, 300, None)
+    auto = with_params(SMALL, "ewc", {"lam": "auto"})
+    tasks, _ = build_tasks("split", "mnist-10k", 3, 0, 300, None)
+    clean = search_auto(key, tasks, {"ewc": "lam"}, auto)["ewc"]
     source = sequences._Builder._source
 
-    def poisoned(self, part: str):
+    def noisy(self, part: str):
+        x = source(self, part)
         if part == "test":
-            raise AssertionError("the test parts were read")
-        return source(self, part)
+            x = np.random.default_rng(1).integers(0, 256, size=x.shape).astype(x.dtype)
+        return x
 
-    monkeypatch.setattr(sequences._Builder, "_source", poisoned)
-    key = ("split", "mnist-10k", 3, 300, None)
+    monkeypatch.setattr(sequences._Builder, "_source", noisy)
+    from ewc.experiments import jobs
+
+    jobs.clear_caches()
     tasks, _ = build_tasks("split", "mnist-10k", 3, 0, 300, None)
-    records = search_auto(key, tasks, {"ewc": "lam"}, with_params(SMALL, "ewc", {"lam": "auto"}), budget=0.5)
-    assert records["ewc"]["rungs"] and records["ewc"]["chosen"] == {"lam": records["ewc"]["lam"]}
-    with pytest.raises(AssertionError, match="test parts were read"):
-        run_method(list(tasks), "ewc", SMALL)
+    poisoned = search_auto(key, tasks, {"ewc": "lam"}, auto)["ewc"]
+    jobs.clear_caches()
+    assert poisoned["chosen"] == clean["chosen"] and poisoned["verdict"] == clean["verdict"]
+    for a, b in zip(poisoned["rungs"], clean["rungs"], strict=True):
+        assert a["lams"] == b["lams"] and a["validation_acc"] == b["validation_acc"]
+    assert poisoned["run"]["average_accuracy"] != clean["run"]["average_accuracy"]
+
+
+def test_a_search_run_again_reads_its_kept_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run again with the same progress folder (after a kill past its end), the search trains
+    nothing and gives the same record: the chosen run's result was kept tested, although the
+    finalists' saved weights are gone."""
+    key = ("permuted", "mnist-10k", 3, 200, None)
+    tasks, _ = build_tasks("permuted", "mnist-10k", 3, 0, 200, None)
+    auto = with_params(SMALL, "ewc", {"lam": "auto"})
+    first = search_auto(key, tasks, {"ewc": "lam"}, auto, progress=tmp_path)["ewc"]
+    assert not list(tmp_path.glob("tests-*"))  # the saved weights: removed once tested
+    from ewc.experiments import jobs
+
+    monkeypatch.setattr(jobs, "run_method", lambda *a, **k: pytest.fail("trained again"))
+    again = search_auto(key, tasks, {"ewc": "lam"}, auto, progress=tmp_path)["ewc"]
+    assert again["run"]["accuracy_matrix"] == first["run"]["accuracy_matrix"]
+    assert again["rungs"] == first["rungs"] and again["chosen"] == first["chosen"]
+
+
+def test_the_first_seed_uses_the_search_run_and_its_checkpoint(tmp_path: Path) -> None:
+    """With ``--seeds`` the first seed's test run is the search's chosen run (no run twice), the
+    other seeds run the chosen value; ``--save-state`` keeps the chosen finalist's learner only."""
+    auto = with_params(dataclasses.replace(SMALL, epochs=2), "ewc", {"lam": "auto"})
+    kw = {"max_train_per_task": 200, "report": False, "save_state": True}
+    res = run_sequence("permuted", "mnist-10k", 2, ["ewc"], auto, tmp_path, seeds=[0, 1], **kw)
+    record = res["config"]["selection"]["ewc"]
+    lam = record["lam"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ewc-seed0.pt", "ewc-seed1.pt"]
+    model, method, _ = load_checkpoint(tmp_path / "checkpoints" / "ewc-seed0.pt")
+    assert method.lam == lam
+    for seed in (0, 1):
+        fixed = with_params(dataclasses.replace(SMALL, epochs=2, seed=seed), "ewc", {"lam": lam})
+        alone = run_sequence("permuted", "mnist-10k", 2, ["ewc"], fixed, max_train_per_task=200, report=False)
+        got = res["per_seed"][seed]["methods"]["ewc"]
+        assert got["accuracy_matrix"] == alone["methods"]["ewc"]["accuracy_matrix"]
 
 
 @pytest.mark.parametrize(
@@ -243,10 +322,10 @@ def test_every_penalty_method_searches_its_strength(tmp_path: Path, flags, metho
         "online-ewc": ("fisher_samples", 100),
         "mas": ("max_samples", 1000),
     }
-    for rung in record["rungs"]:  # a rung's Fisher / importances: its fraction of the samples
-        if method in full:
-            name, samples = full[method]
-            assert rung[name] == math.ceil(rung["fraction"] * samples)
+    screen = record["rungs"][0]  # the screen's Fisher / importances: its fraction of the samples
+    if method in full:
+        name, samples = full[method]
+        assert screen[name] == math.ceil(screen["fraction"] * samples)
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Method, Scenari
         raise ValueError(f"{os.fspath(path)!r} is not an ewc checkpoint ({FORMAT}); got format {got!r}")
     where = f"checkpoint {os.fspath(path)!r}:"
     try:
-        model = _build(dict(ck["architecture"]))
+        model = build_from_record(dict(ck["architecture"]))
         scenario = Scenario(ck["scenario"]["kind"], ck["scenario"]["task_classes"])
         method = make_method(ck["method"], **ck["params"])
     except (KeyError, TypeError, ValueError) as err:
@@ -77,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Method, Scenari
     return model, method, scenario
 
 
-def _build(arch: dict[str, Any]) -> nn.Module:
+def build_from_record(arch: dict[str, Any]) -> nn.Module:
     """The network an architecture record describes (records without a model name are MLPs)."""
     name = arch.pop("model", "mlp")
     input_dim, num_outputs = arch.pop("input_dim"), arch.pop("num_classes")

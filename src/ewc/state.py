@@ -56,9 +56,10 @@ _REFUSAL_MARKERS = (
 )
 
 
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)``, atomically: the target is either the old file or the new one."""
-    atomic_write(path, lambda fh: torch.save(obj, fh))
+def atomic_save(obj: Any, path: PathLike, *, durable: bool = True) -> None:
+    """``torch.save(obj, path)``, atomically: the target is either the old file or the new one
+    (``durable=False``: without the fsyncs, for scratch files that need not survive a power loss)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh), durable=durable)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -66,14 +67,15 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any], *, durable: bool = True) -> None:
     """Let ``write`` fill a file that replaces ``path`` atomically.
 
     The content goes to a temporary file in the target's directory, flushed and fsynced, then
     renamed over the target with ``os.replace`` (atomic on POSIX and Windows), and finally the
     directory is fsynced so the rename itself survives a power loss. On any error the temporary
     file is removed and the previous target is left untouched. A new file gets the usual
-    ``0o666 & ~umask`` permissions; an existing target keeps its mode.
+    ``0o666 & ~umask`` permissions; an existing target keeps its mode. ``durable=False`` skips
+    both fsyncs (the rename is still atomic for every reader while the machine runs).
     """
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
@@ -86,7 +88,8 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException as exc:
@@ -96,7 +99,8 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
         if cause is not None and cause.errno is not None and (cause is not exc or cause.filename is None):
             raise OSError(cause.errno, cause.strerror, cause.filename or target) from exc
         raise
-    _fsync_directory(directory)
+    if durable:
+        _fsync_directory(directory)
 
 
 def _os_error(exc: BaseException) -> OSError | None:

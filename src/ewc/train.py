@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ewc.checkpoint import SaveSchedule, load_progress, save_progress
 from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, OrWord, Sizes
 from ewc.config import param, parse_strength, validate
-from ewc.data import Task
-from ewc.deferred import added_value, known_part
+from ewc.curves import Curves, SincePoint
+from ewc.data import Task, TaskSequence
+from ewc.deferred import known_part
 from ewc.evaluation import accuracies, accuracy, test_parts
 from ewc.fisher import FISHER_MODES
 from ewc.methods import AUTO, METHOD_SPECS, Batch, Method, make_method
@@ -43,6 +43,7 @@ from ewc.models import (
     model_name,
     model_options,
 )
+from ewc.progress_bar import Progress
 from ewc.runtime import (
     DEFAULT_THREADS,
     OPTIMIZERS,
@@ -53,6 +54,7 @@ from ewc.runtime import (
     torch_threads,
 )
 from ewc.scenario import SCENARIOS, Scenario
+from ewc.snapshots import has_snapshot, save_snapshot
 from ewc.state import json_digest
 
 
@@ -92,7 +94,7 @@ class TrainConfig:
     lam: float | str = param(
         EWC_DEFAULTS["lam"],
         "EWC strength λ (penalty λ/2·ΣF(θ−θ*)²), or auto: chosen on the validation parts by a search "
-        "costing about --auto-budget runs (ewc run / ewc compare; docs/methods.md)",
+        "costing under 3 runs, its chosen run included (ewc run / ewc compare; docs/methods.md)",
         type=parse_strength,
         check=OrWord(NON_NEGATIVE, AUTO),
         metavar="LAM|auto",
@@ -187,79 +189,6 @@ def method_params(name: str, config: TrainConfig) -> dict[str, Any]:
     return {**params, **config.params.get(name, {})}
 
 
-class Progress:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise. It is redrawn at
-    most every ``interval`` seconds (and at the end); ``info`` may be a function, called only then
-    (reading the loss there computes a penalty's value only for the steps shown)."""
-
-    def __init__(self, total: int, label: str, enabled: bool | None = None, interval: float = 0.1):
-        self.total, self.label, self.n = total, label, 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.perf_counter()
-        self.interval, self.drawn = interval, -math.inf
-
-    def update(self, k: int = 1, info: str | Callable[[], str] = "") -> None:
-        self.n += k
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self.drawn < self.interval and self.n < self.total:
-            return
-        self.drawn = now
-        if callable(info):
-            info = info()
-        frac = self.n / max(1, self.total)
-        bar = "#" * int(30 * frac)
-        rate = self.n / max(1e-9, time.perf_counter() - self.start)
-        sys.stderr.write(f"\r{self.label:<12} [{bar:<30}] {100 * frac:5.1f}% {rate:7.1f} it/s {info}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-@dataclass
-class _Curves:
-    steps: list[int] = field(default_factory=list)
-    accuracy: list[list[float]] = field(default_factory=list)
-    task_starts: list[int] = field(default_factory=list)
-    per_task: list[list[float]] = field(default_factory=list)
-    # at each point: the mean task loss of the batches since the previous point and the penalty
-    # (loss − task loss) of the last one; None where no batch came between (a task's start)
-    task_loss: list[float | None] = field(default_factory=list)
-    penalty: list[float | None] = field(default_factory=list)
-
-
-class _SincePoint:
-    """The batches since the last evaluation point: their task losses summed on the device (no
-    read per step) and the last one's losses, whose penalty is read only at the point."""
-
-    def __init__(self, device: torch.device):
-        self.sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.n = 0
-        self.last: tuple[Tensor, Tensor] | None = None
-
-    def add(self, loss: Tensor, task_loss: Tensor) -> None:
-        self.sum.add_(task_loss.detach())
-        self.n += 1
-        self.last = (loss, task_loss)
-
-    def next_batch(self) -> None:
-        """Let go of the last batch's losses before the next batch's backward: an unread penalty
-        still held then would have its value computed (its buffers are taken over)."""
-        self.last = None
-
-    def read(self) -> tuple[float | None, float | None]:
-        """(mean task loss, last penalty), None for both without a batch; then starts afresh."""
-        mean = float(self.sum) / self.n if self.n else None
-        penalty = added_value(*self.last) if self.last is not None else None
-        self.sum.zero_()
-        self.n, self.last = 0, None
-        return mean, penalty
-
-
 def run_method(
     tasks: Sequence[Task],
     method: str | Method,
@@ -267,6 +196,9 @@ def run_method(
     scenario: str | Scenario | None = None,
     *,
     progress: str | os.PathLike | None = None,
+    prefix: str | os.PathLike | None = None,
+    validation: bool = False,
+    defer_tests: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` on ``tasks`` in order; return its accuracy matrix, curves and metrics.
 
@@ -281,9 +213,21 @@ def run_method(
     evaluated on. R[i][j] is evaluated after task i on task j's head (class-IL: the classes of
     tasks 0..max(i, j)). The run uses ``config.threads`` torch threads (recorded as ``threads``;
     the process's setting is restored afterwards).
+
+    ``prefix``: a file holding the run's state after its first task, shared by the runs that
+    differ from this one only in the method's strength (a registered method named by ``method``):
+    the strength acts through a penalty on what earlier tasks learned, so nothing of the first
+    task depends on it. A run that finds the file (written by such a run) starts from it with its
+    own strength (``Method.set_strength``) and records the shared part's steps and seconds under
+    ``prefix``; a run that does not writes it after its first task. Either way the results are
+    those of a run from scratch (``tests/test_lam_search.py``). ``validation``: also score the
+    trained model on every task's validation part (``validation_acc``: their mean accuracy).
+    ``defer_tests``: a folder where the model is saved before the first task and after each task
+    instead of being tested (the accuracy matrix's rows are empty and ACC is None until
+    :func:`ewc.snapshots.evaluate_snapshots` tests them; the learning curves are drawn as usual).
     """
     with torch_threads(config.threads) as threads:
-        out = _train(tasks, method, config, scenario, progress)
+        out = _train(tasks, method, config, scenario, progress, prefix, validation, defer_tests)
     out["threads"] = threads
     return out
 
@@ -294,9 +238,19 @@ def _train(
     config: TrainConfig,
     scenario: str | Scenario | None,
     progress: str | os.PathLike | None,
+    prefix: str | os.PathLike | None = None,
+    validation: bool = False,
+    defer_tests: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     if not tasks:
         raise ValueError("no tasks to train on")
+    if defer_tests is not None and config.final_only:
+        raise ValueError("a run that tests only after the last task (final_only) has no tests to defer")
+    if prefix is not None and not (isinstance(method, str) and METHOD_SPECS.get(method, None)):
+        raise ValueError(f"a shared prefix needs a registered method's name, got {method!r}")
+    if prefix is not None and not METHOD_SPECS[method].strength:
+        raise ValueError(f"{method} has no strength: runs of it have no prefix to share")
+    name = method if isinstance(method, str) else None
     if not isinstance(scenario, Scenario):
         scenario = Scenario.for_tasks(scenario or config.scenario, [t.classes for t in tasks])
     device = setup_runtime(config.seed, None, config.device)  # threads: set by run_method
@@ -323,16 +277,14 @@ def _train(
 
     tests, subsets = test_parts(tasks, device, input_shape, input_dtype, config.curve_samples)
     check_outputs(model, probe.to(device), scenario.num_outputs, model_name(config.model))
-    baseline = (
-        None
-        if config.final_only
-        else [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
-    )
-    curves = _Curves()
+    if defer_tests is not None:
+        save_snapshot(defer_tests, "init", model)
+    baseline = None
+    curves = Curves()
     matrix: list[list[float]] = []
     step = 0
     eval_seconds = 0.0
-    since = _SincePoint(device)
+    since = SincePoint(device)
 
     def evaluate(k: int) -> None:
         nonlocal eval_seconds
@@ -346,11 +298,24 @@ def _train(
         curves.penalty.append(penalty)
         eval_seconds += time.perf_counter() - t0
 
-    identity = _identity(method, config, scenario, tasks)
+    deferred = ":tests deferred" if defer_tests is not None else ""  # rows [] to be tested later
+    identity = _identity(method.name, config, scenario, tasks) + deferred
     done = load_progress(progress, identity, model, method) if progress is not None else None
+    shared = _shared_identity(name, config, scenario, tasks) + deferred if prefix is not None else None
+    forked = done.get("prefix") if done is not None else None
+    if done is None and shared is not None:
+        done = load_progress(prefix, shared, model, method)
+        if done is not None:  # the first task as the run that wrote the file learned it
+            method.set_strength(method_params(name, config)[METHOD_SPECS[name].strength])
+            forked = {"steps": done["step"], "seconds": done["seconds"]}
     if done is not None:
         matrix, step, eval_seconds = done["matrix"], done["step"], done["eval_seconds"]
-        baseline, curves = done["baseline"], _Curves(**done["curves"])
+        baseline, curves = done["baseline"], Curves(**done["curves"])
+        last = f"task-{len(matrix) - 1}"  # a shared first task's weights: saved by another run
+        if defer_tests is not None and matrix and not has_snapshot(defer_tests, last):
+            save_snapshot(defer_tests, last, model)
+    elif not config.final_only and defer_tests is None:  # the untrained model (still its initial weights)
+        baseline = [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
     sizes = [method.epoch_size(i, tasks) for i in range(len(tasks))]
     total = sum(config.epochs * math.ceil(n / config.batch_size) for n in sizes[len(matrix) :])
     bar = Progress(total, method.name, config.progress)
@@ -412,12 +377,21 @@ def _train(
             method.after_task(i, task)
         t0 = time.perf_counter()
         final_only = config.final_only and i < len(tasks) - 1
-        matrix.append([] if final_only else accuracies(model, tests, scenario, i))  # [] : not tested
+        if defer_tests is not None:
+            save_snapshot(defer_tests, f"task-{i}", model)
+        untested = final_only or defer_tests is not None
+        matrix.append([] if untested else accuracies(model, tests, scenario, i))  # [] : not tested
         eval_seconds += time.perf_counter() - t0
-        if progress is not None and schedule.due():
+        share = shared is not None and i == 0 and len(tasks) > 1 and not os.path.exists(prefix)
+        # (none after the last task: the run ends here and its caller keeps the result)
+        save = progress is not None and i < len(tasks) - 1 and schedule.due()
+        if share or save:
             loop = {"matrix": matrix, "step": step, "eval_seconds": eval_seconds, "baseline": baseline}
-            loop.update(curves=asdict(curves), seconds=time.perf_counter() - start)
-            schedule.save(save_progress, progress, identity, model, method, loop)
+            loop.update(curves=asdict(curves), seconds=time.perf_counter() - start, prefix=forked)
+            if share:  # the state every strength shares: no penalty acted yet
+                save_progress(prefix, shared, model, method, {**loop, "prefix": None})
+            if save:
+                schedule.save(save_progress, progress, identity, model, method, loop)
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -426,6 +400,11 @@ def _train(
         last = matrix[-1]
         out.update(average_accuracy=sum(last) / len(last), final_accuracies=last, bwt=None, fwt=None)
         out.update(forgetting=None, lca=None)
+    elif defer_tests is not None:  # ewc.snapshots.evaluate_snapshots fills these in
+        out.update(
+            average_accuracy=None, final_accuracies=None, bwt=None, fwt=None, forgetting=None, lca=None
+        )
+        out["tests_deferred"] = os.fspath(defer_tests)
     else:
         out.update(summarize(matrix, baseline, curves.per_task))
     out.update(
@@ -445,22 +424,42 @@ def _train(
             "curves": asdict(curves),
         }
     )
+    if forked is not None:
+        out["prefix"] = forked
+    if validation:  # the trained model on every task's validation part
+        val = tasks.validation() if isinstance(tasks, TaskSequence) else [t.validation() for t in tasks]
+        parts, _ = test_parts(val, device, input_shape, input_dtype, config.curve_samples)
+        accs = accuracies(model, parts, scenario, len(tasks) - 1)
+        out["validation_acc"] = sum(accs) / len(accs)
     out["model"] = model
     out["method"] = method
     return out
 
 
-def _identity(method: Method, config: TrainConfig, scenario: Scenario, tasks: Sequence[Task]) -> str:
+def _identity(name: str, config: TrainConfig, scenario: Scenario, tasks: Sequence[Task]) -> str:
     """A digest of what a run's results depend on: the method and its parameters, the settings,
     the scenario, the number of tasks and the first task's name and first rows (a dataset or
     sequence of its own changes them; the other tasks are not read, so lazy ones stay unmade)."""
     settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
-    head = [method.name, method_params(method.name, config) if method.name in METHOD_SPECS else None]
+    head = [name, method_params(name, config) if name in METHOD_SPECS else None]
     head += [settings, scenario.kind, [list(c) for c in scenario.task_classes]]
     first = tasks[0]
     parts = (first.x_train, first.y_train)
     rows = [[tuple(p.shape), str(p.dtype), p[:16].detach().cpu().tolist()] for p in parts]
     return json_digest([head, len(tasks), first.name, rows])
+
+
+def _shared_identity(name: str, config: TrainConfig, scenario: Scenario, tasks: Sequence[Task]) -> str:
+    """:func:`_identity` of a run with its method's strength masked: the same for every strength
+    (the identity of the state after the first task, which no strength changes)."""
+    strength = METHOD_SPECS[name].strength
+    masked = {**config.params, name: {**config.params.get(name, {}), strength: AUTO}}
+    fields_ = {}
+    setting = METHOD_SPECS[name].run_params.get(strength)
+    while setting:  # the run setting it may come from, and the one that setting falls back to
+        fields_[setting] = AUTO
+        setting = {f.name: f.metadata.get("fallback") for f in fields(config)}.get(setting)
+    return "prefix:" + _identity(name, replace(config, params=masked, **fields_), scenario, tasks)
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -28,7 +28,8 @@ from ewc.executors import Executor
 from ewc.experiments.common import write_json
 from ewc.state import atomic_write_bytes
 
-#: a job spec: (..., checkpoint path or None, progress folder or None), as run_all's jobs are
+#: a job spec: (key, method, config, on validation, checkpoint path or None, progress folder or None
+#: [, options]), as run_all's jobs are
 Spec = tuple
 
 
@@ -50,7 +51,7 @@ def run_detached(
     results: dict[int, dict[str, Any]] = {}
     todo = []
     for i, spec in enumerate(specs):
-        save, progress = spec[-2:]
+        save, progress = spec[4:6]
         finished = files(spec)[0] if progress is not None else None
         if finished is not None and finished.exists() and (save is None or Path(save).exists()):
             results[i] = json.loads(finished.read_text())
@@ -60,7 +61,7 @@ def run_detached(
     def keep(k: int, returned: tuple[dict[str, Any], bytes | None]) -> None:
         i = todo[k]
         res, checkpoint = returned
-        save, progress = specs[i][-2:]
+        save, progress = specs[i][4:6]
         if save is not None and checkpoint is not None:
             atomic_write_bytes(save, checkpoint)
         if progress is not None:
@@ -86,16 +87,19 @@ def _data_digest(spec: Spec) -> str | None:
 def _detached_job(
     call: tuple[Callable[[Spec], dict[str, Any]], Spec, str | None],
 ) -> tuple[dict[str, Any], bytes | None]:
-    """On a worker: the job with its checkpoint in a temporary folder and no progress folder;
-    its result and the checkpoint's bytes (None without ``--save-state``)."""
+    """On a worker: the job with its checkpoint in a temporary folder, no progress folder, no
+    shared prefix file and no deferred tests (files here: the worker trains the first task and
+    tests the run itself, with the same results); its result and the checkpoint's bytes (None
+    without ``--save-state``)."""
     job, spec, digest = call
     if digest is not None and Path(spec[0][1]).is_file() and file_sha256(spec[0][1]) != digest:
         raise ValueError(
             f"--data {spec[0][1]}: the file on {socket.gethostname()} differs from the run's (SHA-256 "
             f"{digest[:12]}...): every node needs the same file at that path"
         )
-    save = spec[-2]
+    save = spec[4]
+    options = {**spec[6], "prefix": None, "defer_tests": None} if len(spec) > 6 and spec[6] else None
     with tempfile.TemporaryDirectory(prefix="ewc-job-") as tmp:
         local = Path(tmp, Path(save).name) if save is not None else None
-        res = job((*spec[:-2], local, None))
+        res = job((*spec[:4], local, None, *([options] if options else [])))
         return res, local.read_bytes() if local is not None else None

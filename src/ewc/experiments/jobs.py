@@ -45,13 +45,19 @@ def validation_tasks(tasks: Sequence[Task]) -> Sequence[Task]:
 
 def _job(spec: tuple) -> dict[str, Any]:
     """One training run, in this process or a worker: (data key, method, config, on_validation
-    [, checkpoint path, progress folder]); the data key is (sequence, data, tasks, max train per
+    [, checkpoint path, progress folder[, options]]); the data key is (sequence, data, tasks, max train per
     task, data root[, the first tasks to train on]). With a checkpoint path the trained learner is saved there
     (ewc.checkpoint); with a progress folder the run is saved there after a task (SaveSchedule) and its
     result when it ends, both under a name derived from all of the job's settings, so that the
-    same job run again (after a kill) resumes or returns the finished result."""
+    same job run again (after a kill) resumes or returns the finished result. ``options``:
+    ``prefix`` (a file of the state after the first task shared by the runs that differ only in
+    the strength), ``validation`` (also score on the validation parts), ``defer_tests`` (a
+    folder for the weights to test later), see :func:`ewc.train.run_method`, and ``resume``
+    (False: no progress saved within the run, a short one that is cheaper to redo; its result
+    is still kept)."""
     (sequence, data, n_tasks, max_train, data_root, *first), method, config, on_val, *rest = spec
-    save, progress = (*rest, None, None)[:2]
+    save, progress, options = (*rest, None, None, None)[:3]
+    options = options or {}
     if progress is not None:
         finished, partial = job_files(spec)
         if finished.exists() and (save is None or Path(save).exists()):
@@ -62,7 +68,16 @@ def _job(spec: tuple) -> dict[str, Any]:
     run_on = validation_tasks(tasks) if on_val else tasks
     if first:  # the first tasks only (a search's rung), with the whole sequence's output layer
         run_on = run_on[: first[0]]
-    res = run_method(run_on, method, config, scenario, progress=partial if progress else None)
+    res = run_method(
+        run_on,
+        method,
+        config,
+        scenario,
+        progress=partial if progress and options.get("resume", True) else None,
+        prefix=options.get("prefix"),
+        validation=bool(options.get("validation")),
+        defer_tests=options.get("defer_tests"),
+    )
     model, learner = res.pop("model"), res.pop("method")
     if save is not None:
         from ewc.checkpoint import save_checkpoint
@@ -79,17 +94,19 @@ def _job(spec: tuple) -> dict[str, Any]:
 
 def job_files(spec: tuple) -> tuple[Path, Path]:
     """The (result, progress after a task) files of a job with a progress folder."""
-    folder, tag = Path(spec[5]), job_tag(*spec[:4])
+    folder, tag = Path(spec[5]), job_tag(*spec[:4], spec[6] if len(spec) > 6 else None)
     return folder / f"{tag}.json", folder / f"{tag}.pt"
 
 
-def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool) -> str:
-    """``METHOD-val|test-DIGEST``: the digest covers the data key, the method and every setting
-    the job runs with (progress display excepted)."""
+def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool, options: dict | None = None) -> str:
+    """``METHOD-val|test-DIGEST``: the digest covers the data key, the method, every setting
+    the job runs with (progress display excepted) and which ``options`` it has (a shared prefix,
+    validation scoring: the result records them)."""
     settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
     data = key[1]
     file = [file_sha256(data)] if is_npz_path(data) else []  # a file's contents, not only its name
-    digest = json_digest([list(key), method, settings, on_val, *file])
+    flags = sorted(k for k, v in (options or {}).items() if v)
+    digest = json_digest([list(key), method, settings, on_val, *file, *([flags] if flags else [])])
     return f"{method}-{'val' if on_val else 'test'}-{digest[:16]}"
 
 
@@ -188,6 +205,8 @@ def _ended(specs: list[tuple]) -> Callable[[int, dict[str, Any]], None]:
             " (validation)" if specs[i][3] else ""
         )
         acc, seconds = res["average_accuracy"], res["seconds"]
+        if acc is None:  # tests deferred: its validation ACC
+            acc, where = res["validation_acc"], where + " (validation)"
         print(f"[{ended[0]}/{len(specs)}] {method}{where}: ACC {acc:.3f}, {seconds:.1f} s", file=sys.stderr)
 
     return tell

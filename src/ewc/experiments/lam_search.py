@@ -1,100 +1,91 @@
 """``--lam auto``: a method's strength (EWC's λ, L2's λ, SI's c, MAS's λ) chosen on the validation
-parts by successive halving, at a cost of about ``budget`` runs of the whole sequence.
+parts by a short screen and a final among full runs, at a cost below 3 runs of the whole
+sequence, the run with the chosen strength included.
 
-Rung 0 tries λ = 0 (plain fine-tuning, the reference) and the method's bracket (one value per
-decade, ``MethodSpec.bracket``) on the first tasks of the sequence, each task trained for a
-fraction of its steps (fewer epochs, then a seeded share of its training part) and of the
-samples of its other per-task work (EWC's Fisher, MAS's importances). Each later rung keeps
-the best third of the λ > 0 (η = 3; ties: the larger) and λ = 0, and gives each of them η times
-the resources, so every rung costs about as much as the one before; the last rung trains all
-tasks. Its best λ is chosen unless λ = 0 beats it there beyond noise, no λ > 0 beat λ = 0 in
-any rung, or no strength changed the validation ACC beyond noise (:func:`decide`): then "no λ
-helps" and the method runs with λ = 0. A run's score is ACC over the tasks it learned, measured
-on their validation parts (:func:`ewc.experiments.jobs.validation_tasks`): the test parts are
-never read. The search's cost (optimizer steps and seconds of all its runs) is recorded with the
-final run's (docs/methods.md, "λ chosen by a search").
+1. **Screen.** Every value of the method's bracket (one per decade, ``MethodSpec.bracket``) trains
+   the first two tasks for a fraction of each task's steps (fewer epochs, then a seeded share of
+   its training part) and of the samples of its other per-task work (EWC's Fisher, MAS's
+   importances), scored by validation ACC. The screen costs ``budget`` task-lengths: no strength
+   acts before a task has been learned, so the first task is trained once and every value starts
+   its second task from that state (``run_method``'s ``prefix``).
+2. **Final.** λ = 0 (plain fine-tuning) and the screen's :data:`FINALISTS` best values (ties: the
+   larger) each train the whole sequence at full length, again from one shared first task. Each is
+   the method's real test run, also scored on the validation parts. The best finalist's gain over
+   λ = 0 in validation ACC decides (:func:`decide`): beyond the noise margin, it is chosen
+   ("helps"); otherwise "no λ helps" and λ = 0 is chosen. The chosen run is the method's test run:
+   nothing is run again.
+
+Why a final at full length: a run that trains part of each task's steps forgets less and drifts
+less from its anchors, so short runs favour weaker strengths and λ = 0 (docs/results.md,
+"A λ that transfers", measured over seven seeds): the screen only ranks, full runs decide. Cost in
+task-lengths of a T-task run: ``budget`` + 1 + (FINALISTS + 1)·(T − 1), i.e. 3 − (2 − budget)/T runs
+(2.96 for 5 tasks at the default budget 1.8). The search never reads the test parts: the
+screen runs on the validation parts in place of the test parts, and the final's choice reads only
+their validation ACC. The cost (optimizer steps and seconds of all runs, the shared first tasks
+counted once) is recorded with the choice (docs/methods.md, "λ chosen by a search").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ewc.data import Task
 from ewc.executors import Executor
-from ewc.experiments.jobs import run_all
+from ewc.experiments.common import write_json
+from ewc.experiments.jobs import job_files, job_tag, run_all
 from ewc.methods import AUTO, METHOD_SPECS
+from ewc.scenario import Scenario
+from ewc.snapshots import evaluate_snapshots
 from ewc.train import TrainConfig, method_params
 
 __all__ = [
     "DEFAULT_BUDGET",
-    "ETA",
+    "FINALISTS",
     "MIN_GAIN",
-    "Rung",
+    "SCREEN_TASKS",
     "auto_methods",
     "check_auto",
     "decide",
-    "ever_beaten",
     "finish_cost",
-    "flat",
     "noise_margin",
     "probe_config",
     "rung_training",
-    "schedule",
+    "screen_fraction",
     "search_auto",
-    "successive_halving",
+    "shortlist",
 ]
 
-#: the search's cost in runs of the whole sequence (the final run comes on top: about 3× one run)
+#: the screen's cost in task-lengths (one task trained in full): with the final about 3× one run
 DEFAULT_BUDGET = 1.8
-#: each rung keeps the best 1/ETA of the λ > 0 and gives each ETA times the resources
-ETA = 3
+#: the values of the bracket that go on to the final, where λ = 0 joins them
+FINALISTS = 2
+#: the tasks the screen trains (the first is shared by every value; a second shows forgetting)
+SCREEN_TASKS = 2
 #: a method's parameters that count the samples of its per-task work besides the steps (EWC's
-#: Fisher, MAS's importances): a rung that trains a fraction of the steps uses that fraction of them
+#: Fisher, MAS's importances): a screen that trains a fraction of the steps uses that fraction of them
 SAMPLE_PARAMS = ("fisher_samples", "max_samples")
 #: the least gain in validation ACC over λ = 0 that counts as help, whatever the validation size:
 #: about the seed-to-seed spread of ACC of one method (docs/results.md, 5 seeds)
 MIN_GAIN = 0.01
 
 
-@dataclass(frozen=True)
-class Rung:
-    """One rung: each candidate trains the first ``tasks`` tasks on ``fraction`` of each task's
-    training samples; ``resource`` is its cost in runs of the whole sequence."""
-
-    tasks: int
-    fraction: float
-    resource: float
-
-
-def schedule(n_tasks: int, n_values: int, budget: float = DEFAULT_BUDGET) -> list[Rung]:
-    """The rungs for ``n_values`` λ > 0 (each rung also runs λ = 0): candidates n, ⌈n/η⌉, ... down
-    to ⌈n/η^r⌉ ≤ η, resources r₀·η^r with Σ (candidates + 1)·resource = ``budget``. A rung of
-    resource r trains k = T·√r tasks (at least 2: one task has nothing to forget) for r·T/k of each
-    task's steps, so tasks and steps per task grow together; the last rung, which decides, trains
-    all T tasks (for r of each task's steps)."""
-    if n_values < 1 or n_tasks < 1 or budget <= 0:
-        raise ValueError(f"need λ values, tasks and a positive budget, got {n_values}, {n_tasks}, {budget}")
-    sizes = [n_values]
-    while sizes[-1] > ETA:
-        sizes.append(math.ceil(sizes[-1] / ETA))
-    r0 = budget / sum((n + 1) * ETA**r for r, n in enumerate(sizes))
-    rungs = []
-    for r in range(len(sizes)):
-        resource = min(1.0, r0 * ETA**r)
-        k = min(n_tasks, max(min(2, n_tasks), round(n_tasks * math.sqrt(resource))))
-        if r == len(sizes) - 1:
-            k = n_tasks  # the deciding rung faces the whole sequence's plasticity / stability trade-off
-        rungs.append(Rung(k, min(1.0, resource * n_tasks / k), resource))
-    return rungs
+def screen_fraction(n_values: int, budget: float = DEFAULT_BUDGET) -> float:
+    """The share of each task's steps the screen trains: ``budget`` task-lengths over the first
+    task (once) and ``n_values`` second tasks, at most 1."""
+    if n_values < 1 or budget <= 0:
+        raise ValueError(f"need λ values and a positive budget, got {n_values}, {budget}")
+    return min(1.0, budget / (SCREEN_TASKS - 1 + n_values * (SCREEN_TASKS - 1)))
 
 
 def rung_training(fraction: float, epochs: int) -> tuple[int, float]:
-    """(epochs, share of each task's training data) of a rung that trains ``fraction`` of a run's
+    """(epochs, share of each task's training data) of a run that trains ``fraction`` of a run's
     steps per task: the fewest epochs that do, so each run sees as much of the data as it can."""
     work = fraction * epochs  # epochs' worth of steps per task
     if work >= epochs:
@@ -111,48 +102,22 @@ def noise_margin(acc: float, n_samples: int) -> float:
     return max(MIN_GAIN, 2.0 * math.sqrt(p * (1.0 - p) / max(1, n_samples)))
 
 
-def flat(rungs: Sequence[dict[str, Any]]) -> bool:
-    """True when no strength moved the validation ACC by more than noise in any rung (the
-    method makes no difference at any strength)."""
-    return all(
-        max(r["validation_acc"]) - min(r["validation_acc"])
-        <= noise_margin(sum(r["validation_acc"]) / len(r["validation_acc"]), r["n_val"])
-        for r in rungs
-    )
+def shortlist(lams: Sequence[float], accs: Sequence[float], k: int = FINALISTS) -> list[float]:
+    """The ``k`` values with the best screen ACC (ties: the larger value, the likelier to act where
+    a short run cannot tell the weak ones from λ = 0), in increasing order."""
+    ranked = sorted(zip(lams, accs, strict=True), key=lambda t: (-t[1], -t[0]))
+    return sorted(lam for lam, _ in ranked[:k])
 
 
-def ever_beaten(rungs: Sequence[dict[str, Any]]) -> bool:
-    """True when some λ > 0 scored above λ = 0 by more than one standard error (half the noise
-    margin) in some rung: weaker evidence than a gain beyond the margin, enough to keep the best λ
-    when the last rung cannot tell."""
-    for r in rungs:
-        reference = r["validation_acc"][r["lams"].index(0.0)]
-        best = max(a for lam, a in zip(r["lams"], r["validation_acc"], strict=True) if lam > 0)
-        if best - reference > noise_margin(reference, r["n_val"]) / 2:
-            return True
-    return False
-
-
-def decide(rungs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The verdict: the last rung's best λ > 0 (ties: the smaller) against λ = 0 there.
-
-    ``helps``: its gain is beyond the noise margin. ``no λ helps`` (λ = 0 is chosen): λ = 0 beats it
-    by more than the margin, or no λ > 0 beat λ = 0 in any rung (:func:`ever_beaten`), or no strength changed
-    the ACC beyond noise in any rung (:func:`flat`). ``helps (within noise)`` otherwise: the best λ
-    is still chosen, since the rungs train a fraction of a run's steps (where a strength's benefit
-    shows less than in the full run) and fine-tuning's own ACC varies by a few points between
-    runs, so a difference within noise at the last rung is not evidence against the method."""
-    last = rungs[-1]
-    scores = dict(zip(last["lams"], last["validation_acc"], strict=True))
+def decide(final: dict[str, Any]) -> dict[str, Any]:
+    """The verdict from the final (``lams``, their ``validation_acc``, ``n_val``): the best λ > 0
+    (ties: the smaller) against λ = 0. ``helps``: its gain is beyond the noise margin; otherwise
+    ``no λ helps`` and λ = 0 is chosen (full runs: a gain within noise is no evidence)."""
+    scores = dict(zip(final["lams"], final["validation_acc"], strict=True))
     reference = scores[0.0]
-    best = max((lam for lam in last["lams"] if lam > 0), key=lambda lam: (scores[lam], -lam))
-    gain, margin = scores[best] - reference, noise_margin(reference, last["n_val"])
-    if gain > margin:
-        verdict = "helps"
-    elif gain < -margin or flat(rungs) or not ever_beaten(rungs):
-        verdict = "no λ helps"
-    else:
-        verdict = "helps (within noise)"
+    best = max((lam for lam in final["lams"] if lam > 0), key=lambda lam: (scores[lam], -lam))
+    gain, margin = scores[best] - reference, noise_margin(reference, final["n_val"])
+    verdict = "helps" if gain > margin else "no λ helps"
     return {
         "best": best,
         "best_acc": scores[best],
@@ -160,47 +125,8 @@ def decide(rungs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "gain": gain,
         "margin": margin,
         "verdict": verdict,
-        "lam": 0.0 if verdict == "no λ helps" else best,
+        "lam": best if verdict == "helps" else 0.0,
     }
-
-
-#: evaluate(rung, λ values) → one result per value: {"acc", "steps", "seconds", "n_val"}
-Evaluate = Callable[[Rung, list[float]], list[dict[str, Any]]]
-
-
-def successive_halving(
-    bracket: Sequence[float], n_tasks: int, evaluate: Evaluate, budget: float = DEFAULT_BUDGET
-) -> dict[str, Any]:
-    """Successive halving over ``[0] + bracket`` (one method; see the module doc): the rungs' curves
-    (λ → validation ACC), the verdict (:func:`decide`), the chosen λ and the search's cost."""
-    bracket = sorted(float(v) for v in bracket if v > 0)
-    alive, rungs = bracket, []
-    for rung in schedule(n_tasks, len(bracket), budget):
-        lams = [0.0, *alive]
-        results = evaluate(rung, lams)
-        accs = [r["acc"] for r in results]
-        rungs.append(
-            {
-                **dataclasses.asdict(rung),
-                "lams": lams,
-                "validation_acc": accs,
-                "steps": [r["steps"] for r in results],
-                "seconds": [r["seconds"] for r in results],
-                **{k: v for k, v in results[0].items() if k not in ("acc", "steps", "seconds")},
-            }
-        )
-        # ties go to the larger λ: a smaller one that scores the same is the likelier to act like
-        # λ = 0, which every rung runs anyway
-        ranked = sorted(alive, key=lambda lam: (-accs[lams.index(lam)], -lam))
-        alive = sorted(ranked[: math.ceil(len(alive) / ETA)])
-    verdict = decide(rungs)
-    edge = {bracket[0]: "lower", bracket[-1]: "upper"}.get(verdict["lam"]) if verdict["lam"] else None
-    cost = {
-        "budget": budget,
-        "search_steps": sum(sum(r["steps"]) for r in rungs),
-        "search_seconds": sum(sum(r["seconds"]) for r in rungs),
-    }
-    return {"auto": True, "bracket": bracket, "rungs": rungs, **verdict, "edge": edge, "cost": cost}
 
 
 def auto_methods(methods: Sequence[str], config: TrainConfig) -> dict[str, str]:
@@ -257,64 +183,174 @@ def search_auto(
     jobs: int = 1,
     executor: Executor | None = None,
     progress: Path | None = None,
+    checkpoints: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Choose the strength of every method in ``autos``, one method after another (a rung's runs
-    ``jobs`` at a time, on ``executor``). ``key``: the run's data key (sequence, data, tasks, max
+    """Choose the strength of every method in ``autos``, one method after another (each stage's
+    runs ``jobs`` at a time, on ``executor``). ``key``: the run's data key (sequence, data, tasks, max
     train, data root); ``tasks``: its sequence (the sizes of its training and validation parts are
-    read from it)."""
-    sequence, data, n_tasks, max_train, data_root = key
-    n_train = [len(t.y_train) for t in tasks]
-    n_val = [len(t.y_val) for t in tasks]
-    # search runs are scored by ACC alone: no learning curves, no rows of the matrix before the last
-    quiet = dataclasses.replace(config, eval_every=10**9, curve_samples=1, final_only=True)
-
-    def specs(m: str, rung: Rung, lams: list[float]) -> list[tuple]:
-        epochs, share = rung_training(rung.fraction, config.epochs)
-        cap = max_train if share >= 1 else math.ceil(share * max(n_train[: rung.tasks]))
-        rung_key = (sequence, data, n_tasks, cap, data_root, rung.tasks)
-        run = dataclasses.replace(quiet, epochs=epochs)
-        # the per-task work besides the steps (a Fisher's / MAS's samples) scaled alike
-        params = {**METHOD_SPECS[m].defaults, **method_params(m, run)}
-        for name in SAMPLE_PARAMS:
-            if isinstance(params.get(name), int):
-                run = _with(run, m, name, max(1, math.ceil(rung.fraction * params[name])))
-        return [(rung_key, m, _with(run, m, autos[m], lam), True, None, progress) for lam in lams]
-
+    read from it). Each record holds the screen and the final (``rungs``), the verdict, the cost
+    and, under ``run``, the chosen value's test run (a result of
+    :func:`ewc.experiments.jobs.run_all`, the same as a test run with that value: the caller uses
+    it as one). ``checkpoints``: a folder where each finalist's learner is saved; the chosen one's
+    file is named in ``checkpoint`` and the others are removed."""
+    n_tasks = key[2]
     records: dict[str, dict[str, Any]] = {}
-    for m, name in autos.items():
-        spec = METHOD_SPECS[m]
-        if n_tasks < 2:
-            records[m] = _one_task(spec.bracket, budget)
-        else:
-            evaluate = _runner(specs, m, n_val, jobs, executor)
-            records[m] = successive_halving(spec.bracket, n_tasks, evaluate, budget)
-        records[m]["parameter"] = name
-        records[m]["chosen"] = {name: records[m]["lam"]}
+    with tempfile.TemporaryDirectory(prefix="ewc-search-") as tmp:
+        for m, name in autos.items():
+            spec = METHOD_SPECS[m]
+            if n_tasks < 2:
+                records[m] = _one_task(spec.bracket, budget)
+            else:
+                where = _Where(Path(progress) if progress is not None else Path(tmp), progress, checkpoints)
+                records[m] = _search(key, tasks, m, name, config, budget, jobs, executor, where)
+            records[m]["parameter"] = name
+            records[m]["chosen"] = {name: records[m]["lam"]}
     return records
 
 
-def _runner(specs: Callable, m: str, n_val: list[int], jobs: int, executor: Executor | None) -> Evaluate:
-    """The evaluate function of one method: a rung's runs on the validation parts."""
+@dataclass(frozen=True)
+class _Where:
+    """Where a search's files go: the shared first tasks, the runs' progress, the checkpoints."""
 
-    def evaluate(rung: Rung, lams: list[float]) -> list[dict[str, Any]]:
-        runs = specs(m, rung, lams)
-        results = run_all(runs, jobs, executor=executor)
-        n, epochs, cap = sum(n_val[: rung.tasks]), runs[0][2].epochs, runs[0][0][3]
-        samples = {k: v for k, v in method_params(m, runs[0][2]).items() if k in SAMPLE_PARAMS}
-        return [
-            {
-                "acc": r["average_accuracy"],
-                "steps": r["curves"]["steps"][-1],
-                "seconds": r["seconds"],
-                "n_val": n,
-                "epochs": epochs,
-                "max_train_per_task": cap,
-                **samples,
-            }
-            for r in results
-        ]
+    shared: Path
+    progress: Path | None
+    checkpoints: Path | None
 
-    return evaluate
+
+def _search(
+    key: tuple,
+    tasks: Sequence[Task],
+    m: str,
+    name: str,
+    config: TrainConfig,
+    budget: float,
+    jobs: int,
+    executor: Executor | None,
+    where: _Where,
+) -> dict[str, Any]:
+    """The screen and the final of one method (see the module doc)."""
+    sequence, data, n_tasks, max_train, data_root = key
+    bracket = sorted(float(v) for v in METHOD_SPECS[m].bracket if v > 0)
+    n_val = [len(t.y_val) for t in tasks]
+
+    # 1. the screen: every value on the first tasks, a fraction of each task's steps
+    fraction = screen_fraction(len(bracket), budget)
+    epochs, share = rung_training(fraction, config.epochs)
+    k = min(SCREEN_TASKS, n_tasks)
+    cap = max_train if share >= 1 else math.ceil(share * max(len(t.y_train) for t in tasks[:k]))
+    # scored by ACC alone: no learning curves, no rows of the matrix before the last
+    quiet = dataclasses.replace(config, eval_every=10**9, curve_samples=1, final_only=True, epochs=epochs)
+    params = {**METHOD_SPECS[m].defaults, **method_params(m, quiet)}
+    for sample in SAMPLE_PARAMS:  # the per-task work besides the steps (a Fisher's samples) scaled alike
+        if isinstance(params.get(sample), int):
+            quiet = _with(quiet, m, sample, max(1, math.ceil(fraction * params[sample])))
+    screen_key = (sequence, data, n_tasks, cap, data_root, k)
+    screen, _ = _runs(screen_key, m, name, quiet, bracket, True, jobs, executor, where, validation=False)
+    samples = {p: v for p, v in method_params(m, quiet).items() if p in SAMPLE_PARAMS}
+    screened = {
+        "stage": "screen",
+        "tasks": k,
+        "fraction": fraction,
+        **_curve(bracket, screen, "average_accuracy"),
+        "n_val": sum(n_val[:k]),
+        "epochs": epochs,
+        "max_train_per_task": cap,
+        **samples,
+    }
+
+    # 2. the final: λ = 0 and the finalists in full, scored on validation; their weights after each
+    # task are kept and only the chosen run is tested (its test run, as if it had tested itself)
+    finalists = [0.0, *shortlist(bracket, screened["validation_acc"])]
+    final, specs = _runs(key, m, name, config, finalists, False, jobs, executor, where, validation=True)
+    decided = {
+        "stage": "final",
+        "tasks": n_tasks,
+        "fraction": 1.0,
+        **_curve(finalists, final, "validation_acc"),
+        "n_val": sum(n_val),
+        "epochs": config.epochs,
+        "max_train_per_task": max_train,
+    }
+    verdict = decide(decided)
+    chosen = finalists.index(verdict["lam"])
+    scenario = Scenario.for_tasks(config.scenario, [t.classes for t in tasks])
+    run = dict(final[chosen])
+    if "tests_deferred" in run:  # (a worker that does not share this machine's files tested itself)
+        where_ = run["tests_deferred"]
+        run = evaluate_snapshots(run, where_, tasks, scenario, threads=config.threads, device=config.device)
+        if where.progress is not None:  # the kept result, tested: a rerun after a kill reads it
+            write_json(run, job_files(specs[chosen])[0])
+    run = {k: v for k, v in run.items() if k != "validation_acc"}
+    for r in final:
+        if "tests_deferred" in r:
+            shutil.rmtree(r["tests_deferred"], ignore_errors=True)
+    checkpoint = None
+    if where.checkpoints is not None:
+        paths = [_checkpoint(where.checkpoints, m, name, lam) for lam in finalists]
+        checkpoint = paths[chosen].as_posix()
+        for i, path in enumerate(paths):
+            if i != chosen:
+                path.unlink(missing_ok=True)
+    edge = {bracket[0]: "lower", bracket[-1]: "upper"}.get(verdict["lam"]) if verdict["lam"] else None
+    runs = [*screen, *final]
+    shared = [r.get("prefix") or {} for r in runs]
+    cost = {
+        "budget": budget,
+        "search_steps": sum(_steps(r) - s.get("steps", 0) for r, s in zip(runs, shared, strict=True)),
+        "search_seconds": sum(
+            r["seconds"] - s.get("seconds", 0.0) for r, s in zip(runs, shared, strict=True)
+        ),
+    }
+    record = {"auto": True, "bracket": bracket, "rungs": [screened, decided], **verdict, "edge": edge}
+    return {**record, "cost": cost, "run": run, **({"checkpoint": checkpoint} if checkpoint else {})}
+
+
+def _runs(
+    key: tuple,
+    m: str,
+    name: str,
+    config: TrainConfig,
+    lams: list[float],
+    on_val: bool,
+    jobs: int,
+    executor: Executor | None,
+    where: _Where,
+    *,
+    validation: bool,
+) -> tuple[list[dict[str, Any]], list[tuple]]:
+    """One stage's runs, one per value, and their job specs: the first alone (it writes the state
+    after the first task that the others start from), then the others ``jobs`` at a time."""
+    prefix = where.shared / f"prefix-{job_tag(key, m, _with(config, m, name, AUTO), on_val)}.pt"
+    where.shared.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for lam in lams:
+        run = _with(config, m, name, lam)
+        options: dict[str, Any] = {"prefix": str(prefix), "validation": validation}
+        if validation:  # a finalist: tested later if chosen
+            options["defer_tests"] = str(where.shared / f"tests-{job_tag(key, m, run, on_val)}")
+        else:  # a screen's run: short, redone rather than resumed after a kill
+            options["resume"] = False
+        save = _checkpoint(where.checkpoints, m, name, lam) if validation and where.checkpoints else None
+        specs.append((key, m, run, on_val, save, where.progress, options))
+    results = [*run_all(specs[:1], 1, executor=executor), *run_all(specs[1:], jobs, executor=executor)]
+    return results, specs
+
+
+def _curve(lams: list[float], results: list[dict[str, Any]], score: str) -> dict[str, Any]:
+    return {
+        "lams": lams,
+        "validation_acc": [r[score] for r in results],
+        "steps": [_steps(r) for r in results],
+        "seconds": [r["seconds"] for r in results],
+    }
+
+
+def _steps(result: dict[str, Any]) -> int:
+    return result["curves"]["steps"][-1]
+
+
+def _checkpoint(folder: Path, m: str, name: str, lam: float) -> Path:
+    return Path(folder) / f"{m}-{name}={lam:g}.pt"
 
 
 def _one_task(bracket: Sequence[float], budget: float) -> dict[str, Any]:
@@ -330,19 +366,21 @@ def _one_task(bracket: Sequence[float], budget: float) -> dict[str, Any]:
     }
 
 
-def _with(config: TrainConfig, method: str, name: str, value: float) -> TrainConfig:
+def _with(config: TrainConfig, method: str, name: str, value: float | str) -> TrainConfig:
     params = {**config.params, method: {**config.params.get(method, {}), name: value}}
     return dataclasses.replace(config, params=params)
 
 
 def finish_cost(records: dict[str, dict[str, Any]], final: dict[str, dict[str, Any]]) -> None:
-    """Add each searched method's final run (its optimizer steps and seconds) to its cost, and the
-    ratios (search + final run) / final run."""
+    """Add each searched method's test run (its optimizer steps and seconds: one run) to its cost,
+    and the ratios (all the search's runs, the chosen one included) / one run. A one-task
+    search ran nothing: its test run is the only run."""
     for m, record in records.items():
         if not record.get("auto") or m not in final:
             continue
         steps, seconds = final[m]["curves"]["steps"][-1], final[m]["seconds"]
         cost = record["cost"]
         cost.update(final_steps=steps, final_seconds=seconds)
-        cost["ratio_steps"] = (cost["search_steps"] + steps) / max(1, steps)
-        cost["ratio_seconds"] = (cost["search_seconds"] + seconds) / max(1e-9, seconds)
+        spent = (cost["search_steps"], cost["search_seconds"]) if record["rungs"] else (steps, seconds)
+        cost["ratio_steps"] = spent[0] / max(1, steps)
+        cost["ratio_seconds"] = spent[1] / max(1e-9, seconds)

@@ -138,8 +138,9 @@ class RunConfig:
     search: bool = search_param(False)
     auto_budget: float = param(
         DEFAULT_BUDGET,
-        "what the search of an auto strength (--lam auto, --l2-lam auto, --set si.c=auto, "
-        "--set mas.lam=auto) may cost, in runs of the whole sequence (the final run comes on top)",
+        "what the screen of an auto strength's search (--lam auto, --l2-lam auto, --set si.c=auto, "
+        "--set mas.lam=auto) may cost, in task-lengths (one task trained in full); with its final among "
+        "full runs the search costs 3 - (2 - budget)/T runs of a T-task sequence",
         check=POSITIVE,
     )
     seeds: tuple[int, ...] | None = param(
@@ -327,8 +328,10 @@ def run_sequence(
     the validation parts first; ``lam_grid`` / ``l2_lam_grid`` set the λ grid of every method
     whose spec takes λ from ``--lam`` / ``--l2-lam`` (with or without ``search``). The chosen
     values are recorded in ``config.selection``. A method whose strength is ``auto`` (``--lam auto``,
-    ``--set si.c=auto``) has it chosen by :func:`ewc.experiments.lam_search.search_auto` (about
-    ``auto_budget`` runs); its curve, verdict and cost are recorded there too.
+    ``--set si.c=auto``) has it chosen by :func:`ewc.experiments.lam_search.search_auto` (a screen of
+    ``auto_budget`` task-lengths, then full runs of λ = 0 and two finalists, less than 3 runs in
+    all); its curve, verdict and cost are recorded there too, and the chosen finalist's run is the
+    method's test run (at the first seed with ``seeds``).
     ``save_state`` saves each trained learner (model, method state, scenario) under
     ``out/checkpoints/METHOD.pt``, loadable with :func:`ewc.checkpoint.load_checkpoint`.
     ``tracker`` (:mod:`ewc.tracking`) receives the record once it is written
@@ -376,24 +379,43 @@ def run_sequence(
         accs = [next(scores)["average_accuracy"] for _ in combos]
         best = max(range(len(combos)), key=lambda k: (accs[k], -k))  # ties: the first in grid order
         selection[m] = {"grid": combos, "validation_acc": accs, "chosen": combos[best]}
-    selection.update(
-        search_auto(
-            key, tasks, autos, config, budget=auto_budget, jobs=jobs, executor=executor, progress=progress
-        )
+    form = "{m}.pt" if seeds is None else "{m}-seed{s}.pt"
+    keep = out_dir / "checkpoints" if save_state and out_dir is not None else None
+    if keep is not None:  # the search saves its finalists' learners there
+        keep.mkdir(exist_ok=True)
+    searched = search_auto(
+        key,
+        tasks,
+        autos,
+        config,
+        budget=auto_budget,
+        jobs=jobs,
+        executor=executor,
+        progress=progress,
+        checkpoints=keep,
     )
+    # a searched method's test run at the first seed is the search's chosen run (nothing runs twice)
+    chosen_runs = {m: record.pop("run") for m, record in searched.items() if "run" in record}
+    chosen_files = {m: record.pop("checkpoint") for m, record in searched.items() if "checkpoint" in record}
+    selection.update(searched)
     # 2. the test run of every method, with its chosen hyper-parameters
     configs = {m: with_params(config, m, selection[m]["chosen"]) for m in selection}
     configs = {m: configs.get(m, config) for m in methods}
     # (with --seeds: once per seed, the first seed's choices for all; checkpoints METHOD-seedS.pt)
     run_seeds = [int(s) for s in seeds] if seeds is not None else [config.seed]
-    form = "{m}.pt" if seeds is None else "{m}-seed{s}.pt"
     saves = {(m, s): Path("checkpoints", form.format(m=m, s=s)) for s in run_seeds for m in methods}
-    if save_state and out_dir is not None:
-        (out_dir / "checkpoints").mkdir(exist_ok=True)
+    if keep is not None:
+        for m, file in chosen_files.items():
+            Path(file).replace(out_dir / saves[(m, config.seed)])
     else:
         saves = dict.fromkeys(saves)
-    specs = [(m, dataclasses.replace(configs[m], seed=s), p and out_dir / p) for (m, s), p in saves.items()]
-    runs = run_all([(key, m, c, False, p, progress) for m, c, p in specs], jobs, executor=executor)
+    todo = [(m, s) for m, s in saves if not (s == config.seed and m in chosen_runs)]
+    specs = [
+        (m, dataclasses.replace(configs[m], seed=s), saves[(m, s)] and out_dir / saves[(m, s)])
+        for m, s in todo
+    ]
+    done = iter(run_all([(key, m, c, False, p, progress) for m, c, p in specs], jobs, executor=executor))
+    runs = [chosen_runs[m] if (m, s) not in todo else next(done) for m, s in saves]
     per_seed = [
         {"seed": s, "tasks": task_records(sequence, data, n_tasks, s, max_train_per_task, data_root)}
         for s in run_seeds

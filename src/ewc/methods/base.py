@@ -111,6 +111,13 @@ class Method:
         """Bytes this method keeps between tasks (anchors, importances, samples); 0 for none."""
         return 0
 
+    def set_strength(self, value: float) -> None:
+        """Set the strength of the method's penalty (``MethodSpec.strength``: EWC's λ, SI's c) in place,
+        keeping the rest of its state: a ``--lam auto`` search starts runs that differ only in the
+        strength from one state saved after the first task, before any penalty acted. A
+        ValueError for a method without one."""
+        raise ValueError(f"{self.name} has no strength to set")
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -92,6 +92,10 @@ class Compose(Method):
     def memory_bytes(self) -> int:
         return sum(m.memory_bytes() for m in self.methods)
 
+    def set_strength(self, value: float) -> None:
+        """The strength of the part that has one (EWC's λ in ``ewc+replay``)."""
+        self._first_overriding("set_strength").set_strength(value)
+
     def _keys(self) -> list[str]:
         return [f"{i}:{m.name}" for i, m in enumerate(self.methods)]
 

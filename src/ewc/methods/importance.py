@@ -129,6 +129,10 @@ class SIMethod(_Importance):
         self.reg.consolidate(fisher_diag=new)
         self._start = self._prev = None
 
+    def set_strength(self, value: float) -> None:
+        self.c = check_number(value, "SI strength c")
+        self.reg.lam = 2 * self.c
+
     def state_dict(self) -> dict[str, Any]:
         """Hyper-parameters, the penalty (Ω, θ*) and, mid-task, ω and the task's start parameters."""
         return {
@@ -218,6 +222,10 @@ class MASMethod(_Importance):
 
     def after_task(self, index: int, task: Task) -> None:
         self.reg.consolidate(fisher_diag=self.task_importance(index, task))
+
+    def set_strength(self, value: float) -> None:
+        self.lam = check_number(value, "MAS strength lam")
+        self.reg.lam = self.lam
 
     def state_dict(self) -> dict[str, Any]:
         return {

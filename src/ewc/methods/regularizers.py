@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ewc.data import Task
-from ewc.methods.base import Batch, Method
+from ewc.methods.base import Batch, Method, check_number
 from ewc.methods.registry import MethodSpec, decades, register
 from ewc.penalty import EWC, L2
 from ewc.scenario import Scenario
@@ -53,6 +53,10 @@ class L2Method(Method):
         """``separate``: drop the returning task's own term (if it has one); ``online``: nothing."""
         if self.reg.mode == "separate" and index in self.reg.keys:
             self.reg.drop(index)
+
+    def set_strength(self, value: float) -> None:
+        self.lam = check_number(value, f"{self.name} strength lam")
+        self.reg.lam = self.lam
 
     def state_dict(self) -> dict[str, Any]:
         return self.reg.state_dict()

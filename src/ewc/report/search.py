@@ -1,5 +1,6 @@
 """What a report shows of a strength chosen by ``auto`` (``--lam auto``): the chosen value, the
-verdict ("no λ helps"), the search's cost and its curve (validation ACC per λ, one line per rung),
+verdict ("no λ helps"), the search's cost and its curve (validation ACC per λ: the screen's line
+and the final's points),
 drawn from the ``config.selection`` records of ``results.json``
 (:mod:`ewc.experiments.lam_search` writes them)."""
 
@@ -25,7 +26,7 @@ def summary_line(method: str, record: Mapping[str, Any]) -> str:
     name, lam = record.get("parameter", "lam"), record["lam"]
     cost = record.get("cost", {})
     ratio = (
-        f"; search + final run: {cost['ratio_steps']:.2f}× the optimizer steps of one run"
+        f"; the search (its chosen run included): {cost['ratio_steps']:.2f}× the optimizer steps of one run"
         if "ratio_steps" in cost
         else ""
     )
@@ -53,12 +54,17 @@ def summary_line(method: str, record: Mapping[str, Any]) -> str:
 
 def _rung_table(record: Mapping[str, Any]) -> list[str]:
     name = record.get("parameter", "lam")
-    lines = [f"| rung | tasks | data per task | {name} → validation ACC |", "|---:|---:|---:|---|"]
+    lines = [
+        f"| stage | tasks | steps per task | {name} → validation ACC |",
+        "|---|---:|---:|---|",
+    ]
     for r, rung in enumerate(record["rungs"]):
         cells = ", ".join(
             f"{lam:g}: {acc:.3f}" for lam, acc in zip(rung["lams"], rung["validation_acc"], strict=True)
         )
-        lines.append(f"| {r} | {rung['tasks']} | {100 * rung['fraction']:.0f} % | {cells} |")
+        lines.append(
+            f"| {rung.get('stage', r)} | {rung['tasks']} | {100 * rung['fraction']:.0f} % | {cells} |"
+        )
     return lines
 
 
@@ -70,10 +76,10 @@ def search_section(results: Mapping[str, Any], figure: str | None = "search.png"
     lines = [
         "## Strength chosen by a search (auto)",
         "",
-        "Successive halving on the validation parts: rung 0 tries 0 and one value per decade of the "
-        "method's bracket on the first tasks with part of each task's steps; each later rung keeps the best "
-        "third with more tasks and steps, the last one on all tasks; its best is chosen unless 0 does as "
-        "well there or no value changed the ACC beyond noise (docs/methods.md).",
+        "Chosen on the validation parts: a screen trains one value per decade of the method's bracket on "
+        "the first two tasks for part of each task's steps; 0 and the screen's two best then train the whole "
+        "sequence in full, and the best of them is chosen if it beats 0 beyond noise, else 0 "
+        "(docs/methods.md). The chosen value's full run is the test run reported here.",
         "",
     ]
     for m, record in records.items():
@@ -81,9 +87,8 @@ def search_section(results: Mapping[str, Any], figure: str | None = "search.png"
         lines += [f"- {summary_line(m, record)}"]
         if "final_steps" in cost:
             lines += [
-                f"  (search: {cost['search_steps']} optimizer steps, {cost['search_seconds']:.1f} s; "
-                "final run: "
-                f"{cost['final_steps']} steps, {cost['final_seconds']:.1f} s; "
+                f"  (search: {cost['search_steps']} optimizer steps, {cost['search_seconds']:.1f} s, its "
+                f"chosen run included; one run: {cost['final_steps']} steps, {cost['final_seconds']:.1f} s; "
                 f"{cost['ratio_seconds']:.2f}× in seconds)"
             ]
     for m, record in records.items():
@@ -95,8 +100,9 @@ def search_section(results: Mapping[str, Any], figure: str | None = "search.png"
 
 
 def plot_search(results: Mapping[str, Any], path: Path) -> Path | None:
-    """Validation ACC against the strength (log scale; 0 drawn at the left, dashed), one panel per
-    searched method, one line per rung; None when no strength was searched."""
+    """Validation ACC against the strength (log scale; 0 drawn at the left as a square, dashed), one
+    panel per searched method: the screen's line and the final's points; None when no strength was
+    searched."""
     records = {m: r for m, r in auto_records(results).items() if r["rungs"]}
     if not records:
         return None
@@ -109,10 +115,15 @@ def plot_search(results: Mapping[str, Any], path: Path) -> Path | None:
                 pts = sorted(zip(rung["lams"], rung["validation_acc"], strict=True))
                 xs = [lam for lam, _ in pts if lam > 0]
                 ys = [acc for lam, acc in pts if lam > 0]
-                line = ax.plot(xs, ys, marker="o", ms=3, label=f"rung {r}: {rung['tasks']} tasks")[0]
-                ref = dict(pts)[0.0]
-                ax.plot([low], [ref], marker="s", color=line.get_color())
-                ax.axhline(ref, color=line.get_color(), ls="--", lw=0.6)
+                stage = rung.get("stage", f"rung {r}")
+                style = (
+                    {"ls": "none", "marker": "D", "ms": 5} if stage == "final" else {"marker": "o", "ms": 3}
+                )
+                line = ax.plot(xs, ys, label=f"{stage}: {rung['tasks']} tasks", **style)[0]
+                ref = dict(pts).get(0.0)
+                if ref is not None:
+                    ax.plot([low], [ref], marker="s", color=line.get_color())
+                    ax.axhline(ref, color=line.get_color(), ls="--", lw=0.6)
             if record["lam"]:
                 ax.axvline(record["lam"], color="k", lw=0.8)
             ax.set_xscale("log")
