@@ -88,7 +88,8 @@ def case(
 
 
 def recorded(args: argparse.Namespace, name: str, method: str) -> dict[float, float]:
-    """The oracle's grid of this case and seed from ``--oracle`` rows (empty when none has it)."""
+    """The oracle's grid of this case and seed from ``--oracle`` rows (empty when none has it; a
+    row without a seed is seed 0's, as the first table's rows are)."""
     for path in args.oracle or []:
         for r in json.loads(Path(path).read_text()):
             if (r["case"], r["method"], r.get("seed", 0)) == (name, method, args.seed):
@@ -104,7 +105,8 @@ def searched(
     oracle: dict[float, float],
     best: float,
 ) -> dict[str, Any]:
-    """The row of ``--search-only``: the search's choice, its ACC read from the oracle's grid."""
+    """The row of ``--search-only``: the search's choice and its chosen run's ACC (the oracle's run
+    at that strength: ``same_as_grid`` records that they agree)."""
     spec = METHOD_SPECS[method]
     sequence, data = key[:2]
     tasks, _ = build_tasks(sequence, data, args.tasks, args.seed, args.max_train, None)
@@ -154,6 +156,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        # ("helps (within noise)": the earlier search's verdict, in the rows --render shows again)
         lam = f"{r['auto_lam']:g}" + {"helps": "", "helps (within noise)": " (within noise)"}.get(
             r["verdict"], " (no λ helps)"
         )

@@ -22,8 +22,8 @@ from ewc.experiments.lam_search import (
     MIN_GAIN,
     decide,
     noise_margin,
-    rung_training,
     screen_fraction,
+    screen_training,
     search_auto,
     shortlist,
 )
@@ -53,11 +53,11 @@ def test_the_search_costs_less_than_three_runs(n_tasks: int) -> None:
         screen_fraction(7, 0.0)
 
 
-def test_a_rung_trains_the_fewest_epochs_that_give_its_steps() -> None:
-    assert rung_training(0.27, 2) == pytest.approx((1, 0.54))  # one epoch over 54 % of the data
-    assert rung_training(0.225, 5) == pytest.approx((2, 0.5625))
-    assert rung_training(0.3, 1) == pytest.approx((1, 0.3))
-    assert rung_training(1.0, 3) == (3, 1.0)
+def test_a_screen_run_trains_the_fewest_epochs_that_give_its_steps() -> None:
+    assert screen_training(0.27, 2) == pytest.approx((1, 0.54))  # one epoch over 54 % of the data
+    assert screen_training(0.225, 5) == pytest.approx((2, 0.5625))
+    assert screen_training(0.3, 1) == pytest.approx((1, 0.3))
+    assert screen_training(1.0, 3) == (3, 1.0)
 
 
 def test_the_shortlist_takes_the_best_and_ties_go_to_the_larger() -> None:
@@ -94,7 +94,8 @@ def test_the_summary_line_names_the_chosen_value_and_the_verdict() -> None:
 
 def _grid(tasks: int = 3, n: int = 200, hidden: int = 16) -> tuple[tuple, TrainConfig]:
     key = ("permuted", "mnist-10k", tasks, n, None)
-    return key, TrainConfig(epochs=2, hidden=(hidden,), progress=False, threads=1)
+    # dropout: training draws from torch's global generator, whose state the shared file restores
+    return key, TrainConfig(epochs=2, hidden=(hidden,), dropout=0.2, progress=False, threads=1)
 
 
 @pytest.mark.parametrize("method", SEARCHED)
@@ -277,12 +278,24 @@ def test_a_search_run_again_reads_its_kept_results(tmp_path: Path, monkeypatch: 
     assert again["rungs"] == first["rungs"] and again["chosen"] == first["chosen"]
 
 
-def test_the_first_seed_uses_the_search_run_and_its_checkpoint(tmp_path: Path) -> None:
-    """With ``--seeds`` the first seed's test run is the search's chosen run (no run twice), the
-    other seeds run the chosen value; ``--save-state`` keeps the chosen finalist's learner only."""
+def test_the_first_seed_uses_the_search_run_and_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--seeds`` the first seed's test run is the search's chosen run (no run twice: 7
+    screen runs, 3 finalists, then seed 1 alone), the other seeds run the chosen value;
+    ``--save-state`` keeps the chosen finalist's learner; run again, nothing trains."""
+    from ewc.experiments import jobs
+
+    calls = []
+    real = jobs.run_method
+    monkeypatch.setattr(jobs, "run_method", lambda *a, **k: calls.append(a[2].seed) or real(*a, **k))
     auto = with_params(dataclasses.replace(SMALL, epochs=2), "ewc", {"lam": "auto"})
     kw = {"max_train_per_task": 200, "report": False, "save_state": True}
     res = run_sequence("permuted", "mnist-10k", 2, ["ewc"], auto, tmp_path, seeds=[0, 1], **kw)
+    assert calls == [0] * 10 + [1]
+    calls.clear()
+    again = run_sequence("permuted", "mnist-10k", 2, ["ewc"], auto, tmp_path, seeds=[0, 1], **kw)
+    assert calls == [] and again["per_seed"] == res["per_seed"]
     record = res["config"]["selection"]["ewc"]
     lam = record["lam"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ewc-seed0.pt", "ewc-seed1.pt"]
@@ -354,7 +367,7 @@ def test_run_method_refuses_an_unresolved_auto() -> None:
         run_method(list(tasks), "ewc", TrainConfig(lam="auto", progress=False))
 
 
-def test_rungs_of_other_sizes_do_not_read_the_dataset_again(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_screens_of_other_sizes_do_not_read_the_dataset_again(monkeypatch: pytest.MonkeyPatch) -> None:
     from ewc.experiments import jobs
 
     loads = []

@@ -67,7 +67,7 @@ def evaluate_snapshots(
         dev = check_device(device)
         model = build_from_record(dict(result["architecture"])).to(dev)
         shape = tuple(result["architecture"]["input_shape"])
-        tests, _ = test_parts(tasks, dev, shape, tasks[0].x_test.dtype, 1)
+        tests, _ = test_parts(tasks, dev, shape, tasks[0].x_train.dtype, 1)  # as the run read them
         _load(model, folder, "init")
         baseline = [accuracy(model, x, y, scenario=scenario, task=j) for j, (x, y) in enumerate(tests)]
         matrix = []

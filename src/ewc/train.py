@@ -94,7 +94,7 @@ class TrainConfig:
     lam: float | str = param(
         EWC_DEFAULTS["lam"],
         "EWC strength λ (penalty λ/2·ΣF(θ−θ*)²), or auto: chosen on the validation parts by a search "
-        "costing under 3 runs, its chosen run included (ewc run / ewc compare; docs/methods.md)",
+        "costing about 3 runs, its chosen run included (ewc run / ewc compare; docs/methods.md)",
         type=parse_strength,
         check=OrWord(NON_NEGATIVE, AUTO),
         metavar="LAM|auto",

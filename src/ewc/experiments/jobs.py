@@ -66,7 +66,7 @@ def _job(spec: tuple) -> dict[str, Any]:
     tasks, _ = build_tasks(sequence, data, n_tasks, config.seed, max_train, data_root)
     scenario = Scenario.for_tasks(config.scenario, [t.classes for t in tasks]) if first else None
     run_on = validation_tasks(tasks) if on_val else tasks
-    if first:  # the first tasks only (a search's rung), with the whole sequence's output layer
+    if first:  # the first tasks only (a search's screen), with the whole sequence's output layer
         run_on = run_on[: first[0]]
     res = run_method(
         run_on,
@@ -111,7 +111,7 @@ def job_tag(key: tuple, method: str, config: TrainConfig, on_val: bool, options:
 
 
 _TASK_CACHE: dict[tuple, tuple[TaskSequence, int]] = {}
-#: the last registered dataset loaded (sequences of it with other sizes, e.g. the rungs of a λ
+#: the last registered dataset loaded (sequences of it with other sizes, e.g. the screen of a λ
 #: search, are made without reading it again); a .npz file is read again each time
 _DATA_CACHE: dict[tuple, Any] = {}
 
@@ -193,7 +193,7 @@ def run_all(
 
 def _ended(specs: list[tuple]) -> Callable[[int, dict[str, Any]], None]:
     """``on_result`` that prints ``[k/n] method [strength=value] [(validation)]: ACC …, … s`` on
-    stderr as each job ends (the strength names a --lam auto rung's or a grid's value)."""
+    stderr as each job ends (the strength names a --lam auto run's or a grid's value)."""
     ended = [0]
 
     def tell(i: int, res: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """``--lam auto``: a method's strength (EWC's λ, L2's λ, SI's c, MAS's λ) chosen on the validation
-parts by a short screen and a final among full runs, at a cost below 3 runs of the whole
+parts by a short screen and a final among full runs, at a cost of about 3 runs of the whole
 sequence, the run with the chosen strength included.
 
 1. **Screen.** Every value of the method's bracket (one per decade, ``MethodSpec.bracket``) trains
@@ -31,6 +31,7 @@ import dataclasses
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ __all__ = [
     "finish_cost",
     "noise_margin",
     "probe_config",
-    "rung_training",
+    "screen_training",
     "screen_fraction",
     "search_auto",
     "shortlist",
@@ -72,7 +73,7 @@ SCREEN_TASKS = 2
 #: Fisher, MAS's importances): a screen that trains a fraction of the steps uses that fraction of them
 SAMPLE_PARAMS = ("fisher_samples", "max_samples")
 #: the least gain in validation ACC over λ = 0 that counts as help, whatever the validation size:
-#: about the seed-to-seed spread of ACC of one method (docs/results.md, 5 seeds)
+#: about three times EWC's seed-to-seed standard deviation of ACC (docs/results.md, 5 seeds)
 MIN_GAIN = 0.01
 
 
@@ -81,11 +82,11 @@ def screen_fraction(n_values: int, budget: float = DEFAULT_BUDGET) -> float:
     task (once) and ``n_values`` second tasks, at most 1."""
     if n_values < 1 or budget <= 0:
         raise ValueError(f"need λ values and a positive budget, got {n_values}, {budget}")
-    return min(1.0, budget / (SCREEN_TASKS - 1 + n_values * (SCREEN_TASKS - 1)))
+    return min(1.0, budget / (1 + n_values * (SCREEN_TASKS - 1)))
 
 
-def rung_training(fraction: float, epochs: int) -> tuple[int, float]:
-    """(epochs, share of each task's training data) of a run that trains ``fraction`` of a run's
+def screen_training(fraction: float, epochs: int) -> tuple[int, float]:
+    """(epochs, share of each task's training data) of a screen's run that trains ``fraction`` of a run's
     steps per task: the fewest epochs that do, so each run sees as much of the data as it can."""
     work = fraction * epochs  # epochs' worth of steps per task
     if work >= epochs:
@@ -183,16 +184,17 @@ def search_auto(
     jobs: int = 1,
     executor: Executor | None = None,
     progress: Path | None = None,
-    checkpoints: Path | None = None,
+    checkpoints: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Choose the strength of every method in ``autos``, one method after another (each stage's
     runs ``jobs`` at a time, on ``executor``). ``key``: the run's data key (sequence, data, tasks, max
     train, data root); ``tasks``: its sequence (the sizes of its training and validation parts are
-    read from it). Each record holds the screen and the final (``rungs``), the verdict, the cost
+    read from it). Each record holds the screen and the final (``rungs``: the two stages, in that
+    order), the verdict, the cost
     and, under ``run``, the chosen value's test run (a result of
     :func:`ewc.experiments.jobs.run_all`, the same as a test run with that value: the caller uses
-    it as one). ``checkpoints``: a folder where each finalist's learner is saved; the chosen one's
-    file is named in ``checkpoint`` and the others are removed."""
+    it as one). ``checkpoints``: save each finalist's learner next to the search's other files (in
+    ``progress``, where a rerun finds them); the chosen one's file is named in ``checkpoint``."""
     n_tasks = key[2]
     records: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="ewc-search-") as tmp:
@@ -210,11 +212,12 @@ def search_auto(
 
 @dataclass(frozen=True)
 class _Where:
-    """Where a search's files go: the shared first tasks, the runs' progress, the checkpoints."""
+    """Where a search's files go (the shared first tasks, the finalists' weights and learners) and
+    the runs' progress folder; ``checkpoints``: whether the finalists save their learners."""
 
     shared: Path
     progress: Path | None
-    checkpoints: Path | None
+    checkpoints: bool
 
 
 def _search(
@@ -235,7 +238,7 @@ def _search(
 
     # 1. the screen: every value on the first tasks, a fraction of each task's steps
     fraction = screen_fraction(len(bracket), budget)
-    epochs, share = rung_training(fraction, config.epochs)
+    epochs, share = screen_training(fraction, config.epochs)
     k = min(SCREEN_TASKS, n_tasks)
     cap = max_train if share >= 1 else math.ceil(share * max(len(t.y_train) for t in tasks[:k]))
     # scored by ACC alone: no learning curves, no rows of the matrix before the last
@@ -276,33 +279,41 @@ def _search(
     scenario = Scenario.for_tasks(config.scenario, [t.classes for t in tasks])
     run = dict(final[chosen])
     if "tests_deferred" in run:  # (a worker that does not share this machine's files tested itself)
-        where_ = run["tests_deferred"]
-        run = evaluate_snapshots(run, where_, tasks, scenario, threads=config.threads, device=config.device)
+        t0, folder = time.perf_counter(), run["tests_deferred"]
+        run = evaluate_snapshots(run, folder, tasks, scenario, threads=config.threads, device=config.device)
+        run["seconds"] += time.perf_counter() - t0  # the testing a run that tested itself did
         if where.progress is not None:  # the kept result, tested: a rerun after a kill reads it
             write_json(run, job_files(specs[chosen])[0])
-    run = {k: v for k, v in run.items() if k != "validation_acc"}
     for r in final:
         if "tests_deferred" in r:
             shutil.rmtree(r["tests_deferred"], ignore_errors=True)
-    checkpoint = None
-    if where.checkpoints is not None:
-        paths = [_checkpoint(where.checkpoints, m, name, lam) for lam in finalists]
-        checkpoint = paths[chosen].as_posix()
-        for i, path in enumerate(paths):
-            if i != chosen:
-                path.unlink(missing_ok=True)
-    edge = {bracket[0]: "lower", bracket[-1]: "upper"}.get(verdict["lam"]) if verdict["lam"] else None
-    runs = [*screen, *final]
-    shared = [r.get("prefix") or {} for r in runs]
+    final[chosen] = run
+    decided["seconds"][chosen] = run["seconds"]
+    spent = [_cost(screen), _cost(final)]
     cost = {
         "budget": budget,
-        "search_steps": sum(_steps(r) - s.get("steps", 0) for r, s in zip(runs, shared, strict=True)),
-        "search_seconds": sum(
-            r["seconds"] - s.get("seconds", 0.0) for r, s in zip(runs, shared, strict=True)
-        ),
+        "search_steps": sum(c["steps"] for c in spent),
+        "search_seconds": sum(c["seconds"] for c in spent),
     }
+    # the test run's record, as a run from scratch gives it (the shared first task and the
+    # validation score belong to the search)
+    run = {k: v for k, v in run.items() if k not in ("validation_acc", "prefix")}
+    checkpoint = specs[chosen][4].as_posix() if specs[chosen][4] is not None else None
+    edge = {bracket[0]: "lower", bracket[-1]: "upper"}.get(verdict["lam"]) if verdict["lam"] else None
     record = {"auto": True, "bracket": bracket, "rungs": [screened, decided], **verdict, "edge": edge}
     return {**record, "cost": cost, "run": run, **({"checkpoint": checkpoint} if checkpoint else {})}
+
+
+def _cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Optimizer steps and seconds of one stage's runs, a shared first task counted once: a run
+    that started from the shared state did not train it (its record counts it), and when every
+    run of the stage did so (a rerun after a kill), the state's own cost is added once."""
+    shared = [r.get("prefix") or {} for r in runs]
+    steps = sum(_steps(r) - s.get("steps", 0) for r, s in zip(runs, shared, strict=True))
+    seconds = sum(r["seconds"] - s.get("seconds", 0.0) for r, s in zip(runs, shared, strict=True))
+    if runs and all(shared):
+        steps, seconds = steps + shared[0]["steps"], seconds + shared[0]["seconds"]
+    return {"steps": steps, "seconds": seconds}
 
 
 def _runs(
@@ -325,14 +336,16 @@ def _runs(
     specs = []
     for lam in lams:
         run = _with(config, m, name, lam)
+        tag = job_tag(key, m, run, on_val)
         options: dict[str, Any] = {"prefix": str(prefix), "validation": validation}
-        if validation:  # a finalist: tested later if chosen
-            options["defer_tests"] = str(where.shared / f"tests-{job_tag(key, m, run, on_val)}")
-        else:  # a screen's run: short, redone rather than resumed after a kill
+        if validation and not config.final_only:  # a finalist: tested later if chosen
+            options["defer_tests"] = str(where.shared / f"tests-{tag}")
+        if not validation:  # a screen's run: short, redone rather than resumed after a kill
             options["resume"] = False
-        save = _checkpoint(where.checkpoints, m, name, lam) if validation and where.checkpoints else None
+        save = where.shared / f"learner-{tag}.pt" if validation and where.checkpoints else None
         specs.append((key, m, run, on_val, save, where.progress, options))
     results = [*run_all(specs[:1], 1, executor=executor), *run_all(specs[1:], jobs, executor=executor)]
+    prefix.unlink(missing_ok=True)  # every run of the stage is done (its result kept)
     return results, specs
 
 
@@ -347,10 +360,6 @@ def _curve(lams: list[float], results: list[dict[str, Any]], score: str) -> dict
 
 def _steps(result: dict[str, Any]) -> int:
     return result["curves"]["steps"][-1]
-
-
-def _checkpoint(folder: Path, m: str, name: str, lam: float) -> Path:
-    return Path(folder) / f"{m}-{name}={lam:g}.pt"
 
 
 def _one_task(bracket: Sequence[float], budget: float) -> dict[str, Any]:

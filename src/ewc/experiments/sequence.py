@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -381,7 +382,7 @@ def run_sequence(
         selection[m] = {"grid": combos, "validation_acc": accs, "chosen": combos[best]}
     form = "{m}.pt" if seeds is None else "{m}-seed{s}.pt"
     keep = out_dir / "checkpoints" if save_state and out_dir is not None else None
-    if keep is not None:  # the search saves its finalists' learners there
+    if keep is not None:
         keep.mkdir(exist_ok=True)
     searched = search_auto(
         key,
@@ -392,7 +393,7 @@ def run_sequence(
         jobs=jobs,
         executor=executor,
         progress=progress,
-        checkpoints=keep,
+        checkpoints=keep is not None,
     )
     # a searched method's test run at the first seed is the search's chosen run (nothing runs twice)
     chosen_runs = {m: record.pop("run") for m, record in searched.items() if "run" in record}
@@ -405,8 +406,8 @@ def run_sequence(
     run_seeds = [int(s) for s in seeds] if seeds is not None else [config.seed]
     saves = {(m, s): Path("checkpoints", form.format(m=m, s=s)) for s in run_seeds for m in methods}
     if keep is not None:
-        for m, file in chosen_files.items():
-            Path(file).replace(out_dir / saves[(m, config.seed)])
+        for m, file in chosen_files.items():  # (the search's own copy stays for a rerun)
+            shutil.copyfile(file, out_dir / saves[(m, config.seed)])
     else:
         saves = dict.fromkeys(saves)
     todo = [(m, s) for m, s in saves if not (s == config.seed and m in chosen_runs)]

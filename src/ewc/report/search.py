@@ -36,7 +36,7 @@ def summary_line(method: str, record: Mapping[str, Any]) -> str:
         edge = (
             f" (at the bracket's {record['edge']} edge: the best may lie beyond it)" if record["edge"] else ""
         )
-        noise = (
+        noise = (  # "helps (within noise)": a verdict of the earlier search, in older results.json
             f", a difference within the noise margin {record['margin']:.3f}"
             if record["verdict"] != "helps"
             else ""
@@ -95,7 +95,7 @@ def search_section(results: Mapping[str, Any], figure: str | None = "search.png"
         if record["rungs"]:
             lines += ["", f"{method_label(m)}:", "", *_rung_table(record)]
     if figure:
-        lines += ["", f"![validation ACC per strength and rung]({figure})"]
+        lines += ["", f"![validation ACC per strength: the screen and the final]({figure})"]
     return [*lines, ""]
 
 
