@@ -25,7 +25,7 @@ from ewc.checkpoint import SaveSchedule, load_progress, save_progress
 from ewc.checks import MAX_THREADS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interval, OrWord, Sizes
 from ewc.config import param, parse_strength, validate
 from ewc.curves import Curves, SincePoint
-from ewc.data import Task, TaskSequence
+from ewc.data import Task, validation_tasks
 from ewc.deferred import known_part
 from ewc.evaluation import accuracies, accuracy, test_parts
 from ewc.fisher import FISHER_MODES
@@ -427,8 +427,7 @@ def _train(
     if forked is not None:
         out["prefix"] = forked
     if validation:  # the trained model on every task's validation part
-        val = tasks.validation() if isinstance(tasks, TaskSequence) else [t.validation() for t in tasks]
-        parts, _ = test_parts(val, device, input_shape, input_dtype, config.curve_samples)
+        parts, _ = test_parts(validation_tasks(tasks), device, input_shape, input_dtype, config.curve_samples)
         accs = accuracies(model, parts, scenario, len(tasks) - 1)
         out["validation_acc"] = sum(accs) / len(accs)
     out["model"] = model

@@ -21,7 +21,7 @@ from ewc.data.sequences import (
     permute_patch,
 )
 from ewc.data.sources import ChecksumError, DataNotFoundError
-from ewc.data.tasks import Task, TaskSequence
+from ewc.data.tasks import Task, TaskSequence, validation_tasks
 
 __all__ = [
     "DATASETS",
@@ -38,6 +38,7 @@ __all__ = [
     "from_torch",
     "load_data",
     "load_dataset",
+    "validation_tasks",
     "load_npz_data",
     "make_sequence",
     "patch_permutation",

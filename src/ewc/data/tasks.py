@@ -20,7 +20,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-__all__ = ["CACHE_BYTES", "PartCache", "Task", "TaskSequence"]
+__all__ = ["CACHE_BYTES", "PartCache", "Task", "TaskSequence", "validation_tasks"]
 
 #: default bound on the images a sequence keeps built (the validation and test parts of the first
 #: 29 tasks of full-size mnist-10k; the parts after those are built on every read)
@@ -210,3 +210,10 @@ class TaskSequence(Sequence[Task]):
 
     def __repr__(self) -> str:
         return f"TaskSequence({self._n} tasks{', validation parts as test' if self._validation else ''})"
+
+
+def validation_tasks(tasks: Sequence[Task]) -> Sequence[Task]:
+    """The same tasks with their validation parts in place of the test parts (for tuning)."""
+    if isinstance(tasks, TaskSequence):
+        return tasks.validation()  # still built when read
+    return [t.validation() for t in tasks]

@@ -9,11 +9,11 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ewc.data import Task, TaskSequence, load_data, make_sequence
+from ewc.data import TaskSequence, load_data, make_sequence, validation_tasks
 from ewc.data.custom import file_sha256, is_npz_path
 from ewc.executors import Executor, make_executor
 from ewc.experiments.common import write_json
@@ -34,13 +34,6 @@ __all__ = [
     "task_records",
     "validation_tasks",
 ]
-
-
-def validation_tasks(tasks: Sequence[Task]) -> Sequence[Task]:
-    """The same tasks with their validation parts in place of the test parts (for tuning)."""
-    if isinstance(tasks, TaskSequence):
-        return tasks.validation()  # still built when read
-    return [t.validation() for t in tasks]
 
 
 def _job(spec: tuple) -> dict[str, Any]:
