@@ -29,8 +29,9 @@ def _path(folder: str | os.PathLike, name: str) -> Path:
 
 
 def save_snapshot(folder: str | os.PathLike, name: str, model: nn.Module) -> None:
-    """The model's weights as ``FOLDER/NAME.pt`` (``init``, ``task-I``), written atomically (no
-    fsync: scratch files, removed once tested, that a run after a power loss writes again)."""
+    """The model's weights as ``FOLDER/NAME.pt`` (``init``, ``task-I``), written atomically but
+    without fsync: scratch files, removed once tested; one that a power loss leaves unreadable
+    makes its test fail with an error naming it."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_save(state, _path(folder, name), durable=False)

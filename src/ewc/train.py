@@ -164,9 +164,12 @@ class TrainConfig:
 
     def setting(self, name: str) -> Any:
         """A run setting by name; a None setting declared with ``fallback`` reads that one."""
-        value = getattr(self, name)
-        fallback = {f.name: f.metadata.get("fallback") for f in fields(self)}.get(name)
+        value, fallback = getattr(self, name), self.fallback(name)
         return getattr(self, fallback) if value is None and fallback else value
+
+    def fallback(self, name: str) -> str | None:
+        """The setting a None setting ``name`` reads instead (its field's ``fallback``), if any."""
+        return {f.name: f.metadata.get("fallback") for f in fields(self)}.get(name)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -457,7 +460,7 @@ def _shared_identity(name: str, config: TrainConfig, scenario: Scenario, tasks: 
     setting = METHOD_SPECS[name].run_params.get(strength)
     while setting:  # the run setting it may come from, and the one that setting falls back to
         fields_[setting] = AUTO
-        setting = {f.name: f.metadata.get("fallback") for f in fields(config)}.get(setting)
+        setting = config.fallback(setting)
     return "prefix:" + _identity(name, replace(config, params=masked, **fields_), scenario, tasks)
 
 

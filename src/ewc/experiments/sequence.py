@@ -330,7 +330,7 @@ def run_sequence(
     whose spec takes λ from ``--lam`` / ``--l2-lam`` (with or without ``search``). The chosen
     values are recorded in ``config.selection``. A method whose strength is ``auto`` (``--lam auto``,
     ``--set si.c=auto``) has it chosen by :func:`ewc.experiments.lam_search.search_auto` (a screen of
-    ``auto_budget`` task-lengths, then full runs of λ = 0 and two finalists, less than 3 runs in
+    ``auto_budget`` task-lengths, then full runs of λ = 0 and two finalists, about 3 runs in
     all); its curve, verdict and cost are recorded there too, and the chosen finalist's run is the
     method's test run (at the first seed with ``seeds``).
     ``save_state`` saves each trained learner (model, method state, scenario) under
